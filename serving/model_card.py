@@ -1,0 +1,146 @@
+"""The model card: the one contract shared by training (writes it) and serving (reads it).
+
+A card lives beside each exported model as ``model.json``. This module is torch-free on purpose:
+the serving container imports it, and ``training.export`` uses it to write cards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+TASKS = ("multi-class", "binary-class", "multi-label, binary-class", "ordinal-regression")
+LAYOUTS = {"NHW": 2, "NHWC": 3, "NDHW": 3}  # layout -> number of per-image dimensions
+INPUT_NAME = "images"
+PROBS_NAME = "probs"
+LOGITS_NAME = "logits"
+
+
+class CardError(ValueError):
+    """A model card is missing, malformed or does not match its model file."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor; ``shape`` excludes the batch dimension."""
+
+    name: str
+    datatype: str  # Open Inference Protocol names: UINT8, FP32
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    """Dynamic-batching defaults the service applies to this model."""
+
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 2.0
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    version: int
+    task: str
+    labels: list[str]
+    input: TensorSpec
+    layout: str
+    outputs: list[TensorSpec]
+    dataset: dict[str, Any]
+    metrics: dict[str, Any]
+    training: dict[str, Any]
+    sha256: str
+    batching: BatchingSpec = field(default_factory=BatchingSpec)
+    quantization: dict[str, Any] | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise CardError(f"task {self.task!r} is not one of {TASKS}")
+        if self.layout not in LAYOUTS:
+            raise CardError(f"layout {self.layout!r} is not one of {sorted(LAYOUTS)}")
+        if len(self.input.shape) != LAYOUTS[self.layout]:
+            raise CardError(f"input shape {self.input.shape} does not fit layout {self.layout}")
+        if self.input.name != INPUT_NAME or self.input.datatype != "UINT8":
+            raise CardError(f"input must be {INPUT_NAME!r} UINT8, got {self.input}")
+        if not any(o.name == PROBS_NAME for o in self.outputs):
+            raise CardError(f"outputs must include {PROBS_NAME!r}")
+        if self.probs.shape != [len(self.labels)]:
+            raise CardError(f"{PROBS_NAME} shape {self.probs.shape} != number of labels {len(self.labels)}")
+        if self.version < 1:
+            raise CardError(f"version must be a positive integer, got {self.version}")
+
+    @property
+    def probs(self) -> TensorSpec:
+        return next(o for o in self.outputs if o.name == PROBS_NAME)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task == "multi-label, binary-class"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        try:
+            fields = dict(data)
+            if fields.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+                raise CardError(f"unsupported card schema_version {fields['schema_version']}")
+            fields["input"] = TensorSpec(**fields["input"])
+            fields["outputs"] = [TensorSpec(**o) for o in fields["outputs"]]
+            fields["batching"] = BatchingSpec(**fields.get("batching") or {})
+            return cls(**fields)
+        except (KeyError, TypeError) as exc:
+            raise CardError(f"malformed model card: {exc}") from exc
+
+    def metadata_props(self) -> dict[str, str]:
+        """The key fields, as strings, for ONNX ``metadata_props``."""
+        return {
+            "cnnserve.name": self.name,
+            "cnnserve.version": str(self.version),
+            "cnnserve.task": self.task,
+            "cnnserve.labels": json.dumps(self.labels),
+            "cnnserve.layout": self.layout,
+            "cnnserve.input_shape": json.dumps(self.input.shape),
+        }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_card(path: Path) -> ModelCard:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise CardError(f"model card {path} is missing") from exc
+    except json.JSONDecodeError as exc:
+        raise CardError(f"model card {path} is not valid JSON: {exc}") from exc
+    return ModelCard.from_dict(data)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,48 @@
+"""Per-sample random affine augmentation applied to a whole batch at once (on the batch's device)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from training.config import Augment
+
+
+class BatchAugment:
+    """Random shift / rotation / zoom / horizontal flip, drawn per sample, for 2D and 3D batches.
+
+    One ``affine_grid`` + ``grid_sample`` call per batch: no per-image Python work.
+    """
+
+    def __init__(self, cfg: Augment) -> None:
+        self.cfg = cfg
+
+    @property
+    def active(self) -> bool:
+        c = self.cfg
+        return bool(c.translate or c.rotate or c.scale or c.hflip)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, dims = x.shape[0], x.dim() - 2
+        c = self.cfg
+        opts = {"device": x.device, "dtype": x.dtype}
+        theta = torch.zeros(n, dims, dims + 1, **opts)
+        scale = 1 + (torch.rand(n, **opts) * 2 - 1) * c.scale
+        linear = torch.eye(dims, **opts).expand(n, dims, dims) / scale.view(n, 1, 1)
+        if dims == 2 and c.rotate:
+            angle = (torch.rand(n, **opts) * 2 - 1) * math.radians(c.rotate)
+            cos, sin = torch.cos(angle), torch.sin(angle)
+            rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+            linear = rot @ linear
+        if c.hflip:
+            flip = torch.where(torch.rand(n, **opts) < 0.5, -1.0, 1.0)
+            linear = linear.clone()
+            linear[:, :, 0] *= flip.view(n, 1)
+        theta[:, :, :dims] = linear
+        theta[:, :, dims] = (torch.rand(n, dims, **opts) * 2 - 1) * 2 * c.translate
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        # zeros padding in normalised space would be grey; pad with the batch minimum (the background)
+        background = x.amin(dim=tuple(range(1, x.dim())), keepdim=True)
+        return F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + background

@@ -1,0 +1,138 @@
+"""``python -m training {train,evaluate,export,pipeline}``: the training job's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from training.config import CONFIG_DIR, TrainConfig, parse_override
+from training.data import DEFAULT_DATA_DIR
+
+DEFAULT_RUNS = Path(os.environ.get("CNNSERVE_RUNS", "runs"))
+DEFAULT_REPO = Path(os.environ.get("CNNSERVE_MODEL_DIR", "exports"))
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.lower() in ("1", "true", "yes")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help="dataset root: MNIST/raw/ and medmnist/<flag>.npz (env CNNSERVE_DATA; default %(default)s)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=_env_flag("CNNSERVE_DOWNLOAD", True),
+                   help="download missing dataset files (env CNNSERVE_DOWNLOAD; default on)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, help="override the config's epochs")
+    p.add_argument("--batch-size", type=int, help="override the config's batch size")
+    p.add_argument("--lr", type=float, help="override the config's learning rate")
+    p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (YAML value), e.g. --set augment.hflip=true; repeatable")
+    p.add_argument("--device", default=os.environ.get("CNNSERVE_TRAIN_DEVICE", "auto"),
+                   help="auto (CUDA if present), cpu or cuda[:N] (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not a TTY)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model from a YAML config",
+                       description="Train one model; writes checkpoint, history, metrics and plots to the run dir.")
+    p.add_argument("config", help=f"YAML file, or a name in {CONFIG_DIR} ({', '.join(_config_names())})")
+    p.add_argument("--run-dir", type=Path, help="output directory (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
+    p.add_argument("--backbone-checkpoint", help="transfer models: a local checkpoint for the backbone")
+    p.add_argument("--freeze", action="store_true", help="transfer models: train the head only (linear probe)")
+    p.add_argument("--export", action="store_true", help="export the trained model to the model repository")
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_REPO, help="model repository for --export")
+    _add_train_args(p)
+    _add_data_args(p)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint or an exported ONNX model on a split",
+                       description="Evaluate a checkpoint (.pt) or an exported model (.onnx, or its version dir).")
+    p.add_argument("model", type=Path, help="checkpoint.pt, model.onnx, or exports/<name>/<version>")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--dataset", help="dataset flag (default: from the checkpoint or model card)")
+    _add_data_args(p)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX in the model repository",
+                       description="Export to <model-dir>/<name>/<next version>/ after an ONNX-vs-PyTorch parity check.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--name", help="model name (default: the config's name)")
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_REPO, help="model repository (env CNNSERVE_MODEL_DIR)")
+    p.add_argument("--quantize", choices=["int8"], help="publish a static int8 model; the card reports the change")
+    _add_data_args(p)
+
+    p = sub.add_parser("pipeline", help="train, evaluate and export the three shipped models",
+                       description="mnist-cnn, then pneumoniamnist-cnn, then pneumoniamnist-transfer (its backbone "
+                                   "is the mnist-cnn just trained unless --backbone is given).")
+    p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_REPO, help="model repository (env CNNSERVE_MODEL_DIR)")
+    p.add_argument("--only", nargs="+", choices=["mnist-cnn", "pneumoniamnist-cnn", "pneumoniamnist-transfer"])
+    p.add_argument("--resume", action="store_true", help="continue each model from its run's checkpoint")
+    p.add_argument("--backbone", default="checkpoint",
+                   help="transfer backbone: checkpoint (our mnist-cnn), resnet18, mobilenet_v3_small, efficientnet_b0")
+    _add_train_args(p)
+    _add_data_args(p)
+    return parser
+
+
+def _config_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    overrides = dict(parse_override(s) for s in args.set)
+    for key in ("epochs", "batch_size", "lr", "seed"):
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
+    return overrides
+
+
+def command_line() -> str:
+    return shlex.join(["python", "-m", "training", *sys.argv[1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        overrides = overrides_from(args)
+        if args.backbone_checkpoint:
+            overrides.update(backbone="checkpoint", backbone_checkpoint=args.backbone_checkpoint)
+        if args.freeze:
+            overrides["freeze"] = True
+        cfg = TrainConfig.load(args.config, overrides)
+        from training.train import CHECKPOINT, train
+
+        result = train(cfg, args.run_dir or DEFAULT_RUNS / cfg.name, args.data_dir, args.download, args.resume,
+                       args.device, args.quiet)
+        if args.export and result.metrics:
+            from training.export import export_checkpoint
+
+            path = export_checkpoint(result.run_dir / CHECKPOINT, args.model_dir, cfg.name, args.data_dir,
+                                     args.download, command=command_line())
+            print(f"exported {path}")
+    elif args.command == "evaluate":
+        from training.evaluate import evaluate_path
+
+        print(json.dumps(evaluate_path(args.model, args.split, args.dataset, args.data_dir, args.download), indent=2))
+    elif args.command == "export":
+        from training.export import export_checkpoint
+
+        path = export_checkpoint(args.checkpoint, args.model_dir, args.name, args.data_dir, args.download,
+                                 args.quantize, command=command_line())
+        print(f"exported {path}")
+    elif args.command == "pipeline":
+        from training.pipeline import run_pipeline
+
+        run_pipeline(args, overrides_from(args), command_line())
+    return 0

@@ -1,0 +1,99 @@
+"""Training configuration: a YAML file in ``training/configs/`` plus command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class Augment:
+    """Random per-sample augmentation on the normalised batch (see ``training.augment``)."""
+
+    translate: float = 0.0  # max shift, fraction of the side
+    rotate: float = 0.0  # max rotation in degrees (2D)
+    scale: float = 0.0  # max relative zoom in or out
+    hflip: bool = False
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    dataset: str
+    size: int = 28
+    # model
+    arch: str = "cnn"  # cnn | transfer
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    dropout: float = 0.3
+    backbone: str = "resnet18"  # resnet18 | mobilenet_v3_small | efficientnet_b0 | checkpoint
+    backbone_checkpoint: str | None = None
+    pretrained: bool = True
+    input_size: int | None = None
+    freeze: bool = False  # linear probe: train the head only
+    head_epochs: int = 0  # staged fine-tuning: this many head-only epochs first
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 3e-3
+    backbone_lr_scale: float = 1.0  # backbone learning rate = lr * this (transfer models)
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    label_smoothing: float = 0.0
+    patience: int = 0  # early stopping: epochs without val improvement (0 = off)
+    augment: Augment = field(default_factory=Augment)
+    seed: int = 0
+    # data
+    train_limit: int | None = None  # use only the first N training images (smoke tests)
+    eval_batch_size: int = 512
+    # runtime
+    amp: bool = True  # CUDA only
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(data)
+        data["augment"] = Augment(**(data.get("augment") or {}))
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: Path | str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        path = Path(path)
+        if not path.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+            path = CONFIG_DIR / f"{path}.yaml"
+        data = yaml.safe_load(path.read_text()) or {}
+        for key, value in (overrides or {}).items():
+            target = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                target = target.setdefault(p, {})
+            target[leaf] = value
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def select_metric(self) -> str:
+        """Validation metric used for model selection and early stopping."""
+        return "acc" if self.dataset == "mnist" else "auc"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a YAML value: ``epochs=3``, ``augment.hflip=true``, ``widths=[16,32]``."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)

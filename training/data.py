@@ -1,0 +1,230 @@
+"""Datasets as in-memory uint8 tensors, and a batch iterator that shuffles and shards them.
+
+MNIST comes through ``torchvision.datasets.MNIST`` and MedMNIST through the ``medmnist`` package's
+dataset classes, each in its own on-disk layout under one data directory::
+
+    DATA_DIR/MNIST/raw/*-ubyte(.gz)      torchvision's raw MNIST layout
+    DATA_DIR/medmnist/<flag>[_<size>].npz
+
+Images stay uint8 in the dataset's own layout (N,H,W) / (N,H,W,3) / (N,D,H,W): exactly what the exported
+model takes, so preprocessing lives inside the model and the service needs no pixel knowledge.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import medmnist
+import numpy as np
+import torch
+from torchvision.datasets import MNIST
+
+MNIST_FLAG = "mnist"
+MNIST_VAL_SIZE = 5000  # MNIST has no official val split: the last 5,000 train images serve as one
+SPLITS = ("train", "val", "test")
+DEFAULT_DATA_DIR = Path(os.environ.get("CNNSERVE_DATA", Path.home() / ".cache" / "cnnserve" / "data"))
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset file is missing and downloading is off (or failed)."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a model needs to know about a dataset."""
+
+    flag: str
+    size: int
+    task: str
+    labels: tuple[str, ...]
+    n_channels: int
+    is_3d: bool
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.labels)
+
+    @property
+    def layout(self) -> str:
+        if self.is_3d:
+            return "NDHW"
+        return "NHWC" if self.n_channels == 3 else "NHW"
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        s = self.size
+        if self.is_3d:
+            return (s, s, s)
+        return (s, s, 3) if self.n_channels == 3 else (s, s)
+
+
+def medmnist_flags() -> list[str]:
+    """All MedMNIST flags the installed package knows (12 2D + 6 3D in medmnist 3)."""
+    return list(medmnist.INFO)
+
+
+def dataset_spec(flag: str, size: int = 28) -> DatasetSpec:
+    if flag == MNIST_FLAG:
+        if size != 28:
+            raise ValueError("MNIST exists only at 28x28")
+        return DatasetSpec(MNIST_FLAG, 28, "multi-class", tuple(str(d) for d in range(10)), 1, False)
+    if flag not in medmnist.INFO:
+        known = ", ".join([MNIST_FLAG, *medmnist.INFO])
+        raise ValueError(f"unknown dataset {flag!r}; known: {known}")
+    info = medmnist.INFO[flag]
+    cls = getattr(medmnist, info["python_class"])
+    if size not in cls.available_sizes:
+        raise ValueError(f"{flag} is available at sizes {cls.available_sizes}, not {size}")
+    labels = tuple(info["label"][str(i)] for i in range(len(info["label"])))
+    is_3d = issubclass(cls, medmnist.dataset.MedMNIST3D)
+    return DatasetSpec(flag, size, info["task"], labels, info["n_channels"], is_3d)
+
+
+@dataclass
+class Split:
+    """One split in memory: uint8 images in the dataset layout and integer labels."""
+
+    images: torch.Tensor  # uint8
+    labels: torch.Tensor  # int64: (N,) single-label, (N, L) multi-label
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, n: int | None) -> Split:
+        return self if n is None or n >= len(self) else Split(self.images[:n], self.labels[:n])
+
+
+def load_split(spec: DatasetSpec, split: str, data_dir: Path = DEFAULT_DATA_DIR, download: bool = True) -> Split:
+    """Load one official split into memory."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if spec.flag == MNIST_FLAG:
+        return _load_mnist(split, Path(data_dir), download)
+    return _load_medmnist(spec, split, Path(data_dir), download)
+
+
+def _load_medmnist(spec: DatasetSpec, split: str, data_dir: Path, download: bool) -> Split:
+    root = data_dir / "medmnist"
+    suffix = "" if spec.size == 28 else f"_{spec.size}"
+    path = root / f"{spec.flag}{suffix}.npz"
+    info = medmnist.INFO[spec.flag]
+    if not path.exists():
+        if not download:
+            raise DataNotFoundError(
+                f"{path} not found. Download it with --download (or CNNSERVE_DOWNLOAD=1), or fetch "
+                f"{info[f'url{suffix}']} (md5 {info[f'MD5{suffix}']}) into {root}/"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+    cls = getattr(medmnist, info["python_class"])
+    # download only when the file is missing: the package's md5 check would re-fetch local fixtures
+    ds = cls(split=split, root=str(root), size=spec.size, download=not path.exists())
+    images = torch.from_numpy(np.ascontiguousarray(ds.imgs))
+    labels = torch.from_numpy(ds.labels.astype(np.int64))
+    if spec.task != "multi-label, binary-class":
+        labels = labels.reshape(-1)
+    return Split(images, labels)
+
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _mnist_root(data_dir: Path, download: bool) -> Path:
+    """A directory where torchvision finds the unpacked raw files, unpacking .gz copies if needed.
+
+    ``data_dir`` may be read-only (a shared cache): then the files are unpacked into a writable cache.
+    """
+    raw = data_dir / "MNIST" / "raw"
+    if all((raw / f).exists() for f in _MNIST_FILES):
+        return data_dir
+    if all((raw / f"{f}.gz").exists() for f in _MNIST_FILES):
+        target = data_dir if os.access(raw, os.W_OK) else DEFAULT_DATA_DIR.parent / "mnist-unpacked"
+        target_raw = target / "MNIST" / "raw"
+        target_raw.mkdir(parents=True, exist_ok=True)
+        for name in _MNIST_FILES:
+            if not (target_raw / name).exists():
+                tmp = target_raw / f".{name}.tmp"
+                with gzip.open(raw / f"{name}.gz", "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.replace(tmp, target_raw / name)
+        return target
+    if not download:
+        raise DataNotFoundError(
+            f"MNIST not found in {raw} (expected {', '.join(_MNIST_FILES)}, optionally .gz). "
+            "Download it with --download, or copy torchvision's raw MNIST files there."
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return data_dir
+
+
+def _load_mnist(split: str, data_dir: Path, download: bool) -> Split:
+    root = _mnist_root(data_dir, download)
+    ds = MNIST(str(root), train=split != "test", download=download and root == data_dir)
+    images, labels = ds.data, ds.targets.long()
+    if split == "train":
+        images, labels = images[:-MNIST_VAL_SIZE], labels[:-MNIST_VAL_SIZE]
+    elif split == "val":
+        images, labels = images[-MNIST_VAL_SIZE:], labels[-MNIST_VAL_SIZE:]
+    return Split(images.contiguous(), labels)
+
+
+class Batches:
+    """Iterate over an in-memory split in (optionally shuffled and sharded) batches.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the same batches.
+    Each of ``world_size`` ranks takes an equal, disjoint share (DistributedSampler semantics).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        # on a GPU the whole split moves once; batches are then sliced there
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.images)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            per_rank = n // self.world_size
+            order = order[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return order
+
+    def __len__(self) -> int:
+        n = len(self._indices())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._indices())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._indices().to(self.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            if self.drop_last and len(idx) < self.batch_size:
+                break
+            yield self.images[idx], self.labels[idx]

@@ -1,0 +1,116 @@
+"""Predictions and metrics.
+
+ACC and AUC follow MedMNIST's own ``medmnist.Evaluator`` per task type (tests check equality):
+- binary-class: score = positive (last) column; ACC at threshold 0.5; AUC of that score.
+- multi-class / ordinal-regression: ACC of the argmax; AUC = mean one-vs-rest AUC over classes.
+- multi-label: ACC and AUC are means over labels (ACC at threshold 0.5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchmetrics import functional as tmf
+
+from training.data import Batches, Split
+
+
+@torch.no_grad()
+def predict_torch(model: torch.nn.Module, images: torch.Tensor, multi_label: bool, batch_size: int = 512,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Probabilities (N, K) of a ``Classifier`` on uint8 images, on the CPU."""
+    model.eval()
+    out = []
+    for batch, _ in Batches(Split(images, torch.zeros(len(images))), batch_size, device=device):
+        logits = model(batch).float()
+        out.append((torch.sigmoid(logits) if multi_label else torch.softmax(logits, 1)).cpu())
+    return torch.cat(out)
+
+
+def predict_onnx(path: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Probabilities (N, K) of an exported model, through onnxruntime on the CPU."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([
+        session.run(["probs"], {"images": images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)
+    ])
+
+
+def predicted_labels(task: str, probs: torch.Tensor) -> torch.Tensor:
+    if task == "multi-label, binary-class":
+        return (probs > 0.5).long()
+    if task == "binary-class":
+        return (probs[:, -1] > 0.5).long()
+    return probs.argmax(1)
+
+
+def headline_metrics(task: str, probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """ACC and AUC exactly as ``medmnist.Evaluator`` defines them for ``task``."""
+    probs, labels = probs.double(), labels.long()
+    if task == "multi-label, binary-class":
+        n = labels.shape[1]
+        acc = tmf.classification.multilabel_accuracy(probs, labels, n, threshold=0.5, average="macro")
+        auc = tmf.classification.multilabel_auroc(probs, labels, n, average="macro")
+    elif task == "binary-class":
+        acc = tmf.classification.binary_accuracy(probs[:, -1], labels, threshold=0.5)
+        auc = tmf.classification.binary_auroc(probs[:, -1], labels)
+    else:
+        k = probs.shape[1]
+        acc = tmf.classification.multiclass_accuracy(probs, labels, k, average="micro")
+        auc = tmf.classification.multiclass_auroc(probs, labels, k, average="macro")
+    return {"acc": float(acc), "auc": float(auc)}
+
+
+def full_metrics(task: str, probs: torch.Tensor, labels: torch.Tensor, label_names: list[str]) -> dict[str, Any]:
+    """Headline metrics plus confusion matrix and per-class precision / recall / F1."""
+    metrics: dict[str, Any] = headline_metrics(task, probs, labels)
+    pred = predicted_labels(task, probs)
+    if task == "multi-label, binary-class":
+        n = labels.shape[1]
+        metrics["confusion_matrix"] = tmf.classification.multilabel_confusion_matrix(pred, labels, n).tolist()
+        per = {name: fn(pred, labels, n, average=None).tolist() for name, fn in [
+            ("precision", tmf.classification.multilabel_precision),
+            ("recall", tmf.classification.multilabel_recall),
+            ("f1", tmf.classification.multilabel_f1_score)]}
+    else:
+        k = len(label_names)
+        metrics["confusion_matrix"] = tmf.classification.multiclass_confusion_matrix(pred, labels, k).tolist()
+        per = {name: fn(pred, labels, k, average=None).tolist() for name, fn in [
+            ("precision", tmf.classification.multiclass_precision),
+            ("recall", tmf.classification.multiclass_recall),
+            ("f1", tmf.classification.multiclass_f1_score)]}
+    metrics["per_class"] = {
+        label: {m: round(per[m][i], 6) for m in per} for i, label in enumerate(label_names)
+    }
+    metrics["n"] = len(labels)
+    return metrics
+
+
+def evaluate_path(path: Path, split: str = "test", dataset: str | None = None, data_dir: Path | None = None,
+                  download: bool = True) -> dict[str, Any]:
+    """Metrics of a checkpoint (``.pt``) or an exported model (``.onnx`` or its version directory)."""
+    from serving.model_card import read_card
+    from training.checkpoint import load_model
+    from training.data import DEFAULT_DATA_DIR, dataset_spec, load_split
+
+    data_dir = data_dir or DEFAULT_DATA_DIR
+    path = path / "model.onnx" if path.is_dir() else path
+    if path.suffix == ".onnx":
+        card_path = path.parent / "model.json"
+        card = read_card(card_path) if card_path.exists() else None
+        if dataset is None and card is None:
+            raise ValueError(f"{path} has no model.json beside it: pass --dataset")
+        spec = dataset_spec(dataset or card.dataset["name"], card.dataset["size"] if card else 28)
+        data = load_split(spec, split, data_dir, download)
+        probs = torch.from_numpy(predict_onnx(path, data.images.numpy()))
+    else:
+        model, cfg, _ = load_model(path)
+        spec = dataset_spec(dataset or cfg.dataset, cfg.size)
+        data = load_split(spec, split, data_dir, download)
+        probs = predict_torch(model, data.images, spec.task.startswith("multi-label"))
+    return {"model": str(path), "dataset": spec.flag, "split": split, "task": spec.task,
+            **full_metrics(spec.task, probs, data.labels, list(spec.labels))}

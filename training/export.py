@@ -1,0 +1,212 @@
+"""Export a trained checkpoint to the model repository: ``<repo>/<name>/<version>/{model.onnx,model.json}``.
+
+The ONNX graph takes raw uint8 pixels (``images``, dataset layout, dynamic batch) and returns ``probs``
+(softmax, or sigmoid for multi-label) and ``logits``. Export fails unless onnxruntime matches PyTorch
+on real test images. Publishing is atomic: a temporary directory renamed to the next free version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from serving.model_card import (
+    INPUT_NAME,
+    LOGITS_NAME,
+    PROBS_NAME,
+    BatchingSpec,
+    ModelCard,
+    TensorSpec,
+    file_sha256,
+    write_json_atomic,
+)
+from training.checkpoint import load_model
+from training.data import DEFAULT_DATA_DIR, DatasetSpec, dataset_spec, load_split
+from training.evaluate import headline_metrics, predict_onnx, predict_torch
+from training.models import Classifier
+
+OPSET = 18
+PARITY_IMAGES = 512
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The exported model does not match PyTorch, or cannot be published."""
+
+
+class ExportWrapper(nn.Module):
+    """uint8 images -> (probs, logits): what the service runs."""
+
+    def __init__(self, model: Classifier, multi_label: bool) -> None:
+        super().__init__()
+        self.model, self.multi_label = model, multi_label
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(images)
+        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
+        return probs, logits
+
+
+def export_onnx(model: Classifier, spec: DatasetSpec, path: Path) -> None:
+    wrapper = ExportWrapper(model, spec.task.startswith("multi-label")).eval()
+    example = torch.zeros((2, *spec.image_shape), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(wrapper, (example,), input_names=[INPUT_NAME], output_names=[PROBS_NAME, LOGITS_NAME],
+                                opset_version=OPSET, dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
+    program.save(str(path))
+
+
+def check_parity(model: Classifier, onnx_path: Path, images: torch.Tensor, multi_label: bool) -> dict[str, Any]:
+    """Compare onnxruntime with PyTorch on ``images``; raise ``ExportError`` past the tolerance."""
+    expected = predict_torch(model, images, multi_label).numpy()
+    got = predict_onnx(onnx_path, images.numpy())
+    max_diff = float(np.abs(expected - got).max())
+    same_argmax = bool((expected.argmax(1) == got.argmax(1)).all())
+    if max_diff > PARITY_TOLERANCE or not same_argmax:
+        raise ExportError(f"ONNX parity check failed on {len(images)} test images: max |dprob| {max_diff:.2e} "
+                          f"(limit {PARITY_TOLERANCE:.0e}), identical argmax: {same_argmax}")
+    return {"images": len(images), "max_abs_prob_diff": max_diff, "argmax_identical": same_argmax}
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
+    """Static int8 quantisation (QDQ, per-channel) calibrated on training images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{INPUT_NAME: calibration[i : i + 64]} for i in range(0, len(calibration), 64)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    prepared = int8_path.with_suffix(".prep.onnx")
+    quant_pre_process(str(fp32_path), str(prepared))
+    quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    prepared.unlink()
+
+
+def ort_images_per_second(path: Path, images: np.ndarray, batch: int = 64, repeats: int = 20) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = images[:batch]
+    session.run(None, {INPUT_NAME: x})
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        session.run(None, {INPUT_NAME: x})
+    return len(x) * repeats / (time.perf_counter() - t0)
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def next_version(model_root: Path) -> int:
+    versions = [int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit()] if model_root.exists() else []
+    return max(versions, default=0) + 1
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    repo_dir: Path,
+    name: str | None = None,
+    data_dir: Path = DEFAULT_DATA_DIR,
+    download: bool = True,
+    quantize: str | None = None,
+    command: str = "",
+    notes: str = "",
+) -> Path:
+    """Export, check, evaluate on the test split and publish one model version; returns its directory."""
+    model, cfg, ckpt = load_model(checkpoint)
+    spec = dataset_spec(cfg.dataset, cfg.size)
+    name = name or cfg.name
+    multi_label = spec.task.startswith("multi-label")
+    test = load_split(spec, "test", data_dir, download)
+    model_root = repo_dir / name
+    model_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=model_root, prefix=".staging-"))
+    try:
+        onnx_path = staging / "model.onnx"
+        export_onnx(model, spec, onnx_path)
+        parity = check_parity(model, onnx_path, test.images[:PARITY_IMAGES], multi_label)
+        probs = predict_onnx(onnx_path, test.images.numpy())
+        metrics = headline_metrics(spec.task, torch.from_numpy(probs), test.labels)
+        quantization = None
+        if quantize == "int8":
+            quantization, metrics = _quantize_in_place(onnx_path, load_split(spec, "train", data_dir, download),
+                                                        test, spec, metrics)
+        elif quantize is not None:
+            raise ValueError(f"unknown quantization {quantize!r}; only int8 is supported")
+        version = next_version(model_root)
+        card_fields = dict(
+            name=name, version=version, task=spec.task, labels=list(spec.labels),
+            input=TensorSpec(INPUT_NAME, "UINT8", list(spec.image_shape)), layout=spec.layout,
+            outputs=[TensorSpec(PROBS_NAME, "FP32", [spec.num_outputs]),
+                     TensorSpec(LOGITS_NAME, "FP32", [spec.num_outputs])],
+            dataset={"name": spec.flag, "size": spec.size, "splits": _split_sizes(spec, data_dir, download, cfg.train_limit)},
+            metrics={"test": {**metrics, "n": len(test)}, "parity": parity,
+                     "best_val": {cfg.select_metric: ckpt["best_metric"]}},
+            training={"command": command, "git_commit": git_commit(),
+                      "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      "epochs_run": ckpt["epoch"] + 1, "config": cfg.to_dict(), "notes": notes},
+            sha256="", batching=BatchingSpec(), quantization=quantization,
+        )
+        _add_metadata(onnx_path, ModelCard(**{**card_fields, "sha256": "0" * 64}).metadata_props())
+        card = ModelCard(**{**card_fields, "sha256": file_sha256(onnx_path)})
+        write_json_atomic(staging / "model.json", card.to_dict())
+        final = model_root / str(version)
+        try:
+            os.rename(staging, final)  # atomic; fails if the version appeared meanwhile
+        except OSError as exc:
+            raise ExportError(f"{final} already exists: versions are never overwritten") from exc
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _split_sizes(spec: DatasetSpec, data_dir: Path, download: bool, train_limit: int | None) -> dict[str, int]:
+    sizes = {s: len(load_split(spec, s, data_dir, download)) for s in ("train", "val", "test")}
+    if train_limit:
+        sizes["train"] = min(sizes["train"], train_limit)
+    return sizes
+
+
+def _add_metadata(path: Path, props: dict[str, str]) -> None:
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(path))
+
+
+def _quantize_in_place(onnx_path: Path, train: Any, test: Any, spec: DatasetSpec,
+                       fp32_metrics: dict[str, float]) -> tuple[dict[str, Any], dict[str, float]]:
+    int8_path = onnx_path.with_name("model.int8.onnx")
+    rng = np.random.default_rng(0)
+    calibration = train.images.numpy()[rng.choice(len(train), size=min(512, len(train)), replace=False)]
+    quantize_int8(onnx_path, int8_path, calibration)
+    probs = predict_onnx(int8_path, test.images.numpy())
+    int8_metrics = headline_metrics(spec.task, torch.from_numpy(probs), test.labels)
+    images = test.images.numpy()
+    speedup = ort_images_per_second(int8_path, images) / ort_images_per_second(onnx_path, images)
+    os.replace(int8_path, onnx_path)
+    info = {"method": "onnxruntime static QDQ int8, per-channel, 512 calibration images",
+            "fp32_test": fp32_metrics, "int8_test": int8_metrics,
+            "acc_change": int8_metrics["acc"] - fp32_metrics["acc"], "speedup_batch64_cpu": round(speedup, 3)}
+    return info, int8_metrics

@@ -1,0 +1,130 @@
+"""Run reports a person can look at: learning curves, confusion matrix, ROC curves, mistakes, summary."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torchmetrics.functional.classification import binary_roc
+
+from training.data import DatasetSpec, Split
+from training.evaluate import predicted_labels
+from training.models import Classifier
+
+
+def write_report(run_dir: Path, model: Classifier, spec: DatasetSpec, history: list[dict[str, float]],
+                 test: Split, probs: torch.Tensor, metrics: dict[str, Any]) -> None:
+    plot_learning_curves(history, run_dir / "learning_curves.png")
+    plot_confusion_matrix(metrics, spec, run_dir / "confusion_matrix.png")
+    plot_roc_curves(spec, test.labels, probs, run_dir / "roc_curves.png")
+    plot_misclassified(spec, test, probs, run_dir / "misclassified.png")
+    write_model_summary(model, spec, run_dir)
+
+
+def plot_learning_curves(history: list[dict[str, float]], path: Path) -> None:
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_metric.plot(epochs, [h["train_acc"] for h in history], "o-", label="train acc")
+    ax_metric.plot(epochs, [h["val_acc"] for h in history], "o-", label="val acc")
+    ax_metric.plot(epochs, [h["val_auc"] for h in history], "s--", label="val AUC")
+    ax_metric.set(xlabel="epoch", title="Accuracy / AUC")
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion_matrix(metrics: dict[str, Any], spec: DatasetSpec, path: Path) -> None:
+    cm = np.array(metrics["confusion_matrix"])
+    if cm.ndim == 3:  # multi-label: one 2x2 per label; show per-label recall/precision counts summed
+        cm = cm.sum(0)
+        names = ["negative", "positive"]
+    else:
+        names = [_short(n) for n in spec.labels]
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names) + 2),) * 2)
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="predicted", ylabel="true", title=f"{spec.flag} test confusion matrix")
+    _save(fig, path)
+
+
+def plot_roc_curves(spec: DatasetSpec, labels: torch.Tensor, probs: torch.Tensor, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if spec.task == "binary-class":
+        curves = [(spec.labels[-1], probs[:, -1], labels)]
+    elif spec.task == "multi-label, binary-class":
+        curves = [(name, probs[:, i], labels[:, i]) for i, name in enumerate(spec.labels)]
+    else:
+        curves = [(name, probs[:, i], (labels == i).long()) for i, name in enumerate(spec.labels)]
+    for name, score, target in curves:
+        if target.min() == target.max():
+            continue  # ROC is undefined for a class absent from the split
+        fpr, tpr, _ = binary_roc(score.double(), target.long())
+        ax.plot(fpr, tpr, label=_short(name))
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{spec.flag} test ROC (one-vs-rest)")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_misclassified(spec: DatasetSpec, test: Split, probs: torch.Tensor, path: Path, n: int = 24) -> None:
+    pred = predicted_labels(spec.task, probs)
+    wrong = (pred != test.labels).any(1) if pred.dim() == 2 else pred != test.labels
+    idx = wrong.nonzero().flatten()[:n].tolist()
+    cols = 6
+    rows = max(1, -(-len(idx) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.0), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, idx):
+        img = test.images[i].numpy()
+        if spec.is_3d:
+            img = img[img.shape[0] // 2]  # middle slice
+        ax.imshow(img, cmap=None if img.ndim == 3 else "gray")
+        if pred.dim() == 1:
+            ax.set_title(f"true {_short(spec.labels[test.labels[i]])}\npred {_short(spec.labels[pred[i]])}", fontsize=7)
+        else:
+            ax.set_title(f"{int((pred[i] != test.labels[i]).sum())} labels wrong", fontsize=7)
+    fig.suptitle(f"{spec.flag}: {int(wrong.sum())} of {len(wrong)} test images misclassified (first {len(idx)})")
+    _save(fig, path)
+
+
+def write_model_summary(model: Classifier, spec: DatasetSpec, run_dir: Path) -> None:
+    from torchinfo import summary
+
+    example = torch.zeros((2, *spec.image_shape), dtype=torch.uint8)
+    text = str(summary(model, input_data=[example], verbose=0, depth=4,
+                       col_names=("output_size", "num_params", "mult_adds")))
+    (run_dir / "model_summary.txt").write_text(text + "\n")
+    if shutil.which("dot") is None:
+        (run_dir / "model_graph.txt").write_text(
+            "torchviz needs graphviz's `dot` to render the model graph: install graphviz "
+            "(apt-get install graphviz / brew install graphviz) and re-run the training command.\n")
+        return
+    from torchviz import make_dot
+
+    out = model(example)
+    make_dot(out, params=dict(model.named_parameters())).render(str(run_dir / "model_graph"), format="svg", cleanup=True)
+
+
+def _short(name: str, width: int = 14) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,250 @@
+"""The training loop: one model from a ``TrainConfig`` into a run directory.
+
+Run directory contents: ``checkpoint.pt`` (last epoch, for ``--resume``; holds the best weights too),
+``config.yaml``, ``history.csv``, ``metrics.json`` and the report (see ``training.report``).
+Distributed data parallel when started by ``torchrun`` (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from training.augment import BatchAugment
+from training.checkpoint import load_model, read_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.data import DEFAULT_DATA_DIR, Batches, dataset_spec, load_split
+from training.evaluate import full_metrics, headline_metrics, predict_torch
+from training.models import CHECKPOINT_BACKBONE, Classifier, TransferNet, build_model
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]  # test metrics of the selected (best-on-val) model
+    epochs_run: int
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def make_loss(task: str, label_smoothing: float) -> nn.Module:
+    if task == "multi-label, binary-class":
+        return nn.BCEWithLogitsLoss()
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def make_optimizer(cfg: TrainConfig, model: Classifier) -> torch.optim.Optimizer:
+    head = list(model.net.head.parameters())
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    groups = [{"params": body, "lr": cfg.lr * cfg.backbone_lr_scale}, {"params": head, "lr": cfg.lr}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw or sgd")
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        max_lr = [g["lr"] for g in opt.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=0.2)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; use onecycle, cosine or constant")
+
+
+def _set_backbone_frozen(model: Classifier, frozen: bool) -> None:
+    if isinstance(model.net, TransferNet):
+        model.net.set_backbone_trainable(not frozen)
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: Path,
+    data_dir: Path = DEFAULT_DATA_DIR,
+    download: bool = True,
+    resume: bool = False,
+    device: str = "auto",
+    quiet: bool = False,
+    report: bool = True,
+) -> RunResult:
+    rank, world = _distributed()
+    dev = resolve_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    show_bars = is_main and not quiet and sys.stderr.isatty()
+    log(f"[{cfg.name}] device: {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
+                                          f" ({torch.get_num_threads()} threads)") + (f", {world} processes" if world > 1 else ""))
+
+    spec = dataset_spec(cfg.dataset, cfg.size)
+    train_split = load_split(spec, "train", data_dir, download).subset(cfg.train_limit)
+    val_split = load_split(spec, "val", data_dir, download)
+    log(f"[{cfg.name}] {spec.flag} ({spec.task}): train {len(train_split)}, val {len(val_split)}")
+
+    torch.manual_seed(cfg.seed)
+    source, source_config = None, None
+    if cfg.arch == "transfer" and cfg.backbone == CHECKPOINT_BACKBONE:
+        if not cfg.backbone_checkpoint:
+            raise ValueError("backbone 'checkpoint' needs --backbone-checkpoint PATH")
+        source, src_cfg, _ = load_model(Path(cfg.backbone_checkpoint))
+        source_config = src_cfg.to_dict()
+    model = build_model(spec, cfg, source).to(dev)
+    if dev.type == "cuda" and cfg.channels_last and not spec.is_3d:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    batches = Batches(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, device=dev, rank=rank,
+                      world_size=world, drop_last=True)
+    scheduler = make_scheduler(cfg, optimizer, len(batches))
+    loss_fn = make_loss(spec.task, cfg.label_smoothing)
+    augment = BatchAugment(cfg.augment)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / CHECKPOINT
+    start_epoch, history, best_metric, best_state, stale = 0, [], -math.inf, None, 0
+    if resume and ckpt_path.exists():
+        state = read_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if dev.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], dev)
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        best_metric, best_state, stale = state["best_metric"], state["best_model"], state["stale_epochs"]
+        log(f"[{cfg.name}] resumed from {ckpt_path} after epoch {start_epoch}")
+    elif is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    core = model
+    net = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.amp)
+
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs):
+        _set_backbone_frozen(core, cfg.freeze or epoch < cfg.head_epochs)
+        batches.set_epoch(epoch)
+        net.train()
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(batches, desc=f"{cfg.name} {epoch + 1}/{cfg.epochs}", disable=not show_bars, leave=False)
+        for images, labels in bar:
+            with autocast:
+                logits = net(images, augment if augment.active else None)
+                loss = loss_fn(logits.float(), labels.float() if spec.task.startswith("multi-label") else labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            n = len(labels)
+            seen += n
+            loss_sum += loss.item() * n
+            if not spec.task.startswith("multi-label"):
+                correct += (logits.argmax(1) == labels).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        train_time = time.perf_counter() - t0
+        val = _validate(core, val_split, spec.task, loss_fn, cfg.eval_batch_size, dev)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"],
+               "lr": optimizer.param_groups[-1]["lr"], "img_per_s": seen * world / train_time,
+               "epoch_s": time.perf_counter() - t0}
+        history.append(row)
+        improved = val[cfg.select_metric] > best_metric
+        if improved:
+            best_metric, stale = val[cfg.select_metric], 0
+            best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+        else:
+            stale += 1
+        log(f"[{cfg.name}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
+            f"val acc {val['acc']:.4f} auc {val['auc']:.4f} ({row['img_per_s']:.0f} img/s, {row['epoch_s']:.1f} s)"
+            + (" *" if improved else ""))
+        if is_main:
+            save_checkpoint({
+                "config": cfg.to_dict(), "backbone_source_config": source_config, "epoch": epoch,
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                "history": history, "best_metric": best_metric, "best_model": best_state, "stale_epochs": stale,
+            }, ckpt_path)
+        if cfg.patience and stale >= cfg.patience:
+            log(f"[{cfg.name}] early stop: val {cfg.select_metric} did not improve for {stale} epochs")
+            break
+
+    if world > 1:
+        dist.barrier()
+    if not is_main:
+        return RunResult(run_dir, {}, epoch + 1)
+    _write_history(run_dir / "history.csv", history)
+    core.load_state_dict(best_state)
+    test_split = load_split(spec, "test", data_dir, download)
+    probs = predict_torch(core, test_split.images, spec.task.startswith("multi-label"), cfg.eval_batch_size, dev)
+    metrics = full_metrics(spec.task, probs, test_split.labels, list(spec.labels))
+    metrics = {"dataset": spec.flag, "split": "test", "task": spec.task, "model": "pytorch (best val epoch)",
+               "best_val": {cfg.select_metric: best_metric}, **metrics}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log(f"[{cfg.name}] test acc {metrics['acc']:.4f} auc {metrics['auc']:.4f} -> {run_dir}")
+    if report:
+        from training.report import write_report
+
+        write_report(run_dir, core.cpu(), spec, history, test_split, probs, metrics)
+    return RunResult(run_dir, metrics, epoch + 1)
+
+
+@torch.no_grad()
+def _validate(model: Classifier, split: Any, task: str, loss_fn: nn.Module, batch_size: int,
+              device: torch.device) -> dict[str, float]:
+    multi_label = task.startswith("multi-label")
+    probs = predict_torch(model, split.images, multi_label, batch_size, device)
+    eps = 1e-7
+    if multi_label:
+        p = probs.clamp(eps, 1 - eps)
+        y = split.labels.float()
+        loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean().item()
+    else:
+        loss = nn.functional.nll_loss(probs.clamp_min(eps).log(), split.labels).item()
+    return {"loss": loss, **headline_metrics(task, probs, split.labels)}
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
