@@ -40,7 +40,9 @@ class BatchingSpec:
     """Dynamic-batching defaults the service applies to this model."""
 
     max_batch_size: int = 64
-    max_queue_delay_ms: float = 2.0
+    # 0 = natural batching: a batch runs as soon as the model is free, and what arrives meanwhile forms
+    # the next one (no added latency when idle); > 0 waits up to this long to fill a batch
+    max_queue_delay_ms: float = 0.0
 
 
 @dataclass(frozen=True)

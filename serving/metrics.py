@@ -1,0 +1,35 @@
+"""Prometheus metrics per model, exported on BentoML's ``/metrics`` (multi-process safe)."""
+
+from __future__ import annotations
+
+import bentoml
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+REQUESTS = bentoml.metrics.Counter(
+    name="cnnserve_requests_total", documentation="Inference requests by model, front door and outcome",
+    labelnames=["model", "door", "outcome"])
+IMAGES = bentoml.metrics.Counter(
+    name="cnnserve_images_total", documentation="Images classified by model", labelnames=["model"])
+LATENCY = bentoml.metrics.Histogram(
+    name="cnnserve_request_seconds", documentation="End-to-end inference request latency",
+    labelnames=["model", "door"], buckets=LATENCY_BUCKETS)
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="cnnserve_batch_size", documentation="Images per onnxruntime run", labelnames=["model"],
+    buckets=BATCH_BUCKETS)
+QUEUE_TIME = bentoml.metrics.Histogram(
+    name="cnnserve_queue_seconds", documentation="Time the oldest request of a batch waited in the queue",
+    labelnames=["model"], buckets=LATENCY_BUCKETS)
+
+
+def observe_batch(model: str, size: int, queue_seconds: float) -> None:
+    BATCH_SIZE.labels(model=model).observe(size)
+    QUEUE_TIME.labels(model=model).observe(queue_seconds)
+
+
+def observe_request(model: str, door: str, outcome: str, seconds: float, images: int = 0) -> None:
+    REQUESTS.labels(model=model, door=door, outcome=outcome).inc()
+    if outcome == "ok":
+        LATENCY.labels(model=model, door=door).observe(seconds)
+        IMAGES.labels(model=model).inc(images)

@@ -1,0 +1,40 @@
+"""Service settings: read once at start from ``CNNSERVE_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_dir: Path = Path("exports")
+    device: str = "auto"  # auto | cpu | cuda
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 8001  # 0 disables the gRPC server
+    workers: int = 1
+    intra_op_threads: int = 0  # 0: cores / workers
+    max_batch_size: int = 0  # 0: each model card's batching.max_batch_size
+    max_queue_delay_ms: float = -1.0  # < 0: each model card's batching.max_queue_delay_ms
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 16 * 1024 * 1024  # decompression-bomb guard, checked before decoding
+    max_images_per_request: int = 1024
+    poll_interval_s: float = 2.0  # model repository re-scan for new versions (0 = off)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = env.get(f"CNNSERVE_{f.name.upper()}")
+            if raw is not None:
+                kind = type(f.default)
+                values[f.name] = Path(raw) if kind is type(Path()) else kind(raw)
+        return cls(**values)
+
+    @property
+    def threads_per_session(self) -> int:
+        if self.intra_op_threads > 0:
+            return self.intra_op_threads
+        return max(1, (os.cpu_count() or 1) // max(1, self.workers))
