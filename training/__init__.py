@@ -1,0 +1,1 @@
+"""cnnserve training: data, models, train loop, evaluation, reports and ONNX export."""

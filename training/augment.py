@@ -45,4 +45,5 @@ class BatchAugment:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         # zeros padding in normalised space would be grey; pad with the batch minimum (the background)
         background = x.amin(dim=tuple(range(1, x.dim())), keepdim=True)
-        return F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + background
+        shifted = F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return shifted + background

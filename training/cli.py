@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX in the model repository",
-                       description="Export to <model-dir>/<name>/<next version>/ after an ONNX-vs-PyTorch parity check.")
+                       description="Export to <model-dir>/<name>/<next version>/ after an ONNX-vs-PyTorch "
+                                   "parity check.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--name", help="model name (default: the config's name)")
     p.add_argument("--model-dir", type=Path, default=DEFAULT_REPO, help="model repository (env CNNSERVE_MODEL_DIR)")

@@ -13,6 +13,7 @@ model takes, so preprocessing lives inside the model and the service needs no pi
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -25,9 +26,10 @@ import torch
 from torchvision.datasets import MNIST
 
 MNIST_FLAG = "mnist"
-MNIST_VAL_SIZE = 5000  # MNIST has no official val split: the last 5,000 train images serve as one
+MNIST_VAL_FRACTION = 12  # MNIST has no official val split: the last 1/12 of train (5,000 of 60,000) is one
 SPLITS = ("train", "val", "test")
-DEFAULT_DATA_DIR = Path(os.environ.get("CNNSERVE_DATA", Path.home() / ".cache" / "cnnserve" / "data"))
+CACHE_DIR = Path(os.environ.get("CNNSERVE_CACHE", Path.home() / ".cache" / "cnnserve"))
+DEFAULT_DATA_DIR = Path(os.environ.get("CNNSERVE_DATA", CACHE_DIR / "data"))
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -130,25 +132,29 @@ def _load_medmnist(spec: DatasetSpec, split: str, data_dir: Path, download: bool
     return Split(images, labels)
 
 
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _mnist_root(data_dir: Path, download: bool) -> Path:
-    """A directory where torchvision finds the unpacked raw files, unpacking .gz copies if needed.
+    """A directory where torchvision finds the unpacked raw files.
 
-    ``data_dir`` may be read-only (a shared cache): then the files are unpacked into a writable cache.
+    ``.gz`` files are unpacked into a cache keyed by their identity, never beside them: the data dir may
+    be a shared, read-only copy (and root ignores permission bits).
     """
     raw = data_dir / "MNIST" / "raw"
     if all((raw / f).exists() for f in _MNIST_FILES):
         return data_dir
-    if all((raw / f"{f}.gz").exists() for f in _MNIST_FILES):
-        target = data_dir if os.access(raw, os.W_OK) else DEFAULT_DATA_DIR.parent / "mnist-unpacked"
+    gz_files = [raw / f"{f}.gz" for f in _MNIST_FILES]
+    if all(p.exists() for p in gz_files):
+        identity = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in gz_files)
+        target = CACHE_DIR / "mnist-unpacked" / hashlib.sha1(identity.encode()).hexdigest()[:16]
         target_raw = target / "MNIST" / "raw"
         target_raw.mkdir(parents=True, exist_ok=True)
-        for name in _MNIST_FILES:
+        for name, gz in zip(_MNIST_FILES, gz_files, strict=True):
             if not (target_raw / name).exists():
-                tmp = target_raw / f".{name}.tmp"
-                with gzip.open(raw / f"{name}.gz", "rb") as src, open(tmp, "wb") as dst:
+                tmp = target_raw / f".{name}.{os.getpid()}.tmp"
+                with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 os.replace(tmp, target_raw / name)
         return target
@@ -165,10 +171,11 @@ def _load_mnist(split: str, data_dir: Path, download: bool) -> Split:
     root = _mnist_root(data_dir, download)
     ds = MNIST(str(root), train=split != "test", download=download and root == data_dir)
     images, labels = ds.data, ds.targets.long()
+    n_val = len(images) // MNIST_VAL_FRACTION if split != "test" else 0
     if split == "train":
-        images, labels = images[:-MNIST_VAL_SIZE], labels[:-MNIST_VAL_SIZE]
+        images, labels = images[:-n_val], labels[:-n_val]
     elif split == "val":
-        images, labels = images[-MNIST_VAL_SIZE:], labels[-MNIST_VAL_SIZE:]
+        images, labels = images[-n_val:], labels[-n_val:]
     return Split(images.contiguous(), labels)
 
 

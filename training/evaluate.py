@@ -49,18 +49,22 @@ def predicted_labels(task: str, probs: torch.Tensor) -> torch.Tensor:
 
 
 def headline_metrics(task: str, probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """ACC and AUC exactly as ``medmnist.Evaluator`` defines them for ``task``."""
+    """ACC and AUC exactly as ``medmnist.Evaluator`` defines them for ``task``.
+
+    Predictions are thresholded here (``> 0.5``, as MedMNIST does), so torchmetrics never mistakes
+    scores for logits."""
     probs, labels = probs.double(), labels.long()
+    pred = predicted_labels(task, probs)
     if task == "multi-label, binary-class":
         n = labels.shape[1]
-        acc = tmf.classification.multilabel_accuracy(probs, labels, n, threshold=0.5, average="macro")
+        acc = tmf.classification.multilabel_accuracy(pred, labels, n, average="macro")
         auc = tmf.classification.multilabel_auroc(probs, labels, n, average="macro")
     elif task == "binary-class":
-        acc = tmf.classification.binary_accuracy(probs[:, -1], labels, threshold=0.5)
+        acc = tmf.classification.binary_accuracy(pred, labels)
         auc = tmf.classification.binary_auroc(probs[:, -1], labels)
     else:
         k = probs.shape[1]
-        acc = tmf.classification.multiclass_accuracy(probs, labels, k, average="micro")
+        acc = tmf.classification.multiclass_accuracy(pred, labels, k, average="micro")
         auc = tmf.classification.multiclass_auroc(probs, labels, k, average="macro")
     return {"acc": float(acc), "auc": float(auc)}
 

@@ -120,7 +120,9 @@ def git_commit() -> str:
 
 
 def next_version(model_root: Path) -> int:
-    versions = [int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit()] if model_root.exists() else []
+    if not model_root.exists():
+        return 1
+    versions = [int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit()]
     return max(versions, default=0) + 1
 
 
@@ -161,7 +163,8 @@ def export_checkpoint(
             input=TensorSpec(INPUT_NAME, "UINT8", list(spec.image_shape)), layout=spec.layout,
             outputs=[TensorSpec(PROBS_NAME, "FP32", [spec.num_outputs]),
                      TensorSpec(LOGITS_NAME, "FP32", [spec.num_outputs])],
-            dataset={"name": spec.flag, "size": spec.size, "splits": _split_sizes(spec, data_dir, download, cfg.train_limit)},
+            dataset={"name": spec.flag, "size": spec.size,
+                     "splits": _split_sizes(spec, data_dir, download, cfg.train_limit)},
             metrics={"test": {**metrics, "n": len(test)}, "parity": parity,
                      "best_val": {cfg.select_metric: ckpt["best_metric"]}},
             training={"command": command, "git_commit": git_commit(),

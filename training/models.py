@@ -106,7 +106,8 @@ class Classifier(nn.Module):
         super().__init__()
         self.preprocess, self.net = preprocess, net
 
-    def forward(self, images: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor,
+                augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         x = self.preprocess(images)
         if augment is not None:
             x = augment(x)

@@ -28,7 +28,8 @@ def run_pipeline(args: argparse.Namespace, overrides: dict[str, Any], command: s
                 if not source.exists():
                     raise FileNotFoundError(f"{source} not found: the transfer model reuses the mnist-cnn backbone, "
                                             "so train mnist-cnn first (or pass --backbone resnet18)")
-                step_overrides.update(backbone=CHECKPOINT_BACKBONE, backbone_checkpoint=str(source))
+                # our backbone was trained at 28x28: no resize
+                step_overrides.update(backbone=CHECKPOINT_BACKBONE, backbone_checkpoint=str(source), input_size=None)
                 notes = ("Backbone: the features of this project's mnist-cnn, trained in the same pipeline run "
                          "(torchvision ImageNet weights cannot be downloaded offline).")
             else:

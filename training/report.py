@@ -89,7 +89,7 @@ def plot_misclassified(spec: DatasetSpec, test: Split, probs: torch.Tensor, path
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, idx):
+    for ax, i in zip(axes.flat, idx, strict=False):
         img = test.images[i].numpy()
         if spec.is_3d:
             img = img[img.shape[0] // 2]  # middle slice
@@ -117,7 +117,8 @@ def write_model_summary(model: Classifier, spec: DatasetSpec, run_dir: Path) -> 
     from torchviz import make_dot
 
     out = model(example)
-    make_dot(out, params=dict(model.named_parameters())).render(str(run_dir / "model_graph"), format="svg", cleanup=True)
+    graph = make_dot(out, params=dict(model.named_parameters()))
+    graph.render(str(run_dir / "model_graph"), format="svg", cleanup=True)
 
 
 def _short(name: str, width: int = 14) -> str:

@@ -74,7 +74,8 @@ def make_optimizer(cfg: TrainConfig, model: Classifier) -> torch.optim.Optimizer
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw or sgd")
 
 
-def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         max_lr = [g["lr"] for g in opt.param_groups]
@@ -100,7 +101,13 @@ def train(
     device: str = "auto",
     quiet: bool = False,
     report: bool = True,
+    stop_after: int | None = None,
 ) -> RunResult:
+    """Train ``cfg`` into ``run_dir``; returns the test metrics of the best-on-val epoch.
+
+    ``stop_after``: leave after this many epochs of this invocation (time-sliced or preemptible jobs);
+    the checkpoint lets ``resume=True`` continue exactly where it stopped. Test metrics are then empty.
+    """
     rank, world = _distributed()
     dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
@@ -109,8 +116,8 @@ def train(
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     show_bars = is_main and not quiet and sys.stderr.isatty()
-    log(f"[{cfg.name}] device: {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
-                                          f" ({torch.get_num_threads()} threads)") + (f", {world} processes" if world > 1 else ""))
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
+    log(f"[{cfg.name}] device: {dev} ({where})" + (f", {world} processes" if world > 1 else ""))
 
     spec = dataset_spec(cfg.dataset, cfg.size)
     train_split = load_split(spec, "train", data_dir, download).subset(cfg.train_limit)
@@ -199,12 +206,16 @@ def train(
             save_checkpoint({
                 "config": cfg.to_dict(), "backbone_source_config": source_config, "epoch": epoch,
                 "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                 "history": history, "best_metric": best_metric, "best_model": best_state, "stale_epochs": stale,
             }, ckpt_path)
         if cfg.patience and stale >= cfg.patience:
             log(f"[{cfg.name}] early stop: val {cfg.select_metric} did not improve for {stale} epochs")
             break
+        if stop_after is not None and epoch + 1 - start_epoch >= stop_after and epoch + 1 < cfg.epochs:
+            log(f"[{cfg.name}] stopping after epoch {epoch + 1} as asked; continue with --resume")
+            return RunResult(run_dir, {}, epoch + 1)
 
     if world > 1:
         dist.barrier()
