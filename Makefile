@@ -1,0 +1,62 @@
+# cnnserve — train three CNN classifiers, export them to ONNX, serve them with BentoML + onnxruntime.
+# `make help` lists the targets.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+CONSTRAINTS ?= constraints.txt
+# real data beside the checkout when present (this project's CI machine), else the user cache + download
+DATA_DIR    ?= $(if $(wildcard ../shared/data/MNIST),../shared/data,$(HOME)/.cache/cnnserve/data)
+MODEL_DIR   ?= exports
+HOST        ?= 127.0.0.1
+PORT        ?= 3000
+GRPC_PORT   ?= 8001
+WORKERS     ?= 1
+SHIPPED     := mnist-cnn pneumoniamnist-cnn pneumoniamnist-transfer
+
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+
+.PHONY: help serve models train test lint benchmark clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.serve: pyproject.toml | $(VENV)/bin/python
+	$(PIP_INSTALL) -e '.[serve]'
+	@touch $@
+
+$(VENV)/.train: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
+	$(PIP_INSTALL) -e '.[train,serve]'
+	@touch $@
+
+$(VENV)/.dev: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
+	$(PIP_INSTALL) -e '.[train,serve,dev]'
+	@touch $@
+
+serve: $(VENV)/.serve models  ## serve the models in exports/ (HTTP :3000, gRPC :8001), training them first if missing
+	CNNSERVE_MODEL_DIR=$(MODEL_DIR) CNNSERVE_GRPC_PORT=$(GRPC_PORT) CNNSERVE_GRPC_HOST=$(HOST) \
+	CNNSERVE_WORKERS=$(WORKERS) $(VENV)/bin/bentoml serve serving.service:CnnServe --host $(HOST) --port $(PORT)
+
+models:  ## train + export the shipped models unless exports/ already has them
+	@missing=""; for m in $(SHIPPED); do ls -d $(MODEL_DIR)/$$m/[0-9]* >/dev/null 2>&1 || missing="$$missing $$m"; done; \
+	if [ -n "$$missing" ]; then echo "missing in $(MODEL_DIR):$$missing -> training them"; \
+	$(MAKE) train ONLY="$$missing"; fi
+
+train: $(VENV)/.train  ## the training pipeline: train, evaluate and export the three shipped models
+	$(PY) -m training pipeline --data-dir $(DATA_DIR) --model-dir $(MODEL_DIR) $(if $(ONLY),--only $(ONLY))
+
+test: $(VENV)/.dev  ## the test suite (starts the real service on 127.0.0.1)
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.dev  ## ruff
+	$(VENV)/bin/ruff check .
+
+benchmark: $(VENV)/.dev  ## accuracy and training-speed benchmarks -> benchmarks/results/
+	$(PY) benchmarks/accuracy.py --data-dir $(DATA_DIR)
+	$(PY) benchmarks/training_speed.py --data-dir $(DATA_DIR)
+
+clean:  ## remove the virtual environment and run directories
+	rm -rf $(VENV) runs .pytest_cache

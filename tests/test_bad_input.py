@@ -1,0 +1,309 @@
+"""At least 30 distinct bad requests on each of the three doors: each gets a 4xx-class answer with a
+message, then a good request is answered right, and no worker restarted."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import struct
+import zlib
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from tests.server import MAX_BYTES, MAX_IMAGES, png
+
+GOOD = np.zeros((1, 28, 28), np.uint8)
+
+
+def infer_json(inputs, **extra) -> dict:
+    return {"inputs": inputs, **extra}
+
+
+def tensor(shape=(1, 28, 28), datatype="UINT8", name="images", data=None) -> dict:
+    n = int(np.prod(shape)) if all(isinstance(d, int) and d >= 0 for d in shape) else 1
+    return {"name": name, "shape": list(shape), "datatype": datatype, "data": [0] * n if data is None else data}
+
+
+def binary_request(header: dict, payload: bytes) -> tuple[bytes, dict]:
+    head = json.dumps(header).encode()
+    return head + payload, {"Inference-Header-Content-Length": str(len(head)),
+                            "Content-Type": "application/octet-stream"}
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A tiny PNG file that claims a huge 1-bit image: the decoder must refuse it before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + b"\x00" * (width // 8)
+    raw = zlib.compress(row * 64)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def assert_client_error(response: httpx.Response, what: str) -> None:
+    assert 400 <= response.status_code < 500, f"{what}: {response.status_code} {response.text[:300]}"
+    assert response.text.strip(), f"{what}: empty error body"
+    body = response.json()
+    message = body[0]["error"] if isinstance(body, list) else body.get("error")
+    assert isinstance(message, str) and len(message) > 10, f"{what}: no message in {body}"
+
+
+def test_bentoml_http_door_rejects_30_bad_requests(server):
+    url = server.url
+    image = GOOD[0]
+    good_png = png(image)
+    noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)  # compresses badly: long files
+    pids = server.worker_pids()
+    predict = f"{url}/predict"
+    classify = f"{url}/classify"
+    big = np.zeros((MAX_IMAGES + 1, 28, 28), np.uint8).tolist()
+    cases = [
+        ("unknown model", lambda: httpx.post(predict, json={"instances": image.tolist(), "model": "nope"})),
+        ("unknown version", lambda: httpx.post(predict, json={"instances": image.tolist(), "model": "mnist-cnn",
+                                                              "version": "99"})),
+        ("non-integer version", lambda: httpx.post(predict, json={"instances": image.tolist(), "model": "mnist-cnn",
+                                                                  "version": "latest!"})),
+        ("wrong shape", lambda: httpx.post(predict, json={"instances": np.zeros((28, 27)).tolist(),
+                                                          "model": "mnist-cnn"})),
+        ("wrong rank", lambda: httpx.post(predict, json={"instances": [1, 2, 3], "model": "mnist-cnn"})),
+        ("empty batch", lambda: httpx.post(predict, json={"instances": [], "model": "mnist-cnn"})),
+        ("value over 255", lambda: httpx.post(predict, json={"instances": np.full((28, 28), 256).tolist(),
+                                                             "model": "mnist-cnn"})),
+        ("negative value", lambda: httpx.post(predict, json={"instances": np.full((28, 28), -1).tolist(),
+                                                             "model": "mnist-cnn"})),
+        ("NaN", lambda: httpx.post(predict, content=json.dumps({"instances": np.full((28, 28), np.nan).tolist(),
+                                                               "model": "mnist-cnn"}),
+                                   headers={"content-type": "application/json"})),
+        ("infinity", lambda: httpx.post(predict, content=json.dumps({"instances": np.full((28, 28), np.inf).tolist(),
+                                                                    "model": "mnist-cnn"}),
+                                        headers={"content-type": "application/json"})),
+        ("fractions", lambda: httpx.post(predict, json={"instances": np.full((28, 28), 0.5).tolist(),
+                                                        "model": "mnist-cnn"})),
+        ("strings", lambda: httpx.post(predict, json={"instances": [["a"] * 28] * 28, "model": "mnist-cnn"})),
+        ("ragged", lambda: httpx.post(predict, json={"instances": [[0] * 28, [0] * 27], "model": "mnist-cnn"})),
+        ("malformed JSON", lambda: httpx.post(predict, content=b'{"instances": [[0, 1', headers={
+            "content-type": "application/json"})),
+        ("missing instances", lambda: httpx.post(predict, json={"model": "mnist-cnn"})),
+        ("instances not a list", lambda: httpx.post(predict, json={"instances": "pixels", "model": "mnist-cnn"})),
+        ("batch over the limit", lambda: httpx.post(predict, json={"instances": big, "model": "mnist-cnn"})),
+        ("top_k not an integer", lambda: httpx.post(predict, json={"instances": image.tolist(), "model": "mnist-cnn",
+                                                                   "top_k": "many"})),
+        ("wrong content type", lambda: httpx.post(predict, content=b"instances=1", headers={
+            "content-type": "text/plain"})),
+        ("body over the size limit", lambda: httpx.post(predict, content=b"[" + b"0," * (MAX_BYTES // 2) + b"0]",
+                                                        headers={"content-type": "application/json"})),
+        ("no model with several loaded", lambda: httpx.post(predict, json={"instances": image.tolist()})),
+        ("non-image bytes", lambda: httpx.post(classify, files=[("images", ("x.png", b"hello world", "image/png"))],
+                                               data={"model": "mnist-cnn"})),
+        ("truncated PNG", lambda: httpx.post(classify, files=[("images", ("t.png", png(noise)[:-200], "image/png"))],
+                                             data={"model": "mnist-cnn"})),
+        ("truncated JPEG", lambda: httpx.post(classify, files=[("images", ("t.jpg", jpeg(noise)[:-200], "image/jpeg"))],
+                                              data={"model": "mnist-cnn"})),
+        ("decompression bomb", lambda: httpx.post(classify, files=[("images", ("b.png", bomb_png(), "image/png"))],
+                                                  data={"model": "mnist-cnn"})),
+        ("empty file", lambda: httpx.post(classify, files=[("images", ("e.png", b"", "image/png"))],
+                                          data={"model": "mnist-cnn"})),
+        ("no files", lambda: httpx.post(classify, data={"model": "mnist-cnn"})),
+        ("classify unknown model", lambda: httpx.post(classify, files=[("images", ("a.png", good_png, "image/png"))],
+                                                      data={"model": "nope"})),
+        ("GIF not accepted", lambda: httpx.post(classify, files=[("images", ("a.gif", _gif(image), "image/gif"))],
+                                                data={"model": "mnist-cnn"})),
+        ("npy wrong dtype", lambda: httpx.post(classify, files=[("images", ("v.npy", npy(image.astype(np.float32)),
+                                                                            "application/x-npy"))],
+                                               data={"model": "mnist-cnn"})),
+        ("npy wrong shape", lambda: httpx.post(classify, files=[("images", ("v.npy", npy(np.zeros((5, 5), np.uint8)),
+                                                                            "application/x-npy"))],
+                                               data={"model": "mnist-cnn"})),
+        ("npy corrupt", lambda: httpx.post(classify, files=[("images", ("v.npy", npy(image)[:70], "x/npy"))],
+                                           data={"model": "mnist-cnn"})),
+        ("2D image for a 3D model", lambda: httpx.post(classify, files=[("images", ("a.png", good_png, "image/png"))],
+                                                       data={"model": "organmnist3d-tiny"})),
+        ("unknown card path", lambda: httpx.get(f"{url}/models/nope")),
+    ]
+    assert len(cases) >= 30
+    for what, call in cases:
+        assert_client_error(call(), what)
+    r = httpx.post(predict, json={"instances": image.tolist(), "model": "mnist-cnn"})
+    assert r.status_code == 200 and r.json()["predictions"][0]["label"] in [str(d) for d in range(10)]
+    assert server.worker_pids() == pids
+
+
+def _gif(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "GIF")
+    return buf.getvalue()
+
+
+def test_oip_rest_door_rejects_30_bad_requests(server):
+    infer = f"{server.url}/v2/models/mnist-cnn/infer"
+    pids = server.worker_pids()
+    raw = GOOD.tobytes()
+    bin_input = {"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "parameters": {"binary_data_size": 784}}
+
+    def post_json(body, **kw):
+        return httpx.post(infer, content=body if isinstance(body, bytes) else json.dumps(body),
+                          headers={"content-type": "application/json", **kw.pop("headers", {})}, **kw)
+
+    def post_binary(header, payload, headers=None):
+        body, h = binary_request(header, payload)
+        return httpx.post(infer, content=body, headers={**h, **(headers or {})})
+
+    cases = [
+        ("unknown model", lambda: httpx.post(f"{server.url}/v2/models/nope/infer", json=infer_json([tensor()]))),
+        ("unknown version", lambda: httpx.post(f"{server.url}/v2/models/mnist-cnn/versions/99/infer",
+                                               json=infer_json([tensor()]))),
+        ("wrong input name", lambda: post_json(infer_json([tensor(name="pixels")]))),
+        ("FP32 datatype", lambda: post_json(infer_json([tensor(datatype="FP32")]))),
+        ("INT64 datatype", lambda: post_json(infer_json([tensor(datatype="INT64")]))),
+        ("wrong shape", lambda: post_json(infer_json([tensor(shape=(1, 28, 27))]))),
+        ("wrong rank", lambda: post_json(infer_json([tensor(shape=(28, 28))]))),
+        ("negative dims", lambda: post_json(infer_json([tensor(shape=(-1, 28, 28), data=[0] * 784)]))),
+        ("shape not a list", lambda: post_json(infer_json([{**tensor(), "shape": "1x28x28"}]))),
+        ("data count != shape", lambda: post_json(infer_json([tensor(data=[0] * 700)]))),
+        ("binary bytes != shape", lambda: post_binary(infer_json([{**bin_input, "parameters": {
+            "binary_data_size": 700}}]), raw[:700])),
+        ("binary_data_size != tail", lambda: post_binary(infer_json([bin_input]), raw[:500])),
+        ("header length not a number", lambda: post_binary(infer_json([bin_input]), raw,
+                                                           {"Inference-Header-Content-Length": "ten"})),
+        ("header length past the body", lambda: post_binary(infer_json([bin_input]), raw,
+                                                            {"Inference-Header-Content-Length": "999999"})),
+        ("malformed binary header", lambda: httpx.post(infer, content=b"{bad json" + raw, headers={
+            "Inference-Header-Content-Length": "9", "Content-Type": "application/octet-stream"})),
+        ("malformed JSON", lambda: post_json(b'{"inputs": [')),
+        ("JSON not an object", lambda: post_json([1, 2, 3])),
+        ("inputs missing", lambda: post_json({"outputs": []})),
+        ("inputs empty", lambda: post_json(infer_json([]))),
+        ("two inputs", lambda: post_json(infer_json([tensor(), tensor()]))),
+        ("empty batch", lambda: post_json(infer_json([tensor(shape=(0, 28, 28), data=[])]))),
+        ("batch over the limit", lambda: post_binary(infer_json([{**bin_input, "shape": [MAX_IMAGES + 1, 28, 28],
+                                                                  "parameters": {"binary_data_size": 784 * (
+                                                                      MAX_IMAGES + 1)}}]),
+                                                     raw * (MAX_IMAGES + 1))),
+        ("NaN", lambda: post_json(b'{"inputs":[{"name":"images","shape":[1,1,1],"datatype":"UINT8","data":[NaN]}]}')),
+        ("infinity", lambda: post_json(
+            b'{"inputs":[{"name":"images","shape":[1,28,28],"datatype":"UINT8","data":[Infinity]}]}')),
+        ("value over 255", lambda: post_json(infer_json([tensor(data=[300] * 784)]))),
+        ("fractions", lambda: post_json(infer_json([tensor(data=[0.5] * 784)]))),
+        ("strings", lambda: post_json(infer_json([tensor(data=["x"] * 784)]))),
+        ("unknown output", lambda: post_json(infer_json([tensor()], outputs=[{"name": "embeddings"}]))),
+        ("outputs not a list", lambda: post_json(infer_json([tensor()], outputs="probs"))),
+        ("wrong content type", lambda: httpx.post(infer, content=json.dumps(infer_json([tensor()])),
+                                                  headers={"content-type": "text/plain"})),
+        ("body over the size limit", lambda: post_binary(infer_json([bin_input]), b"\0" * (MAX_BYTES + 1))),
+        ("binary tail without binary_data_size", lambda: post_binary(infer_json([tensor()]), raw)),
+        ("no data", lambda: post_json(infer_json([{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8"}]))),
+        ("GET on infer", lambda: httpx.get(infer)),
+        ("metadata of unknown model", lambda: httpx.get(f"{server.url}/v2/models/nope")),
+        ("config of unknown model", lambda: httpx.get(f"{server.url}/v2/models/nope/config")),
+    ]
+    assert len(cases) >= 30
+    for what, call in cases:
+        response = call()
+        if what == "GET on infer":  # Starlette's own 405 carries a plain-text reason
+            assert response.status_code == 405
+            continue
+        assert_client_error(response, what)
+    r = post_binary(infer_json([bin_input], outputs=[{"name": "probs", "parameters": {"binary_data": True}}]), raw)
+    assert r.status_code == 200
+    n = int(r.headers["Inference-Header-Content-Length"])
+    assert json.loads(r.content[:n])["outputs"][0]["parameters"]["binary_data_size"] == 40
+    assert np.frombuffer(r.content[n:], "<f4").sum() == pytest.approx(1, abs=1e-5)
+    assert server.worker_pids() == pids
+
+
+def test_grpc_door_rejects_30_bad_requests(server):
+    channel = grpc.insecure_channel(server.grpc_address, options=[("grpc.max_send_message_length", 64 << 20)])
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    pids = server.worker_pids()
+
+    def infer_request(model="mnist-cnn", version="", name="images", datatype="UINT8", shape=(1, 28, 28),
+                      raw=None, contents=None, outputs=(), n_inputs=1, n_raw=1) -> pb.ModelInferRequest:
+        inp = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=list(shape))
+        if contents is not None:
+            inp.contents.CopyFrom(contents)
+        req = pb.ModelInferRequest(model_name=model, model_version=version, inputs=[inp] * n_inputs,
+                                   outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs])
+        if raw is None and contents is None:
+            raw = GOOD.tobytes()
+        if raw is not None:
+            req.raw_input_contents.extend([raw] * n_raw)
+        return req
+
+    big = MAX_IMAGES + 1
+    cases = [
+        ("unknown model", lambda: stub.ModelInfer(infer_request(model="nope"))),
+        ("empty model name", lambda: stub.ModelInfer(infer_request(model=""))),
+        ("unknown version", lambda: stub.ModelInfer(infer_request(version="99"))),
+        ("non-integer version", lambda: stub.ModelInfer(infer_request(version="v1"))),
+        ("wrong input name", lambda: stub.ModelInfer(infer_request(name="pixels"))),
+        ("FP32 datatype", lambda: stub.ModelInfer(infer_request(datatype="FP32", raw=b"\0" * 784 * 4))),
+        ("INT8 datatype", lambda: stub.ModelInfer(infer_request(datatype="INT8"))),
+        ("empty datatype", lambda: stub.ModelInfer(infer_request(datatype=""))),
+        ("wrong shape", lambda: stub.ModelInfer(infer_request(shape=(1, 28, 27), raw=b"\0" * 756))),
+        ("wrong rank", lambda: stub.ModelInfer(infer_request(shape=(784,)))),
+        ("RGB shape for grey model", lambda: stub.ModelInfer(infer_request(shape=(1, 28, 28, 3), raw=b"\0" * 2352))),
+        ("2D shape for 3D model", lambda: stub.ModelInfer(infer_request(model="organmnist3d-tiny"))),
+        ("raw bytes != shape", lambda: stub.ModelInfer(infer_request(raw=b"\0" * 783))),
+        ("raw bytes too many", lambda: stub.ModelInfer(infer_request(raw=b"\0" * 785))),
+        ("huge declared shape", lambda: stub.ModelInfer(infer_request(shape=(1, 2**40, 28)))),
+        ("negative dims", lambda: stub.ModelInfer(infer_request(shape=(-1, 28, 28)))),
+        ("no inputs", lambda: stub.ModelInfer(infer_request(n_inputs=0))),
+        ("two inputs", lambda: stub.ModelInfer(infer_request(n_inputs=2, n_raw=2))),
+        ("two raw contents", lambda: stub.ModelInfer(infer_request(n_raw=2))),
+        ("no data", lambda: stub.ModelInfer(infer_request(raw=b"", contents=pb.InferTensorContents()))),
+        ("contents of the wrong type", lambda: stub.ModelInfer(infer_request(
+            contents=pb.InferTensorContents(fp32_contents=[0.0] * 784)))),
+        ("typed contents over 255", lambda: stub.ModelInfer(infer_request(
+            contents=pb.InferTensorContents(uint_contents=[256] * 784)))),
+        ("typed contents count != shape", lambda: stub.ModelInfer(infer_request(
+            contents=pb.InferTensorContents(uint_contents=[0] * 10)))),
+        ("empty batch", lambda: stub.ModelInfer(infer_request(shape=(0, 28, 28), raw=b""))),
+        ("batch over the limit", lambda: stub.ModelInfer(infer_request(shape=(big, 28, 28), raw=b"\0" * 784 * big))),
+        ("unknown output", lambda: stub.ModelInfer(infer_request(outputs=("logits_2",)))),
+        ("message over the size limit", lambda: stub.ModelInfer(infer_request(raw=b"\0" * (MAX_BYTES + 1)))),
+        ("metadata of unknown model", lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"))),
+        ("metadata of unknown version", lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="mnist-cnn",
+                                                                                           version="42"))),
+        ("config of unknown model", lambda: stub.ModelConfig(pb.ModelConfigRequest(name="nope"))),
+        ("config of unknown version", lambda: stub.ModelConfig(pb.ModelConfigRequest(name="mnist-cnn",
+                                                                                     version="abc"))),
+    ]
+    assert len(cases) >= 30
+    client_codes = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    for what, call in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() in client_codes, f"{what}: {info.value.code()} {info.value.details()}"
+        assert len(info.value.details() or "") > 10, f"{what}: no message"
+    reply = stub.ModelInfer(infer_request())
+    probs = np.frombuffer(reply.raw_output_contents[0], "<f4")
+    assert reply.model_name == "mnist-cnn" and probs.shape == (10,) and probs.sum() == pytest.approx(1, abs=1e-5)
+    assert server.worker_pids() == pids
+    channel.close()
+
+
+def test_mnist_gz_is_not_an_upload_either(server):
+    body = gzip.compress(b"\0" * 100)
+    r = httpx.post(f"{server.url}/classify", files=[("images", ("x.gz", body, "application/gzip"))],
+                   data={"model": "mnist-cnn"})
+    assert_client_error(r, "gzip upload")

@@ -1,0 +1,83 @@
+import medmnist
+import pytest
+import torch
+
+from training.data import (
+    Batches,
+    DataNotFoundError,
+    Split,
+    dataset_spec,
+    load_split,
+    medmnist_flags,
+)
+
+
+def test_all_18_medmnist_flags_have_specs_at_every_size():
+    flags = medmnist_flags()
+    assert len(flags) == 18
+    assert sum(dataset_spec(f).is_3d for f in flags) == 6
+    for flag in flags:
+        cls = getattr(medmnist, medmnist.INFO[flag]["python_class"])
+        for size in cls.available_sizes:
+            spec = dataset_spec(flag, size)
+            assert spec.size == size and spec.num_outputs == len(medmnist.INFO[flag]["label"])
+    assert dataset_spec("chestmnist").num_outputs == 14
+    assert dataset_spec("retinamnist").layout == "NHWC"
+    assert dataset_spec("organmnist3d", 64).image_shape == (64, 64, 64)
+
+
+def test_unknown_dataset_and_size_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        dataset_spec("nope")
+    with pytest.raises(ValueError, match="available at sizes"):
+        dataset_spec("organmnist3d", 128)
+
+
+@pytest.mark.parametrize("flag,shape", [
+    ("pneumoniamnist", (28, 28)), ("retinamnist", (28, 28, 3)), ("organmnist3d", (28, 28, 28)),
+])
+def test_medmnist_splits_load_as_uint8_in_dataset_layout(fixture_data, flag, shape):
+    spec = dataset_spec(flag)
+    split = load_split(spec, "train", fixture_data, download=False)
+    assert split.images.dtype == torch.uint8 and tuple(split.images.shape[1:]) == shape
+    assert split.labels.dtype == torch.int64 and split.labels.dim() == 1
+
+
+def test_multilabel_labels_keep_their_label_axis(fixture_data):
+    split = load_split(dataset_spec("chestmnist"), "val", fixture_data, download=False)
+    assert split.labels.shape == (32, 14)
+
+
+def test_size_64_files_are_found(fixture_data):
+    split = load_split(dataset_spec("pneumoniamnist", 64), "test", fixture_data, download=False)
+    assert tuple(split.images.shape[1:]) == (64, 64)
+
+
+def test_mnist_from_gz_in_a_read_only_dir_and_val_carved_from_train(fixture_data, tmp_path):
+    spec = dataset_spec("mnist")
+    train = load_split(spec, "train", fixture_data, download=False)
+    val = load_split(spec, "val", fixture_data, download=False)
+    test = load_split(spec, "test", fixture_data, download=False)
+    assert (len(train), len(val)) == (550, 50)  # the last 1/12 of train is val (5,000 of 60,000 for real)
+    assert len(test) == 200 and test.images.shape[1:] == (28, 28)
+
+
+def test_missing_data_offline_names_the_file(tmp_path):
+    with pytest.raises(DataNotFoundError, match=r"pneumoniamnist\.npz not found.*--download"):
+        load_split(dataset_spec("pneumoniamnist"), "train", tmp_path, download=False)
+    with pytest.raises(DataNotFoundError, match="MNIST not found"):
+        load_split(dataset_spec("mnist"), "train", tmp_path, download=False)
+
+
+def test_batches_are_deterministic_per_epoch_and_shard_disjointly():
+    split = Split(torch.arange(100, dtype=torch.uint8).reshape(100, 1), torch.arange(100))
+    a = Batches(split, 10, shuffle=True, seed=1)
+    first = [y.tolist() for _, y in a]
+    assert first == [y.tolist() for _, y in a]  # same epoch, same order
+    a.set_epoch(1)
+    assert first != [y.tolist() for _, y in a]
+    shards = [Batches(split, 7, shuffle=True, seed=1, rank=r, world_size=2) for r in range(2)]
+    seen = [torch.cat([y for _, y in s]) for s in shards]
+    assert len(seen[0]) == len(seen[1]) == 50
+    assert not set(seen[0].tolist()) & set(seen[1].tolist())
+    assert len(Batches(split, 30, drop_last=True)) == 3

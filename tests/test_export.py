@@ -1,0 +1,81 @@
+"""Export contract: raw uint8 in, probs out, parity with PyTorch, true cards, atomic never-overwriting versions."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from serving.model_card import file_sha256, read_card
+from tests.test_train import tiny
+from training.checkpoint import load_model
+from training.export import ExportError, check_parity, export_checkpoint
+from training.train import CHECKPOINT, train
+
+
+@pytest.fixture(scope="module")
+def trained(fixture_data, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    out = {}
+    for flag in ("retinamnist", "chestmnist", "organmnist3d"):
+        train(tiny(flag, epochs=1), runs / flag, fixture_data, download=False, quiet=True, report=False)
+        out[flag] = runs / flag / CHECKPOINT
+    return out
+
+
+@pytest.mark.parametrize("flag,shape", [("retinamnist", [28, 28, 3]), ("chestmnist", [28, 28]),
+                                        ("organmnist3d", [28, 28, 28])])
+def test_export_writes_onnx_and_a_true_card(trained, fixture_data, tmp_path, flag, shape):
+    path = export_checkpoint(trained[flag], tmp_path, data_dir=fixture_data, download=False, command="pytest")
+    assert path == tmp_path / f"tiny-{flag}" / "1"
+    card = read_card(path / "model.json")
+    assert card.input.shape == shape and card.sha256 == file_sha256(path / "model.onnx")
+    assert card.training["command"] == "pytest" and card.dataset["splits"]["test"] == 48
+    session = ort.InferenceSession(str(path / "model.onnx"))
+    (inp,) = session.get_inputs()
+    assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == shape
+    x = np.random.default_rng(0).integers(0, 256, size=(5, *shape), dtype=np.uint8)
+    probs, logits = session.run(["probs", "logits"], {"images": x})
+    assert probs.shape == (5, len(card.labels)) and probs.dtype == np.float32
+    if flag == "chestmnist":  # multi-label: sigmoid
+        np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits)), atol=1e-6)
+    else:
+        np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    props = {p.key: p.value for p in onnx.load(str(path / "model.onnx")).metadata_props}
+    assert props["cnnserve.name"] == f"tiny-{flag}" and json.loads(props["cnnserve.labels"]) == card.labels
+    # the card's test metrics are what the exported model scores
+    from training.evaluate import evaluate_path
+
+    again = evaluate_path(path, "test", data_dir=fixture_data, download=False)
+    assert again["acc"] == pytest.approx(card.metrics["test"]["acc"], abs=1e-9)
+
+
+def test_versions_increase_and_are_never_overwritten(trained, fixture_data, tmp_path):
+    first = export_checkpoint(trained["retinamnist"], tmp_path, name="m", data_dir=fixture_data, download=False)
+    second = export_checkpoint(trained["retinamnist"], tmp_path, name="m", data_dir=fixture_data, download=False)
+    assert (first.name, second.name) == ("1", "2")
+    before = (first / "model.json").read_bytes()
+    assert (first / "model.json").read_bytes() == before
+    assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_parity_failure_is_loud(trained, fixture_data, tmp_path):
+    model, _, _ = load_model(trained["retinamnist"])
+    path = export_checkpoint(trained["retinamnist"], tmp_path, data_dir=fixture_data, download=False)
+    with torch.no_grad():
+        model.net.head[1].bias[0] += 5.0  # PyTorch now differs from the exported graph
+    x = torch.randint(0, 256, (16, 28, 28, 3), dtype=torch.uint8)
+    with pytest.raises(ExportError, match="parity check failed"):
+        check_parity(model, path / "model.onnx", x, multi_label=False)
+
+
+def test_int8_quantization_reports_its_effect(trained, fixture_data, tmp_path):
+    path = export_checkpoint(trained["retinamnist"], tmp_path, data_dir=fixture_data, download=False,
+                             quantize="int8")
+    card = read_card(path / "model.json")
+    q = card.quantization
+    assert q is not None and {"fp32_test", "int8_test", "acc_change", "speedup_batch64_cpu"} <= set(q)
+    assert card.metrics["test"]["acc"] == q["int8_test"]["acc"]
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path / "model.onnx")).graph.node)

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from training.augment import BatchAugment
+from training.config import Augment, TrainConfig
+from training.data import dataset_spec
+from training.models import TORCHVISION_BACKBONES, build_model
+
+
+@pytest.mark.parametrize("flag,outputs", [
+    ("mnist", 10), ("pneumoniamnist", 2), ("retinamnist", 5), ("chestmnist", 14), ("pathmnist", 9),
+    ("organmnist3d", 11), ("adrenalmnist3d", 2),
+])
+def test_cnn_takes_raw_uint8_in_dataset_layout(flag, outputs):
+    spec = dataset_spec(flag)
+    cfg = TrainConfig(name="t", dataset=flag, widths=[8, 16])
+    model = build_model(spec, cfg).eval()
+    x = torch.randint(0, 256, (3, *spec.image_shape), dtype=torch.uint8)
+    assert model(x).shape == (3, outputs)
+
+
+@pytest.mark.parametrize("backbone", sorted(TORCHVISION_BACKBONES))
+def test_torchvision_backbones_adapt_grey_and_rgb_inputs(backbone):
+    for flag in ("pneumoniamnist", "retinamnist"):
+        spec = dataset_spec(flag)
+        cfg = TrainConfig(name="t", dataset=flag, arch="transfer", backbone=backbone, pretrained=False,
+                          input_size=32)
+        model = build_model(spec, cfg).eval()
+        x = torch.randint(0, 256, (2, *spec.image_shape), dtype=torch.uint8)
+        assert model(x).shape == (2, spec.num_outputs)
+        assert model.preprocess(x).shape == (2, 3, 32, 32)
+
+
+def test_transfer_from_a_local_torchvision_state_dict(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(TORCHVISION_BACKBONES["resnet18"].build(weights=None).state_dict(), path)
+    cfg = TrainConfig(name="t", dataset="pneumoniamnist", arch="transfer", backbone="resnet18",
+                      backbone_checkpoint=str(path))
+    assert build_model(dataset_spec("pneumoniamnist"), cfg)(torch.zeros(1, 28, 28, dtype=torch.uint8)).shape == (1, 2)
+
+
+def test_3d_transfer_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="2D"):
+        build_model(dataset_spec("organmnist3d"), TrainConfig(name="t", dataset="organmnist3d", arch="transfer"))
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 28, 28), (4, 3, 28, 28), (4, 1, 28, 28, 28)])
+def test_batch_augment_keeps_shape_and_differs_per_sample(shape):
+    aug = BatchAugment(Augment(translate=0.1, rotate=15, scale=0.1, hflip=True))
+    x = torch.rand(1, *shape[1:]).expand(shape).contiguous()
+    y = aug(x)
+    assert y.shape == x.shape
+    assert not torch.allclose(y[0], y[1])  # per-sample parameters
+    assert not BatchAugment(Augment()).active

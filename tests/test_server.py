@@ -1,0 +1,234 @@
+"""The real service on 127.0.0.1, called with real clients: tritonclient (HTTP binary and JSON, gRPC),
+bentoml.SyncHTTPClient and httpx multipart uploads."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import bentoml
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from PIL import Image
+
+from serving.model_card import read_card, write_json_atomic
+from tests.conftest import EXPORTS, SHARED_DATA
+from tests.server import MAX_IMAGES, png, start_server
+
+
+def latest(name: str) -> Path:
+    return max((EXPORTS / name).iterdir(), key=lambda p: int(p.name))
+
+
+def mnist_test_images(n: int, fixture_data: Path) -> np.ndarray:
+    root = SHARED_DATA if (SHARED_DATA / "MNIST").exists() else fixture_data
+    with gzip.open(root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz") as f:
+        return np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:n].copy()
+
+
+def pneumonia_test_images(n: int, fixture_data: Path) -> np.ndarray:
+    root = SHARED_DATA if (SHARED_DATA / "medmnist").exists() else fixture_data
+    return np.load(root / "medmnist" / "pneumoniamnist.npz")["test_images"][:n]
+
+
+def reference_probs(model: str, images: np.ndarray, repo: Path) -> np.ndarray:
+    path = max((repo / model).iterdir(), key=lambda p: int(p.name)) / "model.onnx"
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probs"], {"images": images})[0]
+
+
+# --- every door returns the same probabilities as onnxruntime in-process --------------------------------
+
+def test_shipped_models_are_ready_with_cards(server):
+    r = httpx.get(f"{server.url}/models")
+    names = {m["name"] for m in r.json()["models"]}
+    assert {"mnist-cnn", "pneumoniamnist-cnn", "pneumoniamnist-transfer"} <= names
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
+    assert "binary_tensor_data" in httpx.get(f"{server.url}/v2").json()["extensions"]
+
+
+@pytest.mark.parametrize("model,loader", [("mnist-cnn", mnist_test_images),
+                                          ("pneumoniamnist-cnn", pneumonia_test_images),
+                                          ("pneumoniamnist-transfer", pneumonia_test_images)])
+def test_all_doors_match_onnxruntime_in_process(server, repo, fixture_data, model, loader):
+    images = loader(8, fixture_data)
+    expected = reference_probs(model, images, repo)
+    labels = read_card(latest(model) / "model.json").labels
+
+    client = httpclient.InferenceServerClient(server.http_address)
+    for binary in (True, False):
+        inp = httpclient.InferInput("images", list(images.shape), "UINT8")
+        inp.set_data_from_numpy(images, binary_data=binary)
+        out = httpclient.InferRequestedOutput("probs", binary_data=binary)
+        got = client.infer(model, [inp], outputs=[out]).as_numpy("probs")
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"HTTP binary={binary}")
+
+    gclient = grpcclient.InferenceServerClient(server.grpc_address)
+    inp = grpcclient.InferInput("images", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images)
+    np.testing.assert_allclose(gclient.infer(model, [inp]).as_numpy("probs"), expected, atol=1e-6)
+
+    with bentoml.SyncHTTPClient(server.url, timeout=30) as bento:
+        result = bento.predict(instances=images.tolist(), model=model, top_k=2)
+    got = np.array([p["probs"] for p in result["predictions"]], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert [p["label"] for p in result["predictions"]] == [labels[i] for i in expected.argmax(1)]
+
+    files = [("images", (f"{i}.png", png(img), "image/png")) for i, img in enumerate(images)]
+    r = httpx.post(f"{server.url}/classify", files=files, data={"model": model, "top_k": "1"}, timeout=30)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    np.testing.assert_allclose([res["top_k"][0]["prob"] for res in results], expected.max(1), atol=1e-6)
+    assert [res["label"] for res in results] == [labels[i] for i in expected.argmax(1)]
+    assert all(res["converted"] == [] for res in results)
+
+
+def test_classify_converts_size_and_colour_and_says_so(server, fixture_data):
+    image = mnist_test_images(1, fixture_data)[0]
+    files = [("images", ("big.png", png(image, size=(56, 56), mode="RGB"), "image/png"))]
+    r = httpx.post(f"{server.url}/classify", files=files, data={"model": "mnist-cnn", "top_k": "3"})
+    result = r.json()["results"][0]
+    assert r.status_code == 200 and len(result["top_k"]) == 3
+    assert result["converted"] == ["converted RGB to L", "resized 56x56 to 28x28"]
+    jpeg = io.BytesIO()
+    Image.fromarray(image).save(jpeg, "JPEG", quality=95)
+    bmp = io.BytesIO()
+    Image.fromarray(image).save(bmp, "BMP")
+    tiff = io.BytesIO()
+    Image.fromarray(image).save(tiff, "TIFF")
+    files = [("images", (n, b.getvalue(), "application/octet-stream")) for n, b in
+             (("a.jpg", jpeg), ("b.bmp", bmp), ("c.tiff", tiff))]
+    r = httpx.post(f"{server.url}/classify", files=files, data={"model": "mnist-cnn"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 3
+
+
+def test_3d_volumes_over_npy_upload_and_grpc(server, repo):
+    volume = np.random.default_rng(0).integers(0, 256, size=(2, 28, 28, 28), dtype=np.uint8)
+    expected = reference_probs("organmnist3d-tiny", volume, repo)
+    buf = io.BytesIO()
+    np.save(buf, volume[0])
+    r = httpx.post(f"{server.url}/classify", files=[("images", ("v.npy", buf.getvalue(), "application/x-npy"))],
+                   data={"model": "organmnist3d-tiny"})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["top_k"][0]["prob"] == pytest.approx(float(expected[0].max()), abs=1e-6)
+    gclient = grpcclient.InferenceServerClient(server.grpc_address)
+    inp = grpcclient.InferInput("images", list(volume.shape), "UINT8")
+    inp.set_data_from_numpy(volume)
+    np.testing.assert_allclose(gclient.infer("organmnist3d-tiny", [inp]).as_numpy("probs"), expected, atol=1e-6)
+
+
+def test_client_batches_over_the_limit_are_split_and_answered_whole(server, repo, fixture_data):
+    images = np.concatenate([mnist_test_images(50, fixture_data)] * 2)[: MAX_IMAGES]  # == limit, > card batch 64?
+    gclient = grpcclient.InferenceServerClient(server.grpc_address)
+    inp = grpcclient.InferInput("images", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images)
+    got = gclient.infer("mnist-cnn", [inp]).as_numpy("probs")
+    np.testing.assert_allclose(got, reference_probs("mnist-cnn", images, repo), atol=1e-6)
+
+
+def test_grpc_metadata_config_and_health(server):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    gclient = grpcclient.InferenceServerClient(server.grpc_address)
+    assert gclient.is_server_live() and gclient.is_server_ready() and gclient.is_model_ready("mnist-cnn")
+    assert not gclient.is_model_ready("nope")
+    config = gclient.get_model_config("mnist-cnn").config
+    assert config.max_batch_size == 64 and list(config.input[0].dims) == [28, 28]
+    assert gclient.get_model_metadata("mnist-cnn").inputs[0].datatype == "UINT8"
+    assert gclient.get_server_metadata().name == "cnnserve"
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_http_config_for_perf_analyzer_and_versions(server):
+    config = httpx.get(f"{server.url}/v2/models/mnist-cnn/config").json()
+    assert config["max_batch_size"] == 64 and config["input"][0]["data_type"] == "TYPE_UINT8"
+    assert "dynamic_batching" in config
+    meta = httpx.get(f"{server.url}/v2/models/mnist-cnn/versions/1").json()
+    assert meta["inputs"][0]["shape"] == [-1, 28, 28] and meta["outputs"][0]["shape"] == [-1, 10]
+    assert httpx.get(f"{server.url}/v2/models/mnist-cnn/versions/1/ready").json()["ready"] is True
+
+
+def test_metrics_count_requests(server, fixture_data):
+    def count() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("cnnserve_requests_total{") and 'model="mnist-cnn"' in line
+                   and 'door="predict"' in line and 'outcome="ok"' in line)
+
+    before = count()
+    for _ in range(3):
+        httpx.post(f"{server.url}/predict", json={"instances": mnist_test_images(1, fixture_data).tolist(),
+                                                  "model": "mnist-cnn"})
+    assert count() == before + 3
+    text = httpx.get(f"{server.url}/metrics").text
+    assert "cnnserve_batch_size_bucket" in text and "cnnserve_queue_seconds_bucket" in text
+
+
+def test_new_version_is_picked_up_without_restart_and_old_stays_addressable(server, repo, fixture_data):
+    source = latest("mnist-cnn")
+    target = repo / "mnist-cnn" / str(int(source.name) + 1)
+    staging = repo / "mnist-cnn" / ".staging-test"
+    shutil.copytree(repo / "mnist-cnn" / source.name, staging)
+    card = json.loads((staging / "model.json").read_text())
+    card["version"] = int(target.name)
+    write_json_atomic(staging / "model.json", card)
+    staging.rename(target)
+    pids = server.worker_pids()
+    client = httpclient.InferenceServerClient(server.http_address)
+    images = mnist_test_images(2, fixture_data)
+    inp = httpclient.InferInput("images", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if client.infer("mnist-cnn", [inp]).get_response()["model_version"] == target.name:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail("new version was not picked up")
+    assert client.infer("mnist-cnn", [inp], model_version=source.name).get_response()["model_version"] == source.name
+    assert server.worker_pids() == pids
+
+
+def test_a_broken_model_is_not_ready_with_a_reason_and_the_others_serve(repo, tmp_path):
+    broken_repo = tmp_path / "repo"
+    shutil.copytree(repo / "mnist-cnn", broken_repo / "mnist-cnn")
+    shutil.copytree(repo / "mnist-cnn" / "1", broken_repo / "broken" / "1")
+    card = json.loads((broken_repo / "broken" / "1" / "model.json").read_text())
+    card["name"], card["sha256"] = "broken", "0" * 64
+    write_json_atomic(broken_repo / "broken" / "1" / "model.json", card)
+    srv = start_server(broken_repo, tmp_path / "log", poll_interval_s=0)
+    try:
+        r = httpx.get(f"{srv.url}/v2/models/broken/ready")
+        assert r.status_code == 503 and "sha256" in r.json()["error"]
+        status = {s["name"]: s for s in httpx.get(f"{srv.url}/models").json()["status"]}
+        assert status["broken"]["ready"] is False and "sha256" in status["broken"]["reason"]
+        assert httpx.get(f"{srv.url}/v2/models/mnist-cnn/ready").json()["ready"] is True
+    finally:
+        srv.stop()
+
+
+def test_readiness_is_false_until_a_model_is_loaded(tmp_path, repo):
+    empty = tmp_path / "repo"
+    empty.mkdir()
+    srv = start_server(empty, tmp_path / "log", wait_ready=False, poll_interval_s=0.3)
+    try:
+        assert httpx.get(f"{srv.url}/readyz").status_code == 503
+        assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 503
+        shutil.copytree(repo / "mnist-cnn", empty / "mnist-cnn")
+        deadline = time.monotonic() + 15
+        while httpx.get(f"{srv.url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "did not become ready"
+            time.sleep(0.2)
+    finally:
+        srv.stop()

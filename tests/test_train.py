@@ -1,0 +1,82 @@
+"""Training loop behaviour on tiny generated data, and a short real MNIST run when the data is present."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from training.checkpoint import load_model, read_checkpoint
+from training.config import TrainConfig
+from training.train import CHECKPOINT, train
+
+
+def tiny(dataset: str, **overrides) -> TrainConfig:
+    base = dict(name=f"tiny-{dataset}", dataset=dataset, widths=[8, 16], epochs=3, batch_size=16, lr=0.01,
+                augment={"translate": 0.1, "rotate": 10}, eval_batch_size=64)
+    return TrainConfig.from_dict({**base, **overrides})
+
+
+@pytest.mark.parametrize("flag", ["pneumoniamnist", "retinamnist", "chestmnist", "organmnist3d"])
+def test_every_task_type_trains_and_writes_a_report(fixture_data, tmp_path, flag):
+    result = train(tiny(flag, epochs=1), tmp_path, fixture_data, download=False, quiet=True)
+    for name in ("metrics.json", "history.csv", "learning_curves.png", "confusion_matrix.png", "roc_curves.png",
+                 "misclassified.png", "model_summary.txt", CHECKPOINT, "config.yaml"):
+        assert (tmp_path / name).exists(), name
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0 <= metrics["acc"] <= 1 and 0 <= metrics["auc"] <= 1
+    assert metrics == json.loads(json.dumps(result.metrics))
+
+
+def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(fixture_data, tmp_path):
+    cfg = tiny("pneumoniamnist")
+    straight = train(cfg, tmp_path / "a", fixture_data, download=False, quiet=True, report=False)
+    partial = train(cfg, tmp_path / "b", fixture_data, download=False, quiet=True, report=False, stop_after=2)
+    assert partial.epochs_run == 2 and partial.metrics == {}
+    assert read_checkpoint(tmp_path / "b" / CHECKPOINT)["epoch"] == 1  # 0-based: two epochs done
+    resumed = train(cfg, tmp_path / "b", fixture_data, download=False, resume=True, quiet=True, report=False)
+    assert resumed.epochs_run == 3
+    assert resumed.metrics["acc"] == straight.metrics["acc"]
+    assert resumed.metrics["auc"] == straight.metrics["auc"]
+    a, b = read_checkpoint(tmp_path / "a" / CHECKPOINT), read_checkpoint(tmp_path / "b" / CHECKPOINT)
+    assert a["history"][-1]["val_loss"] == b["history"][-1]["val_loss"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_early_stopping_and_staged_transfer_from_our_own_checkpoint(fixture_data, tmp_path):
+    source = train(tiny("mnist", epochs=1), tmp_path / "mnist", fixture_data, download=False, quiet=True, report=False)
+    cfg = tiny("pneumoniamnist", arch="transfer", backbone="checkpoint", epochs=8, head_epochs=1, patience=1,
+               lr=0.0, backbone_checkpoint=str(source.run_dir / CHECKPOINT))
+    result = train(cfg, tmp_path / "transfer", fixture_data, download=False, quiet=True, report=False)
+    # lr 0: only BatchNorm statistics move, so val AUC soon stops improving; patience 1 stops at the first miss
+    history = read_checkpoint(tmp_path / "transfer" / CHECKPOINT)["history"]
+    aucs = [h["val_auc"] for h in history]
+    first_miss = next(i for i in range(1, len(aucs)) if aucs[i] <= max(aucs[:i]))
+    assert result.epochs_run == first_miss + 1 < 8
+    model, loaded_cfg, ckpt = load_model(tmp_path / "transfer" / CHECKPOINT)
+    assert loaded_cfg.arch == "transfer" and ckpt["backbone_source_config"]["dataset"] == "mnist"
+    assert model(torch.zeros(2, 28, 28, dtype=torch.uint8)).shape == (2, 2)
+
+
+def test_ddp_with_two_cpu_processes(fixture_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "training",
+           "train", "pneumoniamnist", "--set", "widths=[8,16]", "--epochs", "2", "--batch-size", "16", "--quiet",
+           "--data-dir", str(fixture_data), "--no-download", "--run-dir", str(tmp_path), "--device", "cpu"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stdout
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    assert len(history) == 3  # header + 2 epochs
+    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 48
+
+
+@pytest.mark.slow
+def test_short_real_mnist_training_reaches_97_percent(real_data, tmp_path):
+    cfg = TrainConfig.load("mnist", {"epochs": 1, "train_limit": 12000, "widths": [16, 32, 64]})
+    result = train(cfg, tmp_path, real_data, download=False, quiet=True, report=False)
+    assert result.metrics["acc"] >= 0.97, result.metrics["acc"]
