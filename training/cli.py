@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help=f"YAML file, or a name in {CONFIG_DIR} ({', '.join(_config_names())})")
     p.add_argument("--run-dir", type=Path, help="output directory (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="leave after N epochs of this invocation (time-sliced jobs); continue later with --resume")
     p.add_argument("--backbone-checkpoint", help="transfer models: a local checkpoint for the backbone")
     p.add_argument("--freeze", action="store_true", help="transfer models: train the head only (linear probe)")
     p.add_argument("--export", action="store_true", help="export the trained model to the model repository")
@@ -105,6 +107,15 @@ def command_line() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as exc:  # missing data or checkpoint, bad config: no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
     if args.command == "train":
         overrides = overrides_from(args)
         if args.backbone_checkpoint:
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         from training.train import CHECKPOINT, train
 
         result = train(cfg, args.run_dir or DEFAULT_RUNS / cfg.name, args.data_dir, args.download, args.resume,
-                       args.device, args.quiet)
+                       args.device, args.quiet, stop_after=args.stop_after)
         if args.export and result.metrics:
             from training.export import export_checkpoint
 
@@ -136,4 +147,3 @@ def main(argv: list[str] | None = None) -> int:
         from training.pipeline import run_pipeline
 
         run_pipeline(args, overrides_from(args), command_line())
-    return 0

@@ -1,0 +1,68 @@
+"""``python -m training`` end to end on tiny generated data, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from serving.model_card import read_card
+from tests.conftest import ROOT
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "training", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "export", "pipeline"])
+def test_every_subcommand_explains_itself(command):
+    out = run(command, "--help").stdout
+    assert "--data-dir" in out and "usage: python -m training " + command in out
+
+
+def test_train_export_evaluate(fixture_data, tmp_path):
+    data = ["--data-dir", str(fixture_data), "--no-download", "--quiet"]
+    run("train", "retinamnist", "--epochs", "2", "--set", "widths=[8,16]", "--set", "augment.hflip=true",
+        "--run-dir", str(tmp_path / "run"), "--export", "--model-dir", str(tmp_path / "repo"), *data)
+    card = read_card(tmp_path / "repo" / "retinamnist-cnn" / "1" / "model.json")
+    assert card.training["command"].startswith("python -m training train retinamnist")
+    assert card.training["config"]["augment"]["hflip"] is True and card.training["epochs_run"] == 2
+    again = json.loads(run("evaluate", str(tmp_path / "repo" / "retinamnist-cnn" / "1"), *data[:-1]).stdout)
+    assert again["acc"] == pytest.approx(card.metrics["test"]["acc"], abs=1e-9)
+    from_checkpoint = json.loads(run("evaluate", str(tmp_path / "run" / "checkpoint.pt"), *data[:-1]).stdout)
+    assert from_checkpoint["acc"] == pytest.approx(again["acc"], abs=1e-9)
+    run("export", str(tmp_path / "run" / "checkpoint.pt"), "--name", "again", "--model-dir", str(tmp_path / "repo"),
+        *data[:-1])
+    assert (tmp_path / "repo" / "again" / "1" / "model.onnx").exists()
+
+
+def test_stop_after_then_resume(fixture_data, tmp_path):
+    data = ["--data-dir", str(fixture_data), "--no-download", "--quiet", "--run-dir", str(tmp_path)]
+    out = run("train", "pneumoniamnist", "--epochs", "3", "--set", "widths=[8,16]", "--stop-after", "1", *data)
+    assert "continue with --resume" in out.stdout and not (tmp_path / "metrics.json").exists()
+    out = run("train", "pneumoniamnist", "--epochs", "3", "--set", "widths=[8,16]", "--resume", *data)
+    assert "resumed" in out.stdout and (tmp_path / "metrics.json").exists()
+
+
+def test_pipeline_trains_and_publishes_the_three_models(fixture_data, tmp_path):
+    run("pipeline", "--epochs", "1", "--set", "widths=[8,16]", "--data-dir", str(fixture_data), "--no-download",
+        "--quiet", "--runs-dir", str(tmp_path / "runs"), "--model-dir", str(tmp_path / "repo"), timeout=600)
+    for name in ("mnist-cnn", "pneumoniamnist-cnn", "pneumoniamnist-transfer"):
+        card = read_card(tmp_path / "repo" / name / "1" / "model.json")
+        assert card.name == name
+    transfer = read_card(tmp_path / "repo" / "pneumoniamnist-transfer" / "1" / "model.json")
+    assert "mnist-cnn" in transfer.training["notes"] and transfer.training["config"]["backbone"] == "checkpoint"
+
+
+def test_missing_data_offline_is_one_clear_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "training", "train", "pneumoniamnist", "--data-dir", str(tmp_path),
+                           "--no-download"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "pneumoniamnist.npz not found" in done.stderr
+    assert "Traceback" not in done.stderr
