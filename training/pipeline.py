@@ -37,6 +37,8 @@ def run_pipeline(args: argparse.Namespace, overrides: dict[str, Any], command: s
                 notes = f"Backbone: torchvision {args.backbone} with ImageNet weights."
         cfg = TrainConfig.load(config, {**step_overrides, "name": name})
         result = train(cfg, args.runs_dir / name, args.data_dir, args.download, args.resume, args.device, args.quiet)
+        if not result.metrics:  # a non-zero DDP rank: rank 0 evaluates and publishes
+            continue
         path = export_checkpoint(result.run_dir / CHECKPOINT, args.model_dir, name, args.data_dir, args.download,
                                  command=command, notes=notes)
         print(f"[{name}] exported {path}")
