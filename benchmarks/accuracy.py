@@ -1,0 +1,132 @@
+"""Test-split accuracy of our models beside the MedMNIST v2 baselines, for every dataset found locally.
+
+    python benchmarks/accuracy.py --data-dir ../shared/data
+
+The shipped models (exports/) are re-evaluated as exported ONNX files; for the other local datasets
+(RetinaMNIST, AdrenalMNIST3D) a model is trained with the same code and config files, exported to a
+scratch repository and evaluated the same way. Writes benchmarks/results/accuracy.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.config import TrainConfig  # noqa: E402
+from training.data import DataNotFoundError, dataset_spec, load_split  # noqa: E402
+from training.evaluate import evaluate_path  # noqa: E402
+from training.export import export_checkpoint  # noqa: E402
+from training.train import CHECKPOINT, train  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+# MedMNIST v2 (Yang et al., Scientific Data 2023), Tables of test AUC / ACC; 2D: ResNet-18/50 at 28 and 224 px,
+# 3D: ResNet-18/50 with 2.5D, 3D and ACS convolutions. Transcribed from the paper.
+BASELINES = {
+    "pneumoniamnist": {"ResNet-18 (28)": (0.944, 0.854), "ResNet-18 (224)": (0.956, 0.864),
+                       "ResNet-50 (28)": (0.948, 0.854), "ResNet-50 (224)": (0.962, 0.884),
+                       "auto-sklearn": (0.942, 0.855), "AutoKeras": (0.947, 0.878),
+                       "Google AutoML Vision": (0.991, 0.946)},
+    "retinamnist": {"ResNet-18 (28)": (0.717, 0.524), "ResNet-18 (224)": (0.710, 0.493),
+                    "ResNet-50 (28)": (0.726, 0.528), "ResNet-50 (224)": (0.716, 0.511),
+                    "auto-sklearn": (0.690, 0.515), "AutoKeras": (0.719, 0.503),
+                    "Google AutoML Vision": (0.750, 0.531)},
+    "adrenalmnist3d": {"ResNet-18 + 2.5D": (0.718, 0.772), "ResNet-18 + 3D": (0.827, 0.721),
+                       "ResNet-18 + ACS": (0.839, 0.754), "ResNet-50 + 2.5D": (0.732, 0.763),
+                       "ResNet-50 + 3D": (0.828, 0.745), "ResNet-50 + ACS": (0.828, 0.758),
+                       "auto-sklearn": (0.828, 0.802), "AutoKeras": (0.804, 0.705)},
+}
+# our targets (ACC, AUC) from the project's issue tracker
+TARGETS = {"mnist-cnn": (0.994, None), "pneumoniamnist-cnn": (0.90, 0.97), "pneumoniamnist-transfer": (None, None),
+           "retinamnist-cnn": (0.55, 0.76), "adrenalmnist3d-cnn": (0.80, 0.85)}
+SHIPPED = {"mnist-cnn": "mnist", "pneumoniamnist-cnn": "pneumoniamnist", "pneumoniamnist-transfer": "pneumoniamnist"}
+TRAINED_HERE = {"retinamnist-cnn": "retinamnist", "adrenalmnist3d-cnn": "adrenalmnist3d"}
+
+
+def available(flag: str, data_dir: Path) -> bool:
+    try:
+        load_split(dataset_spec(flag), "test", data_dir, download=False)
+        return True
+    except DataNotFoundError:
+        return False
+
+
+def latest_version(name: str) -> Path:
+    return max((ROOT / "exports" / name).iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "benchmark-accuracy",
+                        help="run dirs and scratch model repository for the models trained here")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --work-dir")
+    args = parser.parse_args()
+    rows = []
+    for name, flag in SHIPPED.items():
+        if available(flag, args.data_dir):
+            path = latest_version(name)
+            card = json.loads((path / "model.json").read_text())
+            rows.append(_row(name, flag, evaluate_path(path, "test", data_dir=args.data_dir, download=False),
+                             f"exports/{name}/{path.name} ({card['training']['command']})", None))
+    for name, config in TRAINED_HERE.items():
+        if not available(config, args.data_dir):
+            continue
+        cfg = TrainConfig.load(config)
+        run_dir = args.work_dir / name
+        t0 = time.perf_counter()
+        if not (args.reuse and (run_dir / "metrics.json").exists()):
+            train(cfg, run_dir, args.data_dir, download=False, quiet=True, resume=args.reuse)
+        minutes = (time.perf_counter() - t0) / 60
+        path = export_checkpoint(run_dir / CHECKPOINT, args.work_dir / "repo", name, args.data_dir, download=False,
+                                 command=f"python -m training train {config}")
+        rows.append(_row(name, config, evaluate_path(path, "test", data_dir=args.data_dir, download=False),
+                         f"python -m training train {config} (benchmark run, not shipped)", minutes))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
+    (RESULTS / "accuracy.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    (RESULTS / "accuracy.md").write_text(render(rows, command))
+    print((RESULTS / "accuracy.md").read_text())
+
+
+def _row(name: str, flag: str, measured: dict, source: str, minutes: float | None) -> dict:
+    target_acc, target_auc = TARGETS[name]
+    met = all(target is None or measured[key] >= target for key, target in (("acc", target_acc), ("auc", target_auc)))
+    return {"model": name, "dataset": flag, "acc": measured["acc"], "auc": measured["auc"], "n": measured["n"],
+            "target_acc": target_acc, "target_auc": target_auc, "target_met": met, "source": source,
+            "train_minutes_cpu": minutes}
+
+
+def render(rows: list[dict], command: str) -> str:
+    lines = ["# Test accuracy: cnnserve vs MedMNIST v2 baselines", "",
+             f"Measured with `{command}` on the exported ONNX models (onnxruntime, CPU), official test splits.",
+             "ACC and AUC as `medmnist.Evaluator` defines them (tests check equality).", "",
+             "| model | dataset | n | ACC | AUC | target ACC / AUC | met | best MedMNIST v2 ResNet (AUC / ACC) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = BASELINES.get(r["dataset"], {})
+        resnets = {k: v for k, v in base.items() if k.startswith("ResNet")}
+        best = max(resnets.items(), key=lambda kv: kv[1][1]) if resnets else None
+        target = " / ".join("–" if t is None else f"{t:.3f}" for t in (r["target_acc"], r["target_auc"]))
+        lines.append(f"| {r['model']} | {r['dataset']} | {r['n']} | {r['acc']:.4f} | {r['auc']:.4f} | {target} | "
+                     f"{'yes' if r['target_met'] else 'NO'} | "
+                     + (f"{best[0]}: {best[1][0]:.3f} / {best[1][1]:.3f}" if best else "–") + " |")
+    lines += ["", "## MedMNIST v2 baselines (test AUC / ACC, from the paper)", ""]
+    for flag, base in BASELINES.items():
+        lines.append(f"- **{flag}**: " + "; ".join(f"{k} {auc:.3f} / {acc:.3f}" for k, (auc, acc) in base.items()))
+    lines += ["", "## Where each number comes from", ""]
+    for r in rows:
+        extra = f" — {r['train_minutes_cpu']:.1f} min training on 2 CPU cores" if r["train_minutes_cpu"] else ""
+        lines.append(f"- {r['model']}: {r['source']}{extra}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
