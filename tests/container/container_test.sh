@@ -30,8 +30,8 @@ echo "== build ($ENGINE)"
 $ENGINE build "${build_args[@]}" . >/tmp/cnnserve-container-build.log 2>&1 || { tail -40 /tmp/cnnserve-container-build.log; exit 1; }
 echo "   built in $(( $(date +%s) - start )) s"
 
-echo "== run (read-only root, tmpfs for /tmp and the BentoML home)"
-$ENGINE run -d --name "$NAME" --read-only --tmpfs /tmp --tmpfs /home/cnnserve:uid=10001,gid=10001 \
+echo "== run (read-only root filesystem, tmpfs on /tmp)"
+$ENGINE run -d --name "$NAME" --read-only --tmpfs /tmp \
   -p "127.0.0.1:$HTTP_PORT:3000" -p "127.0.0.1:$GRPC_PORT:8001" "$TAG" >/dev/null
 for _ in $(seq 1 120); do
   if curl -fsS "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null 2>&1; then break; fi
