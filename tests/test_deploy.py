@@ -2,7 +2,8 @@
 validate against Kubernetes 1.30 and 1.37 (`--strict`), yamllint, checkov and hadolint.
 
 The linters live in .venv-tools (``make test`` creates it). The Kubeflow PyTorchJob is a CRD without a
-bundled schema: its pod templates are validated as core/v1 PodTemplates, the CRD envelope is skipped.
+bundled schema (k8s/ddp): its pod templates are validated as core/v1 PodTemplates, the CRD envelope
+is skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tests.conftest import ROOT
 
 TOOLS = ROOT / ".venv-tools" / "bin"
 OVERLAYS = ("cpu", "gpu")
+KUSTOMIZATIONS = ("overlays/cpu", "overlays/gpu", "ddp")
 K8S_VERSIONS = ("1.30", "1.37")
 
 
@@ -34,19 +36,21 @@ def run(*cmd: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
 
-def render(overlay: str) -> list[dict]:
-    done = run(tool("kubectl"), "kustomize", f"k8s/overlays/{overlay}")
+def render(path: str) -> list[dict]:
+    done = run(tool("kubectl"), "kustomize", f"k8s/{path}")
     assert done.returncode == 0, done.stderr
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_everything_the_deployment_needs(overlay):
-    kinds = sorted(d["kind"] for d in render(overlay))
+    docs = render(f"overlays/{overlay}")
+    kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(["Namespace", "ConfigMap", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service",
                             "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy",
-                            "NetworkPolicy", "Job", "Job", "PyTorchJob"])
-    deployment = next(d for d in render(overlay) if d["kind"] == "Deployment")
+                            "NetworkPolicy", "Job", "Job"])
+    assert all(d["metadata"].get("namespace") == "cnnserve" for d in docs if d["kind"] != "Namespace")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["readinessProbe"]["grpc"]["port"] == 8001
@@ -56,10 +60,19 @@ def test_overlay_renders_everything_the_deployment_needs(overlay):
     assert container["image"].endswith("-gpu" if overlay == "gpu" else "-cpu")
 
 
+def test_ddp_pytorchjob_uses_torchrun_elastic_with_gpu_limits():
+    (job,) = render("ddp")
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["spec"]["elasticPolicy"]["rdzvBackend"] == "c10d"
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        container = spec["template"]["spec"]["containers"][0]
+        assert container["command"][0] == "torchrun" and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert "nvidia.com/gpu" not in container["resources"]["requests"]
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_manifests_validate_strictly(overlay, version):
-    docs = render(overlay)
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_manifests_validate_strictly(path, version):
+    docs = render(path)
     checked = [d for d in docs if d["kind"] != "PyTorchJob"]
     for job in (d for d in docs if d["kind"] == "PyTorchJob"):
         for role, spec in job["spec"]["pytorchReplicaSpecs"].items():

@@ -1,0 +1,122 @@
+"""KServe 0.21 ModelServer serving our ONNX files with onnxruntime, for benchmarks/serving.py.
+
+Runs in its own venv (`pip install kserve onnxruntime 'tritonclient[grpc]'`). KServe binds 0.0.0.0 / [::]
+unconditionally; this harness rebinds both to 127.0.0.1, turns per-request logging off, and adds what
+perf_analyzer needs and KServe lacks: GET /v2/models/{m}/config and the gRPC ModelConfig method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import uvicorn
+from fastapi.responses import JSONResponse
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as triton_pb
+
+import kserve
+from kserve.protocol.grpc import server as grpc_server
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.protocol.rest import server as rest_server
+
+CARDS: dict[str, dict] = {}
+
+
+class OnnxModel(kserve.Model):
+    def __init__(self, name: str, path: Path, threads: int) -> None:
+        super().__init__(name)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.card = json.loads((path.parent / "model.json").read_text())
+        self.ready = True
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": "images", "datatype": "UINT8", "shape": [-1, *self.card["input"]["shape"]]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "probs", "datatype": "FP32", "shape": [-1, len(self.card["labels"])]}]
+
+    async def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
+        images = payload.inputs[0].as_numpy()
+        probs = self.session.run(["probs"], {"images": images})[0]
+        output = InferOutput(name="probs", shape=list(probs.shape), datatype="FP32")
+        output.set_data_from_numpy(probs, binary_data=payload.use_binary_outputs)
+        return InferResponse(response_id=payload.id or "", model_name=self.name, infer_outputs=[output],
+                             use_binary_outputs=payload.use_binary_outputs,
+                             requested_outputs=payload.request_outputs)
+
+
+def triton_config(card: dict) -> dict:
+    return {"name": card["name"], "platform": "onnxruntime_onnx", "max_batch_size": 64,
+            "input": [{"name": "images", "data_type": "TYPE_UINT8", "dims": card["input"]["shape"]}],
+            "output": [{"name": "probs", "data_type": "TYPE_FP32", "dims": [len(card["labels"])]}]}
+
+
+def patch_bindings() -> None:
+    """127.0.0.1 instead of 0.0.0.0 / [::], and the ModelConfig gRPC method."""
+    original_config = uvicorn.Config
+
+    def local_config(*args, **kwargs):
+        kwargs["host"] = "127.0.0.1"
+        return original_config(*args, **kwargs)
+
+    rest_server.uvicorn.Config = local_config
+    original_server = grpc_server.aio.server
+
+    def local_server(*args, **kwargs):
+        server = original_server(*args, **kwargs)
+        add_port = server.add_insecure_port
+        server.add_insecure_port = lambda address: add_port(address.replace("[::]", "127.0.0.1"))
+
+        def model_config(request: triton_pb.ModelConfigRequest, context) -> triton_pb.ModelConfigResponse:
+            cfg = triton_config(CARDS[request.name])
+            return triton_pb.ModelConfigResponse(config=mc.ModelConfig(
+                name=cfg["name"], platform=cfg["platform"], max_batch_size=cfg["max_batch_size"],
+                input=[mc.ModelInput(name="images", data_type=mc.TYPE_UINT8, dims=cfg["input"][0]["dims"])],
+                output=[mc.ModelOutput(name="probs", data_type=mc.TYPE_FP32, dims=cfg["output"][0]["dims"])]))
+
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
+            "ModelConfig": grpc.unary_unary_rpc_method_handler(
+                model_config, request_deserializer=triton_pb.ModelConfigRequest.FromString,
+                response_serializer=triton_pb.ModelConfigResponse.SerializeToString)})])
+        return server
+
+    grpc_server.aio.server = local_server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.getLogger("uvicorn.access").disabled = True
+    patch_bindings()
+    models = []
+    for name in args.models:
+        version = max((p for p in (args.model_dir / name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        model = OnnxModel(name, version / "model.onnx", args.threads)
+        CARDS[name] = model.card
+        models.append(model)
+
+    from kserve.model_server import app
+
+    @app.get("/v2/models/{name}/config")
+    async def config(name: str) -> JSONResponse:
+        return JSONResponse(triton_config(CARDS[name]))
+
+    kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
+                       enable_docs_url=False).start(models)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Seldon MLServer 1.7 serving our ONNX files with onnxruntime, for benchmarks/serving.py.
+
+Runs in its own venv (`pip install mlserver onnxruntime`). MLServer has no ONNX runtime of its own: a
+small custom MLModel runs onnxruntime; adaptive batching is on (max_batch_size 64, max_batch_time 2 ms).
+It lacks the binary tensor extension and Triton's ModelConfig: HTTP JSON only, with a custom handler
+for GET /v2/models/{m}/config so perf_analyzer works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.handlers import custom_handler
+from mlserver.types import InferenceRequest, InferenceResponse
+
+
+class OnnxRuntimeModel(MLModel):
+    async def load(self) -> bool:
+        path = Path(self.settings.parameters.uri)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(os.environ.get("ORT_THREADS", "2"))
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.card = json.loads((path.parent / "model.json").read_text())
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        images = NumpyCodec.decode_input(payload.inputs[0]).astype(np.uint8)
+        probs = self.session.run(["probs"], {"images": images})[0]
+        return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("probs", probs)])
+
+    @custom_handler(rest_path="/v2/models/{model_name}/config", rest_method="GET")
+    async def config(self) -> dict:
+        return {"name": self.name, "platform": "onnxruntime_onnx", "max_batch_size": 64,
+                "input": [{"name": "images", "data_type": "TYPE_UINT8", "dims": self.card["input"]["shape"]}],
+                "output": [{"name": "probs", "data_type": "TYPE_FP32", "dims": [len(self.card["labels"])]}]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--http-port", type=int, required=True)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="mlserver-"))
+    (root / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1", "http_port": args.http_port, "grpc_port": 0, "metrics_port": 0,
+        "parallel_workers": 0, "debug": False, "metrics_endpoint": None}))
+    for name in args.models:
+        version = max((p for p in (args.model_dir / name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        (root / name).mkdir()
+        (root / name / "model-settings.json").write_text(json.dumps({
+            "name": name, "implementation": "mlserver_server.OnnxRuntimeModel",
+            "max_batch_size": 64, "max_batch_time": 0.002,
+            "parameters": {"uri": str(version / "model.onnx")}}))
+    os.environ["PYTHONPATH"] = f"{Path(__file__).parent}:{os.environ.get('PYTHONPATH', '')}"
+    mlserver = Path(sys.executable).parent / "mlserver"
+    os.execv(str(mlserver), [str(mlserver), "start", str(root)])
+
+
+if __name__ == "__main__":
+    main()
