@@ -128,7 +128,8 @@ def perf_analyzer(pa: Path, server: str, protocol: str, url: str, model: str, co
             print(f"  perf_analyzer failed for {server} {protocol} {model} c={concurrency} b={batch}:\n"
                   f"{done.stdout[-1500:]}{done.stderr[-1500:]}", file=sys.stderr)
             return None
-        row = next(csv.DictReader(open(out.name)))
+        with open(out.name) as f:
+            row = next(csv.DictReader(f))
     infer = float(row["Inferences/Second"])  # perf_analyzer counts images (batch x requests)
     return Result(server, protocol, model, concurrency, batch, infer / batch, infer,
                   float(row["p50 latency"]) / 1000, float(row["p99 latency"]) / 1000)

@@ -13,17 +13,15 @@ import logging
 from pathlib import Path
 
 import grpc
-import numpy as np
+import kserve
 import onnxruntime as ort
 import uvicorn
 from fastapi.responses import JSONResponse
-from tritonclient.grpc import model_config_pb2 as mc
-from tritonclient.grpc import service_pb2 as triton_pb
-
-import kserve
 from kserve.protocol.grpc import server as grpc_server
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest import server as rest_server
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as triton_pb
 
 CARDS: dict[str, dict] = {}
 
