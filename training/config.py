@@ -48,6 +48,7 @@ class TrainConfig:
     schedule: str = "onecycle"  # onecycle | cosine | constant
     label_smoothing: float = 0.0
     patience: int = 0  # early stopping: epochs without val improvement (0 = off)
+    select: str | None = None  # val metric for model selection: acc, auc or acc+auc (default: acc for MNIST, else auc)
     augment: Augment = field(default_factory=Augment)
     seed: int = 0
     # data
@@ -88,6 +89,10 @@ class TrainConfig:
     @property
     def select_metric(self) -> str:
         """Validation metric used for model selection and early stopping."""
+        if self.select is not None:
+            if self.select not in ("acc", "auc", "acc+auc"):
+                raise ValueError(f"select must be acc, auc or acc+auc, not {self.select!r}")
+            return self.select
         return "acc" if self.dataset == "mnist" else "auc"
 
 

@@ -249,7 +249,8 @@ def _validate(model: Classifier, split: Any, task: str, loss_fn: nn.Module, batc
         loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean().item()
     else:
         loss = nn.functional.nll_loss(probs.clamp_min(eps).log(), split.labels).item()
-    return {"loss": loss, **headline_metrics(task, probs, split.labels)}
+    metrics = headline_metrics(task, probs, split.labels)
+    return {"loss": loss, **metrics, "acc+auc": metrics["acc"] + metrics["auc"]}
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
