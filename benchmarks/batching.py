@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serving import ROOT, Process, cnnserve, free_port, model_path  # noqa: E402
+from benchmarks.serving import ROOT, Process, cnnserve, free_port, model_path
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONCURRENCY = (1, 16, 64)
@@ -73,11 +73,12 @@ def main() -> None:
         server.stop()
     for max_latency in args.max_latency_ms:
         port = free_port()
-        env = {"BATCHING_BENCH_MODEL": str(model_path(args.model)), "BATCHING_BENCH_MAX_LATENCY_MS": str(max_latency),
-               "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(ROOT)}
-        proc = Process([sys.executable, "-m", "bentoml", "serve", "benchmarks.bentoml_batching_service:AdaptiveBatching",
-                        "--host", "127.0.0.1", "--port", str(port)], env, f"http://127.0.0.1:{port}/readyz",
-                       logs / "batching-bentoml.log")
+        env = {"BATCHING_BENCH_MODEL": str(model_path(args.model)),
+               "BATCHING_BENCH_MAX_LATENCY_MS": str(max_latency), "BENTOML_DO_NOT_TRACK": "True",
+               "PYTHONPATH": str(ROOT)}
+        service = "benchmarks.bentoml_batching_service:AdaptiveBatching"
+        proc = Process([sys.executable, "-m", "bentoml", "serve", service, "--host", "127.0.0.1", "--port", str(port)],
+                       env, f"http://127.0.0.1:{port}/readyz", logs / "batching-bentoml.log")
         try:
             for c in CONCURRENCY:
                 r = asyncio.run(load(f"http://127.0.0.1:{port}/predict_batch", {"instances": [image]}, c,

@@ -40,6 +40,8 @@ def step_speed(cfg: TrainConfig, data_dir: Path, steps: int, backbone_source=Non
     split = load_split(spec, "train", data_dir, download=False)
     torch.manual_seed(0)
     model = build_model(spec, cfg, backbone_source).train()
+    if cfg.channels_last and not spec.is_3d:  # as training.train does
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
     loss_fn = make_loss(spec.task, cfg.label_smoothing)
     augment = BatchAugment(cfg.augment)
@@ -50,8 +52,12 @@ def step_speed(cfg: TrainConfig, data_dir: Path, steps: int, backbone_source=Non
         x = model.preprocess(images)
         return augment(x) if augment.active else x
 
+    def endless():
+        while True:
+            yield from batches
+
     def run(full: bool) -> float:
-        it = iter(batches)
+        it = endless()
         for _ in range(3):  # warm-up
             next(it)
         t0 = time.perf_counter()

@@ -56,7 +56,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     # runtime
     amp: bool = True  # CUDA only
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # 2D models
     compile: bool = False
 
     @classmethod

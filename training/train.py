@@ -132,7 +132,7 @@ def train(
         source, src_cfg, _ = load_model(Path(cfg.backbone_checkpoint))
         source_config = src_cfg.to_dict()
     model = build_model(spec, cfg, source).to(dev)
-    if dev.type == "cuda" and cfg.channels_last and not spec.is_3d:
+    if cfg.channels_last and not spec.is_3d:  # faster convolutions on CUDA and with oneDNN on CPUs
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
     batches = Batches(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, device=dev, rank=rank,
