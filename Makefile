@@ -11,7 +11,7 @@ MODEL_DIR   ?= exports
 HOST        ?= 127.0.0.1
 PORT        ?= 3000
 GRPC_PORT   ?= 8001
-WORKERS     ?= 1
+WORKERS     ?= 0
 SHIPPED     := mnist-cnn pneumoniamnist-cnn pneumoniamnist-transfer
 
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))

@@ -118,7 +118,7 @@ def perf_analyzer(pa: Path, server: str, protocol: str, url: str, model: str, co
     with tempfile.NamedTemporaryFile(suffix=".csv") as out:
         cmd = [str(pa), "-m", model, "-u", url, "-i", "grpc" if protocol == "grpc" else "http",
                "--concurrency-range", f"{concurrency}:{concurrency}", "-b", str(batch), "-p", str(window_ms),
-               "--max-trials", "6", "-f", out.name, "--percentile", "99"]
+               "--max-trials", "8", "--stability-percentage", "30", "-f", out.name, "--percentile", "99"]
         if json_tensors:
             cmd += ["--input-tensor-format=json", "--output-tensor-format=json"]
         env = {**os.environ, "LD_LIBRARY_PATH": str(pa.parent.parent / "lib" / "python3.11" / "site-packages" /
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--mlserver-python", type=Path, help="python of a venv with mlserver + onnxruntime")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer measurement window")
-    parser.add_argument("--workers", type=int, default=1, help="cnnserve BentoML workers")
+    parser.add_argument("--workers", type=int, default=0, help="cnnserve BentoML workers (0 = one per core)")
     args = parser.parse_args()
     models = tuple(args.models)
     logs = Path(tempfile.mkdtemp(prefix="cnnserve-bench-"))

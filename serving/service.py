@@ -68,7 +68,7 @@ oip_app = create_app(current_inference)
 
 @bentoml.asgi_app(oip_app, path="/v2")
 @bentoml.asgi_app(models_app, path="/models")
-@bentoml.service(name="cnnserve", workers=SETTINGS.workers, logging={"access": {"enabled": False}},
+@bentoml.service(name="cnnserve", workers=SETTINGS.worker_count, logging={"access": {"enabled": False}},
                  traffic={"timeout": 60})
 class CnnServe:
     """Classify images with the models in the repository (``CNNSERVE_MODEL_DIR``)."""

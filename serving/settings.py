@@ -13,7 +13,7 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 8001  # 0 disables the gRPC server
-    workers: int = 1
+    workers: int = 0  # BentoML worker processes; 0 = one per CPU core
     intra_op_threads: int = 0  # 0: cores / workers
     max_batch_size: int = 0  # 0: each model card's batching.max_batch_size
     max_queue_delay_ms: float = -1.0  # < 0: each model card's batching.max_queue_delay_ms
@@ -34,7 +34,12 @@ class Settings:
         return cls(**values)
 
     @property
+    def worker_count(self) -> int:
+        return self.workers if self.workers > 0 else os.cpu_count() or 1
+
+    @property
     def threads_per_session(self) -> int:
+        """onnxruntime intra-op threads: the cores shared out between the workers unless set."""
         if self.intra_op_threads > 0:
             return self.intra_op_threads
-        return max(1, (os.cpu_count() or 1) // max(1, self.workers))
+        return max(1, (os.cpu_count() or 1) // self.worker_count)
