@@ -20,10 +20,51 @@ from fastapi.responses import JSONResponse
 from kserve.protocol.grpc import server as grpc_server
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest import server as rest_server
-from tritonclient.grpc import model_config_pb2 as mc
-from tritonclient.grpc import service_pb2 as triton_pb
 
 CARDS: dict[str, dict] = {}
+
+
+def triton_model_config_module():
+    """tritonclient's model_config_pb2, loaded by path: importing it as a package module would also load
+    tritonclient's grpc_service.proto, whose `inference.*` messages clash with KServe's own."""
+    import importlib.util
+
+    import tritonclient
+
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _request_name(data: bytes) -> str:
+    """Field 1 (name) of a ModelConfigRequest, decoded by hand (see triton_model_config_module)."""
+    i = 0
+    while i < len(data):
+        tag = data[i]
+        i += 1
+        length = shift = 0
+        while True:
+            byte = data[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if tag == 0x0A:
+            return data[i : i + length].decode()
+        i += length
+    return ""
 
 
 class OnnxModel(kserve.Model):
@@ -73,17 +114,19 @@ def patch_bindings() -> None:
         add_port = server.add_insecure_port
         server.add_insecure_port = lambda address: add_port(address.replace("[::]", "127.0.0.1"))
 
-        def model_config(request: triton_pb.ModelConfigRequest, context) -> triton_pb.ModelConfigResponse:
-            cfg = triton_config(CARDS[request.name])
-            return triton_pb.ModelConfigResponse(config=mc.ModelConfig(
+        mc = triton_model_config_module()
+
+        async def model_config(request: bytes, context) -> bytes:
+            cfg = triton_config(CARDS[_request_name(request)])
+            config = mc.ModelConfig(
                 name=cfg["name"], platform=cfg["platform"], max_batch_size=cfg["max_batch_size"],
                 input=[mc.ModelInput(name="images", data_type=mc.TYPE_UINT8, dims=cfg["input"][0]["dims"])],
-                output=[mc.ModelOutput(name="probs", data_type=mc.TYPE_FP32, dims=cfg["output"][0]["dims"])]))
+                output=[mc.ModelOutput(name="probs", data_type=mc.TYPE_FP32, dims=cfg["output"][0]["dims"])])
+            body = config.SerializeToString()
+            return b"\x0a" + _varint(len(body)) + body  # ModelConfigResponse{config = 1}
 
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
-            "ModelConfig": grpc.unary_unary_rpc_method_handler(
-                model_config, request_deserializer=triton_pb.ModelConfigRequest.FromString,
-                response_serializer=triton_pb.ModelConfigResponse.SerializeToString)})])
+            "ModelConfig": grpc.unary_unary_rpc_method_handler(model_config)})])
         return server
 
     grpc_server.aio.server = local_server
@@ -97,7 +140,6 @@ def main() -> None:
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    logging.getLogger("uvicorn.access").disabled = True
     patch_bindings()
     models = []
     for name in args.models:
@@ -112,8 +154,12 @@ def main() -> None:
     async def config(name: str) -> JSONResponse:
         return JSONResponse(triton_config(CARDS[name]))
 
-    kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
-                       enable_docs_url=False).start(models)
+    server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
+                                enable_docs_url=False, enable_latency_logging=False)
+    # per-request logging off, for fair timing (KServe configures logging when the server is built)
+    for name in ("uvicorn.access", "kserve", "kserve.trace"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    server.start(models)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.handlers import custom_handler
-from mlserver.types import InferenceRequest, InferenceResponse
+from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
 
 
 class OnnxRuntimeModel(MLModel):
@@ -35,7 +35,9 @@ class OnnxRuntimeModel(MLModel):
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         images = NumpyCodec.decode_input(payload.inputs[0]).astype(np.uint8)
         probs = self.session.run(["probs"], {"images": images})[0]
-        return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("probs", probs)])
+        # no `parameters` on the output: perf_analyzer's JSON mode rejects any
+        output = ResponseOutput(name="probs", shape=list(probs.shape), datatype="FP32", data=probs.ravel().tolist())
+        return InferenceResponse(model_name=self.name, outputs=[output])
 
     @custom_handler(rest_path="/v2/models/{model_name}/config", rest_method="GET")
     async def config(self) -> dict:
@@ -56,9 +58,12 @@ def main() -> None:
         "parallel_workers": 0, "debug": False, "metrics_endpoint": None}))
     for name in args.models:
         version = max((p for p in (args.model_dir / name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        card = json.loads((version / "model.json").read_text())
         (root / name).mkdir()
         (root / name / "model-settings.json").write_text(json.dumps({
             "name": name, "implementation": "mlserver_server.OnnxRuntimeModel",
+            "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, *card["input"]["shape"]]}],
+            "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, len(card["labels"])]}],
             "max_batch_size": 64, "max_batch_time": 0.002,
             "parameters": {"uri": str(version / "model.onnx")}}))
     os.environ["PYTHONPATH"] = f"{Path(__file__).parent}:{os.environ.get('PYTHONPATH', '')}"
