@@ -62,7 +62,9 @@ def main() -> None:
     image = np.random.default_rng(0).integers(0, 256, size=(28, 28)).tolist()
     logs = Path("/tmp")
     rows = []
-    server, http_port, _ = cnnserve({"CNNSERVE_GRPC_PORT": "0"}, logs / "batching-cnnserve.log")
+    # one worker with 2 onnxruntime threads on both sides: only the batching differs
+    server, http_port, _ = cnnserve({"CNNSERVE_GRPC_PORT": "0", "CNNSERVE_WORKERS": "1"},
+                                    logs / "batching-cnnserve.log")
     try:
         for c in CONCURRENCY:
             r = asyncio.run(load(f"http://127.0.0.1:{http_port}/predict", {"instances": [image], "model": args.model},

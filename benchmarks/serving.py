@@ -194,7 +194,7 @@ def main() -> None:
                         "--grpc-port", str(grpc_port), "--model-dir", str(ROOT / "exports"), *models], {},
                        f"http://127.0.0.1:{http_port}/v2/health/ready", logs / "kserve.log")
         try:
-            results += run_loads(args.perf_analyzer, "KServe 0.21 (2 workers)", {
+            results += run_loads(args.perf_analyzer, "KServe 0.21 (1 process)", {
                 "http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}, models, args.window_ms)
         finally:
             proc.stop()
