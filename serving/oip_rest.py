@@ -47,8 +47,14 @@ def create_app(get_inference: Callable[[], Inference]) -> Starlette:
         return JSONResponse({"live": True})
 
     async def ready(request: Request, inf: Inference) -> Response:
-        is_ready = inf.repository.ready
-        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+        repo = inf.repository
+        body: dict[str, Any] = {"ready": repo.ready}
+        if repo.device_note:  # e.g. CNNSERVE_DEVICE=auto fell back to the CPU
+            body["device_note"] = repo.device_note
+        not_ready = {f"{s.name}/{s.version}": s.reason for s in repo.statuses() if not s.ready}
+        if not_ready:
+            body["not_ready"] = not_ready
+        return JSONResponse(body, status_code=200 if repo.ready else 503)
 
     def lookup(request: Request, inf: Inference):
         return inf.model(request.path_params["model"], request.path_params.get("version"))

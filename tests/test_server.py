@@ -209,6 +209,7 @@ def test_a_broken_model_is_not_ready_with_a_reason_and_the_others_serve(repo, tm
     write_json_atomic(broken_repo / "broken" / "1" / "model.json", card)
     srv = start_server(broken_repo, tmp_path / "log", poll_interval_s=0)
     try:
+        assert "sha256" in httpx.get(f"{srv.url}/v2/health/ready").json()["not_ready"]["broken/1"]
         r = httpx.get(f"{srv.url}/v2/models/broken/ready")
         assert r.status_code == 503 and "sha256" in r.json()["error"]
         status = {s["name"]: s for s in httpx.get(f"{srv.url}/models").json()["status"]}
