@@ -20,7 +20,7 @@ from serving import __version__
 from serving.errors import InvalidInput, ServingError
 from serving.inference import Inference
 from serving.model_card import PROBS_NAME
-from serving.oip import EXTENSIONS, PLATFORM, SERVER_NAME, check_outputs, decode_input, model_config
+from serving.oip import EXTENSIONS, SERVER_NAME, check_outputs, decode_input, model_config, model_metadata
 
 log = logging.getLogger("cnnserve.grpc")
 
@@ -62,14 +62,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_guard
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         model = self.inference.model(request.name, request.version or None)
-        card = model.card
-        versions = [str(m.version) for m in self.inference.repository.all_loaded() if m.name == model.name]
+        meta = model_metadata(model, self.inference.repository.versions(model.name))
+        tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=card.name, versions=versions, platform=PLATFORM,
-            inputs=[pb.ModelMetadataResponse.TensorMetadata(name="images", datatype="UINT8",
-                                                            shape=[-1, *card.input.shape])],
-            outputs=[pb.ModelMetadataResponse.TensorMetadata(name=PROBS_NAME, datatype="FP32",
-                                                             shape=[-1, *card.probs.shape])])
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]], outputs=[tensor(**t) for t in meta["outputs"]])
 
     @_guard
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:

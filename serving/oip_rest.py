@@ -61,8 +61,7 @@ def create_app(get_inference: Callable[[], Inference]) -> Starlette:
 
     async def model_meta(request: Request, inf: Inference) -> Response:
         model = lookup(request, inf)
-        versions = [m.version for m in inf.repository.all_loaded() if m.name == model.name]
-        return JSONResponse(model_metadata(model, versions))
+        return JSONResponse(model_metadata(model, inf.repository.versions(model.name)))
 
     async def model_ready(request: Request, inf: Inference) -> Response:
         model = lookup(request, inf)

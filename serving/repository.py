@@ -19,7 +19,7 @@ import onnxruntime as ort
 from serving.batcher import DynamicBatcher
 from serving.errors import ModelNotFound, ModelNotReady
 from serving.metrics import observe_batch
-from serving.model_card import CardError, ModelCard, file_sha256, read_card
+from serving.model_card import INPUT_NAME, PROBS_NAME, CardError, ModelCard, file_sha256, read_card
 from serving.settings import Settings
 
 log = logging.getLogger("cnnserve.repository")
@@ -47,9 +47,6 @@ class LoadedModel:
     @property
     def version(self) -> int:
         return self.card.version
-
-    def run(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(["probs"], {"images": images})[0]
 
 
 @dataclass(frozen=True)
@@ -160,12 +157,12 @@ class ModelRepository:
         delay_ms = self.settings.max_queue_delay_ms
         if delay_ms < 0:
             delay_ms = batching.max_queue_delay_ms
-        holder: dict[str, LoadedModel] = {}
-        batcher = DynamicBatcher(lambda x: holder["m"].run(x), max_batch, delay_ms / 1000,
-                                 observe=lambda n, q: observe_batch(name, n, q), name=name)
-        loaded = LoadedModel(card, path, session, batcher, used, note)
-        holder["m"] = loaded
-        return loaded
+        def run(images: np.ndarray) -> np.ndarray:
+            return session.run([PROBS_NAME], {INPUT_NAME: images})[0]
+
+        batcher = DynamicBatcher(run, max_batch, delay_ms / 1000, observe=lambda n, q: observe_batch(name, n, q),
+                                 name=name)
+        return LoadedModel(card, path, session, batcher, used, note)
 
     # --- lookup ------------------------------------------------------------------------------------------
     def get(self, name: str, version: int | str | None = None) -> LoadedModel:
@@ -196,6 +193,9 @@ class ModelRepository:
 
     def all_loaded(self) -> list[LoadedModel]:
         return [m for _, versions in sorted(self._models.items()) for _, m in sorted(versions.items())]
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))
 
     def statuses(self) -> list[VersionStatus]:
         return sorted(self._status.values(), key=lambda s: (s.name, s.version))
