@@ -92,9 +92,14 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
             return next(self.batches, None)
 
     prepared = int8_path.with_suffix(".prep.onnx")
-    quant_pre_process(str(fp32_path), str(prepared))
-    quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    prepared.unlink()
+    source = prepared
+    try:  # recommended (shape inference + optimisation), but onnxruntime 1.30's rejects some valid graphs
+        quant_pre_process(str(fp32_path), str(prepared))
+    except Exception as exc:  # noqa: BLE001 - any failure here only skips an optional step
+        print(f"warning: quant_pre_process failed ({type(exc).__name__}: {exc}); quantising the exported graph as is")
+        source = fp32_path
+    quantize_static(str(source), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    prepared.unlink(missing_ok=True)
 
 
 def ort_images_per_second(path: Path, images: np.ndarray, batch: int = 64, repeats: int = 20) -> float:

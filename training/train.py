@@ -48,11 +48,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun: nccl for CUDA
+    processes, gloo for CPU ones (also on a machine with GPUs, when ``--device cpu`` asks for that)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -108,8 +109,8 @@ def train(
     ``stop_after``: leave after this many epochs of this invocation (time-sliced or preemptible jobs);
     the checkpoint lets ``resume=True`` continue exactly where it stopped. Test metrics are then empty.
     """
-    rank, world = _distributed()
     dev = resolve_device(device)
+    rank, world = _distributed(dev)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
