@@ -95,7 +95,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
     source = prepared
     try:  # recommended (shape inference + optimisation), but onnxruntime 1.30's rejects some valid graphs
         quant_pre_process(str(fp32_path), str(prepared))
-    except Exception as exc:  # noqa: BLE001 - any failure here only skips an optional step
+    except Exception as exc:  # any failure here only skips an optional step
         print(f"warning: quant_pre_process failed ({type(exc).__name__}: {exc}); quantising the exported graph as is")
         source = fp32_path
     quantize_static(str(source), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
