@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="train, evaluate and export the three shipped models",
                        description="mnist-cnn, then pneumoniamnist-cnn, then pneumoniamnist-transfer (its backbone "
                                    "is the mnist-cnn just trained unless --backbone is given).")
-    p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
+    p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS,
+                   help=f"where the run directories go (default {DEFAULT_RUNS})")
     p.add_argument("--model-dir", type=Path, default=DEFAULT_REPO, help="model repository (env CNNSERVE_MODEL_DIR)")
     p.add_argument("--only", nargs="+", choices=["mnist-cnn", "pneumoniamnist-cnn", "pneumoniamnist-transfer"])
     p.add_argument("--resume", action="store_true", help="continue each model from its run's checkpoint")
