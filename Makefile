@@ -16,7 +16,7 @@ SHIPPED     := mnist-cnn pneumoniamnist-cnn pneumoniamnist-transfer
 
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: help serve models train test lint benchmark container-test clean
+.PHONY: help serve models train test lint benchmark container-test train-container-test clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ benchmark: $(VENV)/.dev  ## accuracy and training-speed benchmarks -> benchmarks
 
 container-test: $(VENV)/.dev  ## build Dockerfile.serve, run it on 127.0.0.1, classify over HTTP and gRPC, clean up
 	tests/container/container_test.sh
+
+train-container-test:  ## build Dockerfile.train on a plain Python base, run a short training Job in it, clean up
+	tests/container/train_container_test.sh
 
 clean:  ## remove the virtual environment and run directories
 	rm -rf $(VENV) $(TOOLS_VENV) runs .pytest_cache
