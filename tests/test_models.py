@@ -52,3 +52,17 @@ def test_batch_augment_keeps_shape_and_differs_per_sample(shape):
     assert y.shape == x.shape
     assert not torch.allclose(y[0], y[1])  # per-sample parameters
     assert not BatchAugment(Augment()).active
+
+
+def test_brightness_contrast_jitter_is_per_sample_and_keeps_structure():
+    aug = BatchAugment(Augment(brightness=0.1, contrast=0.2))
+    assert aug.active
+    x = torch.rand(1, 3, 28, 28).expand(8, 3, 28, 28).contiguous()
+    y = aug(x)
+    assert y.shape == x.shape and not torch.allclose(y[0], y[1])
+    # an affine change of intensity per sample: each output is perfectly correlated with its input
+    for i in range(len(x)):
+        corr = torch.corrcoef(torch.stack([x[i].flatten(), y[i].flatten()]))[0, 1]
+        assert corr > 0.9999
+    shift = (y - x).mean(dim=(1, 2, 3)).abs().max()
+    assert shift <= 0.1 * (x.amax() - x.amin()) + 1e-6

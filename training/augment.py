@@ -1,4 +1,4 @@
-"""Per-sample random affine augmentation applied to a whole batch at once (on the batch's device)."""
+"""Per-sample random augmentation applied to a whole batch at once (on the batch's device)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from training.config import Augment
 
 
 class BatchAugment:
-    """Random shift / rotation / zoom / horizontal flip, drawn per sample, for 2D and 3D batches.
+    """Random shift / rotation / zoom / horizontal flip and brightness / contrast, drawn per sample, for
+    2D and 3D batches.
 
     One ``affine_grid`` + ``grid_sample`` call per batch: no per-image Python work.
     """
@@ -22,9 +23,26 @@ class BatchAugment:
     @property
     def active(self) -> bool:
         c = self.cfg
+        return self._geometric or bool(c.brightness or c.contrast)
+
+    @property
+    def _geometric(self) -> bool:
+        c = self.cfg
         return bool(c.translate or c.rotate or c.scale or c.hflip)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._geometric:
+            x = self._affine(x)
+        c = self.cfg
+        if c.brightness or c.contrast:
+            per_sample = (x.shape[0],) + (1,) * (x.dim() - 1)
+            mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+            gain = 1 + (torch.rand(per_sample, device=x.device, dtype=x.dtype) * 2 - 1) * c.contrast
+            shift = (torch.rand(per_sample, device=x.device, dtype=x.dtype) * 2 - 1) * c.brightness
+            x = (x - mean) * gain + mean + shift * (x.amax() - x.amin())
+        return x
+
+    def _affine(self, x: torch.Tensor) -> torch.Tensor:
         n, dims = x.shape[0], x.dim() - 2
         c = self.cfg
         opts = {"device": x.device, "dtype": x.dtype}

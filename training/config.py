@@ -20,6 +20,8 @@ class Augment:
     rotate: float = 0.0  # max rotation in degrees (2D)
     scale: float = 0.0  # max relative zoom in or out
     hflip: bool = False
+    brightness: float = 0.0  # max shift, as a fraction of the batch's pixel range
+    contrast: float = 0.0  # max relative change of contrast around each image's mean
 
 
 @dataclass
