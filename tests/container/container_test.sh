@@ -2,33 +2,28 @@
 # make container-test: build Dockerfile.serve, run it on 127.0.0.1 with a read-only root filesystem,
 # wait for /readyz, classify over HTTP and gRPC, check the user is not root, report the size, clean up.
 #
-# Environment: CONTAINER_ENGINE (podman|docker, default podman), BASE_IMAGE (build arg), PIP_CA_FILE
-# (a CA bundle handed to pip at build time only, for proxies; unset elsewhere), PYTHON (a Python with
-# tritonclient[grpc] and pillow, default .venv/bin/python), KEEP_IMAGE=1 to keep the image.
+# Environment: those of lib.sh (CONTAINER_ENGINE, PIP_CA_FILE, KEEP_IMAGE), BASE_IMAGE (build arg),
+# PYTHON (a Python with tritonclient[grpc] and pillow, default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-ENGINE=${CONTAINER_ENGINE:-podman}
+source tests/container/lib.sh
 PYTHON=${PYTHON:-.venv/bin/python}
 TAG=${IMAGE_TAG:-localhost/cnnserve-serve:container-test}
 NAME=cnnserve-container-test-$$
 HTTP_PORT=$($PYTHON -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 GRPC_PORT=$($PYTHON -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
-build_args=(--pull=never -f Dockerfile.serve -t "$TAG")
+build_args=(-f Dockerfile.serve)
 [ -n "${BASE_IMAGE:-}" ] && build_args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
-[ -n "${PIP_CA_FILE:-}" ] && build_args+=(-v "$PIP_CA_FILE:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
-[ "$ENGINE" = docker ] && build_args=("${build_args[@]/--pull=never/}")
 
 cleanup() {
   $ENGINE rm -f "$NAME" >/dev/null 2>&1 || true
-  [ -n "${KEEP_IMAGE:-}" ] || $ENGINE rmi -f "$TAG" >/dev/null 2>&1 || true
+  remove_image "$TAG"
 }
 trap cleanup EXIT
 
 start=$(date +%s)
-echo "== build ($ENGINE)"
-$ENGINE build "${build_args[@]}" . >/tmp/cnnserve-container-build.log 2>&1 || { tail -40 /tmp/cnnserve-container-build.log; exit 1; }
-echo "   built in $(( $(date +%s) - start )) s"
+build_image "$TAG" /tmp/cnnserve-container-build.log "${build_args[@]}"
 
 echo "== run (read-only root filesystem, tmpfs on /tmp)"
 $ENGINE run -d --name "$NAME" --read-only --tmpfs /tmp \
@@ -65,6 +60,5 @@ uid=$($ENGINE exec "$NAME" id -u)
 if $ENGINE exec "$NAME" touch /app/probe 2>/dev/null; then echo "root filesystem is writable"; exit 1; fi
 echo "   uid $uid; writing to /app fails as it should"
 
-size=$($ENGINE image inspect "$TAG" --format '{{.Size}}')
-echo "== image size: $(( size / 1000000 )) MB ($TAG)"
+echo "== image size: $(image_size_mb "$TAG") MB ($TAG)"
 echo "container test passed in $(( $(date +%s) - start )) s"

@@ -4,34 +4,27 @@
 # /models, non-root, read-only root filesystem), check that it published a model with a card, report the
 # image size, clean up.
 #
-# Environment: CONTAINER_ENGINE (podman|docker, default podman), BASE_IMAGE (default python:3.11-slim),
-# TORCH_PACKAGES (pip arguments for torch + torchvision; default the CPU wheels from PyTorch's index),
-# PIP_CA_FILE (a CA bundle for pip at build time, for proxies), DATA_DIR (MNIST/raw/*.gz; default
-# ../shared/data), KEEP_IMAGE=1 to keep the image.
+# Environment: those of lib.sh (CONTAINER_ENGINE, PIP_CA_FILE, KEEP_IMAGE), BASE_IMAGE (default
+# python:3.11-slim), TORCH_PACKAGES (pip arguments for torch + torchvision; default the CPU wheels from
+# PyTorch's index), DATA_DIR (MNIST/raw/*.gz; default ../shared/data).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-ENGINE=${CONTAINER_ENGINE:-podman}
+source tests/container/lib.sh
 TAG=${IMAGE_TAG:-localhost/cnnserve-train:container-test}
 DATA_DIR=$(realpath "${DATA_DIR:-../shared/data}")
 TORCH_PACKAGES=${TORCH_PACKAGES:-torch torchvision --index-url https://download.pytorch.org/whl/cpu}
 models=$(mktemp -d)
 chmod 777 "$models"   # the job runs as uid 10001
 
-build_args=(--pull=never -f Dockerfile.train -t "$TAG" --build-arg "BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim}"
-            --build-arg "TORCH_PACKAGES=$TORCH_PACKAGES")
-[ -n "${PIP_CA_FILE:-}" ] && build_args+=(-v "$PIP_CA_FILE:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
-[ "$ENGINE" = docker ] && build_args=("${build_args[@]/--pull=never/}")
-
 cleanup() {
   rm -rf "$models"
-  [ -n "${KEEP_IMAGE:-}" ] || $ENGINE rmi -f "$TAG" >/dev/null 2>&1 || true
+  remove_image "$TAG"
 }
 trap cleanup EXIT
 
 start=$(date +%s)
-echo "== build ($ENGINE)"
-$ENGINE build "${build_args[@]}" . >/tmp/cnnserve-train-build.log 2>&1 || { tail -40 /tmp/cnnserve-train-build.log; exit 1; }
-echo "   built in $(( $(date +%s) - start )) s"
+build_image "$TAG" /tmp/cnnserve-train-build.log -f Dockerfile.train \
+  --build-arg "BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim}" --build-arg "TORCH_PACKAGES=$TORCH_PACKAGES"
 
 echo "== train + export mnist-fast (1 epoch, 6000 images) as the Job would, read-only root, no network"
 $ENGINE run --rm --read-only --tmpfs /tmp --network none \
@@ -50,6 +43,5 @@ uid=$($ENGINE run --rm --entrypoint id "$TAG" -u)
 [ "$uid" != 0 ] || { echo "the job runs as root"; exit 1; }
 echo "   uid $uid"
 
-size=$($ENGINE image inspect "$TAG" --format '{{.Size}}')
-echo "== image size: $(( size / 1000000 )) MB ($TAG)"
+echo "== image size: $(image_size_mb "$TAG") MB ($TAG)"
 echo "train container test passed in $(( $(date +%s) - start )) s"
