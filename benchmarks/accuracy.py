@@ -1,10 +1,13 @@
 """Test-split accuracy of our models beside the MedMNIST v2 baselines, for every dataset found locally.
 
-    python benchmarks/accuracy.py --data-dir ../shared/data
+    python benchmarks/accuracy.py --data-dir ../shared/data [--reuse] [--seeds retinamnist-cnn=3]
 
 The shipped models (exports/) are re-evaluated as exported ONNX files; for the other local datasets
 (RetinaMNIST, AdrenalMNIST3D) a model is trained with the same code and config files, exported to a
-scratch repository and evaluated the same way. Writes benchmarks/results/accuracy.{json,md}.
+scratch repository and evaluated the same way. The table reports the config's own seed; ``--seeds
+NAME=N`` also trains seeds +1 .. +N-1 of a trained-here model and reports their spread (a test split of
+a few hundred images moves by about a percentage point between seeds).
+Writes benchmarks/results/accuracy.{json,md}.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import argparse
 import csv
 import json
 import shlex
+import statistics
 import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,9 +73,18 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "benchmark-accuracy",
                         help="run dirs and scratch model repository for the models trained here")
-    parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --work-dir")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse finished runs in --work-dir whose config is unchanged")
+    parser.add_argument("--seeds", action="append", default=[], metavar="NAME=N",
+                        help=f"train N seeds of a trained-here model ({', '.join(TRAINED_HERE)}); repeatable")
     args = parser.parse_args()
-    rows = []
+    seeds = {}
+    for item in args.seeds:
+        name, _, n = item.partition("=")
+        if name not in TRAINED_HERE or not n.isdigit() or int(n) < 1:
+            parser.error(f"--seeds {item!r}: expected NAME=N with NAME one of {list(TRAINED_HERE)}")
+        seeds[name] = int(n)
+    rows, spreads = [], []
     for name, flag in SHIPPED.items():
         if available(flag, args.data_dir):
             path = latest_version(name)
@@ -80,20 +95,40 @@ def main() -> None:
         if not available(config, args.data_dir):
             continue
         cfg = TrainConfig.load(config)
-        run_dir = args.work_dir / name
-        if not (args.reuse and (run_dir / "metrics.json").exists()):
-            train(cfg, run_dir, args.data_dir, download=False, quiet=True, resume=args.reuse)
-        with open(run_dir / "history.csv") as f:
-            minutes = sum(float(row["epoch_s"]) for row in csv.DictReader(f)) / 60
-        path = export_checkpoint(run_dir / CHECKPOINT, args.work_dir / "repo", name, args.data_dir, download=False,
-                                 command=f"python -m training train {config}")
-        rows.append(_row(name, config, evaluate_path(path, "test", data_dir=args.data_dir, download=False),
-                         f"python -m training train {config} (benchmark run, not shipped)", minutes))
+        per_seed = []
+        for offset in range(seeds.get(name, 1)):
+            seed = cfg.seed + offset
+            run_name = name if offset == 0 else f"{name}-seed{seed}"
+            measured, minutes = _train_and_evaluate(config, seed, run_name, args)
+            per_seed.append({"seed": seed, "acc": measured["acc"], "auc": measured["auc"]})
+            if offset == 0:
+                rows.append(_row(name, config, measured,
+                                 f"python -m training train {config} (benchmark run, not shipped)", minutes))
+        if len(per_seed) > 1:
+            spreads.append({"model": name, "config": config, "seeds": per_seed})
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
-    (RESULTS / "accuracy.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    (RESULTS / "accuracy.md").write_text(render(rows, command))
+    (RESULTS / "accuracy.json").write_text(
+        json.dumps({"command": command, "rows": rows, "seed_spread": spreads}, indent=2) + "\n")
+    (RESULTS / "accuracy.md").write_text(render(rows, spreads, command))
     print((RESULTS / "accuracy.md").read_text())
+
+
+def _train_and_evaluate(config: str, seed: int, run_name: str, args: argparse.Namespace) -> tuple[dict, float]:
+    """Train (or reuse) one run, export it to the scratch repository, evaluate the ONNX on test."""
+    cfg = TrainConfig.load(config, {"seed": seed})
+    run_dir = args.work_dir / run_name
+    # reuse (or resume) only a run of this very config (fields added since then take their defaults): a
+    # config file edited since then means a new run
+    same_config = (run_dir / "config.yaml").exists() and \
+        TrainConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())) == cfg
+    if not (args.reuse and same_config and (run_dir / "metrics.json").exists()):
+        train(cfg, run_dir, args.data_dir, download=False, quiet=True, resume=args.reuse and same_config)
+    with open(run_dir / "history.csv") as f:
+        minutes = sum(float(row["epoch_s"]) for row in csv.DictReader(f)) / 60
+    path = export_checkpoint(run_dir / CHECKPOINT, args.work_dir / "repo", run_name, args.data_dir, download=False,
+                             command=f"python -m training train {config} --seed {seed}")
+    return evaluate_path(path, "test", data_dir=args.data_dir, download=False), minutes
 
 
 def _row(name: str, flag: str, measured: dict, source: str, minutes: float | None) -> dict:
@@ -105,7 +140,7 @@ def _row(name: str, flag: str, measured: dict, source: str, minutes: float | Non
             "train_minutes_cpu": minutes}
 
 
-def render(rows: list[dict], command: str) -> str:
+def render(rows: list[dict], spreads: list[dict], command: str) -> str:
     lines = ["# Test accuracy: cnnserve vs MedMNIST v2 baselines", "",
              f"Measured with `{command}` on the exported ONNX models (onnxruntime, CPU), official test splits.",
              "ACC and AUC as `medmnist.Evaluator` defines them (tests check equality).", "",
@@ -120,6 +155,13 @@ def render(rows: list[dict], command: str) -> str:
         lines.append(f"| {r['model']} | {r['dataset']} | {r['n']} | {r['acc']:.4f} | {r['auc']:.4f} | {target} | "
                      f"{ {True: 'yes', False: 'NO', None: '–'}[r['target_met']]} | "
                      + (f"{best[0]}: {best[1][0]:.3f} / {best[1][1]:.3f}" if best else "–") + " |")
+    for spread in spreads:
+        accs, aucs = [s["acc"] for s in spread["seeds"]], [s["auc"] for s in spread["seeds"]]
+        lines += ["", f"### {spread['model']} over {len(accs)} seeds (`python -m training train {spread['config']} "
+                  "--seed N`)", "", "| seed | ACC | AUC |", "|---|---|---|"]
+        lines += [f"| {s['seed']} | {s['acc']:.4f} | {s['auc']:.4f} |" for s in spread["seeds"]]
+        lines.append(f"| mean ± sd | {statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f} | "
+                     f"{statistics.mean(aucs):.4f} ± {statistics.stdev(aucs):.4f} |")
     lines += ["", "## MedMNIST v2 baselines (test AUC / ACC, from the paper)", ""]
     for flag, base in BASELINES.items():
         lines.append(f"- **{flag}**: " + "; ".join(f"{k} {auc:.3f} / {acc:.3f}" for k, (auc, acc) in base.items()))
