@@ -21,6 +21,8 @@ class Settings:
     max_image_pixels: int = 16 * 1024 * 1024  # decompression-bomb guard, checked before decoding
     max_images_per_request: int = 1024
     poll_interval_s: float = 2.0  # model repository re-scan for new versions (0 = off)
+    # OpenTelemetry spans for the inference paths too; off: BentoML's tracing middleware halves HTTP throughput
+    trace_requests: bool = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -29,8 +31,7 @@ class Settings:
         for f in fields(cls):
             raw = env.get(f"CNNSERVE_{f.name.upper()}")
             if raw is not None:
-                kind = type(f.default)
-                values[f.name] = Path(raw) if kind is type(Path()) else kind(raw)
+                values[f.name] = _parse(raw, type(f.default), f"CNNSERVE_{f.name.upper()}")
         return cls(**values)
 
     @property
@@ -43,3 +44,16 @@ class Settings:
         if self.intra_op_threads > 0:
             return self.intra_op_threads
         return max(1, (os.cpu_count() or 1) // self.worker_count)
+
+
+def _parse(raw: str, kind: type, name: str) -> object:
+    if kind is bool:
+        if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+            raise ValueError(f"{name}={raw!r}: expected true or false")
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind is type(Path()):
+        return Path(raw)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected {kind.__name__}") from None

@@ -1,0 +1,25 @@
+"""Service settings from CNNSERVE_* variables, and what they switch."""
+
+from pathlib import Path
+
+import pytest
+
+from serving.settings import Settings
+
+
+def test_settings_parse_each_type_and_name_the_variable_in_errors():
+    s = Settings.from_env({"CNNSERVE_MODEL_DIR": "/m", "CNNSERVE_WORKERS": "3", "CNNSERVE_POLL_INTERVAL_S": "0.5",
+                           "CNNSERVE_TRACE_REQUESTS": "true"})
+    assert (s.model_dir, s.workers, s.poll_interval_s, s.trace_requests) == (Path("/m"), 3, 0.5, True)
+    assert Settings.from_env({"CNNSERVE_TRACE_REQUESTS": "0"}).trace_requests is False
+    with pytest.raises(ValueError, match="CNNSERVE_TRACE_REQUESTS='maybe'"):
+        Settings.from_env({"CNNSERVE_TRACE_REQUESTS": "maybe"})
+    with pytest.raises(ValueError, match="CNNSERVE_WORKERS='two': expected int"):
+        Settings.from_env({"CNNSERVE_WORKERS": "two"})
+
+
+def test_inference_paths_skip_tracing_unless_asked():
+    from serving.service import INFERENCE_PATHS, tracing_config
+
+    assert tracing_config(Settings()) == {"excluded_urls": INFERENCE_PATHS}
+    assert tracing_config(Settings(trace_requests=True)) == {}
