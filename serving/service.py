@@ -35,8 +35,8 @@ INFERENCE_PATHS = ["/v2", "/classify", "/predict"]
 
 
 def tracing_config(settings: Settings) -> dict:
-    """BentoML's OpenTelemetry middleware costs half the HTTP throughput (2,590 vs 1,290 infer/s at 64
-    clients, serving/README.md): the inference paths skip it unless ``CNNSERVE_TRACE_REQUESTS`` is on."""
+    """BentoML's OpenTelemetry middleware costs about half the HTTP throughput (measured in
+    serving/README.md): the inference paths skip it unless ``CNNSERVE_TRACE_REQUESTS`` is on."""
     return {} if settings.trace_requests else {"excluded_urls": INFERENCE_PATHS}
 
 
