@@ -39,6 +39,17 @@ def test_transfer_from_a_local_torchvision_state_dict(tmp_path):
     assert build_model(dataset_spec("pneumoniamnist"), cfg)(torch.zeros(1, 28, 28, dtype=torch.uint8)).shape == (1, 2)
 
 
+def test_highpass_removes_a_colour_cast_and_keeps_detail():
+    cfg = TrainConfig(name="t", dataset="retinamnist", widths=[8, 16], highpass=1.5)
+    pre = build_model(dataset_spec("retinamnist"), cfg).preprocess
+    image = torch.randint(60, 160, (1, 28, 28, 3), dtype=torch.uint8)
+    tinted = image + torch.tensor([40, 10, 0], dtype=torch.uint8)  # a camera's tint: the same offset everywhere
+    torch.testing.assert_close(pre(tinted), pre(image), atol=1e-5, rtol=0)
+    assert pre(image).abs().mean() > 0.1  # the pixel-to-pixel detail is still there
+    with pytest.raises(ValueError, match="2D"):
+        build_model(dataset_spec("organmnist3d"), TrainConfig(name="t", dataset="organmnist3d", highpass=1.5))
+
+
 def test_3d_transfer_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="2D"):
         build_model(dataset_spec("organmnist3d"), TrainConfig(name="t", dataset="organmnist3d", arch="transfer"))

@@ -37,6 +37,7 @@ class TrainConfig:
     backbone_checkpoint: str | None = None
     pretrained: bool = True
     input_size: int | None = None
+    highpass: float | None = None  # subtract a Gaussian blur of this sigma (pixels): see models.Preprocess
     freeze: bool = False  # linear probe: train the head only
     head_epochs: int = 0  # staged fine-tuning: this many head-only epochs first
     # optimisation

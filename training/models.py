@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tv_models
+from torchvision.transforms.v2 import functional as TF
 
 from training.data import DatasetSpec
 
@@ -26,7 +28,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class Preprocess(nn.Module):
     """uint8 (N,H,W) / (N,H,W,3) / (N,D,H,W) -> normalised float (N,C,H,W) or (N,C,D,H,W).
 
-    Optionally converts channels (grey <-> RGB) and resizes, for backbones trained on other inputs.
+    Optionally converts channels (grey <-> RGB) and resizes, for backbones trained on other inputs, and
+    subtracts a Gaussian-blurred copy of the image (``highpass``: the blur's sigma in output pixels). That
+    is B. Graham's local-average colour subtraction for fundus photographs (Kaggle Diabetic Retinopathy
+    2015): it removes the lighting and camera tint that differ between images and keeps the lesions.
     """
 
     def __init__(
@@ -36,9 +41,12 @@ class Preprocess(nn.Module):
         std: tuple[float, ...],
         out_channels: int | None = None,
         out_size: int | None = None,
+        highpass: float | None = None,
     ) -> None:
         super().__init__()
-        self.layout, self.out_channels, self.out_size = layout, out_channels, out_size
+        if highpass is not None and layout == "NDHW":
+            raise ValueError("highpass is for 2D images; 3D volumes have no such option")
+        self.layout, self.out_channels, self.out_size, self.highpass = layout, out_channels, out_size, highpass
         shape = (1, -1, 1, 1, 1) if layout == "NDHW" else (1, -1, 1, 1)
         self.register_buffer("mean", torch.tensor(mean).reshape(shape), persistent=False)
         self.register_buffer("std", torch.tensor(std).reshape(shape), persistent=False)
@@ -51,7 +59,11 @@ class Preprocess(nn.Module):
         if self.out_size is not None and self.out_size != x.shape[-1]:
             mode = "trilinear" if x.dim() == 5 else "bilinear"
             x = F.interpolate(x, size=(self.out_size,) * (x.dim() - 2), mode=mode, align_corners=False)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        if self.highpass:
+            kernel = 2 * math.ceil(3 * self.highpass) + 1
+            x = x - TF.gaussian_blur(x, [kernel, kernel], [self.highpass, self.highpass])
+        return x
 
 
 def conv_block(dims: int, c_in: int, c_out: int) -> nn.Sequential:
@@ -155,7 +167,7 @@ def build_model(spec: DatasetSpec, cfg: TrainConfig, backbone_source: Classifier
     ``backbone: checkpoint`` transfer model reuses (see ``training.checkpoint.load_model``)."""
     if cfg.arch == "cnn":
         mean, std = dataset_stats(spec)
-        pre = Preprocess(spec.layout, mean, std, out_size=cfg.input_size)
+        pre = Preprocess(spec.layout, mean, std, out_size=cfg.input_size, highpass=cfg.highpass)
         dims = 3 if spec.is_3d else 2
         return Classifier(pre, ConvNet(len(mean), spec.num_outputs, tuple(cfg.widths), dims, cfg.dropout))
     if cfg.arch != "transfer":
@@ -167,7 +179,8 @@ def build_model(spec: DatasetSpec, cfg: TrainConfig, backbone_source: Classifier
             raise ValueError("backbone 'checkpoint' needs --backbone-checkpoint: a cnnserve checkpoint file")
         src = backbone_source.preprocess
         mean, std = tuple(src.mean.flatten().tolist()), tuple(src.std.flatten().tolist())
-        pre = Preprocess(spec.layout, mean, std, out_channels=len(mean), out_size=cfg.input_size)
+        pre = Preprocess(spec.layout, mean, std, out_channels=len(mean), out_size=cfg.input_size,
+                         highpass=cfg.highpass)
         net = TransferNet(backbone_source.net.features, backbone_source.net.feature_dim, spec.num_outputs, cfg.dropout)
         return Classifier(pre, net)
     if cfg.backbone not in TORCHVISION_BACKBONES:
@@ -178,5 +191,6 @@ def build_model(spec: DatasetSpec, cfg: TrainConfig, backbone_source: Classifier
         model.load_state_dict(torch.load(cfg.backbone_checkpoint, map_location="cpu", weights_only=True))
     else:  # ImageNet weights through torchvision's weights API, cached in TORCH_HOME
         model = bb.build(weights=bb.weights if cfg.pretrained else None)
-    pre = Preprocess(spec.layout, IMAGENET_MEAN, IMAGENET_STD, out_channels=3, out_size=cfg.input_size or 64)
+    pre = Preprocess(spec.layout, IMAGENET_MEAN, IMAGENET_STD, out_channels=3, out_size=cfg.input_size or 64,
+                     highpass=cfg.highpass)
     return Classifier(pre, TransferNet(bb.strip(model), bb.feature_dim, spec.num_outputs, cfg.dropout))
