@@ -95,3 +95,17 @@ def test_int8_quantization_survives_a_failing_pre_process(trained, fixture_data,
     assert "quant_pre_process failed" in capsys.readouterr().out
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path / "model.onnx")).graph.node)
     assert not list(path.glob("*.prep.onnx"))
+
+
+def test_a_multi_label_ensemble_exports_the_mean_of_its_members(fixture_data, tmp_path):
+    cfg = tiny("chestmnist", epochs=1, ensemble=2)
+    train(cfg, tmp_path / "run", fixture_data, download=False, quiet=True, report=False)
+    path = export_checkpoint(tmp_path / "run" / CHECKPOINT, tmp_path / "repo", data_dir=fixture_data, download=False)
+    card = read_card(path / "model.json")
+    assert card.training["config"]["ensemble"] == 2 and card.metrics["parity"]["argmax_identical"]
+    x = np.random.default_rng(1).integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
+    (probs,) = ort.InferenceSession(str(path / "model.onnx")).run(["probs"], {"images": x})
+    members = [load_model(tmp_path / "run" / f"member-{k}" / CHECKPOINT)[0] for k in range(2)]
+    with torch.no_grad():
+        expected = torch.stack([torch.sigmoid(m(torch.from_numpy(x))) for m in members]).mean(0)
+    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-5)

@@ -11,6 +11,8 @@ import torch
 from tests.conftest import ROOT
 from training.checkpoint import load_model, read_checkpoint
 from training.config import TrainConfig
+from training.data import dataset_spec, load_split
+from training.evaluate import predict_torch
 from training.train import CHECKPOINT, train
 
 
@@ -45,6 +47,29 @@ def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(fixture_data
     assert a["history"][-1]["val_loss"] == b["history"][-1]["val_loss"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_an_ensemble_averages_its_members_and_resumes_across_them(fixture_data, tmp_path):
+    cfg = tiny("retinamnist", epochs=2, ensemble=2, seed=5)
+    straight = train(cfg, tmp_path / "a", fixture_data, download=False, quiet=True)
+    assert [m["seed"] for m in straight.metrics["members"]] == [5, 6]
+    for name in ("metrics.json", "history.csv", "learning_curves.png", "roc_curves.png", "member-1/metrics.json"):
+        assert (tmp_path / "a" / name).exists(), name
+    ensemble, _, _ = load_model(tmp_path / "a" / CHECKPOINT)
+    images = load_split(dataset_spec("retinamnist"), "test", fixture_data, download=False).images
+    members = [load_model(tmp_path / "a" / f"member-{k}" / CHECKPOINT)[0] for k in range(2)]
+    expected = (predict_torch(members[0], images, False) + predict_torch(members[1], images, False)) / 2
+    torch.testing.assert_close(predict_torch(ensemble, images, False), expected, atol=1e-6, rtol=0)
+
+    # killed twice (after 1 epoch, then 2 more: into the second member), then resumed to the end
+    partial = train(cfg, tmp_path / "b", fixture_data, download=False, quiet=True, report=False, stop_after=1)
+    assert partial.stopped and partial.epochs_run == 1 and not (tmp_path / "b" / CHECKPOINT).exists()
+    partial = train(cfg, tmp_path / "b", fixture_data, download=False, resume=True, quiet=True, report=False,
+                    stop_after=2)
+    assert partial.stopped and read_checkpoint(tmp_path / "b" / "member-1" / CHECKPOINT)["epoch"] == 0
+    resumed = train(cfg, tmp_path / "b", fixture_data, download=False, resume=True, quiet=True, report=False)
+    assert not resumed.stopped
+    assert (resumed.metrics["acc"], resumed.metrics["auc"]) == (straight.metrics["acc"], straight.metrics["auc"])
 
 
 def test_early_stopping_and_staged_transfer_from_our_own_checkpoint(fixture_data, tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from training.config import TrainConfig
 from training.data import dataset_spec
-from training.models import CHECKPOINT_BACKBONE, Classifier, build_model
+from training.models import CHECKPOINT_BACKBONE, Classifier, Ensemble, build_model
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -42,10 +42,25 @@ def skeleton(cfg: TrainConfig, backbone_source_config: dict[str, Any] | None = N
     return build_model(dataset_spec(cfg.dataset, cfg.size), cfg, source)
 
 
-def load_model(path: Path, best: bool = True) -> tuple[Classifier, TrainConfig, dict[str, Any]]:
-    """Rebuild a trained model from a checkpoint: (model in eval mode, its config, the checkpoint)."""
+def ensemble_from_checkpoint(ckpt: dict[str, Any]) -> Ensemble:
+    """The ``Ensemble`` (in eval mode) that an ensemble checkpoint describes."""
+    members = []
+    for member in ckpt["members"]:
+        model = skeleton(TrainConfig.from_dict(member["config"]), member["backbone_source_config"])
+        model.load_state_dict(member["model"])
+        members.append(model)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    return Ensemble(members, dataset_spec(cfg.dataset, cfg.size).task.startswith("multi-label")).eval()
+
+
+def load_model(path: Path, best: bool = True) -> tuple[Classifier | Ensemble, TrainConfig, dict[str, Any]]:
+    """Rebuild a trained model from a checkpoint: (model in eval mode, its config, the checkpoint).
+
+    An ensemble's checkpoint holds each member's config and selected weights (``best`` does not apply)."""
     ckpt = read_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
+    if "members" in ckpt:
+        return ensemble_from_checkpoint(ckpt), cfg, ckpt
     model = skeleton(cfg, ckpt.get("backbone_source_config"))
     model.load_state_dict(ckpt["best_model"] if best and ckpt.get("best_model") else ckpt["model"])
     return model.eval(), cfg, ckpt

@@ -33,6 +33,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="override the config's batch size")
     p.add_argument("--lr", type=float, help="override the config's learning rate")
     p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--ensemble", type=int, metavar="N",
+                   help="train N members (seeds seed .. seed+N-1) and export the mean of their probabilities; "
+                        "N times the inference cost")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (YAML value), e.g. --set augment.hflip=true; repeatable")
     p.add_argument("--device", default=os.environ.get("CNNSERVE_TRAIN_DEVICE", "auto"),
@@ -96,7 +99,7 @@ def _config_names() -> list[str]:
 
 def overrides_from(args: argparse.Namespace) -> dict:
     overrides = dict(parse_override(s) for s in args.set)
-    for key in ("epochs", "batch_size", "lr", "seed"):
+    for key in ("epochs", "batch_size", "lr", "seed", "ensemble"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     return overrides

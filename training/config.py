@@ -54,6 +54,7 @@ class TrainConfig:
     select: str | None = None  # val metric for model selection: acc, auc or acc+auc (default: acc for MNIST, else auc)
     augment: Augment = field(default_factory=Augment)
     seed: int = 0
+    ensemble: int = 1  # train this many members (seeds seed, seed+1, ...) and average their probabilities
     # data
     train_limit: int | None = None  # use only the first N training images (smoke tests)
     eval_batch_size: int = 512

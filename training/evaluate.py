@@ -21,7 +21,7 @@ from training.data import Batches, Split
 @torch.no_grad()
 def predict_torch(model: torch.nn.Module, images: torch.Tensor, multi_label: bool, batch_size: int = 512,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Probabilities (N, K) of a ``Classifier`` on uint8 images, on the CPU."""
+    """Probabilities (N, K) of a ``Classifier`` or ``Ensemble`` on uint8 images, on the CPU."""
     model.eval()
     out = []
     for batch, _ in Batches(Split(images, torch.zeros(len(images))), batch_size, device=device):

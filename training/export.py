@@ -34,7 +34,7 @@ from serving.model_card import (
 from training.checkpoint import load_model
 from training.data import DEFAULT_DATA_DIR, DatasetSpec, dataset_spec, load_split
 from training.evaluate import headline_metrics, predict_onnx, predict_torch
-from training.models import Classifier
+from training.models import Classifier, Ensemble
 
 OPSET = 18
 PARITY_IMAGES = 512
@@ -48,7 +48,7 @@ class ExportError(RuntimeError):
 class ExportWrapper(nn.Module):
     """uint8 images -> (probs, logits): what the service runs."""
 
-    def __init__(self, model: Classifier, multi_label: bool) -> None:
+    def __init__(self, model: Classifier | Ensemble, multi_label: bool) -> None:
         super().__init__()
         self.model, self.multi_label = model, multi_label
 
@@ -58,7 +58,7 @@ class ExportWrapper(nn.Module):
         return probs, logits
 
 
-def export_onnx(model: Classifier, spec: DatasetSpec, path: Path) -> None:
+def export_onnx(model: Classifier | Ensemble, spec: DatasetSpec, path: Path) -> None:
     wrapper = ExportWrapper(model, spec.task.startswith("multi-label")).eval()
     example = torch.zeros((2, *spec.image_shape), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -67,7 +67,8 @@ def export_onnx(model: Classifier, spec: DatasetSpec, path: Path) -> None:
     program.save(str(path))
 
 
-def check_parity(model: Classifier, onnx_path: Path, images: torch.Tensor, multi_label: bool) -> dict[str, Any]:
+def check_parity(model: Classifier | Ensemble, onnx_path: Path, images: torch.Tensor,
+                 multi_label: bool) -> dict[str, Any]:
     """Compare onnxruntime with PyTorch on ``images``; raise ``ExportError`` past the tolerance."""
     expected = predict_torch(model, images, multi_label).numpy()
     got = predict_onnx(onnx_path, images.numpy())

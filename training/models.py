@@ -1,7 +1,7 @@
 """Models: raw uint8 pixels in, logits out, with preprocessing inside so that it exports to ONNX.
 
 ``Classifier = Preprocess -> net``; ``net`` is a ``ConvNet`` (MNIST / MedMNIST 2D and 3D) or a
-``TransferNet`` (a pretrained feature extractor with a new head).
+``TransferNet`` (a pretrained feature extractor with a new head). An ``Ensemble`` averages classifiers.
 """
 
 from __future__ import annotations
@@ -126,6 +126,22 @@ class Classifier(nn.Module):
         return self.net(x)
 
 
+class Ensemble(nn.Module):
+    """Trained classifiers as one model: the mean of their probabilities (softmax, or sigmoid for
+    multi-label), returned as logits that give back that mean (log-probabilities, or its logit)."""
+
+    def __init__(self, members: list[Classifier], multi_label: bool) -> None:
+        super().__init__()
+        self.members, self.multi_label = nn.ModuleList(members), multi_label
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([m(images).float() for m in self.members])
+        if self.multi_label:
+            p = torch.sigmoid(logits).mean(0).clamp(1e-7, 1 - 1e-7)
+            return torch.log(p) - torch.log1p(-p)
+        return torch.logsumexp(torch.log_softmax(logits, dim=2), dim=0) - math.log(len(self.members))
+
+
 @dataclass(frozen=True)
 class Backbone:
     """A torchvision ImageNet backbone: how to build it and cut off its classifier."""
@@ -177,6 +193,8 @@ def build_model(spec: DatasetSpec, cfg: TrainConfig, backbone_source: Classifier
     if cfg.backbone == CHECKPOINT_BACKBONE:
         if backbone_source is None:
             raise ValueError("backbone 'checkpoint' needs --backbone-checkpoint: a cnnserve checkpoint file")
+        if not isinstance(backbone_source, Classifier):
+            raise ValueError("an ensemble checkpoint cannot be a backbone: use one of its members' checkpoints")
         src = backbone_source.preprocess
         mean, std = tuple(src.mean.flatten().tolist()), tuple(src.std.flatten().tolist())
         pre = Preprocess(spec.layout, mean, std, out_channels=len(mean), out_size=cfg.input_size,

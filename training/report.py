@@ -16,10 +16,10 @@ from torchmetrics.functional.classification import binary_roc
 
 from training.data import DatasetSpec, Split
 from training.evaluate import predicted_labels
-from training.models import Classifier
+from training.models import Classifier, Ensemble
 
 
-def write_report(run_dir: Path, model: Classifier, spec: DatasetSpec, history: list[dict[str, float]],
+def write_report(run_dir: Path, model: Classifier | Ensemble, spec: DatasetSpec, history: list[dict[str, float]],
                  test: Split, probs: torch.Tensor, metrics: dict[str, Any]) -> None:
     plot_learning_curves(history, run_dir / "learning_curves.png")
     plot_confusion_matrix(metrics, spec, run_dir / "confusion_matrix.png")
@@ -29,14 +29,20 @@ def write_report(run_dir: Path, model: Classifier, spec: DatasetSpec, history: l
 
 
 def plot_learning_curves(history: list[dict[str, float]], path: Path) -> None:
-    epochs = [h["epoch"] for h in history]
+    """Loss and accuracy / AUC per epoch; an ensemble's history has a ``member`` column: one line each."""
+    members: dict[int, list[dict[str, float]]] = {}
+    for row in history:
+        members.setdefault(int(row.get("member", 0)), []).append(row)
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    suffix = f" ({len(members)} members)" if len(members) > 1 else ""
+    lines = [(ax_loss, "train_loss", "o-", "C0", "train"), (ax_loss, "val_loss", "o-", "C1", "val"),
+             (ax_metric, "train_acc", "o-", "C0", "train acc"), (ax_metric, "val_acc", "o-", "C1", "val acc"),
+             (ax_metric, "val_auc", "s--", "C2", "val AUC")]
+    for k, rows in members.items():
+        epochs = [h["epoch"] for h in rows]
+        for ax, key, style, color, label in lines:
+            ax.plot(epochs, [h[key] for h in rows], style, color=color, alpha=0.8, label=None if k else label + suffix)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_metric.plot(epochs, [h["train_acc"] for h in history], "o-", label="train acc")
-    ax_metric.plot(epochs, [h["val_acc"] for h in history], "o-", label="val acc")
-    ax_metric.plot(epochs, [h["val_auc"] for h in history], "s--", label="val AUC")
     ax_metric.set(xlabel="epoch", title="Accuracy / AUC")
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
@@ -102,7 +108,7 @@ def plot_misclassified(spec: DatasetSpec, test: Split, probs: torch.Tensor, path
     _save(fig, path)
 
 
-def write_model_summary(model: Classifier, spec: DatasetSpec, run_dir: Path) -> None:
+def write_model_summary(model: Classifier | Ensemble, spec: DatasetSpec, run_dir: Path) -> None:
     from torchinfo import summary
 
     example = torch.zeros((2, *spec.image_shape), dtype=torch.uint8)

@@ -8,6 +8,7 @@ Distributed data parallel when started by ``torchrun`` (gloo on CPU, nccl on CUD
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -24,11 +25,11 @@ from torch import nn
 from tqdm import tqdm
 
 from training.augment import BatchAugment
-from training.checkpoint import load_model, read_checkpoint, save_checkpoint
+from training.checkpoint import ensemble_from_checkpoint, load_model, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.data import DEFAULT_DATA_DIR, Batches, dataset_spec, load_split
+from training.data import DEFAULT_DATA_DIR, Batches, DatasetSpec, Split, dataset_spec, load_split
 from training.evaluate import full_metrics, headline_metrics, predict_torch
-from training.models import CHECKPOINT_BACKBONE, Classifier, TransferNet, build_model
+from training.models import CHECKPOINT_BACKBONE, Classifier, Ensemble, TransferNet, build_model
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -37,7 +38,8 @@ CHECKPOINT = "checkpoint.pt"
 class RunResult:
     run_dir: Path
     metrics: dict[str, Any]  # test metrics of the selected (best-on-val) model
-    epochs_run: int
+    epochs_run: int  # of the model (an ensemble: of its last member trained)
+    stopped: bool = False  # left early as ``stop_after`` asked; continue with ``resume``
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -108,7 +110,10 @@ def train(
 
     ``stop_after``: leave after this many epochs of this invocation (time-sliced or preemptible jobs);
     the checkpoint lets ``resume=True`` continue exactly where it stopped. Test metrics are then empty.
+    ``cfg.ensemble`` > 1 trains that many members and averages them (see ``_train_ensemble``).
     """
+    if cfg.ensemble > 1:
+        return _train_ensemble(cfg, run_dir, data_dir, download, resume, device, quiet, report, stop_after)
     dev = resolve_device(device)
     rank, world = _distributed(dev)
     if dev.type == "cuda" and world > 1:
@@ -188,7 +193,7 @@ def train(
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         train_time = time.perf_counter() - t0
-        val = _validate(core, val_split, spec.task, loss_fn, cfg.eval_batch_size, dev)
+        val = _validate(core, val_split, spec.task, cfg.eval_batch_size, dev)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"],
                "lr": optimizer.param_groups[-1]["lr"], "img_per_s": seen * world / train_time,
@@ -216,30 +221,83 @@ def train(
             break
         if stop_after is not None and epoch + 1 - start_epoch >= stop_after and epoch + 1 < cfg.epochs:
             log(f"[{cfg.name}] stopping after epoch {epoch + 1} as asked; continue with --resume")
-            return RunResult(run_dir, {}, epoch + 1)
+            return RunResult(run_dir, {}, epoch + 1, stopped=True)
 
     if world > 1:
         dist.barrier()
     if not is_main:
         return RunResult(run_dir, {}, epoch + 1)
-    _write_history(run_dir / "history.csv", history)
     core.load_state_dict(best_state)
-    test_split = load_split(spec, "test", data_dir, download)
-    probs = predict_torch(core, test_split.images, spec.task.startswith("multi-label"), cfg.eval_batch_size, dev)
-    metrics = full_metrics(spec.task, probs, test_split.labels, list(spec.labels))
-    metrics = {"dataset": spec.flag, "split": "test", "task": spec.task, "model": "pytorch (best val epoch)",
-               "best_val": {cfg.select_metric: best_metric}, **metrics}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log(f"[{cfg.name}] test acc {metrics['acc']:.4f} auc {metrics['auc']:.4f} -> {run_dir}")
-    if report:
-        from training.report import write_report
-
-        write_report(run_dir, core.cpu(), spec, history, test_split, probs, metrics)
+    metrics = _test_and_report(core, cfg, spec, run_dir, history, {"model": "pytorch (best val epoch)",
+                               "best_val": {cfg.select_metric: best_metric}}, data_dir, download, dev, report)
     return RunResult(run_dir, metrics, epoch + 1)
 
 
+def _train_ensemble(cfg: TrainConfig, run_dir: Path, data_dir: Path, download: bool, resume: bool, device: str,
+                    quiet: bool, report: bool, stop_after: int | None) -> RunResult:
+    """Train ``cfg.ensemble`` members (seeds ``cfg.seed``, +1, ...) into ``run_dir/member-K``, each selected on
+    val on its own, and combine them into one ``Ensemble`` checkpoint in ``run_dir``.
+
+    ``resume`` skips the members that finished and continues the one that did not; ``stop_after`` counts
+    the epochs of this invocation across members."""
+    epochs_left, last = stop_after, RunResult(run_dir, {}, 0)
+    for k in range(cfg.ensemble):
+        if epochs_left is not None and epochs_left <= 0:
+            return RunResult(run_dir, {}, last.epochs_run, stopped=True)
+        member = dataclasses.replace(cfg, name=f"{cfg.name}-m{k}", seed=cfg.seed + k, ensemble=1)
+        member_dir = run_dir / f"member-{k}"
+        if resume and (member_dir / "metrics.json").exists():
+            continue
+        ckpt_path = member_dir / CHECKPOINT
+        start = read_checkpoint(ckpt_path)["epoch"] + 1 if resume and ckpt_path.exists() else 0
+        last = train(member, member_dir, data_dir, download, resume, device, quiet, report, epochs_left)
+        if epochs_left is not None:
+            epochs_left -= last.epochs_run - start
+        if last.stopped:
+            return RunResult(run_dir, {}, last.epochs_run, stopped=True)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return RunResult(run_dir, {}, last.epochs_run)
+
+    dev = resolve_device(device)
+    spec = dataset_spec(cfg.dataset, cfg.size)
+    done = [read_checkpoint(run_dir / f"member-{k}" / CHECKPOINT) for k in range(cfg.ensemble)]
+    state = {"config": cfg.to_dict(), "epoch": max(c["epoch"] for c in done),
+             "history": [{"member": k, **row} for k, c in enumerate(done) for row in c["history"]],
+             "members": [{"config": c["config"], "backbone_source_config": c["backbone_source_config"],
+                          "model": c["best_model"]} for c in done]}
+    model = ensemble_from_checkpoint(state).to(dev)
+    val = _validate(model, load_split(spec, "val", data_dir, download), spec.task, cfg.eval_batch_size, dev)
+    state["best_metric"] = val[cfg.select_metric]
+    save_checkpoint(state, run_dir / CHECKPOINT)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    member_metrics = [json.loads((run_dir / f"member-{k}" / "metrics.json").read_text()) for k in range(cfg.ensemble)]
+    info = {"model": f"ensemble of {cfg.ensemble} (mean probability)",
+            "best_val": {cfg.select_metric: state["best_metric"]},
+            "members": [{"seed": cfg.seed + k, "acc": m["acc"], "auc": m["auc"]} for k, m in enumerate(member_metrics)]}
+    metrics = _test_and_report(model, cfg, spec, run_dir, state["history"], info, data_dir, download, dev, report)
+    return RunResult(run_dir, metrics, state["epoch"] + 1)
+
+
+def _test_and_report(model: Classifier | Ensemble, cfg: TrainConfig, spec: DatasetSpec, run_dir: Path,
+                     history: list[dict[str, float]], info: dict[str, Any], data_dir: Path, download: bool,
+                     dev: torch.device, report: bool) -> dict[str, Any]:
+    """Evaluate the selected model once on the test split; write history.csv, metrics.json and the report."""
+    _write_history(run_dir / "history.csv", history)
+    test_split = load_split(spec, "test", data_dir, download)
+    probs = predict_torch(model, test_split.images, spec.task.startswith("multi-label"), cfg.eval_batch_size, dev)
+    metrics = full_metrics(spec.task, probs, test_split.labels, list(spec.labels))
+    metrics = {"dataset": spec.flag, "split": "test", "task": spec.task, **info, **metrics}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"[{cfg.name}] test acc {metrics['acc']:.4f} auc {metrics['auc']:.4f} -> {run_dir}")
+    if report:
+        from training.report import write_report
+
+        write_report(run_dir, model.cpu(), spec, history, test_split, probs, metrics)
+    return metrics
+
+
 @torch.no_grad()
-def _validate(model: Classifier, split: Any, task: str, loss_fn: nn.Module, batch_size: int,
+def _validate(model: Classifier | Ensemble, split: Split, task: str, batch_size: int,
               device: torch.device) -> dict[str, float]:
     multi_label = task.startswith("multi-label")
     probs = predict_torch(model, split.images, multi_label, batch_size, device)
