@@ -27,11 +27,13 @@ def test_every_subcommand_explains_itself(command):
 
 def test_train_export_evaluate(fixture_data, tmp_path):
     data = ["--data-dir", str(fixture_data), "--no-download", "--quiet"]
-    run("train", "retinamnist", "--epochs", "2", "--set", "widths=[8,16]", "--set", "augment.hflip=true",
-        "--run-dir", str(tmp_path / "run"), "--export", "--model-dir", str(tmp_path / "repo"), *data)
+    run("train", "retinamnist", "--epochs", "2", "--ensemble", "2", "--set", "widths=[8,16]",
+        "--set", "augment.hflip=true", "--run-dir", str(tmp_path / "run"), "--export",
+        "--model-dir", str(tmp_path / "repo"), *data)
     card = read_card(tmp_path / "repo" / "retinamnist-cnn" / "1" / "model.json")
     assert card.training["command"].startswith("python -m training train retinamnist")
     assert card.training["config"]["augment"]["hflip"] is True and card.training["epochs_run"] == 2
+    assert card.training["config"]["ensemble"] == 2 and (tmp_path / "run" / "member-1" / "checkpoint.pt").exists()
     again = json.loads(run("evaluate", str(tmp_path / "repo" / "retinamnist-cnn" / "1"), *data[:-1]).stdout)
     assert again["acc"] == pytest.approx(card.metrics["test"]["acc"], abs=1e-9)
     from_checkpoint = json.loads(run("evaluate", str(tmp_path / "run" / "checkpoint.pt"), *data[:-1]).stdout)
