@@ -1,7 +1,8 @@
 """The training loop: one model from a ``TrainConfig`` into a run directory.
 
 Run directory contents: ``checkpoint.pt`` (last epoch, for ``--resume``; holds the best weights too),
-``config.yaml``, ``history.csv``, ``metrics.json`` and the report (see ``training.report``).
+``config.yaml``, ``history.csv``, ``metrics.json`` and the report (see ``training.report``); an ensemble's
+also holds one such run directory per member, ``member-K/``.
 Distributed data parallel when started by ``torchrun`` (gloo on CPU, nccl on CUDA).
 """
 
