@@ -34,14 +34,15 @@ def plot_learning_curves(history: list[dict[str, float]], path: Path) -> None:
     for row in history:
         members.setdefault(int(row.get("member", 0)), []).append(row)
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    suffix = f" ({len(members)} members)" if len(members) > 1 else ""
+    suffix, alpha = (f" ({len(members)} members)", 0.45) if len(members) > 1 else ("", 0.9)
     lines = [(ax_loss, "train_loss", "o-", "C0", "train"), (ax_loss, "val_loss", "o-", "C1", "val"),
              (ax_metric, "train_acc", "o-", "C0", "train acc"), (ax_metric, "val_acc", "o-", "C1", "val acc"),
              (ax_metric, "val_auc", "s--", "C2", "val AUC")]
     for k, rows in members.items():
         epochs = [h["epoch"] for h in rows]
         for ax, key, style, color, label in lines:
-            ax.plot(epochs, [h[key] for h in rows], style, color=color, alpha=0.8, label=None if k else label + suffix)
+            ax.plot(epochs, [h[key] for h in rows], style, color=color, alpha=alpha,
+                    label=None if k else label + suffix)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_metric.set(xlabel="epoch", title="Accuracy / AUC")
     for ax in (ax_loss, ax_metric):
