@@ -21,8 +21,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -30,7 +28,7 @@ from training.config import TrainConfig  # noqa: E402
 from training.data import DataNotFoundError, dataset_spec, load_split  # noqa: E402
 from training.evaluate import evaluate_path  # noqa: E402
 from training.export import export_checkpoint  # noqa: E402
-from training.train import CHECKPOINT, train  # noqa: E402
+from training.train import CHECKPOINT, same_config, train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -119,12 +117,10 @@ def _train_and_evaluate(config: str, seed: int, run_name: str, args: argparse.Na
     """Train (or reuse) one run, export it to the scratch repository, evaluate the ONNX on test."""
     cfg = TrainConfig.load(config, {"seed": seed})
     run_dir = args.work_dir / run_name
-    # reuse (or resume) only a run of this very config (fields added since then take their defaults): a
-    # config file edited since then means a new run
-    same_config = (run_dir / "config.yaml").exists() and \
-        TrainConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())) == cfg
-    if not (args.reuse and same_config and (run_dir / "metrics.json").exists()):
-        train(cfg, run_dir, args.data_dir, download=False, quiet=True, resume=args.reuse and same_config)
+    # reuse (or resume) only a run of this very config: a config file edited since then means a new run
+    reusable = args.reuse and same_config(run_dir, cfg)
+    if not (reusable and (run_dir / "metrics.json").exists()):
+        train(cfg, run_dir, args.data_dir, download=False, quiet=True, resume=reusable)
     with open(run_dir / "history.csv") as f:
         minutes = sum(float(row["epoch_s"]) for row in csv.DictReader(f)) / 60
     path = export_checkpoint(run_dir / CHECKPOINT, args.work_dir / "repo", run_name, args.data_dir, download=False,

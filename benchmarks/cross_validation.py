@@ -2,7 +2,7 @@
 without looking at the test split.
 
     python benchmarks/cross_validation.py retinamnist --data-dir ../shared/data \\
-        --variant plain --variant "highpass highpass=1.5" --seeds 3 --jobs 2
+        --variant "plain highpass=null" --variant highpass --seeds 5 --jobs 2
 
 Each fold trains on the other folds of the train split (stratified), picks its epoch on the official val
 split as every run does, and is scored on its held-out fold. The folds are written as medmnist npz files
@@ -62,12 +62,12 @@ def run_one(job: dict) -> dict:
 
     from training.checkpoint import load_model
     from training.evaluate import predict_torch
-    from training.train import CHECKPOINT, train
+    from training.train import CHECKPOINT, same_config, train
 
     torch.set_num_threads(job["threads"])
     cfg = TrainConfig.load(job["config"], {**job["overrides"], "seed": job["seed"], "ensemble": 1})
     run_dir, fold_dir = Path(job["run_dir"]), Path(job["fold_dir"])
-    if not (job["reuse"] and (run_dir / "metrics.json").exists()):
+    if not (job["reuse"] and same_config(run_dir, cfg) and (run_dir / "metrics.json").exists()):
         train(cfg, run_dir, fold_dir, download=False, quiet=True, report=False)
     spec = dataset_spec(cfg.dataset, cfg.size)
     held_out = load_split(spec, "test", fold_dir, download=False)
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant and fold (config seed + 0, 1, ...)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings run at once (threads split between them)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "benchmark-cv")
-    parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --work-dir")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs of the same config in --work-dir")
     args = parser.parse_args()
 
     variants = dict(parse_variant(v) for v in args.variant) if args.variant else {"config": {}}

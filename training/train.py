@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from serving.model_card import write_json_atomic
 from training.augment import BatchAugment
 from training.checkpoint import ensemble_from_checkpoint, load_model, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
@@ -279,6 +280,12 @@ def _train_ensemble(cfg: TrainConfig, run_dir: Path, data_dir: Path, download: b
     return RunResult(run_dir, metrics, state["epoch"] + 1)
 
 
+def same_config(run_dir: Path, cfg: TrainConfig) -> bool:
+    """Whether ``run_dir`` holds a run of this very config (fields added since then take their defaults)."""
+    config = Path(run_dir) / "config.yaml"
+    return config.exists() and TrainConfig.from_dict(yaml.safe_load(config.read_text())) == cfg
+
+
 def _test_and_report(model: Classifier | Ensemble, cfg: TrainConfig, spec: DatasetSpec, run_dir: Path,
                      history: list[dict[str, float]], info: dict[str, Any], data_dir: Path, download: bool,
                      dev: torch.device, report: bool) -> dict[str, Any]:
@@ -288,7 +295,7 @@ def _test_and_report(model: Classifier | Ensemble, cfg: TrainConfig, spec: Datas
     probs = predict_torch(model, test_split.images, spec.task.startswith("multi-label"), cfg.eval_batch_size, dev)
     metrics = full_metrics(spec.task, probs, test_split.labels, list(spec.labels))
     metrics = {"dataset": spec.flag, "split": "test", "task": spec.task, **info, **metrics}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json_atomic(run_dir / "metrics.json", metrics)  # written last: marks the run finished
     print(f"[{cfg.name}] test acc {metrics['acc']:.4f} auc {metrics['auc']:.4f} -> {run_dir}")
     if report:
         from training.report import write_report
