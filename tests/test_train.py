@@ -87,17 +87,20 @@ def test_early_stopping_and_staged_transfer_from_our_own_checkpoint(fixture_data
     assert model(torch.zeros(2, 28, 28, dtype=torch.uint8)).shape == (2, 2)
 
 
-def test_ddp_with_two_cpu_processes(fixture_data, tmp_path):
+def test_ddp_with_two_cpu_processes_trains_an_ensemble(fixture_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "training",
            "train", "pneumoniamnist", "--set", "widths=[8,16]", "--epochs", "2", "--batch-size", "16", "--quiet",
-           "--data-dir", str(fixture_data), "--no-download", "--run-dir", str(tmp_path), "--device", "cpu"]
+           "--ensemble", "2", "--data-dir", str(fixture_data), "--no-download", "--run-dir", str(tmp_path),
+           "--device", "cpu"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 processes" in done.stdout
-    history = (tmp_path / "history.csv").read_text().splitlines()
-    assert len(history) == 3  # header + 2 epochs
-    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 48
+    assert done.stdout.count("2 processes") == 2  # one line per member, from rank 0
+    for k in range(2):  # each member trained by both processes: header + 2 epochs
+        assert len((tmp_path / f"member-{k}" / "history.csv").read_text().splitlines()) == 3
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n"] == 48 and [m["seed"] for m in metrics["members"]] == [0, 1]
+    assert len(load_model(tmp_path / CHECKPOINT)[0].members) == 2
 
 
 @pytest.mark.slow
