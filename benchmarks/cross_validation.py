@@ -1,14 +1,15 @@
 """K-fold cross-validation of config variants on a dataset's official train split: choose a configuration
 without looking at the test split.
 
-    python benchmarks/cross_validation.py retinamnist --data-dir ../shared/data \\
-        --variant "plain highpass=null" --variant highpass --seeds 5 --jobs 2
+    python benchmarks/cross_validation.py retinamnist --data-dir ../shared/data --seeds 5 --jobs 2 \\
+        --variant "plain highpass=null" --variant highpass --mix "mixed=highpass+plain"
 
 Each fold trains on the other folds of the train split (stratified), picks its epoch on the official val
 split as every run does, and is scored on its held-out fold. The folds are written as medmnist npz files
 into scratch data directories, so training runs through its ordinary entry point. Per variant the report
 gives single models (mean over seeds and folds) and the ensemble of the seeds (mean probability), each as
-the mean over folds. Writes benchmarks/results/<config>_cv.{json,md}.
+the mean over folds; a ``--mix`` ensembles the seeds of several variants.
+Writes benchmarks/results/<config>_cv.{json,md}.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def run_one(job: dict) -> dict:
     from training.train import CHECKPOINT, same_config, train
 
     torch.set_num_threads(job["threads"])
-    cfg = TrainConfig.load(job["config"], {**job["overrides"], "seed": job["seed"], "ensemble": 1})
+    cfg = TrainConfig.load(job["config"], {**job["overrides"], "seed": job["seed"], "ensemble": 1,
+                                           "ensemble_variants": []})
     run_dir, fold_dir = Path(job["run_dir"]), Path(job["fold_dir"])
     if not (job["reuse"] and same_config(run_dir, cfg) and (run_dir / "metrics.json").exists()):
         train(cfg, run_dir, fold_dir, download=False, quiet=True, report=False)
@@ -75,25 +77,31 @@ def run_one(job: dict) -> dict:
     return {**job, "probs": probs, "labels": held_out.labels}
 
 
-def summarise(task: str, results: list[dict], variants: dict[str, dict], folds: int, seeds: list[int]) -> list[dict]:
+def summarise(task: str, results: list[dict], variants: dict[str, dict], mixes: dict[str, list[str]], folds: int,
+              seeds: list[int]) -> list[dict]:
+    """One row per variant (its seeds' single models and their ensemble) and per mix (the ensemble of all
+    seeds of several variants)."""
+    probs = {(r["variant"], r["seed"], r["fold"]): r["probs"] for r in results}
+    labels = {r["fold"]: r["labels"] for r in results}
+    groups = {name: [name] for name in variants} | mixes
     rows = []
-    for name, overrides in variants.items():
-        mine = {(r["seed"], r["fold"]): r for r in results if r["variant"] == name}
-        per_seed = []  # mean over folds of each seed's single models
-        for seed in seeds:
-            scores = [headline_metrics(task, mine[seed, k]["probs"], mine[seed, k]["labels"]) for k in range(folds)]
-            per_seed.append({m: statistics.mean(s[m] for s in scores) for m in ("acc", "auc")})
+    for name, members in groups.items():
+        per_seed = []  # mean over folds of each single model (variant, seed)
+        for variant in members:
+            for seed in seeds:
+                scores = [headline_metrics(task, probs[variant, seed, k], labels[k]) for k in range(folds)]
+                per_seed.append({m: statistics.mean(s[m] for s in scores) for m in ("acc", "auc")})
         ensemble = []
         for k in range(folds):
-            probs = sum(mine[seed, k]["probs"] for seed in seeds) / len(seeds)
-            ensemble.append(headline_metrics(task, probs, mine[seeds[0], k]["labels"]))
-        row = {"variant": name, "overrides": overrides, "seeds": seeds,
-               "single": {m: statistics.mean(s[m] for s in per_seed) for m in ("acc", "auc")},
-               "single_sd_over_seeds": {m: statistics.stdev(s[m] for s in per_seed) if len(seeds) > 1 else 0.0
-                                        for m in ("acc", "auc")},
-               "ensemble": {m: statistics.mean(e[m] for e in ensemble) for m in ("acc", "auc")},
-               "per_seed": per_seed}
-        rows.append(row)
+            mean = sum(probs[variant, seed, k] for variant in members for seed in seeds) / (len(members) * len(seeds))
+            ensemble.append(headline_metrics(task, mean, labels[k]))
+        overrides = variants[name] if name in variants else {"mix": "+".join(members)}
+        rows.append({"variant": name, "overrides": overrides, "seeds": seeds, "members": len(per_seed),
+                     "single": {m: statistics.mean(s[m] for s in per_seed) for m in ("acc", "auc")},
+                     "single_sd_over_seeds": {m: statistics.stdev(s[m] for s in per_seed) if len(per_seed) > 1
+                                              else 0.0 for m in ("acc", "auc")},
+                     "ensemble": {m: statistics.mean(e[m] for e in ensemble) for m in ("acc", "auc")},
+                     "per_seed": per_seed})
     return rows
 
 
@@ -104,25 +112,36 @@ def render(config: str, rows: list[dict], folds: int, command: str) -> str:
              f"Each fold trains on the other {folds - 1} folds (stratified), selects its epoch on the official val "
              "split and is scored on the held-out fold; the test split is not used. ACC / AUC as "
              "`medmnist.Evaluator` defines them, averaged over folds.", "",
-             f"| variant | overrides | single model ACC | single model AUC | ensemble of {n} ACC | "
-             f"ensemble of {n} AUC |", "|---|---|---|---|---|---|"]
+             "| variant | overrides | single model ACC | single model AUC | ensemble | ensemble ACC | ensemble AUC |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         s, sd, e = r["single"], r["single_sd_over_seeds"], r["ensemble"]
         overrides = " ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(config as is)"
         lines.append(f"| {r['variant']} | `{overrides}` | {s['acc']:.3f} ± {sd['acc']:.3f} | "
-                     f"{s['auc']:.3f} ± {sd['auc']:.3f} | {e['acc']:.3f} | {e['auc']:.3f} |")
-    lines += ["", f"Single model: mean over {n} seeds of the mean over folds, ± the standard deviation over seeds. "
-              f"Ensemble: the {n} seeds' probabilities averaged per image."]
+                     f"{s['auc']:.3f} ± {sd['auc']:.3f} | {r['members']} | {e['acc']:.3f} | {e['auc']:.3f} |")
+    lines += ["", f"Single model: mean over the {n} seeds (and the variants of a mix) of the mean over folds, ± the "
+              "standard deviation over those models. Ensemble: their probabilities averaged per image; a mix "
+              "ensembles all seeds of its variants (an `ensemble_variants` config)."]
     return "\n".join(lines) + "\n"
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
     name, *overrides = text.split()
     parsed = dict(parse_override(o) for o in overrides)
-    if "ensemble" in parsed:
-        raise SystemExit(f"--variant {text!r}: leave out ensemble; the ensemble of --seeds is reported beside "
-                         "single models")
+    if {"ensemble", "ensemble_variants"} & set(parsed):
+        raise SystemExit(f"--variant {text!r}: leave out ensemble settings; the ensemble of --seeds is reported "
+                         "beside single models, and --mix ensembles several variants")
     return name, parsed
+
+
+def parse_mix(text: str, variants: dict[str, dict]) -> tuple[str, list[str]]:
+    name, _, members = text.partition("=")
+    parts = members.split("+")
+    unknown = [p for p in parts if p not in variants]
+    if not members or unknown:
+        raise SystemExit(f"--mix {text!r}: expected NAME=VARIANT+VARIANT[+...] of the --variant names "
+                         f"{sorted(variants)}" + (f"; unknown: {unknown}" if unknown and members else ""))
+    return name, parts
 
 
 def main() -> None:
@@ -131,6 +150,9 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--variant", action="append", default=[], metavar='"NAME [KEY=VALUE ...]"',
                         help="a name and config overrides; repeatable (default: the config as is)")
+    parser.add_argument("--mix", action="append", default=[], metavar="NAME=VARIANT+VARIANT",
+                        help="also report the ensemble of all seeds of these variants (as ensemble_variants "
+                             "trains); repeatable")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant and fold (config seed + 0, 1, ...)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings run at once (threads split between them)")
@@ -139,6 +161,7 @@ def main() -> None:
     args = parser.parse_args()
 
     variants = dict(parse_variant(v) for v in args.variant) if args.variant else {"config": {}}
+    mixes = dict(parse_mix(m, variants) for m in args.mix)
     cfg = TrainConfig.load(args.config)
     fold_dirs = write_folds(cfg.dataset, args.data_dir, args.folds, args.work_dir / "data")
     seeds = [cfg.seed + i for i in range(args.seeds)]
@@ -152,7 +175,7 @@ def main() -> None:
         for i, result in enumerate(pool.map(run_one, jobs), 1):
             results.append(result)
             print(f"[{i}/{len(jobs)}] {result['variant']} seed {result['seed']} fold {result['fold']}", flush=True)
-    rows = summarise(dataset_spec(cfg.dataset).task, results, variants, args.folds, seeds)
+    rows = summarise(dataset_spec(cfg.dataset).task, results, variants, mixes, args.folds, seeds)
     command = shlex.join(["python", "benchmarks/cross_validation.py", *sys.argv[1:]])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"{args.config}_cv"

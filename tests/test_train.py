@@ -50,14 +50,15 @@ def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(fixture_data
 
 
 def test_an_ensemble_averages_its_members_and_resumes_across_them(fixture_data, tmp_path):
-    cfg = tiny("retinamnist", epochs=2, ensemble=2, seed=5)
+    cfg = tiny("retinamnist", epochs=2, ensemble=2, seed=5, ensemble_variants=[{}, {"highpass": 1.0}])
     straight = train(cfg, tmp_path / "a", fixture_data, download=False, quiet=True)
-    assert [m["seed"] for m in straight.metrics["members"]] == [5, 6]
+    assert [(m["seed"], m["overrides"]) for m in straight.metrics["members"]] == [(5, {}), (6, {"highpass": 1.0})]
     for name in ("metrics.json", "history.csv", "learning_curves.png", "roc_curves.png", "member-1/metrics.json"):
         assert (tmp_path / "a" / name).exists(), name
     ensemble, _, _ = load_model(tmp_path / "a" / CHECKPOINT)
     images = load_split(dataset_spec("retinamnist"), "test", fixture_data, download=False).images
     members = [load_model(tmp_path / "a" / f"member-{k}" / CHECKPOINT)[0] for k in range(2)]
+    assert [m.preprocess.highpass for m in ensemble.members] == [m.preprocess.highpass for m in members] == [None, 1.0]
     expected = (predict_torch(members[0], images, False) + predict_torch(members[1], images, False)) / 2
     torch.testing.assert_close(predict_torch(ensemble, images, False), expected, atol=1e-6, rtol=0)
 
@@ -70,6 +71,18 @@ def test_an_ensemble_averages_its_members_and_resumes_across_them(fixture_data, 
     resumed = train(cfg, tmp_path / "b", fixture_data, download=False, resume=True, quiet=True, report=False)
     assert not resumed.stopped
     assert (resumed.metrics["acc"], resumed.metrics["auc"]) == (straight.metrics["acc"], straight.metrics["auc"])
+
+
+def test_ensemble_variants_are_checked_when_the_config_is_read():
+    cfg = tiny("retinamnist", ensemble=3, ensemble_variants=[{"highpass": 1.5}, {"augment.hflip": True}])
+    assert [(m.seed, m.highpass, m.augment.hflip, m.augment.translate) for m in map(cfg.member, range(3))] == [
+        (0, 1.5, False, 0.1), (1, None, True, 0.1), (2, 1.5, False, 0.1)]
+    with pytest.raises(ValueError, match="unknown config keys: \\['hihgpass'\\]"):
+        tiny("retinamnist", ensemble=2, ensemble_variants=[{"hihgpass": 1.5}])
+    with pytest.raises(ValueError, match="may not set \\['seed'\\]"):
+        tiny("retinamnist", ensemble=2, ensemble_variants=[{"seed": 3}])
+    with pytest.raises(ValueError, match="needs ensemble"):
+        tiny("retinamnist", ensemble_variants=[{}, {"highpass": 1.5}])
 
 
 def test_early_stopping_and_staged_transfer_from_our_own_checkpoint(fixture_data, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ class TrainConfig:
     augment: Augment = field(default_factory=Augment)
     seed: int = 0
     ensemble: int = 1  # train this many members (seeds seed, seed+1, ...) and average their probabilities
+    # member k of an ensemble takes the overrides ensemble_variants[k % len] (keys as --set takes them)
+    ensemble_variants: list[dict[str, Any]] = field(default_factory=list)
     # data
     train_limit: int | None = None  # use only the first N training images (smoke tests)
     eval_batch_size: int = 512
@@ -71,24 +74,36 @@ class TrainConfig:
             raise ValueError(f"unknown config keys: {sorted(unknown)}; known: {sorted(known)}")
         data = dict(data)
         data["augment"] = Augment(**(data.get("augment") or {}))
-        return cls(**data)
+        cfg = cls(**data)
+        if cfg.ensemble_variants and cfg.ensemble < 2:
+            raise ValueError("ensemble_variants needs ensemble: N with N >= 2 (the members to spread them over)")
+        for k in range(min(cfg.ensemble, len(cfg.ensemble_variants))):
+            cfg.member(k)  # a bad variant fails when the config is read, not after hours of training
+        return cfg
 
     @classmethod
     def load(cls, path: Path | str, overrides: dict[str, Any] | None = None) -> TrainConfig:
         path = Path(path)
         if not path.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
             path = CONFIG_DIR / f"{path}.yaml"
-        data = yaml.safe_load(path.read_text()) or {}
-        for key, value in (overrides or {}).items():
-            target = data
-            *parents, leaf = key.split(".")
-            for p in parents:
-                target = target.setdefault(p, {})
-            target[leaf] = value
-        return cls.from_dict(data)
+        return cls.from_dict(with_overrides(yaml.safe_load(path.read_text()) or {}, overrides or {}))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def variant(self, k: int) -> dict[str, Any]:
+        """The config overrides of ensemble member ``k``: ``ensemble_variants`` taken in turn."""
+        return self.ensemble_variants[k % len(self.ensemble_variants)] if self.ensemble_variants else {}
+
+    def member(self, k: int) -> TrainConfig:
+        """Member ``k`` of an ensemble: seed ``seed + k``, with the overrides of ``variant(k)`` (members that
+        see their inputs differently make a more diverse ensemble)."""
+        overrides = self.variant(k)
+        refused = {"name", "seed", "ensemble", "ensemble_variants"} & set(overrides)
+        if refused:
+            raise ValueError(f"ensemble_variants may not set {sorted(refused)}: members get them from the ensemble")
+        fixed = {"name": f"{self.name}-m{k}", "seed": self.seed + k, "ensemble": 1, "ensemble_variants": []}
+        return TrainConfig.from_dict(with_overrides(self.to_dict(), {**overrides, **fixed}))
 
     @property
     def select_metric(self) -> str:
@@ -98,6 +113,18 @@ class TrainConfig:
                 raise ValueError(f"select must be acc, auc or acc+auc, not {self.select!r}")
             return self.select
         return "acc" if self.dataset == "mnist" else "auc"
+
+
+def with_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``overrides`` set; a dotted key sets one nested field (``augment.hflip``)."""
+    data = copy.deepcopy(data)
+    for key, value in overrides.items():
+        target = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = value
+    return data
 
 
 def parse_override(text: str) -> tuple[str, Any]:

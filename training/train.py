@@ -9,7 +9,6 @@ Distributed data parallel when started by ``torchrun`` (gloo on CPU, nccl on CUD
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -237,8 +236,9 @@ def train(
 
 def _train_ensemble(cfg: TrainConfig, run_dir: Path, data_dir: Path, download: bool, resume: bool, device: str,
                     quiet: bool, report: bool, stop_after: int | None) -> RunResult:
-    """Train ``cfg.ensemble`` members (seeds ``cfg.seed``, +1, ...) into ``run_dir/member-K``, each selected on
-    val on its own, and combine them into one ``Ensemble`` checkpoint in ``run_dir``.
+    """Train ``cfg.ensemble`` members (``cfg.member(k)``: seeds ``cfg.seed``, +1, ..., each with its variant's
+    overrides) into ``run_dir/member-K``, each selected on val on its own, and combine them into one
+    ``Ensemble`` checkpoint in ``run_dir``.
 
     ``resume`` skips the members that finished and continues the one that did not; ``stop_after`` counts
     the epochs of this invocation across members."""
@@ -246,7 +246,7 @@ def _train_ensemble(cfg: TrainConfig, run_dir: Path, data_dir: Path, download: b
     for k in range(cfg.ensemble):
         if epochs_left is not None and epochs_left <= 0:
             return RunResult(run_dir, {}, last.epochs_run, stopped=True)
-        member = dataclasses.replace(cfg, name=f"{cfg.name}-m{k}", seed=cfg.seed + k, ensemble=1)
+        member = cfg.member(k)
         member_dir = run_dir / f"member-{k}"
         if resume and (member_dir / "metrics.json").exists():
             continue
@@ -275,7 +275,8 @@ def _train_ensemble(cfg: TrainConfig, run_dir: Path, data_dir: Path, download: b
     member_metrics = [json.loads((run_dir / f"member-{k}" / "metrics.json").read_text()) for k in range(cfg.ensemble)]
     info = {"model": f"ensemble of {cfg.ensemble} (mean probability)",
             "best_val": {cfg.select_metric: state["best_metric"]},
-            "members": [{"seed": cfg.seed + k, "acc": m["acc"], "auc": m["auc"]} for k, m in enumerate(member_metrics)]}
+            "members": [{"seed": cfg.seed + k, "overrides": cfg.variant(k), "acc": m["acc"], "auc": m["auc"]}
+                        for k, m in enumerate(member_metrics)]}
     metrics = _test_and_report(model, cfg, spec, run_dir, state["history"], info, data_dir, download, dev, report)
     return RunResult(run_dir, metrics, state["epoch"] + 1)
 
