@@ -116,7 +116,7 @@ def render(config: str, rows: list[dict], folds: int, command: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         s, sd, e = r["single"], r["single_sd_over_seeds"], r["ensemble"]
-        overrides = " ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(config as is)"
+        overrides = " ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(the config's settings)"
         lines.append(f"| {r['variant']} | `{overrides}` | {s['acc']:.3f} ± {sd['acc']:.3f} | "
                      f"{s['auc']:.3f} ± {sd['auc']:.3f} | {r['members']} | {e['acc']:.3f} | {e['auc']:.3f} |")
     lines += ["", f"Single model: mean over the {n} seeds (and the variants of a mix) of the mean over folds, ± the "

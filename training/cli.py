@@ -34,8 +34,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="override the config's learning rate")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--ensemble", type=int, metavar="N",
-                   help="train N members (seeds seed .. seed+N-1) and export the mean of their probabilities; "
-                        "N times the inference cost")
+                   help="train N members (seeds seed .. seed+N-1, taking the config's ensemble_variants in turn) "
+                        "and export the mean of their probabilities; N times the inference cost")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (YAML value), e.g. --set augment.hflip=true; repeatable")
     p.add_argument("--device", default=os.environ.get("CNNSERVE_TRAIN_DEVICE", "auto"),
