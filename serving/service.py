@@ -9,6 +9,7 @@ HTTP (port 3000): ``POST /classify`` (image uploads), ``POST /predict`` (JSON ar
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from serving.asgi import BodyLimit, MountRoots
+from serving.asgi import BodyLimit, MountRoots, RequestTimeout
 from serving.errors import InvalidInput, ServingError
 from serving.images import decode_upload
 from serving.inference import Inference, label_predictions, numbers_to_uint8
@@ -38,6 +39,24 @@ def tracing_config(settings: Settings) -> dict:
     """BentoML's OpenTelemetry middleware costs about half the HTTP throughput (measured in
     serving/README.md): the inference paths skip it unless ``CNNSERVE_TRACE_REQUESTS`` is on."""
     return {} if settings.trace_requests else {"excluded_urls": INFERENCE_PATHS}
+
+
+def use_request_timeout() -> bool:
+    """Make BentoML's HTTP app enforce ``traffic.timeout`` with ``RequestTimeout``, whose timers end with
+    their requests (BentoML's outlive them: see ``RequestTimeout``). False where this BentoML has no such
+    middleware to swap; its own then stays."""
+    try:
+        from bentoml._internal.server.http import traffic
+    except ImportError:
+        return False
+    if not hasattr(traffic, "TimeoutMiddleware"):
+        return False
+    traffic.TimeoutMiddleware = RequestTimeout  # base_app.middlewares looks it up when it builds the app
+    return True
+
+
+if not use_request_timeout():
+    log.warning("BentoML's TimeoutMiddleware was not found: HTTP requests keep BentoML's own timeout handling")
 
 
 class RequestError(BentoMLException):
@@ -99,6 +118,11 @@ class CnnServe:
             await self.grpc.start()
         if self.settings.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll_repository())
+        # What exists now (modules, BentoML, the models) lives as long as the worker: keep it out of the
+        # garbage collector's full passes, which otherwise walk it all and stop the event loop for ~70 ms
+        # about once a second under load (serving/README.md, "HTTP tail")
+        gc.collect()
+        gc.freeze()
 
     async def _poll_repository(self) -> None:
         while True:

@@ -1,0 +1,76 @@
+"""RequestTimeout, the HTTP request timeout the service puts in place of BentoML's."""
+
+import asyncio
+import gc
+import json
+
+from serving.asgi import RequestTimeout
+
+
+def respond_after(delay_before_start: float, delay_before_body: float = 0.0, log: list | None = None):
+    """An ASGI app that starts its response after one delay and sends the body after another."""
+    async def app(scope, receive, send):
+        try:
+            await asyncio.sleep(delay_before_start)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await asyncio.sleep(delay_before_body)
+            await send({"type": "http.response.body", "body": b"ok"})
+        except asyncio.CancelledError:
+            if log is not None:
+                log.append("cancelled")
+            raise
+
+    return app
+
+
+async def call(app, timeout: float) -> list[dict]:
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    await RequestTimeout(app, timeout)({"type": "http"}, None, send)
+    return sent
+
+
+def live_timers() -> int:
+    return sum(isinstance(o, asyncio.TimerHandle) and not o.cancelled() for o in gc.get_objects())
+
+
+def test_a_fast_request_passes_and_leaves_no_timer_behind():
+    async def main():
+        before = live_timers()
+        sent = [await call(respond_after(0), timeout=60) for _ in range(50)]
+        return before, live_timers(), sent
+
+    before, after, sent = asyncio.run(main())
+    assert all(s[0]["status"] == 200 and s[1]["body"] == b"ok" for s in sent)
+    assert after == before  # BentoML's TimeoutMiddleware left 50 timers of 60 s here
+
+
+def test_a_request_that_does_not_start_in_time_gets_504_and_its_handler_is_cancelled():
+    log: list[str] = []
+
+    async def main():
+        return await call(respond_after(5, log=log), timeout=0.05)
+
+    sent = asyncio.run(main())
+    assert sent[0]["status"] == 504
+    assert json.loads(sent[1]["body"]) == {"error": "not able to process the request in 0.05 seconds"}
+    assert log == ["cancelled"]
+
+
+def test_a_response_that_started_in_time_is_finished_not_cut():
+    async def main():
+        return await call(respond_after(0, delay_before_body=0.1), timeout=0.05)
+
+    sent = asyncio.run(main())
+    assert [m.get("status") for m in sent] == [200, None] and sent[1]["body"] == b"ok"
+
+
+def test_the_service_swaps_bentomls_timeout_middleware_for_ours():
+    from bentoml._internal.server.http import traffic
+
+    import serving.service  # noqa: F401  (the swap happens on import)
+
+    assert traffic.TimeoutMiddleware is RequestTimeout
