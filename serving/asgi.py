@@ -54,17 +54,17 @@ class RequestTimeout:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = asyncio.Event()
+        started = asyncio.get_running_loop().create_future()
 
         async def send_and_mark(message: dict) -> None:
-            started.set()
+            if not started.done():
+                started.set_result(None)
             await send(message)
 
         app = asyncio.ensure_future(self.app(scope, receive, send_and_mark))
-        first_send = asyncio.ensure_future(started.wait())
         try:  # asyncio.wait cancels its own timer when it returns
-            await asyncio.wait((app, first_send), timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
-            if not started.is_set() and not app.done():
+            await asyncio.wait((app, started), timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not started.done() and not app.done():
                 app.cancel()
                 message = f"not able to process the request in {self.timeout:g} seconds"
                 await send({"type": "http.response.start", "status": 504,
@@ -75,5 +75,3 @@ class RequestTimeout:
         except asyncio.CancelledError:  # the server dropped the request: do not leave the app running
             app.cancel()
             raise
-        finally:
-            first_send.cancel()

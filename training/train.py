@@ -275,7 +275,7 @@ def _train_ensemble(cfg: TrainConfig, run_dir: Path, data_dir: Path, download: b
     member_metrics = [json.loads((run_dir / f"member-{k}" / "metrics.json").read_text()) for k in range(cfg.ensemble)]
     info = {"model": f"ensemble of {cfg.ensemble} (mean probability)",
             "best_val": {cfg.select_metric: state["best_metric"]},
-            "members": [{"seed": cfg.seed + k, "overrides": cfg.variant(k), "acc": m["acc"], "auc": m["auc"]}
+            "members": [{"seed": cfg.member(k).seed, "overrides": cfg.variant(k), "acc": m["acc"], "auc": m["auc"]}
                         for k, m in enumerate(member_metrics)]}
     metrics = _test_and_report(model, cfg, spec, run_dir, state["history"], info, data_dir, download, dev, report)
     return RunResult(run_dir, metrics, state["epoch"] + 1)
