@@ -9,7 +9,7 @@ split as every run does, and is scored on its held-out fold. The folds are writt
 into scratch data directories, so training runs through its ordinary entry point. Per variant the report
 gives single models (mean over seeds and folds) and the ensemble of the seeds (mean probability), each as
 the mean over folds; a ``--mix`` ensembles the seeds of several variants.
-Writes benchmarks/results/<config>_cv.{json,md}.
+Writes benchmarks/results/<config>_cv.{json,md} (or --results-name).
 """
 
 from __future__ import annotations
@@ -158,6 +158,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="trainings run at once (threads split between them)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "benchmark-cv")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs of the same config in --work-dir")
+    parser.add_argument("--results-name", metavar="STEM",
+                        help="write benchmarks/results/STEM.{json,md} (default: <config>_cv, the record of the "
+                             "config's own choice; name side studies so they do not replace it)")
     args = parser.parse_args()
 
     variants = dict(parse_variant(v) for v in args.variant) if args.variant else {"config": {}}
@@ -178,7 +181,7 @@ def main() -> None:
     rows = summarise(dataset_spec(cfg.dataset).task, results, variants, mixes, args.folds, seeds)
     command = shlex.join(["python", "benchmarks/cross_validation.py", *sys.argv[1:]])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.config}_cv"
+    stem = args.results_name or f"{args.config}_cv"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "folds": args.folds, "rows": rows},
                                                      indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(render(args.config, rows, args.folds, command))
