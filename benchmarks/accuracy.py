@@ -24,13 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.publish import write_results  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import DataNotFoundError, dataset_spec, load_split  # noqa: E402
 from training.evaluate import evaluate_path  # noqa: E402
 from training.export import export_checkpoint  # noqa: E402
 from training.train import CHECKPOINT, same_config, train  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 
 # MedMNIST v2 (Yang et al., Scientific Data 2023), Tables of test AUC / ACC; 2D: ResNet-18/50 at 28 and 224 px,
 # 3D: ResNet-18/50 with 2.5D, 3D and ACS convolutions. Transcribed from the paper.
@@ -105,12 +104,9 @@ def main() -> None:
                                  f"python -m training train {config} (benchmark run, not shipped)", minutes))
         if len(per_seed) > 1:
             spreads.append({"model": name, "config": config, "ensemble": cfg.ensemble, "seeds": per_seed})
-    RESULTS.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
-    (RESULTS / "accuracy.json").write_text(
-        json.dumps({"command": command, "rows": rows, "seed_spread": spreads}, indent=2) + "\n")
-    (RESULTS / "accuracy.md").write_text(render(rows, spreads, command))
-    print((RESULTS / "accuracy.md").read_text())
+    print(write_results("accuracy", {"command": command, "rows": rows, "seed_spread": spreads},
+                        render(rows, spreads, command)))
 
 
 def _train_and_evaluate(config: str, seed: int, run_name: str, args: argparse.Namespace) -> tuple[dict, float]:

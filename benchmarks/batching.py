@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shlex
 import sys
 import time
@@ -22,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.publish import write_results
 from benchmarks.serving import ROOT, Process, cnnserve, free_port, model_path
 
-RESULTS = ROOT / "benchmarks" / "results"
 CONCURRENCY = (1, 16, 64)
 
 
@@ -90,16 +89,12 @@ def main() -> None:
         finally:
             proc.stop()
     command = shlex.join(["python", "benchmarks/batching.py", *sys.argv[1:]])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "batching.json").write_text(json.dumps({"command": command, "model": args.model, "rows": rows},
-                                                      indent=2) + "\n")
     lines = ["# Batching: cnnserve's batcher vs BentoML adaptive batching", "",
              f"`{command}` — {args.model}, single-image JSON requests, client and server on the same 2 cores.", "",
              "| batching | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['server']} | {r['concurrency']} | {r['req_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
               f"{r['errors']} |" for r in rows]
-    (RESULTS / "batching.md").write_text("\n".join(lines) + "\n")
-    print((RESULTS / "batching.md").read_text())
+    print(write_results("batching", {"command": command, "model": args.model, "rows": rows}, "\n".join(lines) + "\n"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes benchmarks/results/<config>_cv.{json,md} (or --results-name).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -29,11 +28,10 @@ from sklearn.model_selection import KFold, StratifiedKFold
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.publish import write_results  # noqa: E402
 from training.config import TrainConfig, parse_override  # noqa: E402
 from training.data import dataset_spec, load_split  # noqa: E402
 from training.evaluate import headline_metrics  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def write_folds(flag: str, data_dir: Path, folds: int, work_dir: Path) -> list[Path]:
@@ -180,12 +178,8 @@ def main() -> None:
             print(f"[{i}/{len(jobs)}] {result['variant']} seed {result['seed']} fold {result['fold']}", flush=True)
     rows = summarise(dataset_spec(cfg.dataset).task, results, variants, mixes, args.folds, seeds)
     command = shlex.join(["python", "benchmarks/cross_validation.py", *sys.argv[1:]])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = args.results_name or f"{args.config}_cv"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "folds": args.folds, "rows": rows},
-                                                     indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(render(args.config, rows, args.folds, command))
-    print((RESULTS / f"{stem}.md").read_text())
+    data = {"command": command, "folds": args.folds, "rows": rows}
+    print(write_results(args.results_name or f"{args.config}_cv", data, render(args.config, rows, args.folds, command)))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.publish import RESULTS, write_results  # noqa: E402
+
 TRAIN = [sys.executable, "-m", "training"]
 
 
@@ -76,8 +80,6 @@ def environment() -> dict:
 
 
 def write(out: Path, results: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# GPU check: the training job's CUDA paths", "",
              f"Command: `{results['command']}`", "", f"Environment: `{json.dumps(results['environment'])}`", "",
              "| step | exit | wall s | test ACC | test AUC | train s | img/s (last epoch) |",
@@ -90,13 +92,13 @@ def write(out: Path, results: dict) -> None:
     lines += ["", "Last lines of each step's output:", ""]
     for s in results["steps"]:
         lines += [f"### {s['name']}", "", "```", *s["tail"], "```", ""]
-    (out / "gpu_check.md").write_text("\n".join(lines))
+    write_results("gpu_check", results, "\n".join(lines), out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="MNIST/raw/ and medmnist/<flag>.npz")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where results go")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnserve-gpu-check"), help="runs and models")
     parser.add_argument("--step-timeout", type=float, default=240, help="seconds per step")
     args = parser.parse_args()

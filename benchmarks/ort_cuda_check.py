@@ -22,6 +22,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.publish import write_results  # noqa: E402
 from serving.model_card import INPUT_NAME, PROBS_NAME, read_card  # noqa: E402
 from training.data import dataset_spec, load_split  # noqa: E402
 
@@ -61,8 +62,6 @@ def check_model(model_dir: Path, data_dir: Path, n_images: int, seconds: float) 
 
 
 def write(out: Path, results: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ort_cuda_check.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# onnxruntime CUDA provider on the shipped models", "", f"Command: `{results['command']}`", "",
              f"Environment: `{json.dumps(results['environment'])}`", "",
              "| model | providers | images | max abs Δprob (CUDA vs CPU) | argmax agreement | "
@@ -72,7 +71,7 @@ def write(out: Path, results: dict) -> None:
         speeds = [f"{c['img_per_s']:,.0f} / {g['img_per_s']:,.0f}" for c, g in zip(m["cpu"], m["cuda"], strict=True)]
         lines.append(f"| {m['model']} | {', '.join(m['session_providers'])} | {m['images']} | "
                      f"{m['max_abs_prob_diff']:.2e} | {m['argmax_agreement']:.4f} | " + " | ".join(speeds) + " |")
-    (out / "ort_cuda_check.md").write_text("\n".join(lines) + "\n")
+    write_results("ort_cuda_check", results, "\n".join(lines) + "\n", out)
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shlex
 import signal
@@ -30,7 +29,10 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.publish import RESULTS, write_results  # noqa: E402
+
 PEERS = ROOT / "benchmarks" / "peers"
 MODELS = ("mnist-cnn", "pneumoniamnist-cnn")
 LOADS = ((1, 1), (16, 1), (64, 1), (16, 8))  # (concurrency, client batch)
@@ -213,11 +215,8 @@ def main() -> None:
     report = {"command": command, "cores": os.cpu_count(), "ready_s": readiness,
               "note": "client (perf_analyzer) and server share the same cores",
               "results": [asdict(r) for r in results]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "serving.md").write_text(render(report))
+    print(write_results("serving", report, render(report)))
     plot(results, RESULTS / "serving.png")
-    print((RESULTS / "serving.md").read_text())
 
 
 def render(report: dict) -> str:

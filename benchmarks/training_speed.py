@@ -9,7 +9,6 @@ Writes benchmarks/results/training_speed.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -22,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.publish import write_results  # noqa: E402
 from training.augment import BatchAugment  # noqa: E402
 from training.checkpoint import load_model  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
@@ -29,7 +29,6 @@ from training.data import Batches, dataset_spec, load_split  # noqa: E402
 from training.models import build_model  # noqa: E402
 from training.train import make_loss, make_optimizer, train  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("mnist", "pneumoniamnist", "retinamnist", "adrenalmnist3d")
 
 
@@ -104,9 +103,6 @@ def main() -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "training_speed.json").write_text(json.dumps(
-        {"command": command, "machine": machine, "steps": rows, "mnist_time_to_99": tta}, indent=2) + "\n")
     lines = ["# Training speed", "", f"`{command}` on {machine['cores']} cores ({machine['device']}, "
              f"torch {machine['torch']}, {machine['torch_threads']} threads).", "",
              "| model | batch | img/s | step ms | data ms | data share |", "|---|---|---|---|---|---|"]
@@ -118,8 +114,8 @@ def main() -> None:
               f"`{tta['config']}` ({tta['epochs']} epochs, data loading and test evaluation included): "
               f"**{tta['wall_s']:.1f} s**, test accuracy {100 * tta['test_acc']:.2f} % "
               f"({'reached' if tta['reached_99'] else 'NOT reached'} 99.0 %; goal ≤ 30 s)."]
-    (RESULTS / "training_speed.md").write_text("\n".join(lines) + "\n")
-    print((RESULTS / "training_speed.md").read_text())
+    print(write_results("training_speed", {"command": command, "machine": machine, "steps": rows,
+                                           "mnist_time_to_99": tta}, "\n".join(lines) + "\n"))
 
 
 if __name__ == "__main__":
