@@ -11,28 +11,30 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 from pathlib import Path
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.asgi import BodyLimit, MountRoots, RequestTimeout
+from serving.asgi import BodyLimit, JsonErrors, MountRoots, install_request_timeout
+from serving.dataplane import DataPlane, check_image_count, label_predictions
 from serving.errors import InvalidInput, ServingError
 from serving.images import decode_upload
-from serving.inference import Inference, label_predictions, numbers_to_uint8
 from serving.oip_grpc import GrpcServer
-from serving.oip_rest import create_app
-from serving.repository import LoadedModel, ModelRepository
+from serving.oip_rest import create_app, error_response
+from serving.repository import ModelRepository
 from serving.settings import Settings
+from serving.tensors import numbers_to_uint8
 
 log = logging.getLogger("cnnserve")
 SETTINGS = Settings.from_env()
 INFERENCE_PATHS = ["/v2", "/classify", "/predict"]
+TEMP_UPLOAD = re.compile(r"tmp[a-z0-9_]{8}(.+)")
 
 
 def tracing_config(settings: Settings) -> dict:
@@ -41,79 +43,46 @@ def tracing_config(settings: Settings) -> dict:
     return {} if settings.trace_requests else {"excluded_urls": INFERENCE_PATHS}
 
 
-def use_request_timeout() -> bool:
-    """Make BentoML's HTTP app enforce ``traffic.timeout`` with ``RequestTimeout``, whose timers end with
-    their requests (BentoML's outlive them: see ``RequestTimeout``). False where this BentoML has no such
-    middleware to swap; its own then stays."""
-    try:
-        from bentoml._internal.server.http import traffic
-    except ImportError:
-        return False
-    if not hasattr(traffic, "TimeoutMiddleware"):
-        return False
-    traffic.TimeoutMiddleware = RequestTimeout  # base_app.middlewares looks it up when it builds the app
-    return True
-
-
-if not use_request_timeout():
+if not install_request_timeout():
     log.warning("BentoML's TimeoutMiddleware was not found: HTTP requests keep BentoML's own timeout handling")
 
 
-class RequestError(BentoMLException):
-    """A ``ServingError`` in BentoML's clothes: its HTTP status and message reach the client."""
-
-    def __init__(self, exc: ServingError) -> None:
-        from http import HTTPStatus
-
-        super().__init__(exc.message, error_code=HTTPStatus(exc.http_status))
+def current_dataplane() -> DataPlane:
+    """This worker's dataplane, for the mounted ASGI apps."""
+    return bentoml.get_current_service().dataplane
 
 
-_instance: CnnServe | None = None  # this worker's service instance, for the mounted ASGI apps
+async def model_cards(request: Request) -> Response:
+    try:
+        return JSONResponse(current_dataplane().model_cards(request.path_params.get("name")))
+    except ServingError as exc:
+        return error_response(exc, "models")
 
 
-def current_inference() -> Inference:
-    if _instance is None:
-        raise RuntimeError("the service is not initialised yet")
-    return _instance.inference
-
-
-async def list_models(request: Request) -> JSONResponse:
-    repo = current_inference().repository
-    name = request.path_params.get("name")
-    cards = [m.card.to_dict() | {"providers": m.providers, "device_note": m.device_note}
-             for m in repo.all_loaded() if name in (None, m.name)]
-    status = [s.__dict__ for s in repo.statuses() if name in (None, s.name)]
-    if name is not None and not status:
-        return JSONResponse({"error": f"model {name!r} not found"}, status_code=404)
-    return JSONResponse({"models": cards, "status": status})
-
-
-models_app = Starlette(routes=[Route("/", list_models), Route("/{name}", list_models)])
-oip_app = create_app(current_inference)
+models_app = Starlette(routes=[Route("/", model_cards), Route("/{name}", model_cards)])
+oip_app = create_app(current_dataplane)
 
 
 @bentoml.asgi_app(oip_app, path="/v2")
 @bentoml.asgi_app(models_app, path="/models")
 @bentoml.service(name="cnnserve", workers=SETTINGS.worker_count, logging={"access": {"enabled": False}},
-                 traffic={"timeout": 60}, tracing=tracing_config(SETTINGS))
+                 traffic={"timeout": SETTINGS.request_timeout_s}, tracing=tracing_config(SETTINGS))
 class CnnServe:
     """Classify images with the models in the repository (``CNNSERVE_MODEL_DIR``)."""
 
     def __init__(self) -> None:
-        global _instance
         self.settings = SETTINGS
         self.repository = ModelRepository(SETTINGS)
         for change in self.repository.scan():
             log.info("model repository %s: %s", SETTINGS.model_dir, change)
-        self.inference = Inference(self.repository, SETTINGS)
+        self.dataplane = DataPlane(self.repository, SETTINGS)
         self.grpc: GrpcServer | None = None
         self._poller: asyncio.Task[None] | None = None
-        _instance = self
 
     @bentoml.on_startup
     async def start_background(self) -> None:
         if self.settings.grpc_port:
-            self.grpc = GrpcServer(self.inference, self.settings.grpc_host, self.settings.grpc_port,
+            self.grpc = GrpcServer(self.dataplane, self.settings.grpc_host, self.settings.grpc_port,
                                    self.settings.max_request_bytes)
             await self.grpc.start()
         if self.settings.poll_interval_s > 0:
@@ -135,7 +104,7 @@ class CnnServe:
             for change in changes:
                 log.info("model repository: %s", change)
             if changes and self.grpc:
-                await self.grpc.set_serving(self.repository.ready)
+                await self.grpc.set_serving(self.dataplane.ready())
 
     @bentoml.on_shutdown
     async def stop_background(self) -> None:
@@ -146,50 +115,59 @@ class CnnServe:
         self.repository.close()
 
     def __is_ready__(self) -> bool:
-        return self.repository.ready
-
-    def _model(self, name: str, version: str) -> LoadedModel:
-        if not name:
-            loaded = self.repository.latest()
-            if len(loaded) != 1:
-                names = ", ".join(m.name for m in loaded) or "none loaded"
-                raise InvalidInput(f"'model' is required: one of {names}")
-            return loaded[0]
-        return self.repository.get(name, version or None)
+        return self.dataplane.ready()
 
     @bentoml.api(route="/classify")
     async def classify(self, images: list[Path], model: str = "", version: str = "", top_k: int = 1) -> dict:
         """Classify uploaded images (PNG, JPEG, BMP, TIFF; .npy for 3D volumes), converted to the model's input."""
         try:
-            loaded = self._model(model, version)
+            loaded = self.dataplane.model(model, version)
             if not images:
                 raise InvalidInput("no images uploaded: send one or more files in the 'images' field")
-            decoded = [decode_upload(p.read_bytes(), loaded.card, self.settings.max_image_pixels, p.name)
+            check_image_count(len(images), self.settings.max_images_per_request)
+            decoded = [decode_upload(p.read_bytes(), loaded.card, self.settings.max_image_pixels, upload_name(p))
                        for p in images]
-            batch = np.stack([image for image, _ in decoded])
-            probs = await self.inference.probs(loaded, batch, "classify")
+            probs = await self.dataplane.infer(loaded, np.stack([image for image, _ in decoded]), "classify")
         except ServingError as exc:
-            raise RequestError(exc) from None
+            return error_response(exc, "classify")
         results = label_predictions(loaded.card, probs, top_k)
         for index, (result, (_, notes)) in enumerate(zip(results, decoded, strict=True)):
             result.update(index=index, converted=notes)
-        return {"model": loaded.name, "version": loaded.version, "results": results}
+        return {"model": loaded.name, "version": str(loaded.version), "results": results}
 
     @bentoml.api(route="/predict")
     async def predict(self, instances: list, model: str = "", version: str = "", top_k: int = 1) -> dict:
         """Classify uint8 pixel arrays given as JSON (one image, or a list of images, in the model's layout)."""
         try:
-            loaded = self._model(model, version)
+            loaded = self.dataplane.model(model, version)
+            single = _depth(instances) == len(loaded.card.input.shape)
+            check_image_count(1 if single else len(instances), self.settings.max_images_per_request)
             array = numbers_to_uint8(instances, "instances")
-            if array.ndim == len(loaded.card.input.shape):
+            if single:
                 array = array[None]
-            probs = await self.inference.probs(loaded, array, "predict")
+            probs = await self.dataplane.infer(loaded, array, "predict")
         except ServingError as exc:
-            raise RequestError(exc) from None
-        return {"model": loaded.name, "version": loaded.version,
+            return error_response(exc, "predict")
+        return {"model": loaded.name, "version": str(loaded.version),
                 "predictions": [dict(p, probs=row.tolist()) for p, row in
                                 zip(label_predictions(loaded.card, probs, top_k), probs, strict=True)]}
 
 
+def _depth(values: list) -> int:
+    """How deeply the first elements of nested lists nest: 2 for one greyscale image given as rows."""
+    depth = 0
+    while isinstance(values, list) and values:
+        depth, values = depth + 1, values[0]
+    return depth
+
+
+def upload_name(path: Path) -> str:
+    """The client's name of an uploaded file. BentoML hands the API a temporary file named by
+    ``tempfile.NamedTemporaryFile(suffix=<client's file name>)``: ``tmp`` + 8 random characters + the name."""
+    match = TEMP_UPLOAD.fullmatch(path.name)
+    return match.group(1) if match else path.name
+
+
 CnnServe.add_asgi_middleware(BodyLimit, limit=SETTINGS.max_request_bytes)
+CnnServe.add_asgi_middleware(JsonErrors)
 CnnServe.add_asgi_middleware(MountRoots, paths=("/v2", "/models"))

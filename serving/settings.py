@@ -20,6 +20,7 @@ class Settings:
     max_request_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 16 * 1024 * 1024  # decompression-bomb guard, checked before decoding
     max_images_per_request: int = 1024
+    request_timeout_s: float = 60.0  # HTTP: 504 when a response has not started by then
     poll_interval_s: float = 2.0  # model repository re-scan for new versions (0 = off)
     # OpenTelemetry spans for the inference paths too; off: BentoML's tracing middleware halves HTTP throughput
     trace_requests: bool = False
