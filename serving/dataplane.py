@@ -54,6 +54,7 @@ class DataPlane:
 
     def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self.repository, self.settings = repository, settings
+        self.draining = False  # shutting down: not ready, though still serving
 
     # --- lookup ------------------------------------------------------------------------------------------
     def model(self, name: str | None, version: int | str | None = None) -> LoadedModel:
@@ -68,7 +69,7 @@ class DataPlane:
 
     # --- health ------------------------------------------------------------------------------------------
     def ready(self) -> bool:
-        return self.repository.ready
+        return self.repository.ready and not self.draining
 
     def readiness(self) -> dict[str, Any]:
         """``{"ready": bool}``, with the device note and the reasons of versions that are not ready."""
@@ -131,15 +132,21 @@ class DataPlane:
         status = [s.__dict__ for s in repo.statuses() if name in (None, s.name)]
         if name is not None and not status:
             raise ModelNotFound(f"model {name!r} not found")
-        return {"models": cards, "status": status}
+        defaults = {m.name: m.version for m in repo.latest() if name in (None, m.name)}
+        fallbacks = {n: why for n, why in repo.fallbacks.items() if name in (None, n)}
+        return {"models": cards, "status": status, "default_versions": defaults, "fallbacks": fallbacks}
 
     # --- inference ---------------------------------------------------------------------------------------
-    async def infer(self, model: LoadedModel, images: np.ndarray, door: str) -> np.ndarray:
-        """Validated, batched inference; records metrics. Returns float32 (N, K)."""
+    async def infer(self, model: LoadedModel, images: np.ndarray, door: str,
+                    deadline: float | None = None) -> np.ndarray:
+        """Validated, batched inference; records metrics. Returns float32 (N, K).
+
+        ``deadline`` (``time.monotonic()`` seconds): when the caller needs the answer by; a request that
+        cannot make it is refused (``DeadlineExceeded``) rather than computed for nobody."""
         t0 = time.perf_counter()
         try:
             images = validate_batch(model.card, images, self.settings.max_images_per_request)
-            out = await model.batcher.infer(images)
+            out = await model.batcher.infer(images, deadline)
         except ServingError:
             observe_request(model.name, door, "invalid", time.perf_counter() - t0)
             raise

@@ -43,6 +43,9 @@ class BatchingSpec:
     # 0 = natural batching: a batch runs as soon as the model is free, and what arrives meanwhile forms
     # the next one (no added latency when idle); > 0 waits up to this long to fill a batch
     max_queue_delay_ms: float = 0.0
+    # admission control: at most this many images wait in the queue (0 = no hard bound; the service's
+    # latency budget still applies, see serving/batcher.py)
+    max_queue_images: int = 0
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ worker's model repository and batchers; several workers share the port through S
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from serving.dataplane import SERVER_NAME, DataPlane
 from serving.errors import InvalidInput, ServingError, log_refusal
 from serving.model_card import PROBS_NAME
 from serving.oip import check_outputs, decode_input
+from serving.settings import Settings
 
 log = logging.getLogger("cnnserve.grpc")
 
@@ -91,7 +93,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             images = decode_input(*args, values=list(tensor.contents.uint_contents) if _has_uint_data(tensor)
                                   else None)
         check_outputs([o.name for o in request.outputs])
-        probs = await self.dataplane.infer(model, images, "oip-grpc")
+        remaining = context.time_remaining()  # the client's deadline, if it set one
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        probs = await self.dataplane.infer(model, images, "oip-grpc", deadline)
         out = pb.ModelInferResponse.InferOutputTensor(name=PROBS_NAME, datatype="FP32", shape=list(probs.shape))
         return pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id,
                                      outputs=[out], raw_output_contents=[probs.astype("<f4").tobytes()])
@@ -127,13 +131,18 @@ for _method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
 class GrpcServer:
     """The gRPC door's lifecycle: ``start()`` on the running loop, ``stop()`` at shutdown."""
 
-    def __init__(self, dataplane: DataPlane, host: str, port: int, max_message_bytes: int) -> None:
-        self.dataplane, self.address = dataplane, f"{host}:{port}"
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
+    def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
+        self.dataplane, self.address = dataplane, f"{settings.grpc_host}:{settings.grpc_port}"
+        options = [
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            ("grpc.max_send_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 1),
-        ])
+        ]
+        if settings.grpc_max_connection_age_s > 0:
+            options += [("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(settings.request_timeout_s * 1000))]
+        self.server = grpc.aio.server(options=options,
+                                      maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs or None)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -150,4 +159,5 @@ class GrpcServer:
             await self.health.set(service, status)
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        await self.set_serving(False)
         await self.server.stop(grace_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +75,7 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         body = await read_body(request, dp.settings.max_request_bytes)
         header, binary = split_body(request, body, dp.settings.max_images_per_request)
         images, binary_out, request_id = parse_infer_request(model, header, binary, dp.settings.max_images_per_request)
-        probs = await dp.infer(model, images, "oip-rest")
+        probs = await dp.infer(model, images, "oip-rest", request_deadline(header))
         return infer_response(model.name, model.version, request_id, probs, binary_out)
 
     prefixes = ["/models/{model}", "/models/{model}/versions/{version}"]
@@ -156,10 +157,23 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise InvalidInput("'outputs' must be a list of objects with a 'name'")
     check_outputs([o.get("name") for o in outputs])
-    binary_out = bool((header.get("parameters") or {}).get("binary_data_output")) or any(
-        (o.get("parameters") or {}).get("binary_data") for o in outputs)
+    binary_out = bool((header.get("parameters") or {}).get("binary_data_output"))
+    for o in outputs:  # an output's own binary_data wins over the request's binary_data_output
+        if "binary_data" in (o.get("parameters") or {}):
+            binary_out = bool(o["parameters"]["binary_data"])
     request_id = header.get("id")
     return images, binary_out, request_id if isinstance(request_id, str) else None
+
+
+def request_deadline(header: dict[str, Any]) -> float | None:
+    """The ``time.monotonic()`` deadline set by the request's ``parameters.timeout`` (microseconds, as
+    Triton and tritonclient's ``timeout=`` have it), or None."""
+    timeout = (header.get("parameters") or {}).get("timeout")
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
+        raise InvalidInput(f"parameters.timeout must be a positive integer of microseconds, got {timeout!r}")
+    return time.monotonic() + timeout / 1e6
 
 
 def infer_response(name: str, version: int, request_id: str | None, probs: np.ndarray, binary: bool) -> Response:

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import re
+import signal
 from pathlib import Path
 
 import bentoml
@@ -27,7 +28,7 @@ from serving.errors import InvalidInput, ServingError
 from serving.images import decode_upload
 from serving.oip_grpc import GrpcServer
 from serving.oip_rest import create_app, error_response
-from serving.repository import ModelRepository
+from serving.repository import ModelRepository, ScanResult
 from serving.settings import Settings
 from serving.tensors import numbers_to_uint8
 
@@ -41,6 +42,15 @@ def tracing_config(settings: Settings) -> dict:
     """BentoML's OpenTelemetry middleware costs about half the HTTP throughput (measured in
     serving/README.md): the inference paths skip it unless ``CNNSERVE_TRACE_REQUESTS`` is on."""
     return {} if settings.trace_requests else {"excluded_urls": INFERENCE_PATHS}
+
+
+def traffic_config(settings: Settings) -> dict:
+    """BentoML's traffic options: the request timeout, and the HTTP concurrency limit over all workers
+    (BentoML divides it between them and answers 429 past it; health and metrics paths are exempt)."""
+    config: dict = {"timeout": settings.request_timeout_s}
+    if settings.max_concurrency > 0:
+        config["max_concurrency"] = settings.max_concurrency * settings.worker_count
+    return config
 
 
 if not install_request_timeout():
@@ -66,14 +76,14 @@ oip_app = create_app(current_dataplane)
 @bentoml.asgi_app(oip_app, path="/v2")
 @bentoml.asgi_app(models_app, path="/models")
 @bentoml.service(name="cnnserve", workers=SETTINGS.worker_count, logging={"access": {"enabled": False}},
-                 traffic={"timeout": SETTINGS.request_timeout_s}, tracing=tracing_config(SETTINGS))
+                 traffic=traffic_config(SETTINGS), tracing=tracing_config(SETTINGS))
 class CnnServe:
     """Classify images with the models in the repository (``CNNSERVE_MODEL_DIR``)."""
 
     def __init__(self) -> None:
         self.settings = SETTINGS
         self.repository = ModelRepository(SETTINGS)
-        for change in self.repository.scan():
+        for change in self.repository.scan().changes:
             log.info("model repository %s: %s", SETTINGS.model_dir, change)
         self.dataplane = DataPlane(self.repository, SETTINGS)
         self.grpc: GrpcServer | None = None
@@ -82,11 +92,11 @@ class CnnServe:
     @bentoml.on_startup
     async def start_background(self) -> None:
         if self.settings.grpc_port:
-            self.grpc = GrpcServer(self.dataplane, self.settings.grpc_host, self.settings.grpc_port,
-                                   self.settings.max_request_bytes)
+            self.grpc = GrpcServer(self.dataplane, self.settings)
             await self.grpc.start()
         if self.settings.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll_repository())
+        self._drain_on_sigterm()
         # What exists now (modules, BentoML, the models) lives as long as the worker: keep it out of the
         # garbage collector's full passes, which otherwise walk it all and stop the event loop for ~70 ms
         # about once a second under load (serving/README.md, "HTTP tail")
@@ -97,14 +107,47 @@ class CnnServe:
         while True:
             await asyncio.sleep(self.settings.poll_interval_s)
             try:
-                changes = await asyncio.to_thread(self.repository.scan)
+                result = await asyncio.to_thread(self.repository.scan)
             except Exception:
                 log.exception("model repository scan failed")
                 continue
-            for change in changes:
-                log.info("model repository: %s", change)
-            if changes and self.grpc:
-                await self.grpc.set_serving(self.dataplane.ready())
+            await self.apply(result)
+
+    async def apply(self, result: ScanResult) -> None:
+        """Log what a scan changed, drain the versions it dropped, and update gRPC health."""
+        for change in result.changes:
+            log.info("model repository: %s", change)
+        for model in result.removed:  # on the event loop, where their queues live
+            asyncio.get_running_loop().create_task(
+                model.batcher.drain(self.settings.version_drain_s,
+                                    f"model {model.name}/{model.version} was removed from the repository"))
+        if result.changes and self.grpc:
+            await self.grpc.set_serving(self.dataplane.ready())
+
+    def _drain_on_sigterm(self) -> None:
+        """On SIGTERM, report not-ready first (HTTP readiness and gRPC health), keep serving for
+        ``shutdown_drain_s`` while load balancers take the pod out, then hand the signal to uvicorn, which
+        stops accepting and finishes what is in flight (``--timeout-graceful-shutdown``)."""
+        loop = asyncio.get_running_loop()
+        stop = signal.getsignal(signal.SIGTERM)  # uvicorn's handler
+        if not callable(stop):
+            return
+
+        async def drain_then_stop(signum: int) -> None:
+            log.info("SIGTERM: not ready now, serving on for %g s before shutting down", self.settings.shutdown_drain_s)
+            self.dataplane.draining = True
+            if self.grpc:
+                await self.grpc.set_serving(False)
+            await asyncio.sleep(self.settings.shutdown_drain_s)
+            stop(signum, None)
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            if self.dataplane.draining:  # a second SIGTERM: stop now
+                stop(signum, frame)
+                return
+            loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_stop(signum)))
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     @bentoml.on_shutdown
     async def stop_background(self) -> None:
