@@ -9,7 +9,9 @@ same question the same way; errors are ``ServingError``s, which carry their own 
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -18,11 +20,12 @@ from serving import __version__
 from serving.errors import InvalidInput, ModelNotFound, PayloadTooLarge, ServingError
 from serving.metrics import observe_request
 from serving.model_card import INPUT_NAME, PROBS_NAME, ModelCard
-from serving.repository import LoadedModel, ModelRepository
+from serving.repository import LoadedModel, ModelRepository, ScanResult
 from serving.settings import Settings
 
 SERVER_NAME = "cnnserve"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "health"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "health", "statistics", "model_repository"]
+NO_DURATION = {"count": 0, "ns": 0}
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -55,6 +58,7 @@ class DataPlane:
     def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self.repository, self.settings = repository, settings
         self.draining = False  # shutting down: not ready, though still serving
+        self.on_scan: Callable[[ScanResult], Awaitable[None]] | None = None  # drains what a load/unload dropped
 
     # --- lookup ------------------------------------------------------------------------------------------
     def model(self, name: str | None, version: int | str | None = None) -> LoadedModel:
@@ -136,6 +140,35 @@ class DataPlane:
         fallbacks = {n: why for n, why in repo.fallbacks.items() if name in (None, n)}
         return {"models": cards, "status": status, "default_versions": defaults, "fallbacks": fallbacks}
 
+    # --- Triton's statistics and model repository extensions ----------------------------------------------
+    def statistics(self, name: str | None = None, version: int | str | None = None) -> dict[str, Any]:
+        """Triton's statistics of the loaded versions (of ``name``, of ``version``), fed by the batchers.
+
+        Durations in ns: ``queue`` = time a request waited for its batch, ``compute_infer`` = the run time of
+        the batch it ran in, ``success`` = the whole time in the batcher; input and output handling are not
+        timed apart (``compute_input`` / ``compute_output`` report zero)."""
+        if name:
+            selected = [self.model(name, version)] if version else \
+                [m for m in self.repository.all_loaded() if m.name == name] or [self.model(name)]
+        else:
+            selected = self.repository.all_loaded()
+        return {"model_stats": [_triton_stats(m) for m in selected]}
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """Every version in the repository with its state (READY, PENDING, UNAVAILABLE, UNLOADED) and reason."""
+        return [{"name": s.name, "version": str(s.version) if s.version else "", "state": s.state,
+                 "reason": s.reason} for s in self.repository.statuses() if s.ready or not ready_only]
+
+    async def load(self, name: str) -> None:
+        await self._apply(await asyncio.to_thread(self.repository.load, name))
+
+    async def unload(self, name: str) -> None:
+        await self._apply(await asyncio.to_thread(self.repository.unload, name))
+
+    async def _apply(self, result: ScanResult) -> None:
+        if self.on_scan is not None:
+            await self.on_scan(result)
+
     # --- inference ---------------------------------------------------------------------------------------
     async def infer(self, model: LoadedModel, images: np.ndarray, door: str,
                     deadline: float | None = None) -> np.ndarray:
@@ -155,6 +188,19 @@ class DataPlane:
             raise
         observe_request(model.name, door, "ok", time.perf_counter() - t0, len(images))
         return out
+
+
+def _triton_stats(model: LoadedModel) -> dict[str, Any]:
+    stats = model.batcher.stats()
+    return {
+        "name": model.name, "version": str(model.version), "last_inference": stats["last_inference_ms"],
+        "inference_count": stats["inference_count"], "execution_count": stats["execution_count"],
+        "inference_stats": {"success": stats["success"], "fail": stats["fail"], "queue": stats["queue"],
+                            "compute_input": NO_DURATION, "compute_infer": stats["compute_infer"],
+                            "compute_output": NO_DURATION, "cache_hit": NO_DURATION, "cache_miss": NO_DURATION},
+        "batch_stats": [{"batch_size": size, "compute_input": NO_DURATION, "compute_infer": run,
+                         "compute_output": NO_DURATION} for size, run in sorted(stats["batch_stats"].items())],
+    }
 
 
 def label_predictions(card: ModelCard, probs: np.ndarray, top_k: int = 1) -> list[dict[str, Any]]:

@@ -101,6 +101,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                      outputs=[out], raw_output_contents=[probs.astype("<f4").tobytes()])
 
 
+    @_guard
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        stats = self.dataplane.statistics(request.name, request.version)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+
+    @_guard
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        index = self.dataplane.repository_index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in index])
+
+    @_guard
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: Any) -> pb.RepositoryModelLoadResponse:
+        if request.parameters:
+            raise InvalidInput("load takes no parameters here: the repository's files are the configuration")
+        await self.dataplane.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @_guard
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: Any) -> pb.RepositoryModelUnloadResponse:
+        await self.dataplane.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
 def _has_uint_data(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
     """Whether the tensor carries its data in ``contents.uint_contents`` (where UINT8 belongs); data in
     another ``contents`` field (e.g. ``fp32_contents``) is a datatype error, reported as such."""

@@ -1,7 +1,8 @@
 """Open Inference Protocol REST under ``/v2`` (a Starlette app mounted into the BentoML service).
 
 JSON tensors and the binary tensor extension (``Inference-Header-Content-Length``,
-``parameters.binary_data_size`` / ``binary_data``), plus Triton's ``/config`` so perf_analyzer works.
+``parameters.binary_data_size`` / ``binary_data``), plus Triton's ``/config`` (so perf_analyzer works),
+statistics (``/stats``) and model repository (``/v2/repository/...``) extensions.
 """
 
 from __future__ import annotations
@@ -78,9 +79,31 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         probs = await dp.infer(model, images, "oip-rest", request_deadline(header))
         return infer_response(model.name, model.version, request_id, probs, binary_out)
 
+    async def stats(request: Request, dp: DataPlane) -> Response:
+        return JSONResponse(dp.statistics(request.path_params.get("model"), request.path_params.get("version")))
+
+    async def repository_index(request: Request, dp: DataPlane) -> Response:
+        options = await optional_json(request)
+        return JSONResponse(dp.repository_index(ready_only=bool(options.get("ready"))))
+
+    async def load(request: Request, dp: DataPlane) -> Response:
+        if (await optional_json(request)).get("parameters"):
+            raise InvalidInput("load takes no parameters here: the repository's files are the configuration")
+        await dp.load(request.path_params["model"])
+        return JSONResponse({})
+
+    async def unload(request: Request, dp: DataPlane) -> Response:
+        await dp.unload(request.path_params["model"])
+        return JSONResponse({})
+
     prefixes = ["/models/{model}", "/models/{model}/versions/{version}"]
     routes = [Route("/", handler(server_meta)),
-              Route("/health/live", handler(live)), Route("/health/ready", handler(ready))]
+              Route("/health/live", handler(live)), Route("/health/ready", handler(ready)),
+              Route("/models/stats", handler(stats)),
+              *(Route(f"{p}/stats", handler(stats)) for p in prefixes),
+              Route("/repository/index", handler(repository_index), methods=["POST"]),
+              Route("/repository/models/{model}/load", handler(load), methods=["POST"]),
+              Route("/repository/models/{model}/unload", handler(unload), methods=["POST"])]
     for p in prefixes:
         routes += [Route(p, handler(model_meta)), Route(f"{p}/ready", handler(model_ready)),
                    Route(f"{p}/config", handler(config)), Route(f"{p}/infer", handler(infer), methods=["POST"])]
@@ -98,6 +121,20 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def optional_json(request: Request) -> dict[str, Any]:
+    """A small optional JSON object body (repository requests); ``{}`` when there is none."""
+    body = await read_body(request, 64 * 1024)
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"malformed JSON body: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return value
 
 
 def split_body(request: Request, body: bytes, max_images: int) -> tuple[dict[str, Any], bytes]:

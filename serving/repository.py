@@ -9,7 +9,10 @@ back to be drained (``ScanResult.removed``). Failed versions are retried when th
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,15 @@ import onnxruntime as ort
 from serving.batcher import DynamicBatcher
 from serving.errors import ModelNotFound, ModelNotReady
 from serving.metrics import observe_batch, observe_fallback
-from serving.model_card import INPUT_NAME, PROBS_NAME, CardError, ModelCard, file_sha256, read_card
+from serving.model_card import (
+    INPUT_NAME,
+    PROBS_NAME,
+    CardError,
+    ModelCard,
+    file_sha256,
+    read_card,
+    write_json_atomic,
+)
 from serving.settings import Settings
 
 log = logging.getLogger("cnnserve.repository")
@@ -113,6 +124,8 @@ class ModelRepository:
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._seen: dict[tuple[str, int], _Seen] = {}
         self._unloaded: set[str] = set()  # models taken out of service by unload(), whatever is on disk
+        # shared by the workers of one server (children of one BentoML arbiter); not kept across restarts
+        self.unloaded_file = Path(tempfile.gettempdir()) / f"cnnserve-{os.getppid()}" / "unloaded.json"
         self._served: set[str] = set()  # models that have served since start (strict readiness)
         self.fallbacks: dict[str, str] = {}  # model -> why requests without a version get an older one now
         self._lock = threading.Lock()  # serialises scans; readers never take it
@@ -129,6 +142,7 @@ class ModelRepository:
         tried again whenever its files change. Versions present at the first scan are judged at once."""
         with self._lock:
             result = ScanResult()
+            self._unloaded = self._read_unloaded()
             on_disk = {key: path for key, path in self._versions_on_disk().items() if key[0] not in self._unloaded}
             models = {name: dict(versions) for name, versions in self._models.items()}
             seen = dict(self._seen)
@@ -201,6 +215,17 @@ class ModelRepository:
                     found[(model_dir.name, int(version_dir.name))] = version_dir
         return found
 
+    def _read_unloaded(self) -> set[str]:
+        try:
+            return set(json.loads(self.unloaded_file.read_text()))
+        except (OSError, ValueError):
+            return set()
+
+    def _set_unloaded(self, names: set[str]) -> None:
+        self.unloaded_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.unloaded_file, sorted(names))
+        self._unloaded = names
+
     def _model_names_on_disk(self) -> set[str]:
         if not self.root.is_dir():
             return set()
@@ -245,10 +270,11 @@ class ModelRepository:
 
     # --- load / unload (Triton's model repository extension) ---------------------------------------------
     def unload(self, name: str) -> ScanResult:
-        """Take every version of ``name`` out of service, files untouched, until ``load(name)``."""
+        """Take every version of ``name`` out of service, files untouched, until ``load(name)``. The other
+        workers of this server follow at their next scan (the set is shared through ``unloaded_file``)."""
         if name not in self._model_names_on_disk() and name not in self._models:
             raise ModelNotFound(f"model {name!r} not found in the repository")
-        self._unloaded.add(name)
+        self._set_unloaded(self._read_unloaded() | {name})
         self._served.discard(name)
         return self.scan()
 
@@ -256,7 +282,7 @@ class ModelRepository:
         """Serve ``name`` again (after ``unload``) and try its failed versions again, files changed or not."""
         if name not in self._model_names_on_disk():
             raise ModelNotFound(f"model {name!r} not found in the repository")
-        self._unloaded.discard(name)
+        self._set_unloaded(self._read_unloaded() - {name})
         result = self.scan(retry={name})
         if name not in self._models:
             reasons = "; ".join(f"{s.version}: {s.reason}" for s in self.statuses() if s.name == name) or "no versions"

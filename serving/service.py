@@ -86,6 +86,7 @@ class CnnServe:
         for change in self.repository.scan().changes:
             log.info("model repository %s: %s", SETTINGS.model_dir, change)
         self.dataplane = DataPlane(self.repository, SETTINGS)
+        self.dataplane.on_scan = self.apply
         self.grpc: GrpcServer | None = None
         self._poller: asyncio.Task[None] | None = None
 
