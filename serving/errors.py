@@ -59,6 +59,26 @@ class PayloadTooLarge(ServingError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Overloaded(ServingError):
+    """Refused or dropped to keep latency bounded: the queue is full, or the request waited too long in it.
+
+    ``retry_after_s`` is the estimated time until the queue has room again (seconds, a float)."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ServingError):
+    """The caller's deadline passed, or cannot be met, before the request was computed."""
+
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def http_error(exc: ServingError) -> tuple[int, dict[str, str], dict[str, str]]:
     """(status, JSON body, headers) of ``exc`` on every HTTP route; ``Retry-After`` when the error has one."""
     headers = {}
