@@ -102,7 +102,7 @@ def _is_16_bit_colour(image: Image.Image) -> bool:
     """Whether the decoder is about to reduce 16-bit colour samples to 8 bits (its raw mode says; before load)."""
     if image.mode not in ("RGB", "RGBA") or not image.tile:
         return False
-    args = image.tile[0].args
+    _codec, _extents, _offset, args = image.tile[0]  # a plain tuple before Pillow 11
     rawmode = args if isinstance(args, str) else args[0] if args else ""  # PNG passes it alone, others in a tuple
     return ";16" in str(rawmode)
 
