@@ -63,6 +63,9 @@ class ModelCard:
     sha256: str
     batching: BatchingSpec = field(default_factory=BatchingSpec)
     quantization: dict[str, Any] | None = None
+    # grey level 0..255 around the training images (median of their border pixels): the service composites
+    # transparent upload pixels on it. Optional: cards written before it existed mean 0 (black)
+    input_background: int = 0
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -78,6 +81,8 @@ class ModelCard:
             raise CardError(f"outputs must include {PROBS_NAME!r}")
         if self.probs.shape != [len(self.labels)]:
             raise CardError(f"{PROBS_NAME} shape {self.probs.shape} != number of labels {len(self.labels)}")
+        if not isinstance(self.input_background, int) or not 0 <= self.input_background <= 255:
+            raise CardError(f"input_background must be a grey level 0..255, got {self.input_background!r}")
         if self.version < 1:
             raise CardError(f"version must be a positive integer, got {self.version}")
 

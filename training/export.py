@@ -80,6 +80,12 @@ def check_parity(model: Classifier | Ensemble, onnx_path: Path, images: torch.Te
     return {"images": len(images), "max_abs_prob_diff": max_diff, "argmax_identical": same_argmax}
 
 
+def border_grey_level(images: np.ndarray) -> int:
+    """Median of the images' outermost rows and columns: what surrounds the subject (card ``input_background``)."""
+    border = np.concatenate([images[:, [0, -1]].ravel(), images[:, :, [0, -1]].ravel()])
+    return round(float(np.median(border)))
+
+
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
     """Static int8 quantisation (QDQ, per-channel) calibrated on training images."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
@@ -177,6 +183,7 @@ def export_checkpoint(
                       "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       "epochs_run": ckpt["epoch"] + 1, "config": cfg.to_dict(), "notes": notes},
             sha256="", batching=BatchingSpec(), quantization=quantization,
+            input_background=border_grey_level(load_split(spec, "train", data_dir, download).images.numpy()),
         )
         _add_metadata(onnx_path, ModelCard(**{**card_fields, "sha256": "0" * 64}).metadata_props())
         card = ModelCard(**{**card_fields, "sha256": file_sha256(onnx_path)})
