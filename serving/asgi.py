@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from http import HTTPStatus
 from typing import Any
+
+from pydantic import ValidationError
+
+BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs errors of its HTTP APIs
 
 
 class MountRoots:
@@ -158,3 +163,21 @@ def install_request_timeout() -> bool:
         return False
     traffic.TimeoutMiddleware = RequestTimeout
     return True
+
+
+class ClientErrorsQuietly(logging.Filter):
+    """BentoML logs a request its validation refuses (HTTP 400) at ERROR with a traceback: log it at INFO,
+    in one line, as the service logs its own refusals (``serving.errors.log_refusal``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ValidationError):
+            record.msg = f"{record.getMessage()}: 400: {' / '.join(str(exc).splitlines()[:2])}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def quiet_client_errors() -> None:
+    """Install ``ClientErrorsQuietly`` on the logger of BentoML's HTTP app."""
+    logging.getLogger(BENTOML_HTTP_LOGGER).addFilter(ClientErrorsQuietly())

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.asgi import BodyLimit, JsonErrors, MountRoots, install_request_timeout
+from serving.asgi import BodyLimit, JsonErrors, MountRoots, install_request_timeout, quiet_client_errors
 from serving.dataplane import DataPlane, check_image_count, label_predictions
 from serving.errors import InvalidInput, ServingError
 from serving.images import decode_upload
@@ -87,6 +87,7 @@ class CnnServe:
             log.info("model repository %s: %s", SETTINGS.model_dir, change)
         self.dataplane = DataPlane(self.repository, SETTINGS)
         self.dataplane.on_scan = self.apply
+        quiet_client_errors()
         self.grpc: GrpcServer | None = None
         self._poller: asyncio.Task[None] | None = None
 
@@ -162,7 +163,7 @@ class CnnServe:
         return self.dataplane.ready()
 
     @bentoml.api(route="/classify")
-    async def classify(self, images: list[Path], model: str = "", version: str = "", top_k: int = 1) -> dict:
+    async def classify(self, images: list[Path], model: str = "", version: str | int = "", top_k: int = 1) -> dict:
         """Classify uploaded images (PNG, JPEG, BMP, TIFF; .npy for 3D volumes), converted to the model's input."""
         try:
             loaded = self.dataplane.model(model, version)
@@ -180,7 +181,7 @@ class CnnServe:
         return {"model": loaded.name, "version": str(loaded.version), "results": results}
 
     @bentoml.api(route="/predict")
-    async def predict(self, instances: list, model: str = "", version: str = "", top_k: int = 1) -> dict:
+    async def predict(self, instances: list, model: str = "", version: str | int = "", top_k: int = 1) -> dict:
         """Classify uint8 pixel arrays given as JSON (one image, or a list of images, in the model's layout)."""
         try:
             loaded = self.dataplane.model(model, version)
