@@ -60,6 +60,9 @@ class ModelCard:
     sha256: str
     batching: BatchingSpec = field(default_factory=BatchingSpec)
     quantization: dict[str, Any] | None = None
+    # temperature scaling folded into the graph: temperature(s), method, ECE / NLL / Brier before and after on
+    # val and test (see training.calibration); None for models exported before calibration existed
+    calibration: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

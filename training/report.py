@@ -12,8 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from sklearn.calibration import calibration_curve
 from torchmetrics.functional.classification import binary_roc
 
+from training.calibration import N_BINS, reliability_points
 from training.data import DatasetSpec, Split
 from training.evaluate import predicted_labels
 from training.models import Classifier, Ensemble
@@ -106,6 +108,28 @@ def plot_misclassified(spec: DatasetSpec, test: Split, probs: torch.Tensor, path
         else:
             ax.set_title(f"{int((pred[i] != test.labels[i]).sum())} labels wrong", fontsize=7)
     fig.suptitle(f"{spec.flag}: {int(wrong.sum())} of {len(wrong)} test images misclassified (first {len(idx)})")
+    _save(fig, path)
+
+
+def plot_reliability_diagram(curves: dict[str, torch.Tensor], labels: torch.Tensor, multi_label: bool, path: Path,
+                             title: str) -> None:
+    """Reliability diagram: per confidence bin (15 equal-width), how often the top label is right (for multi-label
+    heads: how often a label is present) against the mean confidence, one line per entry of ``curves``
+    (e.g. ``{"before": probs, "after": calibrated_probs}``), with the confidence histogram below."""
+    fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfectly calibrated")
+    bins = np.linspace(0, 1, N_BINS + 1)
+    for name, probs in curves.items():
+        confidence, outcome = reliability_points(probs, labels, multi_label)
+        frequency, mean_confidence = calibration_curve(outcome, confidence, n_bins=N_BINS, strategy="uniform")
+        ax.plot(mean_confidence, frequency, "o-", label=name)
+        ax_hist.hist(confidence, bins=bins, histtype="step", lw=1.5, label=name)
+    ax.set(ylabel="fraction of positives" if multi_label else "accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax_hist.set(xlabel="P(label present)" if multi_label else "confidence (top-label probability)", ylabel="count",
+                yscale="log")
+    for a in (ax, ax_hist):
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 
