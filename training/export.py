@@ -195,19 +195,19 @@ def export_checkpoint(
 
 
 def calibrate_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, download: bool = True,
-                      command: str = "") -> Path:
+                      command: str = "", report_dir: Path | None = None) -> Path:
     """Publish the next version of an exported model with a temperature folded into its graph.
 
     The temperature is fitted on the val-split ``logits`` of ``version_dir``'s ONNX file; the new graph is the
     same network with ``probs = softmax(logits / T)`` (sigmoid per label for multi-label heads). Fails unless
     the new file's logits equal the old file's and its probs match the calibrated old logits. ``version_dir``
-    itself is left untouched."""
+    itself is left untouched. ``report_dir``: where to write the test split's reliability diagram."""
     source = Path(version_dir) / "model.onnx"
     card = read_card(Path(version_dir) / "model.json")
     if card.sha256 != file_sha256(source):
-        raise ExportError(f"{source} does not match the sha256 in its card")
+        raise ValueError(f"{source} does not match the sha256 in its card")
     if card.calibration is not None:
-        raise ExportError(f"{version_dir} is calibrated already (temperature {card.calibration['temperature']})")
+        raise ValueError(f"{version_dir} is calibrated already (temperature {card.calibration['temperature']})")
     spec = dataset_spec(card.dataset["name"], card.dataset["size"])
     val, test = (load_split(spec, s, data_dir, download) for s in ("val", "test"))
     temperature = fit_temperature(predict_onnx(source, val.images.numpy(), output=LOGITS_NAME), val.labels,
@@ -226,7 +226,7 @@ def calibrate_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, down
                       "calibrated_from": {"version": card.version, "sha256": card.sha256,
                                           **{k: card.training.get(k) for k in ("command", "git_commit",
                                                                                "created_utc")}}},
-            calibration=_calibration_section(onnx_path, temperature, spec, val, test),
+            calibration=_calibration_section(onnx_path, temperature, spec, val, test, report_dir),
         )
         return _publish(staging, fields)
 
@@ -239,7 +239,7 @@ def fold_temperature(model: onnx.ModelProto, temperature: torch.Tensor, multi_la
     index = next((i for i, n in enumerate(graph.node) if PROBS_NAME in n.output), None)
     head = graph.node[index] if index is not None else None
     if head is None or head.op_type != op or list(head.input) != [LOGITS_NAME]:
-        raise ExportError(f"cannot fold a temperature into this graph: {PROBS_NAME} is not {op}({LOGITS_NAME})")
+        raise ValueError(f"cannot fold a temperature into this graph: {PROBS_NAME} is not {op}({LOGITS_NAME})")
     scaled = "calibrated_logits"
     graph.initializer.append(onnx.numpy_helper.from_array(temperature.numpy().astype(np.float32), "temperature"))
     divide = onnx.helper.make_node("Div", [LOGITS_NAME, "temperature"], [scaled], name="calibration_div")
@@ -263,11 +263,21 @@ def _check_folded(source: Path, folded: Path, images: np.ndarray, multi_label: b
     return {**_compare_probs(expected, predict_onnx(folded, images)), "max_abs_logit_diff": logit_diff}
 
 
-def _calibration_section(onnx_path: Path, temperature: torch.Tensor, spec: DatasetSpec, val: Split,
-                         test: Split) -> dict[str, Any]:
-    """Calibration before / after on val and test, measured on the exported file's ``logits``."""
+def _calibration_section(onnx_path: Path, temperature: torch.Tensor, spec: DatasetSpec, val: Split, test: Split,
+                         report_dir: Path | None = None) -> dict[str, Any]:
+    """Calibration before / after on val and test, measured on the exported file's ``logits``; with
+    ``report_dir``, the test split's reliability diagram too."""
     splits = {name: (torch.from_numpy(predict_onnx(onnx_path, s.images.numpy(), output=LOGITS_NAME)), s.labels)
               for name, s in (("val", val), ("test", test))}
+    if report_dir is not None:
+        from training.report import plot_reliability_diagram
+
+        multi_label, (logits, labels) = spec.task.startswith("multi-label"), splits["test"]
+        report_dir.mkdir(parents=True, exist_ok=True)
+        plot_reliability_diagram({"uncalibrated": probabilities(logits, multi_label),
+                                  "temperature-scaled": probabilities(logits, multi_label, temperature)},
+                                 labels, multi_label, report_dir / "reliability_diagram.png",
+                                 f"{spec.flag} test reliability")
     return calibration_report(temperature, spec.task, splits)
 
 

@@ -22,8 +22,12 @@ from training.models import Classifier, Ensemble
 
 
 def write_report(run_dir: Path, model: Classifier | Ensemble, spec: DatasetSpec, history: list[dict[str, float]],
-                 test: Split, probs: torch.Tensor, metrics: dict[str, Any]) -> None:
+                 test: Split, probs: torch.Tensor, metrics: dict[str, Any], uncalibrated: torch.Tensor) -> None:
+    """The run's plots; ``probs`` are the temperature-scaled test probabilities, ``uncalibrated`` those before."""
     plot_learning_curves(history, run_dir / "learning_curves.png")
+    plot_reliability_diagram({"uncalibrated": uncalibrated, "temperature-scaled": probs}, test.labels,
+                             spec.task.startswith("multi-label"), run_dir / "reliability_diagram.png",
+                             f"{spec.flag} test reliability")
     plot_confusion_matrix(metrics, spec, run_dir / "confusion_matrix.png")
     plot_roc_curves(spec, test.labels, probs, run_dir / "roc_curves.png")
     plot_misclassified(spec, test, probs, run_dir / "misclassified.png")

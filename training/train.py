@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from serving.model_card import write_json_atomic
 from training.augment import BatchAugment
+from training.calibration import calibration_report, fit_temperature, probabilities
 from training.checkpoint import (
     Progress,
     ensemble_from_checkpoint,
@@ -36,7 +37,7 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig
 from training.data import DEFAULT_DATA_DIR, Batches, DatasetSpec, Split, dataset_spec, load_split
-from training.evaluate import full_metrics, headline_metrics, predict_torch
+from training.evaluate import full_metrics, headline_metrics, predict_logits, predict_torch
 from training.models import CHECKPOINT_BACKBONE, Classifier, Ensemble, TransferNet, build_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -254,7 +255,8 @@ def train(
     if not is_main:
         return RunResult(run_dir, {}, progress.epochs_done)
     model.load_state_dict(progress.best_model)
-    info = {"model": "pytorch (best val epoch)", "best_val": {cfg.select_metric: progress.best_metric}}
+    info = {"model": "pytorch (best val epoch, temperature-scaled)",
+            "best_val": {cfg.select_metric: progress.best_metric}}
     metrics = evaluate_and_report(model, cfg, spec, run_dir, progress.history, info, data_dir, download, dev, report)
     return RunResult(run_dir, metrics, progress.epochs_done)
 
@@ -298,7 +300,7 @@ def _train_ensemble(cfg: TrainConfig, run_dir: Path, data_dir: Path, download: b
     save_checkpoint(state, run_dir / CHECKPOINT)
     _write_config(run_dir, cfg)
     member_metrics = [json.loads((run_dir / f"member-{k}" / "metrics.json").read_text()) for k in range(cfg.ensemble)]
-    info = {"model": f"ensemble of {cfg.ensemble} (mean probability)",
+    info = {"model": f"ensemble of {cfg.ensemble} (mean probability, temperature-scaled)",
             "best_val": {cfg.select_metric: state["best_metric"]},
             "members": [{"seed": cfg.member(k).seed, "overrides": cfg.variant(k), "acc": m["acc"], "auc": m["auc"]}
                         for k, m in enumerate(member_metrics)]}
@@ -315,18 +317,27 @@ def same_config(run_dir: Path, cfg: TrainConfig) -> bool:
 def evaluate_and_report(model: Classifier | Ensemble, cfg: TrainConfig, spec: DatasetSpec, run_dir: Path,
                         history: list[dict[str, float]], info: dict[str, Any], data_dir: Path, download: bool,
                         dev: torch.device, report: bool) -> dict[str, Any]:
-    """Evaluate the selected model once on the test split; write history.csv, metrics.json and the report."""
+    """Calibrate the selected model on the val split (temperature scaling, as the export does), evaluate it once
+    on the test split; write history.csv, metrics.json and the report."""
     _write_history(run_dir / "history.csv", history)
-    test_split = load_split(spec, "test", data_dir, download)
-    probs = predict_torch(model, test_split.images, spec.task.startswith("multi-label"), cfg.eval_batch_size, dev)
+    multi_label = spec.task.startswith("multi-label")
+    val_split, test_split = (load_split(spec, s, data_dir, download) for s in ("val", "test"))
+    val_logits, test_logits = (predict_logits(model, split.images, cfg.eval_batch_size, dev)
+                               for split in (val_split, test_split))
+    temperature = fit_temperature(val_logits, val_split.labels, multi_label)
+    probs = probabilities(test_logits, multi_label, temperature)
     metrics = full_metrics(spec.task, probs, test_split.labels, list(spec.labels))
-    metrics = {"dataset": spec.flag, "split": "test", "task": spec.task, **info, **metrics}
+    calibration = calibration_report(temperature, spec.task, {"val": (val_logits, val_split.labels),
+                                                              "test": (test_logits, test_split.labels)})
+    metrics = {"dataset": spec.flag, "split": "test", "task": spec.task, **info, **metrics, "calibration": calibration}
     write_json_atomic(run_dir / "metrics.json", metrics)  # written last: marks the run finished
-    print(f"[{cfg.name}] test acc {metrics['acc']:.4f} auc {metrics['auc']:.4f} -> {run_dir}")
+    print(f"[{cfg.name}] test acc {metrics['acc']:.4f} auc {metrics['auc']:.4f}, ECE "
+          f"{calibration['test']['before']['ece']:.4f} -> {calibration['test']['after']['ece']:.4f} -> {run_dir}")
     if report:
         from training.report import write_report
 
-        write_report(run_dir, model.cpu(), spec, history, test_split, probs, metrics)
+        write_report(run_dir, model.cpu(), spec, history, test_split, probs, metrics,
+                     probabilities(test_logits, multi_label))
     return metrics
 
 
