@@ -57,11 +57,16 @@ def test_export_writes_onnx_and_a_true_card(trained, fixture_data, tmp_path, fla
 
 
 def test_versions_increase_and_are_never_overwritten(trained, fixture_data, tmp_path):
-    first = export_checkpoint(trained["retinamnist"], tmp_path, name="m", data_dir=fixture_data, download=False)
-    second = export_checkpoint(trained["retinamnist"], tmp_path, name="m", data_dir=fixture_data, download=False)
+    first = export_checkpoint(trained["retinamnist"], tmp_path, name="m", data_dir=fixture_data, download=False,
+                              command="first")
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    second = export_checkpoint(trained["retinamnist"], tmp_path, name="m", data_dir=fixture_data, download=False,
+                               command="second")
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before  # version 1 untouched, file by file
+    assert read_card(first / "model.json").training["command"] == "first"
+    assert read_card(first / "model.json").sha256 == file_sha256(first / "model.onnx")
+    assert read_card(second / "model.json").training["command"] == "second"
     assert (first.name, second.name) == ("1", "2")
-    before = (first / "model.json").read_bytes()
-    assert (first / "model.json").read_bytes() == before
     assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".")]  # no staging left behind
 
 

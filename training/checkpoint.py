@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,22 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from serving.model_card import atomic_write
 from training.config import TrainConfig
 from training.data import dataset_spec
 from training.models import CHECKPOINT_BACKBONE, Classifier, Ensemble, build_model
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to a temporary file beside ``path`` and rename it over: never half a checkpoint."""
+    """Write ``state`` to ``path`` atomically: never half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

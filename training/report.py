@@ -15,6 +15,7 @@ import torch
 from sklearn.calibration import calibration_curve
 from torchmetrics.functional.classification import binary_roc
 
+from serving.model_card import atomic_write, write_text_atomic
 from training.calibration import N_BINS, reliability_points
 from training.data import DatasetSpec, Split
 from training.evaluate import predicted_labels
@@ -143,9 +144,10 @@ def write_model_summary(model: Classifier | Ensemble, spec: DatasetSpec, run_dir
     example = torch.zeros((2, *spec.image_shape), dtype=torch.uint8)
     text = str(summary(model, input_data=[example], verbose=0, depth=4,
                        col_names=("output_size", "num_params", "mult_adds")))
-    (run_dir / "model_summary.txt").write_text(text + "\n")
+    write_text_atomic(run_dir / "model_summary.txt", text + "\n")
     if shutil.which("dot") is None:
-        (run_dir / "model_graph.txt").write_text(
+        write_text_atomic(
+            run_dir / "model_graph.txt",
             "torchviz needs graphviz's `dot` to render the model graph: install graphviz "
             "(apt-get install graphviz / brew install graphviz) and re-run the training command.\n")
         return
@@ -162,5 +164,6 @@ def _short(name: str, width: int = 14) -> str:
 
 def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=path.suffix[1:], dpi=110)
     plt.close(fig)

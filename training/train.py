@@ -23,7 +23,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from serving.model_card import write_json_atomic
+from serving.model_card import atomic_write, write_json_atomic, write_text_atomic
 from training.augment import BatchAugment
 from training.calibration import calibration_report, fit_temperature, probabilities
 from training.checkpoint import (
@@ -342,13 +342,13 @@ def evaluate_and_report(model: Classifier | Ensemble, cfg: TrainConfig, spec: Da
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig) -> None:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
     if not history:
         return
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
