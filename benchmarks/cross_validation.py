@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.publish import write_results  # noqa: E402
+from serving.model_card import atomic_write  # noqa: E402
 from training.config import TrainConfig, parse_override  # noqa: E402
 from training.data import dataset_spec, load_split  # noqa: E402
 from training.evaluate import headline_metrics  # noqa: E402
@@ -47,10 +48,12 @@ def write_folds(flag: str, data_dir: Path, folds: int, work_dir: Path) -> list[P
         (fold_dir / "medmnist").mkdir(parents=True, exist_ok=True)
         arrays = {"train": (train.images[keep], train.labels[keep]), "val": (val.images, val.labels),
                   "test": (train.images[held], train.labels[held])}
-        np.savez(fold_dir / "medmnist" / f"{flag}.npz", **{
-            f"{split}_{key}": value for split, (images, y) in arrays.items()
-            for key, value in (("images", images.numpy()), ("labels", y.numpy().reshape(len(y), -1).astype(np.uint8)))
-        })
+        with atomic_write(fold_dir / "medmnist" / f"{flag}.npz", "wb") as f:
+            np.savez(f, **{
+                f"{split}_{key}": value for split, (images, y) in arrays.items()
+                for key, value in (("images", images.numpy()),
+                                   ("labels", y.numpy().reshape(len(y), -1).astype(np.uint8)))
+            })
         dirs.append(fold_dir)
     return dirs
 

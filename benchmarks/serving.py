@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.publish import RESULTS, write_results  # noqa: E402
+from serving.model_card import atomic_write  # noqa: E402
 
 PEERS = ROOT / "benchmarks" / "peers"
 MODELS = ("mnist-cnn", "pneumoniamnist-cnn")
@@ -256,7 +257,8 @@ def plot(results: list[Result], path: Path) -> None:
     ax_p99.set_yscale("log")
     ax_tp.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=path.suffix[1:], dpi=110)
     plt.close(fig)
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 SCHEMA_VERSION = 1
 TASKS = ("multi-class", "binary-class", "multi-label, binary-class", "ordinal-regression")
@@ -66,6 +68,9 @@ class ModelCard:
     # grey level 0..255 around the training images (median of their border pixels): the service composites
     # transparent upload pixels on it. Optional: cards written before it existed mean 0 (black)
     input_background: int = 0
+    # temperature scaling folded into the graph: temperature(s), method, ECE / NLL / Brier before and after on
+    # val and test (see training.calibration); None for models exported before calibration existed
+    calibration: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -140,13 +145,19 @@ def read_card(path: Path) -> ModelCard:
     return ModelCard.from_dict(data)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+@contextmanager
+def atomic_write(path: Path | str, mode: str = "w", newline: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` for writing, text (``mode="w"``, with ``newline`` as ``open``
+    takes it) or binary (``"wb"``); on a clean exit, flush it to disk and rename it over ``path``, so readers
+    see the old file or the whole new one, never a part. On an error the temporary file is removed."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # a new file of a name no one else uses; unlike tempfile's, its permissions follow the umask, as open()'s do
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with open(tmp, mode.replace("w", "x"), newline=newline) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -155,6 +166,14 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path``, atomically (see ``write_text_atomic``)."""
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see ``atomic_write``)."""
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def write_json_atomic(path: Path | str, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path``, atomically (see ``atomic_write``)."""
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")

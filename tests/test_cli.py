@@ -2,24 +2,25 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from serving.model_card import read_card
-from tests.conftest import ROOT
+from tests.conftest import EXPORTS, ROOT
 
 
-def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: int = 300, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "training", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.returncode == returncode, done.stdout[-2000:] + done.stderr[-3000:]
     return done
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "export", "pipeline"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "export", "calibrate", "pipeline"])
 def test_every_subcommand_explains_itself(command):
     out = run(command, "--help").stdout
     assert "--data-dir" in out and "usage: python -m training " + command in out
@@ -68,3 +69,15 @@ def test_missing_data_offline_is_one_clear_error(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and "pneumoniamnist.npz not found" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_calibrate_publishes_a_calibrated_next_version(fixture_data, tmp_path):
+    model = tmp_path / "repo" / "pneumoniamnist-cnn"
+    shutil.copytree(EXPORTS / "pneumoniamnist-cnn" / "1", model / "1")
+    data = ["--data-dir", str(fixture_data), "--no-download"]
+    out = run("calibrate", str(model / "1"), "--report-dir", str(tmp_path / "report"), *data)
+    assert "exported" in out.stdout and (tmp_path / "report" / "reliability_diagram.png").exists()
+    card = read_card(model / "2" / "model.json")
+    assert card.training["command"].startswith("python -m training calibrate ") and card.calibration["temperature"]
+    again = run("calibrate", str(model / "2"), *data, returncode=2)
+    assert "calibrated already" in again.stderr and "Traceback" not in again.stderr

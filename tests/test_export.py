@@ -10,6 +10,7 @@ import torch
 
 from serving.model_card import file_sha256, read_card
 from tests.test_train import tiny
+from training.calibration import probabilities
 from training.checkpoint import load_model
 from training.export import ExportError, check_parity, export_checkpoint
 from training.train import CHECKPOINT, train
@@ -40,10 +41,12 @@ def test_export_writes_onnx_and_a_true_card(trained, fixture_data, tmp_path, fla
     x = np.random.default_rng(0).integers(0, 256, size=(5, *shape), dtype=np.uint8)
     probs, logits = session.run(["probs", "logits"], {"images": x})
     assert probs.shape == (5, len(card.labels)) and probs.dtype == np.float32
-    if flag == "chestmnist":  # multi-label: sigmoid
-        np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits)), atol=1e-6)
-    else:
-        np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    # probs are calibrated: the logits divided by the card's temperature(s), then sigmoid / softmax
+    temperature = torch.tensor(card.calibration["temperature"])
+    assert len(temperature) == (len(card.labels) if flag == "chestmnist" else 1)
+    np.testing.assert_allclose(probs, probabilities(torch.from_numpy(logits), card.multi_label, temperature).numpy(),
+                               atol=1e-6)
+    assert set(card.calibration["val"]["after"]) == {"ece", "nll", "brier"} and card.calibration["test"]["n"] == 48
     props = {p.key: p.value for p in onnx.load(str(path / "model.onnx")).metadata_props}
     assert props["cnnserve.name"] == f"tiny-{flag}" and json.loads(props["cnnserve.labels"]) == card.labels
     # the card's test metrics are what the exported model scores
@@ -54,11 +57,16 @@ def test_export_writes_onnx_and_a_true_card(trained, fixture_data, tmp_path, fla
 
 
 def test_versions_increase_and_are_never_overwritten(trained, fixture_data, tmp_path):
-    first = export_checkpoint(trained["retinamnist"], tmp_path, name="m", data_dir=fixture_data, download=False)
-    second = export_checkpoint(trained["retinamnist"], tmp_path, name="m", data_dir=fixture_data, download=False)
+    first = export_checkpoint(trained["retinamnist"], tmp_path, name="m", data_dir=fixture_data, download=False,
+                              command="first")
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    second = export_checkpoint(trained["retinamnist"], tmp_path, name="m", data_dir=fixture_data, download=False,
+                               command="second")
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before  # version 1 untouched, file by file
+    assert read_card(first / "model.json").training["command"] == "first"
+    assert read_card(first / "model.json").sha256 == file_sha256(first / "model.onnx")
+    assert read_card(second / "model.json").training["command"] == "second"
     assert (first.name, second.name) == ("1", "2")
-    before = (first / "model.json").read_bytes()
-    assert (first / "model.json").read_bytes() == before
     assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
@@ -104,8 +112,11 @@ def test_a_multi_label_ensemble_exports_the_mean_of_its_members(fixture_data, tm
     card = read_card(path / "model.json")
     assert card.training["config"]["ensemble"] == 2 and card.metrics["parity"]["argmax_identical"]
     x = np.random.default_rng(1).integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
-    (probs,) = ort.InferenceSession(str(path / "model.onnx")).run(["probs"], {"images": x})
+    probs, logits = ort.InferenceSession(str(path / "model.onnx")).run(["probs", "logits"], {"images": x})
     members = [load_model(tmp_path / "run" / f"member-{k}" / CHECKPOINT)[0] for k in range(2)]
     with torch.no_grad():
         expected = torch.stack([torch.sigmoid(m(torch.from_numpy(x))) for m in members]).mean(0)
-    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(torch.sigmoid(torch.from_numpy(logits)).numpy(), expected.numpy(), atol=1e-5)
+    # one temperature per label, on the ensemble's mean (not on each member)
+    temperature = torch.tensor(card.calibration["temperature"])
+    np.testing.assert_allclose(probs, torch.sigmoid(torch.logit(expected) / temperature).numpy(), atol=1e-5)

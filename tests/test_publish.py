@@ -1,6 +1,9 @@
 """Benchmark results are written whole or not at all."""
 
 import json
+import resource
+import signal
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,10 +18,23 @@ def test_results_are_written_as_json_and_markdown(tmp_path):
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["bench.json", "bench.md"]
 
 
-def test_a_failed_write_keeps_the_previous_results(tmp_path):
+@contextmanager
+def disk_full_after(n_bytes: int):
+    """Writes past ``n_bytes`` of any file fail (EFBIG) as on a full disk, whatever code does the writing."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_write_that_fails_midway_keeps_the_previous_results(tmp_path):
     write_results("bench", {"rows": [1]}, "# old\n", tmp_path)
-    with pytest.raises(TypeError):
-        write_results("bench", {"rows": [object()]}, "# new\n", tmp_path)
+    with disk_full_after(64), pytest.raises(OSError, match="File too large"):
+        write_results("bench", {"rows": list(range(1000))}, "# new\n", tmp_path)  # its JSON fails after 64 bytes
     assert json.loads((tmp_path / "bench.json").read_text()) == {"rows": [1]}
     assert (tmp_path / "bench.md").read_text() == "# old\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]  # no temporary file left

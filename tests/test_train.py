@@ -26,10 +26,13 @@ def tiny(dataset: str, **overrides) -> TrainConfig:
 def test_every_task_type_trains_and_writes_a_report(fixture_data, tmp_path, flag):
     result = train(tiny(flag, epochs=1), tmp_path, fixture_data, download=False, quiet=True)
     for name in ("metrics.json", "history.csv", "learning_curves.png", "confusion_matrix.png", "roc_curves.png",
-                 "misclassified.png", "model_summary.txt", CHECKPOINT, "config.yaml"):
+                 "misclassified.png", "model_summary.txt", "reliability_diagram.png", CHECKPOINT, "config.yaml"):
         assert (tmp_path / name).exists(), name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0 <= metrics["acc"] <= 1 and 0 <= metrics["auc"] <= 1
+    n_temperatures = len(metrics["per_class"]) if flag == "chestmnist" else 1
+    assert len(metrics["calibration"]["temperature"]) == n_temperatures
+    assert set(metrics["calibration"]["test"]["after"]) == {"ece", "nll", "brier"}
     assert metrics == json.loads(json.dumps(result.metrics))
 
 

@@ -1,36 +1,84 @@
-"""Checkpoints: written atomically every epoch, loaded safely (``weights_only=True``)."""
+"""Checkpoints: written atomically every epoch, loaded safely (``weights_only=True``); what one holds
+(``training_state``) and how a run continues from it (``restore_training``)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from serving.model_card import atomic_write
 from training.config import TrainConfig
 from training.data import dataset_spec
 from training.models import CHECKPOINT_BACKBONE, Classifier, Ensemble, build_model
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to a temporary file beside ``path`` and rename it over: never half a checkpoint."""
+    """Write ``state`` to ``path`` atomically: never half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class Progress:
+    """What the training loop carries from one epoch to the next, and a checkpoint keeps for ``--resume``."""
+
+    epochs_done: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_metric: float = -math.inf
+    best_model: dict[str, torch.Tensor] | None = None  # weights of the best-on-val epoch, on the CPU
+    stale_epochs: int = 0  # epochs since the best one (early stopping)
+
+    def record(self, row: dict[str, float], metric: float, model: nn.Module) -> bool:
+        """Add one finished epoch (its history ``row`` and validation ``metric``); whether it is the best yet."""
+        self.history.append(row)
+        self.epochs_done += 1
+        if metric > self.best_metric:
+            self.best_metric, self.stale_epochs = metric, 0
+            self.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            return True
+        self.stale_epochs += 1
+        return False
+
+
+def training_state(cfg: TrainConfig, backbone_source_config: dict[str, Any] | None, model: nn.Module,
+                   optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   progress: Progress, device: torch.device) -> dict[str, Any]:
+    """The checkpoint after ``progress.epochs_done`` epochs: everything ``restore_training`` needs to continue
+    exactly as if never stopped (weights, optimizer, schedule, random state), plus the best weights."""
+    return {
+        "config": cfg.to_dict(), "backbone_source_config": backbone_source_config, "epoch": progress.epochs_done - 1,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "history": progress.history, "best_metric": progress.best_metric, "best_model": progress.best_model,
+        "stale_epochs": progress.stale_epochs,
+    }
+
+
+def restore_training(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> Progress:
+    """Load a ``training_state`` checkpoint into ``model``, ``optimizer``, ``scheduler`` and the random
+    generators; returns the loop's progress."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    return Progress(state["epoch"] + 1, state["history"], state["best_metric"], state["best_model"],
+                    state["stale_epochs"])
 
 
 def skeleton(cfg: TrainConfig, backbone_source_config: dict[str, Any] | None = None) -> Classifier:

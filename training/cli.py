@@ -1,4 +1,4 @@
-"""``python -m training {train,evaluate,export,pipeline}``: the training job's command line."""
+"""``python -m training {train,evaluate,export,calibrate,pipeline}``: the training job's command line."""
 
 from __future__ import annotations
 
@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="publish a static int8 model; the card reports the change")
     _add_data_args(p)
 
+    p = sub.add_parser("calibrate", help="publish the next version of an exported model with calibrated probs",
+                       description="Fit a temperature on the val split's logits of an exported version and publish "
+                                   "the same network with probs = softmax(logits / T) (sigmoid per label for "
+                                   "multi-label models) as the next version; the source version is left untouched.")
+    p.add_argument("version_dir", type=Path, help="an exported version, e.g. exports/mnist-cnn/1")
+    p.add_argument("--report-dir", type=Path, help="also write the test split's reliability diagram here")
+    _add_data_args(p)
+
     p = sub.add_parser("pipeline", help="train, evaluate and export the three shipped models",
                        description="mnist-cnn, then pneumoniamnist-cnn, then pneumoniamnist-transfer (its backbone "
                                    "is the mnist-cnn just trained unless --backbone is given).")
@@ -146,6 +154,11 @@ def run(args: argparse.Namespace) -> None:
 
         path = export_checkpoint(args.checkpoint, args.model_dir, args.name, args.data_dir, args.download,
                                  args.quantize, command=command_line())
+        print(f"exported {path}")
+    elif args.command == "calibrate":
+        from training.export import calibrate_version
+
+        path = calibrate_version(args.version_dir, args.data_dir, args.download, command_line(), args.report_dir)
         print(f"exported {path}")
     elif args.command == "pipeline":
         from training.pipeline import run_pipeline

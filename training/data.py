@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torchvision.datasets import MNIST
 
+from serving.model_card import atomic_write
+
 MNIST_FLAG = "mnist"
 MNIST_VAL_FRACTION = 12  # MNIST has no official val split: the last 1/12 of train (5,000 of 60,000) is one
 SPLITS = ("train", "val", "test")
@@ -153,10 +155,8 @@ def _mnist_root(data_dir: Path, download: bool) -> Path:
         target_raw.mkdir(parents=True, exist_ok=True)
         for name, gz in zip(_MNIST_FILES, gz_files, strict=True):
             if not (target_raw / name).exists():
-                tmp = target_raw / f".{name}.{os.getpid()}.tmp"
-                with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                with gzip.open(gz, "rb") as src, atomic_write(target_raw / name, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-                os.replace(tmp, target_raw / name)
         return target
     if not download:
         raise DataNotFoundError(

@@ -15,28 +15,33 @@ import numpy as np
 import torch
 from torchmetrics import functional as tmf
 
+from training.calibration import probabilities
 from training.data import Batches, Split
 
 
 @torch.no_grad()
-def predict_torch(model: torch.nn.Module, images: torch.Tensor, multi_label: bool, batch_size: int = 512,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """Probabilities (N, K) of a ``Classifier`` or ``Ensemble`` on uint8 images, on the CPU."""
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 512,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits (N, K) of a ``Classifier`` or ``Ensemble`` on uint8 images, as float32 on the CPU."""
     model.eval()
-    out = []
-    for batch, _ in Batches(Split(images, torch.zeros(len(images))), batch_size, device=device):
-        logits = model(batch).float()
-        out.append((torch.sigmoid(logits) if multi_label else torch.softmax(logits, 1)).cpu())
+    out = [model(batch).float().cpu() for batch, _ in Batches(Split(images, torch.zeros(len(images))), batch_size,
+                                                              device=device)]
     return torch.cat(out)
 
 
-def predict_onnx(path: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Probabilities (N, K) of an exported model, through onnxruntime on the CPU."""
+def predict_torch(model: torch.nn.Module, images: torch.Tensor, multi_label: bool, batch_size: int = 512,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Probabilities (N, K) of a ``Classifier`` or ``Ensemble`` on uint8 images, on the CPU (no temperature)."""
+    return probabilities(predict_logits(model, images, batch_size, device), multi_label)
+
+
+def predict_onnx(path: Path, images: np.ndarray, batch_size: int = 512, output: str = "probs") -> np.ndarray:
+    """One output (``probs`` or ``logits``, (N, K)) of an exported model, through onnxruntime on the CPU."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.concatenate([
-        session.run(["probs"], {"images": images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)
+        session.run([output], {"images": images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)
     ])
 
 

@@ -1,18 +1,23 @@
 """Export a trained checkpoint to the model repository: ``<repo>/<name>/<version>/{model.onnx,model.json}``.
 
 The ONNX graph takes raw uint8 pixels (``images``, dataset layout, dynamic batch) and returns ``probs``
-(softmax, or sigmoid for multi-label) and ``logits``. Export fails unless onnxruntime matches PyTorch
+(softmax, or sigmoid for multi-label, of the logits divided by a temperature fitted on the val split: see
+``training.calibration``) and ``logits`` (uncalibrated). Export fails unless onnxruntime matches PyTorch
 on real test images. Publishing is atomic: a temporary directory renamed to the next free version.
+``calibrate_version`` republishes an exported version with the temperature folded into its graph.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +34,13 @@ from serving.model_card import (
     ModelCard,
     TensorSpec,
     file_sha256,
+    read_card,
     write_json_atomic,
 )
+from training.calibration import calibration_report, fit_temperature, probabilities
 from training.checkpoint import load_model
-from training.data import DEFAULT_DATA_DIR, DatasetSpec, dataset_spec, load_split
-from training.evaluate import headline_metrics, predict_onnx, predict_torch
+from training.data import DEFAULT_DATA_DIR, DatasetSpec, Split, dataset_spec, load_split
+from training.evaluate import headline_metrics, predict_logits, predict_onnx
 from training.models import Classifier, Ensemble
 
 OPSET = 18
@@ -46,20 +53,26 @@ class ExportError(RuntimeError):
 
 
 class ExportWrapper(nn.Module):
-    """uint8 images -> (probs, logits): what the service runs."""
+    """uint8 images -> (probs, logits): what the service runs. ``temperature`` (shape (1,), or one per label
+    for multi-label heads) divides the logits before the softmax / sigmoid; ``logits`` stay as they are.
 
-    def __init__(self, model: Classifier | Ensemble, multi_label: bool) -> None:
+    An ensemble's logits are its members' mean probability in logit form, so one temperature calibrates
+    the combination that is served (calibrated members would not average to a calibrated mean)."""
+
+    def __init__(self, model: Classifier | Ensemble, multi_label: bool,
+                 temperature: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model, self.multi_label = model, multi_label
+        self.register_buffer("temperature", temperature)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(images)
-        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
-        return probs, logits
+        return probabilities(logits, self.multi_label, self.temperature), logits
 
 
-def export_onnx(model: Classifier | Ensemble, spec: DatasetSpec, path: Path) -> None:
-    wrapper = ExportWrapper(model, spec.task.startswith("multi-label")).eval()
+def export_onnx(model: Classifier | Ensemble, spec: DatasetSpec, path: Path, temperature: torch.Tensor | None = None
+                ) -> None:
+    wrapper = ExportWrapper(model, spec.task.startswith("multi-label"), temperature).eval()
     example = torch.zeros((2, *spec.image_shape), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.onnx.export(wrapper, (example,), input_names=[INPUT_NAME], output_names=[PROBS_NAME, LOGITS_NAME],
@@ -67,17 +80,21 @@ def export_onnx(model: Classifier | Ensemble, spec: DatasetSpec, path: Path) -> 
     program.save(str(path))
 
 
-def check_parity(model: Classifier | Ensemble, onnx_path: Path, images: torch.Tensor,
-                 multi_label: bool) -> dict[str, Any]:
-    """Compare onnxruntime with PyTorch on ``images``; raise ``ExportError`` past the tolerance."""
-    expected = predict_torch(model, images, multi_label).numpy()
-    got = predict_onnx(onnx_path, images.numpy())
+def check_parity(model: Classifier | Ensemble, onnx_path: Path, images: torch.Tensor, multi_label: bool,
+                 temperature: torch.Tensor | None = None) -> dict[str, Any]:
+    """Compare onnxruntime with PyTorch (calibrated by ``temperature``) on ``images``; raise ``ExportError``
+    past the tolerance."""
+    expected = probabilities(predict_logits(model, images), multi_label, temperature).numpy()
+    return _compare_probs(expected, predict_onnx(onnx_path, images.numpy()))
+
+
+def _compare_probs(expected: np.ndarray, got: np.ndarray) -> dict[str, Any]:
     max_diff = float(np.abs(expected - got).max())
     same_argmax = bool((expected.argmax(1) == got.argmax(1)).all())
     if max_diff > PARITY_TOLERANCE or not same_argmax:
-        raise ExportError(f"ONNX parity check failed on {len(images)} test images: max |dprob| {max_diff:.2e} "
+        raise ExportError(f"ONNX parity check failed on {len(got)} test images: max |dprob| {max_diff:.2e} "
                           f"(limit {PARITY_TOLERANCE:.0e}), identical argmax: {same_argmax}")
-    return {"images": len(images), "max_abs_prob_diff": max_diff, "argmax_identical": same_argmax}
+    return {"images": len(got), "max_abs_prob_diff": max_diff, "argmax_identical": same_argmax}
 
 
 def border_grey_level(images: np.ndarray) -> int:
@@ -148,19 +165,17 @@ def export_checkpoint(
     command: str = "",
     notes: str = "",
 ) -> Path:
-    """Export, check, evaluate on the test split and publish one model version; returns its directory."""
+    """Calibrate on the val split, export, check, evaluate on the test split and publish one model version;
+    returns its directory."""
     model, cfg, ckpt = load_model(checkpoint)
     spec = dataset_spec(cfg.dataset, cfg.size)
-    name = name or cfg.name
     multi_label = spec.task.startswith("multi-label")
-    test = load_split(spec, "test", data_dir, download)
-    model_root = repo_dir / name
-    model_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=model_root, prefix=".staging-"))
-    try:
+    val, test = (load_split(spec, s, data_dir, download) for s in ("val", "test"))
+    temperature = fit_temperature(predict_logits(model, val.images), val.labels, multi_label)
+    with _staging(repo_dir / (name or cfg.name)) as staging:
         onnx_path = staging / "model.onnx"
-        export_onnx(model, spec, onnx_path)
-        parity = check_parity(model, onnx_path, test.images[:PARITY_IMAGES], multi_label)
+        export_onnx(model, spec, onnx_path, temperature)
+        parity = check_parity(model, onnx_path, test.images[:PARITY_IMAGES], multi_label, temperature)
         probs = predict_onnx(onnx_path, test.images.numpy())
         metrics = headline_metrics(spec.task, torch.from_numpy(probs), test.labels)
         quantization = None
@@ -169,9 +184,8 @@ def export_checkpoint(
                                                         test, spec, metrics)
         elif quantize is not None:
             raise ValueError(f"unknown quantization {quantize!r}; only int8 is supported")
-        version = next_version(model_root)
-        card_fields = dict(
-            name=name, version=version, task=spec.task, labels=list(spec.labels),
+        return _publish(staging, dict(
+            name=name or cfg.name, task=spec.task, labels=list(spec.labels),
             input=TensorSpec(INPUT_NAME, "UINT8", list(spec.image_shape)), layout=spec.layout,
             outputs=[TensorSpec(PROBS_NAME, "FP32", [spec.num_outputs]),
                      TensorSpec(LOGITS_NAME, "FP32", [spec.num_outputs])],
@@ -179,23 +193,133 @@ def export_checkpoint(
                      "splits": _split_sizes(spec, data_dir, download, cfg.train_limit)},
             metrics={"test": {**metrics, "n": len(test)}, "parity": parity,
                      "best_val": {cfg.select_metric: ckpt["best_metric"]}},
-            training={"command": command, "git_commit": git_commit(),
-                      "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            training={"command": command, "git_commit": git_commit(), "created_utc": _now(),
                       "epochs_run": ckpt["epoch"] + 1, "config": cfg.to_dict(), "notes": notes},
-            sha256="", batching=BatchingSpec(), quantization=quantization,
+            batching=BatchingSpec(), quantization=quantization,
+            input_background=border_grey_level(load_split(spec, "train", data_dir, download).images.numpy()),
+            calibration=_calibration_section(onnx_path, temperature, spec, val, test),
+        ))
+
+
+def calibrate_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, download: bool = True,
+                      command: str = "", report_dir: Path | None = None) -> Path:
+    """Publish the next version of an exported model with a temperature folded into its graph.
+
+    The temperature is fitted on the val-split ``logits`` of ``version_dir``'s ONNX file; the new graph is the
+    same network with ``probs = softmax(logits / T)`` (sigmoid per label for multi-label heads). Fails unless
+    the new file's logits equal the old file's and its probs match the calibrated old logits. ``version_dir``
+    itself is left untouched. ``report_dir``: where to write the test split's reliability diagram."""
+    source = Path(version_dir) / "model.onnx"
+    card = read_card(Path(version_dir) / "model.json")
+    if card.sha256 != file_sha256(source):
+        raise ValueError(f"{source} does not match the sha256 in its card")
+    if card.calibration is not None:
+        raise ValueError(f"{version_dir} is calibrated already (temperature {card.calibration['temperature']})")
+    spec = dataset_spec(card.dataset["name"], card.dataset["size"])
+    val, test = (load_split(spec, s, data_dir, download) for s in ("val", "test"))
+    temperature = fit_temperature(predict_onnx(source, val.images.numpy(), output=LOGITS_NAME), val.labels,
+                                  card.multi_label)
+    with _staging(Path(version_dir).parent) as staging:
+        onnx_path = staging / "model.onnx"
+        onnx.save(fold_temperature(onnx.load(str(source)), temperature, card.multi_label), str(onnx_path))
+        parity = _check_folded(source, onnx_path, test.images[:PARITY_IMAGES].numpy(), card.multi_label, temperature)
+        probs = predict_onnx(onnx_path, test.images.numpy())
+        metrics = headline_metrics(spec.task, torch.from_numpy(probs), test.labels)
+        fields = {f.name: getattr(card, f.name) for f in dataclasses.fields(card)
+                  if f.name not in ("version", "sha256")}
+        fields.update(
+            metrics={**card.metrics, "test": {**metrics, "n": len(test)}, "parity": parity},
+            training={**card.training, "command": command, "git_commit": git_commit(), "created_utc": _now(),
+                      "calibrated_from": {"version": card.version, "sha256": card.sha256,
+                                          **{k: card.training.get(k) for k in ("command", "git_commit",
+                                                                               "created_utc")}}},
+            calibration=_calibration_section(onnx_path, temperature, spec, val, test, report_dir),
             input_background=border_grey_level(load_split(spec, "train", data_dir, download).images.numpy()),
         )
-        _add_metadata(onnx_path, ModelCard(**{**card_fields, "sha256": "0" * 64}).metadata_props())
-        card = ModelCard(**{**card_fields, "sha256": file_sha256(onnx_path)})
-        write_json_atomic(staging / "model.json", card.to_dict())
-        final = model_root / str(version)
-        try:
-            os.rename(staging, final)  # atomic; fails if the version appeared meanwhile
-        except OSError as exc:
-            raise ExportError(f"{final} already exists: versions are never overwritten") from exc
-        return final
+        return _publish(staging, fields)
+
+
+def fold_temperature(model: onnx.ModelProto, temperature: torch.Tensor, multi_label: bool) -> onnx.ModelProto:
+    """``model`` with its ``probs = Softmax(logits)`` node (``Sigmoid`` for multi-label) replaced by
+    ``probs = Softmax(Div(logits, T))``; everything up to ``logits`` stays as it is."""
+    graph = model.graph
+    op = "Sigmoid" if multi_label else "Softmax"
+    index = next((i for i, n in enumerate(graph.node) if PROBS_NAME in n.output), None)
+    head = graph.node[index] if index is not None else None
+    if head is None or head.op_type != op or list(head.input) != [LOGITS_NAME]:
+        raise ValueError(f"cannot fold a temperature into this graph: {PROBS_NAME} is not {op}({LOGITS_NAME})")
+    scaled = "calibrated_logits"
+    graph.initializer.append(onnx.numpy_helper.from_array(temperature.numpy().astype(np.float32), "temperature"))
+    divide = onnx.helper.make_node("Div", [LOGITS_NAME, "temperature"], [scaled], name="calibration_div")
+    calibrated = onnx.helper.make_node(op, [scaled], [PROBS_NAME], name=f"calibration_{op.lower()}")
+    calibrated.attribute.extend(head.attribute)
+    del graph.node[index]
+    graph.node.insert(index, calibrated)
+    graph.node.insert(index, divide)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _check_folded(source: Path, folded: Path, images: np.ndarray, multi_label: bool,
+                  temperature: torch.Tensor) -> dict[str, Any]:
+    """The folded graph's logits equal the source's, and its probs are the calibrated source logits."""
+    logits = predict_onnx(source, images, output=LOGITS_NAME)
+    logit_diff = float(np.abs(predict_onnx(folded, images, output=LOGITS_NAME) - logits).max())
+    if logit_diff > PARITY_TOLERANCE:
+        raise ExportError(f"the calibrated graph changed the logits (max |dlogit| {logit_diff:.2e})")
+    expected = probabilities(torch.from_numpy(logits), multi_label, temperature).numpy()
+    return {**_compare_probs(expected, predict_onnx(folded, images)), "max_abs_logit_diff": logit_diff}
+
+
+def _calibration_section(onnx_path: Path, temperature: torch.Tensor, spec: DatasetSpec, val: Split, test: Split,
+                         report_dir: Path | None = None) -> dict[str, Any]:
+    """Calibration before / after on val and test, measured on the exported file's ``logits``; with
+    ``report_dir``, the test split's reliability diagram too."""
+    splits = {name: (torch.from_numpy(predict_onnx(onnx_path, s.images.numpy(), output=LOGITS_NAME)), s.labels)
+              for name, s in (("val", val), ("test", test))}
+    if report_dir is not None:
+        from training.report import plot_reliability_diagram
+
+        multi_label, (logits, labels) = spec.task.startswith("multi-label"), splits["test"]
+        report_dir.mkdir(parents=True, exist_ok=True)
+        plot_reliability_diagram({"uncalibrated": probabilities(logits, multi_label),
+                                  "temperature-scaled": probabilities(logits, multi_label, temperature)},
+                                 labels, multi_label, report_dir / "reliability_diagram.png",
+                                 f"{spec.flag} test reliability")
+    return calibration_report(temperature, spec.task, splits)
+
+
+@contextlib.contextmanager
+def _staging(model_root: Path) -> Iterator[Path]:
+    """A temporary directory inside ``model_root``, removed on the way out unless published."""
+    model_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=model_root, prefix=".staging-"))
+    try:
+        yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, card_fields: dict[str, Any]) -> Path:
+    """Stamp the card into ``staging/model.onnx``, write ``model.json`` beside it and rename ``staging`` to the
+    next free version of its model (atomic; never overwrites a version)."""
+    model_root = staging.parent
+    version = next_version(model_root)
+    onnx_path = staging / "model.onnx"
+    card_fields = {**card_fields, "version": version}
+    _add_metadata(onnx_path, ModelCard(**card_fields, sha256="0" * 64).metadata_props())
+    card = ModelCard(**card_fields, sha256=file_sha256(onnx_path))
+    write_json_atomic(staging / "model.json", card.to_dict())
+    final = model_root / str(version)
+    try:
+        os.rename(staging, final)  # atomic; fails if the version appeared meanwhile
+    except OSError as exc:
+        raise ExportError(f"{final} already exists: versions are never overwritten") from exc
+    return final
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _split_sizes(spec: DatasetSpec, data_dir: Path, download: bool, train_limit: int | None) -> dict[str, int]:

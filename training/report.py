@@ -12,16 +12,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from sklearn.calibration import calibration_curve
 from torchmetrics.functional.classification import binary_roc
 
+from serving.model_card import atomic_write, write_text_atomic
+from training.calibration import N_BINS, reliability_points
 from training.data import DatasetSpec, Split
 from training.evaluate import predicted_labels
 from training.models import Classifier, Ensemble
 
 
 def write_report(run_dir: Path, model: Classifier | Ensemble, spec: DatasetSpec, history: list[dict[str, float]],
-                 test: Split, probs: torch.Tensor, metrics: dict[str, Any]) -> None:
+                 test: Split, probs: torch.Tensor, metrics: dict[str, Any], uncalibrated: torch.Tensor) -> None:
+    """The run's plots; ``probs`` are the temperature-scaled test probabilities, ``uncalibrated`` those before."""
     plot_learning_curves(history, run_dir / "learning_curves.png")
+    plot_reliability_diagram({"uncalibrated": uncalibrated, "temperature-scaled": probs}, test.labels,
+                             spec.task.startswith("multi-label"), run_dir / "reliability_diagram.png",
+                             f"{spec.flag} test reliability")
     plot_confusion_matrix(metrics, spec, run_dir / "confusion_matrix.png")
     plot_roc_curves(spec, test.labels, probs, run_dir / "roc_curves.png")
     plot_misclassified(spec, test, probs, run_dir / "misclassified.png")
@@ -109,15 +116,38 @@ def plot_misclassified(spec: DatasetSpec, test: Split, probs: torch.Tensor, path
     _save(fig, path)
 
 
+def plot_reliability_diagram(curves: dict[str, torch.Tensor], labels: torch.Tensor, multi_label: bool, path: Path,
+                             title: str) -> None:
+    """Reliability diagram: per confidence bin (15 equal-width), how often the top label is right (for multi-label
+    heads: how often a label is present) against the mean confidence, one line per entry of ``curves``
+    (e.g. ``{"before": probs, "after": calibrated_probs}``), with the confidence histogram below."""
+    fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfectly calibrated")
+    bins = np.linspace(0, 1, N_BINS + 1)
+    for name, probs in curves.items():
+        confidence, outcome = reliability_points(probs, labels, multi_label)
+        frequency, mean_confidence = calibration_curve(outcome, confidence, n_bins=N_BINS, strategy="uniform")
+        ax.plot(mean_confidence, frequency, "o-", label=name)
+        ax_hist.hist(confidence, bins=bins, histtype="step", lw=1.5, label=name)
+    ax.set(ylabel="fraction of positives" if multi_label else "accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax_hist.set(xlabel="P(label present)" if multi_label else "confidence (top-label probability)", ylabel="count",
+                yscale="log")
+    for a in (ax, ax_hist):
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def write_model_summary(model: Classifier | Ensemble, spec: DatasetSpec, run_dir: Path) -> None:
     from torchinfo import summary
 
     example = torch.zeros((2, *spec.image_shape), dtype=torch.uint8)
     text = str(summary(model, input_data=[example], verbose=0, depth=4,
                        col_names=("output_size", "num_params", "mult_adds")))
-    (run_dir / "model_summary.txt").write_text(text + "\n")
+    write_text_atomic(run_dir / "model_summary.txt", text + "\n")
     if shutil.which("dot") is None:
-        (run_dir / "model_graph.txt").write_text(
+        write_text_atomic(
+            run_dir / "model_graph.txt",
             "torchviz needs graphviz's `dot` to render the model graph: install graphviz "
             "(apt-get install graphviz / brew install graphviz) and re-run the training command.\n")
         return
@@ -134,5 +164,6 @@ def _short(name: str, width: int = 14) -> str:
 
 def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=path.suffix[1:], dpi=110)
     plt.close(fig)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -24,12 +23,21 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from serving.model_card import write_json_atomic
+from serving.model_card import atomic_write, write_json_atomic, write_text_atomic
 from training.augment import BatchAugment
-from training.checkpoint import ensemble_from_checkpoint, load_model, read_checkpoint, save_checkpoint
+from training.calibration import calibration_report, fit_temperature, probabilities
+from training.checkpoint import (
+    Progress,
+    ensemble_from_checkpoint,
+    load_model,
+    read_checkpoint,
+    restore_training,
+    save_checkpoint,
+    training_state,
+)
 from training.config import TrainConfig
 from training.data import DEFAULT_DATA_DIR, Batches, DatasetSpec, Split, dataset_spec, load_split
-from training.evaluate import full_metrics, headline_metrics, predict_torch
+from training.evaluate import full_metrics, headline_metrics, predict_logits, predict_torch
 from training.models import CHECKPOINT_BACKBONE, Classifier, Ensemble, TransferNet, build_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -51,13 +59,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun: nccl for CUDA
-    processes, gloo for CPU ones (also on a machine with GPUs, when ``--device cpu`` asks for that)."""
+def setup_distributed(device: str) -> tuple[torch.device, int, int]:
+    """(device, rank, world size). When launched by torchrun, initialises the process group: nccl for CUDA
+    processes (each on the GPU of its ``LOCAL_RANK``), gloo for CPU ones (also on a machine with GPUs, when
+    ``--device cpu`` asks for that)."""
+    dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    if world == 1:
+        return dev, 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    return dev, dist.get_rank(), world
 
 
 def make_loss(task: str, label_smoothing: float) -> nn.Module:
@@ -91,9 +106,69 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer,
     raise ValueError(f"unknown schedule {cfg.schedule!r}; use onecycle, cosine or constant")
 
 
+def build_classifier(cfg: TrainConfig, spec: DatasetSpec, device: torch.device) -> tuple[Classifier, dict | None]:
+    """The model to train on ``device``, and the config of the checkpoint its backbone comes from (if any)."""
+    source, source_config = None, None
+    if cfg.arch == "transfer" and cfg.backbone == CHECKPOINT_BACKBONE:
+        if not cfg.backbone_checkpoint:
+            raise ValueError("backbone 'checkpoint' needs --backbone-checkpoint PATH")
+        source, src_cfg, _ = load_model(Path(cfg.backbone_checkpoint))
+        source_config = src_cfg.to_dict()
+    model = build_model(spec, cfg, source).to(device)
+    if cfg.channels_last and not spec.is_3d:  # faster convolutions on CUDA and with oneDNN on CPUs
+        model = model.to(memory_format=torch.channels_last)
+    return model, source_config
+
+
 def _set_backbone_frozen(model: Classifier, frozen: bool) -> None:
     if isinstance(model.net, TransferNet):
         model.net.set_backbone_trainable(not frozen)
+
+
+def train_one_epoch(net: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, augment: BatchAugment,
+                    task: str, autocast: torch.autocast, desc: str = "",
+                    progress_bar: bool = False) -> dict[str, float]:
+    """One pass over ``batches`` (call ``batches.set_epoch`` first), stepping the scheduler every batch.
+
+    Returns this process's ``loss`` and ``acc`` (0 for multi-label tasks), averaged over its ``images``."""
+    multi_label = task.startswith("multi-label")
+    net.train()
+    t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+    bar = tqdm(batches, desc=desc, disable=not progress_bar, leave=False)
+    for images, labels in bar:
+        with autocast:
+            logits = net(images, augment if augment.active else None)
+            loss = loss_fn(logits.float(), labels.float() if multi_label else labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        n = len(labels)
+        seen += n
+        loss_sum += loss.item() * n
+        if not multi_label:
+            correct += (logits.argmax(1) == labels).sum().item()
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
+                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    return {"loss": loss_sum / seen, "acc": correct / seen, "images": seen}
+
+
+@torch.no_grad()
+def validate(model: Classifier | Ensemble, split: Split, task: str, batch_size: int,
+             device: torch.device) -> dict[str, float]:
+    """Loss and headline metrics (``acc``, ``auc``, ``acc+auc``) of ``model`` on ``split``."""
+    multi_label = task.startswith("multi-label")
+    probs = predict_torch(model, split.images, multi_label, batch_size, device)
+    eps = 1e-7
+    if multi_label:
+        p = probs.clamp(eps, 1 - eps)
+        y = split.labels.float()
+        loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean().item()
+    else:
+        loss = nn.functional.nll_loss(probs.clamp_min(eps).log(), split.labels).item()
+    metrics = headline_metrics(task, probs, split.labels)
+    return {"loss": loss, **metrics, "acc+auc": metrics["acc"] + metrics["auc"]}
 
 
 def train(
@@ -115,14 +190,9 @@ def train(
     """
     if cfg.ensemble > 1:
         return _train_ensemble(cfg, run_dir, data_dir, download, resume, device, quiet, report, stop_after)
-    dev = resolve_device(device)
-    rank, world = _distributed(dev)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
+    dev, rank, world = setup_distributed(device)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
-    show_bars = is_main and not quiet and sys.stderr.isatty()
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
     log(f"[{cfg.name}] device: {dev} ({where})" + (f", {world} processes" if world > 1 else ""))
 
@@ -132,15 +202,7 @@ def train(
     log(f"[{cfg.name}] {spec.flag} ({spec.task}): train {len(train_split)}, val {len(val_split)}")
 
     torch.manual_seed(cfg.seed)
-    source, source_config = None, None
-    if cfg.arch == "transfer" and cfg.backbone == CHECKPOINT_BACKBONE:
-        if not cfg.backbone_checkpoint:
-            raise ValueError("backbone 'checkpoint' needs --backbone-checkpoint PATH")
-        source, src_cfg, _ = load_model(Path(cfg.backbone_checkpoint))
-        source_config = src_cfg.to_dict()
-    model = build_model(spec, cfg, source).to(dev)
-    if cfg.channels_last and not spec.is_3d:  # faster convolutions on CUDA and with oneDNN on CPUs
-        model = model.to(memory_format=torch.channels_last)
+    model, source_config = build_classifier(cfg, spec, dev)
     optimizer = make_optimizer(cfg, model)
     batches = Batches(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, device=dev, rank=rank,
                       world_size=world, drop_last=True)
@@ -150,75 +212,39 @@ def train(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CHECKPOINT
-    start_epoch, history, best_metric, best_state, stale = 0, [], -math.inf, None, 0
+    progress = Progress()
     if resume and ckpt_path.exists():
-        state = read_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if dev.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], dev)
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        best_metric, best_state, stale = state["best_metric"], state["best_model"], state["stale_epochs"]
-        log(f"[{cfg.name}] resumed from {ckpt_path} after epoch {start_epoch}")
+        progress = restore_training(read_checkpoint(ckpt_path), model, optimizer, scheduler, dev)
+        log(f"[{cfg.name}] resumed from {ckpt_path} after epoch {progress.epochs_done}")
     elif is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _write_config(run_dir, cfg)
 
-    core = model
     net = torch.compile(model) if cfg.compile else model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.amp)
 
-    epoch = start_epoch - 1
+    start_epoch = progress.epochs_done
     for epoch in range(start_epoch, cfg.epochs):
-        _set_backbone_frozen(core, cfg.freeze or epoch < cfg.head_epochs)
+        _set_backbone_frozen(model, cfg.freeze or epoch < cfg.head_epochs)
         batches.set_epoch(epoch)
-        net.train()
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(batches, desc=f"{cfg.name} {epoch + 1}/{cfg.epochs}", disable=not show_bars, leave=False)
-        for images, labels in bar:
-            with autocast:
-                logits = net(images, augment if augment.active else None)
-                loss = loss_fn(logits.float(), labels.float() if spec.task.startswith("multi-label") else labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            n = len(labels)
-            seen += n
-            loss_sum += loss.item() * n
-            if not spec.task.startswith("multi-label"):
-                correct += (logits.argmax(1) == labels).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        t0 = time.perf_counter()
+        trained = train_one_epoch(net, batches, optimizer, scheduler, loss_fn, augment, spec.task, autocast,
+                                  f"{cfg.name} {epoch + 1}/{cfg.epochs}", is_main and not quiet and sys.stderr.isatty())
         train_time = time.perf_counter() - t0
-        val = _validate(core, val_split, spec.task, cfg.eval_batch_size, dev)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+        val = validate(model, val_split, spec.task, cfg.eval_batch_size, dev)
+        row = {"epoch": epoch + 1, "train_loss": trained["loss"], "train_acc": trained["acc"],
                "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"],
-               "lr": optimizer.param_groups[-1]["lr"], "img_per_s": seen * world / train_time,
+               "lr": optimizer.param_groups[-1]["lr"], "img_per_s": trained["images"] * world / train_time,
                "epoch_s": time.perf_counter() - t0}
-        history.append(row)
-        improved = val[cfg.select_metric] > best_metric
-        if improved:
-            best_metric, stale = val[cfg.select_metric], 0
-            best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-        else:
-            stale += 1
+        improved = progress.record(row, val[cfg.select_metric], model)
         log(f"[{cfg.name}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
             f"val acc {val['acc']:.4f} auc {val['auc']:.4f} ({row['img_per_s']:.0f} img/s, {row['epoch_s']:.1f} s)"
             + (" *" if improved else ""))
         if is_main:
-            save_checkpoint({
-                "config": cfg.to_dict(), "backbone_source_config": source_config, "epoch": epoch,
-                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                "history": history, "best_metric": best_metric, "best_model": best_state, "stale_epochs": stale,
-            }, ckpt_path)
-        if cfg.patience and stale >= cfg.patience:
-            log(f"[{cfg.name}] early stop: val {cfg.select_metric} did not improve for {stale} epochs")
+            save_checkpoint(training_state(cfg, source_config, model, optimizer, scheduler, progress, dev), ckpt_path)
+        if cfg.patience and progress.stale_epochs >= cfg.patience:
+            log(f"[{cfg.name}] early stop: val {cfg.select_metric} did not improve for {progress.stale_epochs} epochs")
             break
         if stop_after is not None and epoch + 1 - start_epoch >= stop_after and epoch + 1 < cfg.epochs:
             log(f"[{cfg.name}] stopping after epoch {epoch + 1} as asked; continue with --resume")
@@ -227,11 +253,12 @@ def train(
     if world > 1:
         dist.barrier()
     if not is_main:
-        return RunResult(run_dir, {}, epoch + 1)
-    core.load_state_dict(best_state)
-    metrics = _test_and_report(core, cfg, spec, run_dir, history, {"model": "pytorch (best val epoch)",
-                               "best_val": {cfg.select_metric: best_metric}}, data_dir, download, dev, report)
-    return RunResult(run_dir, metrics, epoch + 1)
+        return RunResult(run_dir, {}, progress.epochs_done)
+    model.load_state_dict(progress.best_model)
+    info = {"model": "pytorch (best val epoch, temperature-scaled)",
+            "best_val": {cfg.select_metric: progress.best_metric}}
+    metrics = evaluate_and_report(model, cfg, spec, run_dir, progress.history, info, data_dir, download, dev, report)
+    return RunResult(run_dir, metrics, progress.epochs_done)
 
 
 def _train_ensemble(cfg: TrainConfig, run_dir: Path, data_dir: Path, download: bool, resume: bool, device: str,
@@ -268,16 +295,16 @@ def _train_ensemble(cfg: TrainConfig, run_dir: Path, data_dir: Path, download: b
              "members": [{"config": c["config"], "backbone_source_config": c["backbone_source_config"],
                           "model": c["best_model"]} for c in done]}
     model = ensemble_from_checkpoint(state).to(dev)
-    val = _validate(model, load_split(spec, "val", data_dir, download), spec.task, cfg.eval_batch_size, dev)
+    val = validate(model, load_split(spec, "val", data_dir, download), spec.task, cfg.eval_batch_size, dev)
     state["best_metric"] = val[cfg.select_metric]
     save_checkpoint(state, run_dir / CHECKPOINT)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _write_config(run_dir, cfg)
     member_metrics = [json.loads((run_dir / f"member-{k}" / "metrics.json").read_text()) for k in range(cfg.ensemble)]
-    info = {"model": f"ensemble of {cfg.ensemble} (mean probability)",
+    info = {"model": f"ensemble of {cfg.ensemble} (mean probability, temperature-scaled)",
             "best_val": {cfg.select_metric: state["best_metric"]},
             "members": [{"seed": cfg.member(k).seed, "overrides": cfg.variant(k), "acc": m["acc"], "auc": m["auc"]}
                         for k, m in enumerate(member_metrics)]}
-    metrics = _test_and_report(model, cfg, spec, run_dir, state["history"], info, data_dir, download, dev, report)
+    metrics = evaluate_and_report(model, cfg, spec, run_dir, state["history"], info, data_dir, download, dev, report)
     return RunResult(run_dir, metrics, state["epoch"] + 1)
 
 
@@ -287,44 +314,41 @@ def same_config(run_dir: Path, cfg: TrainConfig) -> bool:
     return config.exists() and TrainConfig.from_dict(yaml.safe_load(config.read_text())) == cfg
 
 
-def _test_and_report(model: Classifier | Ensemble, cfg: TrainConfig, spec: DatasetSpec, run_dir: Path,
-                     history: list[dict[str, float]], info: dict[str, Any], data_dir: Path, download: bool,
-                     dev: torch.device, report: bool) -> dict[str, Any]:
-    """Evaluate the selected model once on the test split; write history.csv, metrics.json and the report."""
+def evaluate_and_report(model: Classifier | Ensemble, cfg: TrainConfig, spec: DatasetSpec, run_dir: Path,
+                        history: list[dict[str, float]], info: dict[str, Any], data_dir: Path, download: bool,
+                        dev: torch.device, report: bool) -> dict[str, Any]:
+    """Calibrate the selected model on the val split (temperature scaling, as the export does), evaluate it once
+    on the test split; write history.csv, metrics.json and the report."""
     _write_history(run_dir / "history.csv", history)
-    test_split = load_split(spec, "test", data_dir, download)
-    probs = predict_torch(model, test_split.images, spec.task.startswith("multi-label"), cfg.eval_batch_size, dev)
+    multi_label = spec.task.startswith("multi-label")
+    val_split, test_split = (load_split(spec, s, data_dir, download) for s in ("val", "test"))
+    val_logits, test_logits = (predict_logits(model, split.images, cfg.eval_batch_size, dev)
+                               for split in (val_split, test_split))
+    temperature = fit_temperature(val_logits, val_split.labels, multi_label)
+    probs = probabilities(test_logits, multi_label, temperature)
     metrics = full_metrics(spec.task, probs, test_split.labels, list(spec.labels))
-    metrics = {"dataset": spec.flag, "split": "test", "task": spec.task, **info, **metrics}
+    calibration = calibration_report(temperature, spec.task, {"val": (val_logits, val_split.labels),
+                                                              "test": (test_logits, test_split.labels)})
+    metrics = {"dataset": spec.flag, "split": "test", "task": spec.task, **info, **metrics, "calibration": calibration}
     write_json_atomic(run_dir / "metrics.json", metrics)  # written last: marks the run finished
-    print(f"[{cfg.name}] test acc {metrics['acc']:.4f} auc {metrics['auc']:.4f} -> {run_dir}")
+    print(f"[{cfg.name}] test acc {metrics['acc']:.4f} auc {metrics['auc']:.4f}, ECE "
+          f"{calibration['test']['before']['ece']:.4f} -> {calibration['test']['after']['ece']:.4f} -> {run_dir}")
     if report:
         from training.report import write_report
 
-        write_report(run_dir, model.cpu(), spec, history, test_split, probs, metrics)
+        write_report(run_dir, model.cpu(), spec, history, test_split, probs, metrics,
+                     probabilities(test_logits, multi_label))
     return metrics
 
 
-@torch.no_grad()
-def _validate(model: Classifier | Ensemble, split: Split, task: str, batch_size: int,
-              device: torch.device) -> dict[str, float]:
-    multi_label = task.startswith("multi-label")
-    probs = predict_torch(model, split.images, multi_label, batch_size, device)
-    eps = 1e-7
-    if multi_label:
-        p = probs.clamp(eps, 1 - eps)
-        y = split.labels.float()
-        loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean().item()
-    else:
-        loss = nn.functional.nll_loss(probs.clamp_min(eps).log(), split.labels).item()
-    metrics = headline_metrics(task, probs, split.labels)
-    return {"loss": loss, **metrics, "acc+auc": metrics["acc"] + metrics["auc"]}
+def _write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
     if not history:
         return
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
