@@ -10,6 +10,7 @@ from http import HTTPStatus
 from typing import Any
 
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs errors of its HTTP APIs
 
@@ -166,13 +167,16 @@ def install_request_timeout() -> bool:
 
 
 class ClientErrorsQuietly(logging.Filter):
-    """BentoML logs a request its validation refuses (HTTP 400) at ERROR with a traceback: log it at INFO,
-    in one line, as the service logs its own refusals (``serving.errors.log_refusal``)."""
+    """BentoML logs a request its validation refuses (HTTP 400), and one whose body stopped (the client went
+    away, or ``BodyLimit`` cut it off at the limit), at ERROR with a traceback: log them at INFO, in one
+    line, as the service logs its own refusals (``serving.errors.log_refusal``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, ValidationError):
-            record.msg = f"{record.getMessage()}: 400: {' / '.join(str(exc).splitlines()[:2])}"
+        if isinstance(exc, (ValidationError, ClientDisconnect)):
+            what = "400: " + " / ".join(str(exc).splitlines()[:2]) if isinstance(exc, ValidationError) \
+                else "the request body stopped (client gone, or cut off at the body limit)"
+            record.msg = f"{record.getMessage()}: {what}"
             record.args, record.exc_info, record.exc_text = (), None, None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
