@@ -19,6 +19,8 @@ import pytest
 from serving.batcher import DynamicBatcher
 from serving.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 
+pytestmark = pytest.mark.timeout(30)  # a broken batcher can leave the event loop unable to end: fail, not hang
+
 POISON = -1.0  # a batch holding this id fails
 
 
