@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mnist-cnn"
 TIMEOUT_S = 10.0
 STATUS = re.compile(rb"HTTP/1\.1 (\d{3})")
+CONTENT_LENGTH = re.compile(rb"(?im)^content-length: *(\d+)")  # not Inference-Header-Content-Length
 
 
 @dataclass
@@ -134,7 +135,7 @@ class HttpDoor:
         try:
             writer.write(self.request)
             head = await reader.readuntil(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            length = int(CONTENT_LENGTH.search(head).group(1))
             await reader.readexactly(length)
         except Exception:
             writer.close()

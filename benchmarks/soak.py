@@ -1,0 +1,109 @@
+"""Soak benchmark: a long steady load below capacity over mixed doors, watched minute by minute.
+
+    python -m benchmarks.soak [--minutes 10] [--fraction 0.7]
+
+Capacity is measured first (16 closed-loop clients, OIP REST binary). Then ``fraction`` x capacity, open
+loop, split evenly over OIP REST binary, OIP REST JSON and gRPC, for ``minutes``. Per minute: requests,
+errors, p50 / p99 latency and the workers' RSS. Goals from the issue: 0 errors; RSS flat after warm-up
+(<= 5 % growth over the last 8 minutes); each minute's p99 within 2x the first minute's.
+Writes benchmarks/results/soak.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+
+from benchmarks.loadgen import (
+    GrpcDoor,
+    HttpDoor,
+    Sample,
+    Service,
+    closed_loop,
+    http_request,
+    open_loop,
+    percentile_ms,
+    sample_images,
+)
+from benchmarks.publish import write_results
+
+GOALS = {"errors": 0, "rss_growth_last_8_min": 0.05, "p99_vs_first_minute": 2.0}
+
+
+async def soak(service: Service, minutes: int, fraction: float) -> dict:
+    images = sample_images()
+    binary = HttpDoor(service.http_port, http_request(service.http_port, True, images), "http-binary")
+    json_door = HttpDoor(service.http_port, http_request(service.http_port, False, images), "http-json")
+    grpc_door = GrpcDoor(service.grpc_port, images)
+    await closed_loop(binary, 16, 2)
+    capacity = sum(s.outcome == "ok" for s in await closed_loop(binary, 16, 10)) / 10
+    rate = fraction * capacity / 3  # per door
+    rows = []
+    for minute in range(1, minutes + 1):
+        parts = await asyncio.gather(*(open_loop(door, rate, 60) for door in (binary, json_door, grpc_door)))
+        samples: list[Sample] = [s for part in parts for s in part]
+        ok = [s.latency_s for s in samples if s.outcome == "ok"]
+        rows.append({"minute": minute, "requests": len(samples), "errors": len(samples) - len(ok),
+                     "p50_ms": percentile_ms(ok, 50), "p99_ms": percentile_ms(ok, 99),
+                     "rss_mb": round(service.worker_rss_mb(), 1)})
+        print(rows[-1], flush=True)
+    for door in (binary, json_door, grpc_door):
+        await door.close()
+    return {"capacity_per_s": round(capacity), "offered_per_s": round(3 * rate), "minutes": rows}
+
+
+def summary(result: dict) -> dict:
+    rows = result["minutes"]
+    window = rows[-8:] if len(rows) >= 8 else rows
+    return {"errors": sum(r["errors"] for r in rows),
+            "rss_growth_last_8_min": round(window[-1]["rss_mb"] / window[0]["rss_mb"] - 1, 3),
+            "p99_vs_first_minute": round(max(r["p99_ms"] for r in rows) / rows[0]["p99_ms"], 2)}
+
+
+def markdown(result: dict, totals: dict, args: argparse.Namespace) -> str:
+    met = {"errors": totals["errors"] <= GOALS["errors"],
+           "rss": totals["rss_growth_last_8_min"] <= GOALS["rss_growth_last_8_min"],
+           "p99": totals["p99_vs_first_minute"] <= GOALS["p99_vs_first_minute"]}
+    lines = [
+        "# Soak: steady load over mixed doors",
+        "",
+        f"`python -m benchmarks.soak --minutes {args.minutes} --fraction {args.fraction:g}`: the service as "
+        f"`make serve` runs it (2 workers), mnist-cnn, single images; capacity {result['capacity_per_s']}/s "
+        f"(16 closed-loop clients, OIP REST binary), offered {result['offered_per_s']}/s open loop, split evenly "
+        "over OIP REST binary, OIP REST JSON and gRPC; the load generator shares the 2 cores.",
+        "",
+        f"- errors: {totals['errors']} (goal 0) {'✓' if met['errors'] else '✗'}",
+        f"- worker RSS growth over the last 8 minutes: {100 * totals['rss_growth_last_8_min']:+.1f} % (goal ≤ 5 %) "
+        f"{'✓' if met['rss'] else '✗'}",
+        f"- worst minute's p99 / first minute's: {totals['p99_vs_first_minute']} (goal ≤ 2) "
+        f"{'✓' if met['p99'] else '✗'}",
+        "",
+        "| minute | requests | errors | p50 ms | p99 ms | worker RSS MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['minute']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['rss_mb']} |"
+              for r in result["minutes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=int, default=10)
+    parser.add_argument("--fraction", type=float, default=0.7, help="offered load as a fraction of capacity")
+    parser.add_argument("--results-name", default="soak", help="stem of the results files")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        service = Service.start(Path(tmp) / "server.log")
+        try:
+            result = asyncio.run(soak(service, args.minutes, args.fraction))
+        finally:
+            service.stop()
+    totals = summary(result)
+    print(write_results(args.results_name, {"goals": GOALS, "summary": totals, **result},
+                        markdown(result, totals, args)))
+
+
+if __name__ == "__main__":
+    main()
