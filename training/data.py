@@ -72,18 +72,53 @@ def medmnist_flags() -> list[str]:
     return list(medmnist.INFO)
 
 
-def dataset_spec(flag: str, size: int = 28) -> DatasetSpec:
+def dataset_flags() -> list[str]:
+    """Every flag ``dataset_spec`` knows: ``mnist`` and the MedMNIST ones."""
+    return [MNIST_FLAG, *medmnist_flags()]
+
+
+def available_sizes(flag: str) -> tuple[int, ...]:
+    """The image sizes (side in pixels) a dataset comes in."""
     if flag == MNIST_FLAG:
-        if size != 28:
-            raise ValueError("MNIST exists only at 28x28")
+        return (28,)
+    _check_flag(flag)
+    return tuple(getattr(medmnist, medmnist.INFO[flag]["python_class"]).available_sizes)
+
+
+def official_split_sizes(flag: str) -> dict[str, int]:
+    """Images per official split, from the package's metadata (no data file needed)."""
+    if flag == MNIST_FLAG:
+        return {"train": 60_000 - 60_000 // MNIST_VAL_FRACTION, "val": 60_000 // MNIST_VAL_FRACTION, "test": 10_000}
+    _check_flag(flag)
+    return {s: int(medmnist.INFO[flag]["n_samples"][s]) for s in SPLITS}
+
+
+def is_local(flag: str, size: int, data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds the dataset's file(s) at this size, so it loads without downloading."""
+    if flag == MNIST_FLAG:
+        raw = Path(data_dir) / "MNIST" / "raw"
+        return any(all((raw / f"{f}{ext}").exists() for f in _MNIST_FILES) for ext in ("", ".gz"))
+    return medmnist_path(Path(data_dir), flag, size).exists()
+
+
+def medmnist_path(data_dir: Path, flag: str, size: int) -> Path:
+    """Where the ``medmnist`` package keeps ``flag`` at ``size``: ``DATA_DIR/medmnist/<flag>[_<size>].npz``."""
+    return data_dir / "medmnist" / f"{flag}{'' if size == 28 else f'_{size}'}.npz"
+
+
+def _check_flag(flag: str) -> None:
+    if flag != MNIST_FLAG and flag not in medmnist.INFO:
+        raise ValueError(f"unknown dataset {flag!r}; known: {', '.join(dataset_flags())}")
+
+
+def dataset_spec(flag: str, size: int = 28) -> DatasetSpec:
+    _check_flag(flag)
+    if size not in available_sizes(flag):
+        raise ValueError(f"{flag} is available at sizes {list(available_sizes(flag))}, not {size}")
+    if flag == MNIST_FLAG:
         return DatasetSpec(MNIST_FLAG, 28, "multi-class", tuple(str(d) for d in range(10)), 1, False)
-    if flag not in medmnist.INFO:
-        known = ", ".join([MNIST_FLAG, *medmnist.INFO])
-        raise ValueError(f"unknown dataset {flag!r}; known: {known}")
     info = medmnist.INFO[flag]
     cls = getattr(medmnist, info["python_class"])
-    if size not in cls.available_sizes:
-        raise ValueError(f"{flag} is available at sizes {cls.available_sizes}, not {size}")
     labels = tuple(info["label"][str(i)] for i in range(len(info["label"])))
     is_3d = issubclass(cls, medmnist.dataset.MedMNIST3D)
     return DatasetSpec(flag, size, info["task"], labels, info["n_channels"], is_3d)
@@ -113,9 +148,8 @@ def load_split(spec: DatasetSpec, split: str, data_dir: Path = DEFAULT_DATA_DIR,
 
 
 def _load_medmnist(spec: DatasetSpec, split: str, data_dir: Path, download: bool) -> Split:
-    root = data_dir / "medmnist"
-    suffix = "" if spec.size == 28 else f"_{spec.size}"
-    path = root / f"{spec.flag}{suffix}.npz"
+    path = medmnist_path(data_dir, spec.flag, spec.size)
+    root, suffix = path.parent, "" if spec.size == 28 else f"_{spec.size}"
     info = medmnist.INFO[spec.flag]
     if not path.exists():
         if not download:
