@@ -12,6 +12,9 @@ HOST        ?= 127.0.0.1
 PORT        ?= 3000
 GRPC_PORT   ?= 8001
 WORKERS     ?= 0
+KEEPALIVE   ?= 75
+# seconds uvicorn gives requests in flight at shutdown
+GRACE       ?= 20
 SHIPPED     := mnist-cnn pneumoniamnist-cnn pneumoniamnist-transfer
 
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
@@ -45,7 +48,8 @@ $(TOOLS_VENV)/.tools: requirements-tools.txt
 
 serve: $(VENV)/.serve models  ## serve the models in exports/ (HTTP :3000, gRPC :8001), training them first if missing
 	CNNSERVE_MODEL_DIR=$(MODEL_DIR) CNNSERVE_GRPC_PORT=$(GRPC_PORT) CNNSERVE_GRPC_HOST=$(HOST) \
-	CNNSERVE_WORKERS=$(WORKERS) $(VENV)/bin/bentoml serve serving.service:CnnServe --host $(HOST) --port $(PORT)
+	CNNSERVE_WORKERS=$(WORKERS) $(VENV)/bin/bentoml serve serving.service:CnnServe --host $(HOST) --port $(PORT) \
+	--timeout-keep-alive $(KEEPALIVE) --timeout-graceful-shutdown $(GRACE)
 
 models:  ## train + export the shipped models unless exports/ already has them
 	@missing=""; for m in $(SHIPPED); do ls -d $(MODEL_DIR)/$$m/[0-9]* >/dev/null 2>&1 || missing="$$missing $$m"; done; \

@@ -1,10 +1,17 @@
-"""Small ASGI helpers for the apps mounted into the BentoML service."""
+"""Small ASGI middlewares around the BentoML service's HTTP app, and the one place that reaches into
+BentoML's private modules (``install_request_timeout``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from http import HTTPStatus
 from typing import Any
+
+from pydantic import ValidationError
+
+BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs errors of its HTTP APIs
 
 
 class MountRoots:
@@ -21,22 +28,88 @@ class MountRoots:
 
 
 class BodyLimit:
-    """Refuse bodies whose Content-Length is over ``limit`` with 413, before anything reads them."""
+    """Refuse request bodies over ``limit`` bytes with 413 on every route: by Content-Length before anything
+    reads them, and chunked bodies (no Content-Length) as soon as the bytes received pass the limit, without
+    reading the rest."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:  # the server delivers no more than it declares
             if length.isdigit() and int(length) > self.limit:
-                body = json.dumps({"error": f"request body of {int(length)} bytes is over the limit of "
-                                            f"{self.limit}"}).encode()
-                await send({"type": "http.response.start", "status": 413,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": body})
+                await send_json(send, 413, f"request body of {int(length)} bytes is over the limit of {self.limit}")
                 return
-        await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
+        received, over, started = 0, False, False
+
+        async def counting_receive() -> dict:
+            nonlocal received, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    over = True
+                    return {"type": "http.disconnect"}  # the app stops reading; the rest is never read
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal started
+            if over:  # the 413 below replaces whatever the app answers to the cut-off body
+                return
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await send_json(send, 413, f"request body is over the limit of {self.limit} bytes")
+
+
+class JsonErrors:
+    """Give every HTTP error the service's one shape, ``{"error": message}`` as JSON: the plain-text
+    answers of the routers (unknown route 404, 405) and of anything else that is not JSON already."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def json_send(message: dict) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+                if not content_type.startswith(b"application/json"):
+                    replaced = True
+                    status = message["status"]
+                    text = f"{status} {HTTPStatus(status).phrase}: {scope.get('method', '')} {scope['path']}"
+                    await send_json(send, status, text)
+                    return
+            if replaced:  # the replaced answer's body
+                return
+            await send(message)
+
+        await self.app(scope, receive, json_send)
+
+
+async def send_json(send: Any, status: int, message: str) -> None:
+    """Send ``{"error": message}`` with ``status``."""
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": json.dumps({"error": message}).encode()})
 
 
 class RequestTimeout:
@@ -66,12 +139,45 @@ class RequestTimeout:
             await asyncio.wait((app, started), timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
             if not started.done() and not app.done():
                 app.cancel()
-                message = f"not able to process the request in {self.timeout:g} seconds"
-                await send({"type": "http.response.start", "status": 504,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": json.dumps({"error": message}).encode()})
+                await send_json(send, 504, f"not able to process the request in {self.timeout:g} seconds")
                 return
             await app
         except asyncio.CancelledError:  # the server dropped the request: do not leave the app running
             app.cancel()
             raise
+
+
+def install_request_timeout() -> bool:
+    """Make BentoML's HTTP app enforce ``traffic.timeout`` with ``RequestTimeout``, whose timers end with
+    their requests (BentoML's outlive them, see ``RequestTimeout``).
+
+    BentoML has no public way to replace or turn off its ``TimeoutMiddleware`` (``traffic.timeout`` must
+    be a positive number), so this swaps the class in the private module where BentoML looks it up when it
+    builds the app. ``tests/test_asgi.py`` builds the service's real app and fails if BentoML's middleware
+    is back. Returns False where this BentoML has no such middleware to swap; its own then stays."""
+    try:
+        from bentoml._internal.server.http import traffic
+    except ImportError:
+        return False
+    if not hasattr(traffic, "TimeoutMiddleware"):
+        return False
+    traffic.TimeoutMiddleware = RequestTimeout
+    return True
+
+
+class ClientErrorsQuietly(logging.Filter):
+    """BentoML logs a request its validation refuses (HTTP 400) at ERROR with a traceback: log it at INFO,
+    in one line, as the service logs its own refusals (``serving.errors.log_refusal``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ValidationError):
+            record.msg = f"{record.getMessage()}: 400: {' / '.join(str(exc).splitlines()[:2])}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def quiet_client_errors() -> None:
+    """Install ``ClientErrorsQuietly`` on the logger of BentoML's HTTP app."""
+    logging.getLogger(BENTOML_HTTP_LOGGER).addFilter(ClientErrorsQuietly())

@@ -1,92 +1,221 @@
 """One dynamic batcher per model version: requests from every front door share it.
 
-Requests queue on the event loop; one runner at a time takes everything queued (up to
-``max_batch_size`` images), runs the model in a worker thread (onnxruntime releases the GIL), and
-hands each request its rows. A client batch stays whole unless it alone exceeds the maximum, then it
-is split into chunks. With ``max_queue_delay_s == 0`` nothing waits on purpose: under load, requests
-that arrive while a batch runs form the next batch.
+Batching: requests queue on the event loop; one runner task takes what is queued (in arrival order, up to
+``max_batch_size`` images), runs the model in a one-thread executor (onnxruntime releases the GIL) and hands
+each request its rows. ``max_queue_delay_s > 0`` waits up to that long after the oldest request for a fuller
+batch; with 0 nothing waits on purpose: an idle batcher runs a lone request at once, and under load the
+requests that arrive while a batch runs form the next batch.
+
+Large client batches: a request of more than ``max_batch_size`` images is split into chunks of that size,
+submitted one after another: the next chunk is queued when the previous chunk's result arrives. The runner
+takes whatever queued meanwhile before the big request has queued its next chunk, so a small request arriving
+while a big one runs waits for at most one of its chunks. The answer is the chunks' rows in order; a failed
+chunk fails the whole request.
+
+Admission (``infer`` refuses before queueing; a few comparisons):
+  * closed or draining: ``ModelNotReady``;
+  * ``max_queue_images > 0`` and queued images + the first chunk exceed it: ``Overloaded``;
+  * ``queue_budget_s > 0`` and the estimated wait exceeds it: ``Overloaded``;
+  * a ``deadline`` before now + estimated wait + estimated compute of all its images: ``DeadlineExceeded``.
+A split request is judged once, on entry: on its first chunk for the bound and the budget, on all its images for
+the deadline. Its later chunks are admitted work and are not judged again (the bound can be passed by up to one
+chunk per split request in flight); they still expire like any queued request.
+
+The estimate: after each successful run, exponentially-weighted moving averages (weight ``EWMA_WEIGHT``) of the
+seconds per batch and the images per batch give ``s = batch seconds / batch images``, seconds per image, and
+
+    estimated_wait_s(extra) = max(0, running images * s - seconds it has run) + (queued images + extra) * s
+
+Before the first run is measured ``s`` is 0: the estimate is 0 and refuses nothing (only the hard bound and a
+deadline already passed apply). After small batches ``s`` is high (the fixed cost of a run is spread over few
+images), so right after idle the estimate errs towards refusing early, and falls as batches fill.
+
+Expiry, checked when the runner reaches a request (no per-request timers): requests whose caller went away
+(cancelled: client disconnect, gRPC deadline) are dropped, requests past their ``deadline`` fail with
+``DeadlineExceeded``, requests queued longer than ``max_queue_wait_s`` fail with ``Overloaded``; none is computed.
+A cancelled caller leaves the queue count at once (no wait for the runner to reach it).
+
+Statistics (``stats()``, the Triton statistics extension): ``success``/``fail`` count requests (``ns`` from entry
+to ``infer`` to its answer; ``fail`` is failure after admission); ``queue`` and ``compute_infer`` count chunks,
+one per request unless it was split; ``execution_count`` and ``batch_stats`` count every run, failed ones too;
+``inference_count`` counts images answered successfully; ``last_inference_ms`` is the wall-clock time (ms since
+the epoch) the last run started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from serving.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 
 RunFn = Callable[[np.ndarray], np.ndarray]
 ObserveFn = Callable[[int, float], None]  # (batch size, queue seconds of its oldest request)
 
+EWMA_WEIGHT = 0.2  # weight of the newest run in the moving averages of the estimate
+UNKNOWN_RETRY_AFTER_S = 1.0  # retry_after_s of a refusal before any run has been measured
 
-@dataclass
+
+@dataclass(slots=True)
 class _Pending:
     images: np.ndarray
     future: asyncio.Future[np.ndarray]
-    enqueued: float = field(default_factory=time.perf_counter)
+    enqueued: float  # time.monotonic()
+    deadline: float | None
+    queued: bool = True  # still counted in queued_images
+
+
+@dataclass(slots=True)
+class _Durations:
+    count: int = 0
+    ns: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class DynamicBatcher:
-    def __init__(self, run: RunFn, max_batch_size: int, max_queue_delay_s: float = 0.0,
+    def __init__(self, run: RunFn, max_batch_size: int, max_queue_delay_s: float = 0.0, *,
+                 max_queue_images: int = 0, queue_budget_s: float = 0.1, max_queue_wait_s: float = 1.0,
                  observe: ObserveFn | None = None, name: str = "model") -> None:
         if max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
-        self._run, self.max_batch_size, self.max_queue_delay_s = run, max_batch_size, max_queue_delay_s
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        limits = {"max_queue_delay_s": max_queue_delay_s, "max_queue_images": max_queue_images,
+                  "queue_budget_s": queue_budget_s, "max_queue_wait_s": max_queue_wait_s}
+        negative = [f"{key}={value}" for key, value in limits.items() if value < 0]
+        if negative:
+            raise ValueError(f"batcher limits must be >= 0 (0 = off): {', '.join(negative)}")
+        self._run, self.name = run, name
+        self.max_batch_size, self.max_queue_delay_s = max_batch_size, max_queue_delay_s
+        self.max_queue_images, self.queue_budget_s, self.max_queue_wait_s = (
+            max_queue_images, queue_budget_s, max_queue_wait_s)
         self._observe = observe
         self._queue: deque[_Pending] = deque()
         self._queued_images = 0
+        self._running: list[_Pending] = []
+        self._running_images, self._running_since = 0, 0.0
+        self._batch_s = self._batch_images = self._per_image_s = 0.0  # the estimate; 0 = nothing measured
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._accepting, self._closed = True, False
+        self._closed_reason = f"model {name} is being unloaded"
+        self._active = 0  # requests admitted and not answered yet
+        self._idle: asyncio.Event | None = None  # set by the last request out while draining
+        self._inference_count = self._execution_count = self._rejected = self._dropped_cancelled = 0
+        self._last_inference_ms = 0
+        self._success, self._fail, self._queue_time, self._compute = (_Durations() for _ in range(4))
+        self._batch_stats: dict[int, _Durations] = {}
 
-    async def infer(self, images: np.ndarray) -> np.ndarray:
-        """Rows of the model output for ``images`` (N, ...), N >= 1."""
-        if len(images) > self.max_batch_size:
-            chunks = [images[i : i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)]
-            return np.concatenate(await asyncio.gather(*(self.infer(c) for c in chunks)))
+    # --- requests --------------------------------------------------------------------------------------------
+    async def infer(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Rows of the model output for ``images`` (N, ...), N >= 1.
+
+        ``deadline``: absolute ``time.monotonic()`` seconds by which the caller needs the answer (None: none).
+        Raises ``Overloaded``, ``DeadlineExceeded`` or ``ModelNotReady`` when refused or expired, or what ``run``
+        raised."""
+        start = time.monotonic()
+        count = len(images)
+        self._admit(count, deadline, start)
+        self._active += 1
+        try:
+            outputs = []
+            for first in range(0, count, self.max_batch_size):
+                pending = self._enqueue(images[first : first + self.max_batch_size], deadline)
+                try:
+                    outputs.append(await pending.future)
+                except asyncio.CancelledError:
+                    self._forget(pending)
+                    raise
+        except Exception:
+            self._fail.count += 1
+            self._fail.ns += int((time.monotonic() - start) * 1e9)
+            raise
+        finally:
+            self._active -= 1
+            if self._idle is not None and not self._active:
+                self._idle.set()
+        self._success.count += 1
+        self._success.ns += int((time.monotonic() - start) * 1e9)
+        self._inference_count += count
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def _admit(self, count: int, deadline: float | None, now: float) -> None:
+        if not self._accepting:
+            raise ModelNotReady(self._closed_reason)
+        if count < 1:
+            raise InvalidInput("a request needs at least one image")
+        first = min(count, self.max_batch_size)
+        if self.max_queue_images and self._queued_images + first > self.max_queue_images:
+            self._rejected += 1
+            raise Overloaded(f"model {self.name} is overloaded: {self._queued_images} images are queued, "
+                             f"the limit is {self.max_queue_images}", self._retry_after_s(now))
+        wait = self._estimate(0, now)
+        if self.queue_budget_s and wait > self.queue_budget_s:
+            self._rejected += 1
+            raise Overloaded(f"model {self.name} is overloaded: the estimated queue wait is {wait:.3f} s, "
+                             f"the budget is {self.queue_budget_s} s", self._retry_after_s(now))
+        if deadline is not None and now + wait + count * self._per_image_s > deadline:
+            self._rejected += 1
+            raise DeadlineExceeded(f"model {self.name}: the deadline ({deadline - now:.3f} s from now) cannot be "
+                                   f"met, the estimated queue wait plus compute is "
+                                   f"{wait + count * self._per_image_s:.3f} s")
+
+    def _enqueue(self, images: np.ndarray, deadline: float | None) -> _Pending:
+        if self._closed:  # a later chunk of a split request, after close()
+            raise ModelNotReady(self._closed_reason)
         loop = asyncio.get_running_loop()
         if self._runner is None or self._runner.done():
-            self._wakeup = asyncio.Event()
+            self._loop, self._wakeup = loop, asyncio.Event()
             self._runner = loop.create_task(self._serve())
-        pending = _Pending(images, loop.create_future())
+        pending = _Pending(images, loop.create_future(), time.monotonic(), deadline)
         self._queue.append(pending)
         self._queued_images += len(images)
         self._wakeup.set()
-        return await pending.future
+        return pending
 
+    def _forget(self, pending: _Pending) -> None:
+        """The caller went away: a request still queued leaves the count now and is never computed."""
+        if pending.queued:
+            pending.queued = False
+            self._queued_images -= len(pending.images)
+            self._dropped_cancelled += 1
+
+    # --- the runner ------------------------------------------------------------------------------------------
     async def _serve(self) -> None:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closed:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                continue
             if self.max_queue_delay_s > 0:
                 await self._wait_for_more(self._queue[0].enqueued + self.max_queue_delay_s)
-            batch = self._take_batch()
-            inputs = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
-            if self._observe:
-                self._observe(len(inputs), time.perf_counter() - batch[0].enqueued)
-            try:
-                outputs = await loop.run_in_executor(self._executor, self._run, inputs)
-            except Exception as exc:  # the model failed: every request in the batch gets the error
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            start = 0
-            for p in batch:
-                if not p.future.done():  # the caller may have gone away
-                    p.future.set_result(outputs[start : start + len(p.images)])
-                start += len(p.images)
+            batch = self._take_batch(time.monotonic())
+            if batch:
+                await self._run_batch(loop, batch)
 
-    async def _wait_for_more(self, deadline: float) -> None:
+    async def _wait_for_more(self, until: float) -> None:
         assert self._wakeup is not None
-        while self._queued_images < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
+        while self._queued_images < self.max_batch_size and not self._closed:
+            remaining = until - time.monotonic()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -95,16 +224,169 @@ class DynamicBatcher:
             except asyncio.TimeoutError:
                 return
 
-    def _take_batch(self) -> list[_Pending]:
-        batch, size = [], 0
-        while self._queue and size + len(self._queue[0].images) <= self.max_batch_size:
-            p = self._queue.popleft()
-            batch.append(p)
-            size += len(p.images)
-        self._queued_images -= size
+    def _take_batch(self, now: float) -> list[_Pending]:
+        """The next batch in arrival order; drops, on the way, requests gone or expired."""
+        batch: list[_Pending] = []
+        size = 0
+        queue = self._queue
+        while queue:
+            pending = queue[0]
+            if pending.future.done():  # cancelled: the caller went away
+                queue.popleft()
+                self._forget(pending)
+                continue
+            n = len(pending.images)
+            error: Exception | None = None
+            if pending.deadline is not None and now > pending.deadline:
+                error = DeadlineExceeded(f"model {self.name}: the deadline passed after "
+                                         f"{now - pending.enqueued:.3f} s in the queue")
+            elif self.max_queue_wait_s and now - pending.enqueued > self.max_queue_wait_s:
+                error = Overloaded(f"model {self.name} is overloaded: the request waited "
+                                   f"{now - pending.enqueued:.3f} s in the queue, the limit is "
+                                   f"{self.max_queue_wait_s} s", self._retry_after_s(now))
+            elif size + n > self.max_batch_size:
+                break
+            queue.popleft()
+            pending.queued = False
+            self._queued_images -= n
+            if error is None:
+                batch.append(pending)
+                size += n
+            else:
+                pending.future.set_exception(error)
         return batch
 
-    def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        inputs = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+        size = len(inputs)
+        started = time.monotonic()
+        if self._observe:
+            self._observe(size, started - batch[0].enqueued)
+        self._running, self._running_images, self._running_since = batch, size, started
+        self._last_inference_ms = int(time.time() * 1000)
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+            if len(outputs) != size:
+                raise RuntimeError(f"model {self.name} returned {len(outputs)} rows for {size} images")
+        except Exception as exc:  # the model failed: every request of this batch gets the error, no other
+            self._account_run(batch, size, started)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        self._learn(size, self._account_run(batch, size, started))
+        row = 0
+        for p in batch:
+            n = len(p.images)
+            if not p.future.done():  # the caller may have gone away while its batch ran
+                p.future.set_result(outputs[row : row + n])
+            row += n
+
+    def _account_run(self, batch: list[_Pending], size: int, started: float) -> float:
+        """Statistics of one finished run; returns its seconds."""
+        seconds = time.monotonic() - started
+        ns = int(seconds * 1e9)
+        self._running, self._running_images = [], 0
+        self._execution_count += 1
+        per_size = self._batch_stats.get(size)
+        if per_size is None:
+            per_size = self._batch_stats[size] = _Durations()
+        per_size.count += 1
+        per_size.ns += ns
+        self._compute.count += len(batch)
+        self._compute.ns += ns * len(batch)
+        self._queue_time.count += len(batch)
+        self._queue_time.ns += int(sum(started - p.enqueued for p in batch) * 1e9)
+        return seconds
+
+    # --- the estimate ----------------------------------------------------------------------------------------
+    def _learn(self, size: int, seconds: float) -> None:
+        if self._per_image_s:
+            self._batch_s += EWMA_WEIGHT * (seconds - self._batch_s)
+            self._batch_images += EWMA_WEIGHT * (size - self._batch_images)
+        else:
+            self._batch_s, self._batch_images = seconds, size
+        self._per_image_s = self._batch_s / self._batch_images
+
+    def _estimate(self, extra_images: int, now: float) -> float:
+        per_image = self._per_image_s
+        running = 0.0
+        if self._running_images:
+            running = max(0.0, self._running_images * per_image - (now - self._running_since))
+        return running + (self._queued_images + extra_images) * per_image
+
+    def estimated_wait_s(self, extra_images: int = 0) -> float:
+        """Seconds until the running batch, the queued images and ``extra_images`` more have run (0 before the
+        first run is measured); see the module docstring for the formula."""
+        return self._estimate(extra_images, time.monotonic())
+
+    def _retry_after_s(self, now: float) -> float:
+        """When a refused client should retry: the estimated time to drain the queue, at least one full batch."""
+        if not self._per_image_s:
+            return UNKNOWN_RETRY_AFTER_S
+        return max(self._estimate(0, now), self.max_batch_size * self._per_image_s)
+
+    # --- state -----------------------------------------------------------------------------------------------
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    @property
+    def closed(self) -> bool:
+        """True once the batcher admits nothing more (draining or closed)."""
+        return not self._accepting
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters (see the module docstring); integers, durations in ns."""
+        return {
+            "inference_count": self._inference_count,
+            "execution_count": self._execution_count,
+            "success": self._success.as_dict(),
+            "fail": self._fail.as_dict(),
+            "queue": self._queue_time.as_dict(),
+            "compute_infer": self._compute.as_dict(),
+            "batch_stats": {size: d.as_dict() for size, d in sorted(self._batch_stats.items())},
+            "rejected": self._rejected,
+            "dropped_cancelled": self._dropped_cancelled,
+            "last_inference_ms": self._last_inference_ms,
+        }
+
+    # --- shutdown --------------------------------------------------------------------------------------------
+    async def drain(self, timeout_s: float, reason: str | None = None) -> None:
+        """Stop admitting; let queued and running requests finish for up to ``timeout_s``, then ``close``
+        (failing what is left with ``ModelNotReady``). Await it on the batcher's event loop."""
+        if reason:
+            self._closed_reason = reason
+        self._accepting = False
+        if self._active:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+        self.close()
+
+    def close(self, reason: str | None = None) -> None:
+        """Stop admitting and fail every queued and running request at once with ``ModelNotReady(reason)``
+        (default: the model is being unloaded). Callable from any thread: off the batcher's event loop the
+        requests are failed by a callback on that loop."""
+        if reason:
+            self._closed_reason = reason
+        self._accepting, self._closed = False, True
+        loop = self._loop
+        if loop is None or _running_loop() is loop:
+            self._fail_all()
+            return
+        try:
+            loop.call_soon_threadsafe(self._fail_all)
+        except RuntimeError:  # that loop is closed: nobody can await its requests any more
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _fail_all(self) -> None:
+        for p in (*self._queue, *self._running):
+            if not p.future.done():
+                p.future.set_exception(ModelNotReady(self._closed_reason))
+            p.queued = False
+        self._queue.clear()
+        self._queued_images = 0
+        if self._wakeup is not None:
+            self._wakeup.set()  # the runner sees `_closed` and ends
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,8 +1,20 @@
-"""Errors every front door maps to its protocol: HTTP status codes and gRPC status codes."""
+"""The one error table: each ``ServingError`` carries its HTTP status and gRPC code, and every door answers
+with it the same way (HTTP: ``{"error": message}`` as JSON; gRPC: the code with the message).
+
+Refusals are logged without a traceback (client errors at INFO, deliberate 5xx such as overload at
+WARNING, at most one line per kind every few seconds with a count); unexpected exceptions are the
+doors' to log at ERROR with their traceback."""
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+
 import grpc
+
+log = logging.getLogger("cnnserve")
+LOG_EVERY_S = 5.0
 
 
 class ServingError(Exception):
@@ -45,3 +57,49 @@ class PayloadTooLarge(ServingError):
 
     http_status = 413
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Overloaded(ServingError):
+    """Refused or dropped to keep latency bounded: the queue is full, or the request waited too long in it.
+
+    ``retry_after_s`` is the estimated time until the queue has room again (seconds, a float)."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ServingError):
+    """The caller's deadline passed, or cannot be met, before the request was computed."""
+
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def http_error(exc: ServingError) -> tuple[int, dict[str, str], dict[str, str]]:
+    """(status, JSON body, headers) of ``exc`` on every HTTP route; ``Retry-After`` when the error has one."""
+    headers = {}
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return exc.http_status, {"error": exc.message}, headers
+
+
+_last_logged: dict[type, tuple[float, int]] = {}
+
+
+def log_refusal(exc: ServingError, door: str) -> None:
+    """Log a refused request without a traceback; repeated refusals of one kind are summed up."""
+    kind = type(exc)
+    now = time.monotonic()
+    last, suppressed = _last_logged.get(kind, (-math.inf, 0))
+    if now - last < LOG_EVERY_S:
+        _last_logged[kind] = (last, suppressed + 1)
+        return
+    _last_logged[kind] = (now, 0)
+    level = logging.INFO if exc.http_status < 500 else logging.WARNING
+    more = f" (and {suppressed} more {kind.__name__} in the last {now - last:.0f} s)" if suppressed else ""
+    log.log(level, "%s: %s %d: %s%s", door, kind.__name__, exc.http_status, exc.message, more)

@@ -1,4 +1,23 @@
-"""Uploaded files -> one image in a model's input layout (the only pixel work the service does)."""
+"""Uploaded files -> one image in a model's input layout (the only pixel work the service does).
+
+Every step that changes pixels adds a note (the reply's ``converted`` list), in this order:
+
+1. Orientation: cameras store pixels as shot and an EXIF Orientation tag (2-8) saying how to turn them; the
+   image is turned upright (``ImageOps.exif_transpose``): "turned upright by EXIF orientation 6".
+2. Bit depth, to 8 bits:
+
+   - 16-bit greyscale (modes I;16, I;16B, I;16L; PNG and TIFF, e.g. exported X-ray and CT slices) has a fixed
+     depth: value × 255 / 65535, rounded.
+   - 32-bit integer (I) and floating-point (F) greyscale (TIFF) have no fixed depth: the image's own value
+     range min..max is stretched to 0..255 (a constant image becomes 0); NaN or infinite values are refused.
+   - 16-bit colour (PNG/TIFF RGB, RGBA and grey + alpha, which Pillow opens as RGB or RGBA) is reduced by
+     Pillow's decoder, which keeps each value's high byte (value // 256: at most 1 below value × 255 / 65535).
+3. Transparency (RGBA, LA, PA, or P/L/RGB with a transparent colour): composited on the card's
+   ``input_background`` grey level, what surrounds the training images (0, black, for MNIST), not dropped.
+4. Colour: to L for NHW models, RGB for NHWC; other colour spaces (CMYK, YCbCr) go through RGB first.
+   Pillow's formulas (RGB -> L is ITU-R 601-2 luma); embedded ICC profiles are not applied.
+5. Size: bilinear resize to the model's height and width.
+"""
 
 from __future__ import annotations
 
@@ -6,66 +25,138 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from serving.errors import InvalidInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
 from serving.model_card import ModelCard
 
 NPY_MAGIC = b"\x93NUMPY"
 SUPPORTED = "PNG, JPEG, BMP, TIFF (2D models) or .npy (any model)"
+RANGE_SCALED = {"I": "32-bit integer", "F": "floating-point"}  # greyscale modes without a fixed bit depth
 
 
 def decode_upload(data: bytes, card: ModelCard, max_pixels: int, filename: str = "") -> tuple[np.ndarray, list[str]]:
     """Decode ``data`` and convert it to ``card``'s input: (image, notes on what was converted)."""
+    upload = f"upload {filename!r}" if filename else "upload"
     if not data:
-        raise InvalidInput(f"upload {filename!r} is empty")
+        raise InvalidInput(f"{upload} is empty")
     if data.startswith(NPY_MAGIC):
-        return _from_npy(data, card, filename)
+        return _from_npy(data, card, upload)
     if card.layout == "NDHW":
-        raise UnsupportedMediaType(f"model {card.name} takes 3D volumes {card.input.shape}: upload a uint8 .npy")
-    return _from_image(data, card, max_pixels, filename)
+        raise UnsupportedMediaType(f"{upload}: model {card.name} takes 3D volumes {card.input.shape}: "
+                                   "upload a uint8 .npy")
+    return _from_image(data, card, max_pixels, upload)
 
 
-def _from_npy(data: bytes, card: ModelCard, filename: str) -> tuple[np.ndarray, list[str]]:
+def _from_npy(data: bytes, card: ModelCard, upload: str) -> tuple[np.ndarray, list[str]]:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise UnprocessableInput(f"{filename or 'upload'} is not a readable .npy array: {exc}") from None
+        raise UnprocessableInput(f"{upload} is not a readable .npy array: {exc}") from None
     if array.dtype != np.uint8:
-        raise InvalidInput(f"{filename or 'upload'}: .npy dtype must be uint8, got {array.dtype}")
+        raise InvalidInput(f"{upload}: .npy dtype must be uint8, got {array.dtype}")
     if list(array.shape) != card.input.shape:
-        raise InvalidInput(f"{filename or 'upload'}: .npy shape {list(array.shape)} does not match model "
+        raise InvalidInput(f"{upload}: .npy shape {list(array.shape)} does not match model "
                            f"{card.name} input {card.input.shape}")
     return array, []
 
 
-def _from_image(data: bytes, card: ModelCard, max_pixels: int, filename: str) -> tuple[np.ndarray, list[str]]:
-    name = filename or "upload"
+def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> tuple[np.ndarray, list[str]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))  # reads the header only: nothing decoded yet
     except UnidentifiedImageError:
-        raise UnsupportedMediaType(f"{name} is not an image this service reads ({SUPPORTED})") from None
+        raise UnsupportedMediaType(f"{upload} is not an image this service reads ({SUPPORTED})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PayloadTooLarge(f"{name}: image dimensions are over the decoder's safety limit") from None
+        raise PayloadTooLarge(f"{upload}: image dimensions are over the decoder's safety limit") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise PayloadTooLarge(f"{name} is {width}x{height} = {width * height} pixels, over the limit of "
+        raise PayloadTooLarge(f"{upload} is {width}x{height} = {width * height} pixels, over the limit of "
                               f"{max_pixels} (decompression-bomb guard)")
     if image.format not in ("PNG", "JPEG", "BMP", "TIFF", "MPO"):
-        raise UnsupportedMediaType(f"{name}: {image.format} images are not accepted ({SUPPORTED})")
+        raise UnsupportedMediaType(f"{upload}: {image.format} images are not accepted ({SUPPORTED})")
+    reduced_16_bit = _is_16_bit_colour(image)
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
-        raise UnprocessableInput(f"{name} is truncated or corrupt ({image.format}): {exc}") from None
-    notes = []
-    mode = "RGB" if card.layout == "NHWC" else "L"
+        raise UnprocessableInput(f"{upload} is truncated or corrupt ({image.format}): {exc}") from None
+    source_mode, notes = image.mode, []
+    try:
+        image = _upright(image, notes)
+        if reduced_16_bit:
+            notes.append(f"reduced 16-bit {image.mode} to 8 bits (high byte of each value)")
+        image = _to_8_bits(image, upload, notes)
+        image = _flatten_transparency(image, card.input_background, notes)
+        image = _to_mode(image, "RGB" if card.layout == "NHWC" else "L", notes)
+    except ValueError as exc:  # Pillow has no conversion for this mode (e.g. LAB)
+        raise UnprocessableInput(f"{upload}: cannot convert its {source_mode} pixels: {exc}") from None
+    target = (card.input.shape[1], card.input.shape[0])  # PIL size is (width, height)
+    if image.size != target:
+        notes.append(f"resized {image.width}x{image.height} to {target[0]}x{target[1]}")
+        image = image.resize(target, Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8), notes
+
+
+def _is_16_bit_colour(image: Image.Image) -> bool:
+    """Whether the decoder is about to reduce 16-bit colour samples to 8 bits (its raw mode says; before load)."""
+    if image.mode not in ("RGB", "RGBA") or not image.tile:
+        return False
+    _codec, _extents, _offset, args = image.tile[0]  # a plain tuple before Pillow 11
+    rawmode = args if isinstance(args, str) else args[0] if args else ""  # PNG passes it alone, others in a tuple
+    return ";16" in str(rawmode)
+
+
+def _upright(image: Image.Image, notes: list[str]) -> Image.Image:
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation not in range(2, 9):  # 1 is upright; other values are invalid and ignored
+        return image
+    notes.append(f"turned upright by EXIF orientation {orientation}")
+    return ImageOps.exif_transpose(image)
+
+
+def _to_8_bits(image: Image.Image, upload: str, notes: list[str]) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale -> L (LA when a transparent value is set); others unchanged."""
+    if image.mode.startswith("I;16"):
+        values = np.asarray(image)
+        pixels = np.rint(values / 257)  # = value × 255 / 65535
+        notes.append("scaled 16-bit greyscale to 8 bits (value × 255 / 65535)")
+    elif image.mode in RANGE_SCALED:
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise InvalidInput(f"{upload} has NaN or infinite pixel values")
+        low, high = values.min(), values.max()
+        pixels = np.rint((values - low) * (255 / (high - low) if high > low else 0))
+        notes.append(f"scaled {RANGE_SCALED[image.mode]} greyscale to 8 bits by its value range "
+                     f"({low:g}..{high:g} to 0..255)")
+    else:
+        return image
+    channels = [pixels.astype(np.uint8)]
+    if "transparency" in image.info:
+        channels.append(np.where(values == image.info["transparency"], 0, 255).astype(np.uint8))
+    return Image.fromarray(np.dstack(channels) if len(channels) > 1 else channels[0])
+
+
+def _flatten_transparency(image: Image.Image, background: int, notes: list[str]) -> Image.Image:
+    """Composite transparent pixels on the ``background`` grey level: RGB(A)/P(A) -> RGB, L(A) -> L."""
+    if not image.has_transparency_data:
+        return image
+    base = "L" if image.mode in ("1", "L", "LA", "La") else "RGB"
+    with_alpha = image.convert(base + "A")
+    flat = Image.composite(with_alpha.convert(base), Image.new(base, image.size, (background,) * len(base)),
+                           with_alpha.getchannel("A"))
+    source = "alpha" if "A" in image.getbands() else "transparent colour"
+    colour = {0: "black", 255: "white"}.get(background, f"grey {background}")
+    notes.append(f"composited {image.mode} on {colour} ({source})")
+    return flat
+
+
+def _to_mode(image: Image.Image, mode: str, notes: list[str]) -> Image.Image:
+    """To ``mode`` (L or RGB); colour spaces other than RGB and P (CMYK, YCbCr, ...) go through RGB."""
+    if image.mode not in (mode, "1", "L", "P", "RGB"):
+        notes.append(f"converted {image.mode} to RGB")
+        image = image.convert("RGB")
     if image.mode != mode:
         notes.append(f"converted {image.mode} to {mode}")
         image = image.convert(mode)
-    target = (card.input.shape[1], card.input.shape[0])  # PIL size is (width, height)
-    if image.size != target:
-        notes.append(f"resized {width}x{height} to {target[0]}x{target[1]}")
-        image = image.resize(target, Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8), notes
+    return image

@@ -23,6 +23,16 @@ QUEUE_TIME = bentoml.metrics.Histogram(
     labelnames=["model"], buckets=LATENCY_BUCKETS)
 
 
+FALLBACKS = bentoml.metrics.Counter(
+    name="cnnserve_version_fallbacks_total",
+    documentation="Times a model's default version went down to an older one (its newest removed or failed)",
+    labelnames=["model"])
+
+
+def observe_fallback(model: str) -> None:
+    FALLBACKS.labels(model=model).inc()
+
+
 def observe_batch(model: str, size: int, queue_seconds: float) -> None:
     BATCH_SIZE.labels(model=model).observe(size)
     QUEUE_TIME.labels(model=model).observe(queue_seconds)

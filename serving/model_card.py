@@ -45,6 +45,9 @@ class BatchingSpec:
     # 0 = natural batching: a batch runs as soon as the model is free, and what arrives meanwhile forms
     # the next one (no added latency when idle); > 0 waits up to this long to fill a batch
     max_queue_delay_ms: float = 0.0
+    # admission control: at most this many images wait in the queue (0 = no hard bound; the service's
+    # latency budget still applies, see serving/batcher.py)
+    max_queue_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class ModelCard:
     sha256: str
     batching: BatchingSpec = field(default_factory=BatchingSpec)
     quantization: dict[str, Any] | None = None
+    # grey level 0..255 around the training images (median of their border pixels): the service composites
+    # transparent upload pixels on it. Optional: cards written before it existed mean 0 (black)
+    input_background: int = 0
     # temperature scaling folded into the graph: temperature(s), method, ECE / NLL / Brier before and after on
     # val and test (see training.calibration); None for models exported before calibration existed
     calibration: dict[str, Any] | None = None
@@ -80,6 +86,8 @@ class ModelCard:
             raise CardError(f"outputs must include {PROBS_NAME!r}")
         if self.probs.shape != [len(self.labels)]:
             raise CardError(f"{PROBS_NAME} shape {self.probs.shape} != number of labels {len(self.labels)}")
+        if not isinstance(self.input_background, int) or not 0 <= self.input_background <= 255:
+            raise CardError(f"input_background must be a grey level 0..255, got {self.input_background!r}")
         if self.version < 1:
             raise CardError(f"version must be a positive integer, got {self.version}")
 

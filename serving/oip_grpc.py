@@ -8,19 +8,22 @@ worker's model repository and batchers; several workers share the port through S
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from serving import __version__
-from serving.errors import InvalidInput, ServingError
-from serving.inference import Inference
+from serving.dataplane import SERVER_NAME, DataPlane
+from serving.errors import InvalidInput, ServingError, log_refusal
 from serving.model_card import PROBS_NAME
-from serving.oip import EXTENSIONS, SERVER_NAME, check_outputs, decode_input, model_config, model_metadata
+from serving.oip import check_outputs, decode_input
+from serving.settings import Settings
 
 log = logging.getLogger("cnnserve.grpc")
 
@@ -32,95 +35,147 @@ def _guard(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return await method(self, request, context)
         except ServingError as exc:
+            log_refusal(exc, "oip-grpc")
             await context.abort(exc.grpc_code, exc.message)
 
     wrapper.__name__ = method.__name__
     return wrapper
 
 
+def _tensor_metadata(tensors: list[dict[str, Any]]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [pb.ModelMetadataResponse.TensorMetadata(**t) for t in tensors]
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, inference: Inference) -> None:
-        self.inference = inference
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.inference.repository.ready)
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        return json_format.ParseDict(self.dataplane.server_metadata(), pb.ServerMetadataResponse())
 
     @_guard
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        try:
-            self.inference.model(request.name, request.version or None)
-        except ServingError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
 
     @_guard
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        model = self.inference.model(request.name, request.version or None)
-        meta = model_metadata(model, self.inference.repository.versions(model.name))
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
-            inputs=[tensor(**t) for t in meta["inputs"]], outputs=[tensor(**t) for t in meta["outputs"]])
+        meta = self.dataplane.model_metadata(request.name, request.version)
+        return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                                        inputs=_tensor_metadata(meta["inputs"]),
+                                        outputs=_tensor_metadata(meta["outputs"]))
 
     @_guard
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        cfg = model_config(self.inference.model(request.name, request.version or None))
-        from tritonclient.grpc import model_config_pb2 as mc
-
-        return pb.ModelConfigResponse(config=mc.ModelConfig(
-            name=cfg["name"], platform=cfg["platform"], backend=cfg["backend"], max_batch_size=cfg["max_batch_size"],
-            input=[mc.ModelInput(name=i["name"], data_type=mc.TYPE_UINT8, dims=i["dims"]) for i in cfg["input"]],
-            output=[mc.ModelOutput(name=o["name"], data_type=mc.TYPE_FP32, dims=o["dims"]) for o in cfg["output"]],
-            dynamic_batching=mc.ModelDynamicBatching(
-                max_queue_delay_microseconds=cfg["dynamic_batching"]["max_queue_delay_microseconds"])))
+        config = self.dataplane.model_config(request.name, request.version)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
 
     @_guard
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        model = self.inference.model(request.model_name, request.model_version or None)
+        model = self.dataplane.model(request.model_name, request.model_version)
+        max_images = self.dataplane.settings.max_images_per_request
         if len(request.inputs) != 1:
             raise InvalidInput(f"expected exactly one input tensor, 'images'; got {len(request.inputs)}")
         tensor = request.inputs[0]
+        args = (model, tensor.name, tensor.datatype, list(tensor.shape), max_images)
         if request.raw_input_contents:
+            if tensor.HasField("contents"):
+                raise InvalidInput("input 'images' has both raw_input_contents and contents: send one")
             if len(request.raw_input_contents) != 1:
                 raise InvalidInput("raw_input_contents must hold exactly one entry, for 'images'")
-            images = decode_input(model, tensor.name, tensor.datatype, list(tensor.shape),
-                                  raw=request.raw_input_contents[0])
+            images = decode_input(*args, raw=request.raw_input_contents[0])
         else:
-            values = tensor.contents.uint_contents
-            if not values:
-                raise InvalidInput("input 'images' has no data: use raw_input_contents or contents.uint_contents")
-            images = decode_input(model, tensor.name, tensor.datatype, list(tensor.shape), values=list(values))
+            images = decode_input(*args, values=list(tensor.contents.uint_contents) if _has_uint_data(tensor)
+                                  else None)
         check_outputs([o.name for o in request.outputs])
-        probs = await self.inference.probs(model, images, "oip-grpc")
+        remaining = context.time_remaining()  # the client's deadline, if it set one
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        probs = await self.dataplane.infer(model, images, "oip-grpc", deadline)
         out = pb.ModelInferResponse.InferOutputTensor(name=PROBS_NAME, datatype="FP32", shape=list(probs.shape))
         return pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id,
                                      outputs=[out], raw_output_contents=[probs.astype("<f4").tobytes()])
 
 
+    @_guard
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        stats = self.dataplane.statistics(request.name, request.version)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+
+    @_guard
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        index = self.dataplane.repository_index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in index])
+
+    @_guard
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: Any) -> pb.RepositoryModelLoadResponse:
+        if request.parameters:
+            raise InvalidInput("load takes no parameters here: the repository's files are the configuration")
+        await self.dataplane.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @_guard
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: Any) -> pb.RepositoryModelUnloadResponse:
+        await self.dataplane.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _has_uint_data(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
+    """Whether the tensor carries its data in ``contents.uint_contents`` (where UINT8 belongs); data in
+    another ``contents`` field (e.g. ``fp32_contents``) is a datatype error, reported as such."""
+    filled = [f.name for f, _ in tensor.contents.ListFields()]
+    other = [name for name in filled if name != "uint_contents"]
+    if other:
+        raise InvalidInput(f"input 'images' carries its data in contents.{other[0]}, but its datatype is "
+                           f"{tensor.datatype or 'unset'}; UINT8 data goes in contents.uint_contents or "
+                           "raw_input_contents")
+    return bool(filled)
+
+
+def _unimplemented(name: str) -> Callable[..., Any]:
+    async def method(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by {SERVER_NAME}")
+
+    method.__name__ = name
+    return method
+
+
+# every other method of Triton's service answers UNIMPLEMENTED with a message (the generated base class
+# raises NotImplementedError instead, which grpc logs as an error with a traceback)
+for _method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+    if _method.name not in vars(InferenceServicer):
+        setattr(InferenceServicer, _method.name, _unimplemented(_method.name))
+
+
 class GrpcServer:
     """The gRPC door's lifecycle: ``start()`` on the running loop, ``stop()`` at shutdown."""
 
-    def __init__(self, inference: Inference, host: str, port: int, max_message_bytes: int) -> None:
-        self.inference, self.address = inference, f"{host}:{port}"
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
+    def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
+        self.dataplane, self.address = dataplane, f"{settings.grpc_host}:{settings.grpc_port}"
+        options = [
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            ("grpc.max_send_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 1),
-        ])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(inference), self.server)
+        ]
+        if settings.grpc_max_connection_age_s > 0:
+            options += [("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(settings.request_timeout_s * 1000))]
+        self.server = grpc.aio.server(options=options,
+                                      maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs or None)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.server.add_insecure_port(self.address)
 
     async def start(self) -> None:
         await self.server.start()
-        await self.set_serving(self.inference.repository.ready)
+        await self.set_serving(self.dataplane.ready())
         log.info("gRPC inference server on %s", self.address)
 
     async def set_serving(self, ready: bool) -> None:
@@ -129,4 +184,5 @@ class GrpcServer:
             await self.health.set(service, status)
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        await self.set_serving(False)
         await self.server.stop(grace_s)

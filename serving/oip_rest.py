@@ -1,12 +1,15 @@
 """Open Inference Protocol REST under ``/v2`` (a Starlette app mounted into the BentoML service).
 
 JSON tensors and the binary tensor extension (``Inference-Header-Content-Length``,
-``parameters.binary_data_size`` / ``binary_data``), plus Triton's ``/config`` so perf_analyzer works.
+``parameters.binary_data_size`` / ``binary_data``), plus Triton's ``/config`` (so perf_analyzer works),
+statistics (``/stats``) and model repository (``/v2/repository/...``) extensions.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,71 +19,91 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.errors import InvalidInput, PayloadTooLarge, ServingError, UnsupportedMediaType
-from serving.inference import Inference
+from serving.dataplane import DataPlane, check_image_count
+from serving.errors import InvalidInput, PayloadTooLarge, ServingError, UnsupportedMediaType, http_error, log_refusal
 from serving.model_card import PROBS_NAME
-from serving.oip import check_outputs, decode_input, model_config, model_metadata, server_metadata
+from serving.oip import check_outputs, decode_input
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ACCEPTED_TYPES = ("application/json", "application/octet-stream", "")
+# a JSON key "shape" followed by a list: numbers in "data" cannot look like this, so it is the declared shape
+SHAPE_PATTERN = re.compile(rb'"shape"\s*:\s*\[\s*(\d+)')
 
 
-def error_response(exc: ServingError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.http_status)
+def error_response(exc: ServingError, door: str = "oip-rest") -> JSONResponse:
+    """The JSON error answer every HTTP route gives (see ``serving.errors``)."""
+    log_refusal(exc, door)
+    status, body, headers = http_error(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(get_inference: Callable[[], Inference]) -> Starlette:
-    """``get_inference`` returns the worker's ``Inference`` (created when the service starts)."""
+def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
+    """``get_dataplane`` returns the worker's ``DataPlane`` (created when the service starts)."""
 
     def handler(fn: Callable[..., Any]) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
             try:
-                return await fn(request, get_inference())
+                return await fn(request, get_dataplane())
             except ServingError as exc:
                 return error_response(exc)
         return endpoint
 
-    async def server_meta(request: Request, inf: Inference) -> Response:
-        return JSONResponse(server_metadata())
+    def model_args(request: Request) -> tuple[str, str | None]:
+        return request.path_params["model"], request.path_params.get("version")
 
-    async def live(request: Request, inf: Inference) -> Response:
+    async def server_meta(request: Request, dp: DataPlane) -> Response:
+        return JSONResponse(dp.server_metadata())
+
+    async def live(request: Request, dp: DataPlane) -> Response:
         return JSONResponse({"live": True})
 
-    async def ready(request: Request, inf: Inference) -> Response:
-        repo = inf.repository
-        body: dict[str, Any] = {"ready": repo.ready}
-        if repo.device_note:  # e.g. CNNSERVE_DEVICE=auto fell back to the CPU
-            body["device_note"] = repo.device_note
-        not_ready = {f"{s.name}/{s.version}": s.reason for s in repo.statuses() if not s.ready}
-        if not_ready:
-            body["not_ready"] = not_ready
-        return JSONResponse(body, status_code=200 if repo.ready else 503)
+    async def ready(request: Request, dp: DataPlane) -> Response:
+        body = dp.readiness()
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
-    def lookup(request: Request, inf: Inference):
-        return inf.model(request.path_params["model"], request.path_params.get("version"))
+    async def model_meta(request: Request, dp: DataPlane) -> Response:
+        return JSONResponse(dp.model_metadata(*model_args(request)))
 
-    async def model_meta(request: Request, inf: Inference) -> Response:
-        model = lookup(request, inf)
-        return JSONResponse(model_metadata(model, inf.repository.versions(model.name)))
-
-    async def model_ready(request: Request, inf: Inference) -> Response:
-        model = lookup(request, inf)
+    async def model_ready(request: Request, dp: DataPlane) -> Response:
+        model = dp.model(*model_args(request))
         return JSONResponse({"name": model.name, "version": str(model.version), "ready": True})
 
-    async def config(request: Request, inf: Inference) -> Response:
-        return JSONResponse(model_config(lookup(request, inf)))
+    async def config(request: Request, dp: DataPlane) -> Response:
+        return JSONResponse(dp.model_config(*model_args(request)))
 
-    async def infer(request: Request, inf: Inference) -> Response:
-        model = lookup(request, inf)
-        body = await read_body(request, inf.settings.max_request_bytes)
-        header, binary = split_body(request, body)
-        images, binary_out, request_id = parse_infer_request(model, header, binary)
-        probs = await inf.probs(model, images, "oip-rest")
+    async def infer(request: Request, dp: DataPlane) -> Response:
+        model = dp.model(*model_args(request))
+        body = await read_body(request, dp.settings.max_request_bytes)
+        header, binary = split_body(request, body, dp.settings.max_images_per_request)
+        images, binary_out, request_id = parse_infer_request(model, header, binary, dp.settings.max_images_per_request)
+        probs = await dp.infer(model, images, "oip-rest", request_deadline(header))
         return infer_response(model.name, model.version, request_id, probs, binary_out)
+
+    async def stats(request: Request, dp: DataPlane) -> Response:
+        return JSONResponse(dp.statistics(request.path_params.get("model"), request.path_params.get("version")))
+
+    async def repository_index(request: Request, dp: DataPlane) -> Response:
+        options = await optional_json(request)
+        return JSONResponse(dp.repository_index(ready_only=bool(options.get("ready"))))
+
+    async def load(request: Request, dp: DataPlane) -> Response:
+        if (await optional_json(request)).get("parameters"):
+            raise InvalidInput("load takes no parameters here: the repository's files are the configuration")
+        await dp.load(request.path_params["model"])
+        return JSONResponse({})
+
+    async def unload(request: Request, dp: DataPlane) -> Response:
+        await dp.unload(request.path_params["model"])
+        return JSONResponse({})
 
     prefixes = ["/models/{model}", "/models/{model}/versions/{version}"]
     routes = [Route("/", handler(server_meta)),
-              Route("/health/live", handler(live)), Route("/health/ready", handler(ready))]
+              Route("/health/live", handler(live)), Route("/health/ready", handler(ready)),
+              Route("/models/stats", handler(stats)),
+              *(Route(f"{p}/stats", handler(stats)) for p in prefixes),
+              Route("/repository/index", handler(repository_index), methods=["POST"]),
+              Route("/repository/models/{model}/load", handler(load), methods=["POST"]),
+              Route("/repository/models/{model}/unload", handler(unload), methods=["POST"])]
     for p in prefixes:
         routes += [Route(p, handler(model_meta)), Route(f"{p}/ready", handler(model_ready)),
                    Route(f"{p}/config", handler(config)), Route(f"{p}/infer", handler(infer), methods=["POST"])]
@@ -100,8 +123,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def split_body(request: Request, body: bytes) -> tuple[dict[str, Any], bytes]:
-    """(JSON header, binary tail) of an infer request."""
+async def optional_json(request: Request) -> dict[str, Any]:
+    """A small optional JSON object body (repository requests); ``{}`` when there is none."""
+    body = await read_body(request, 64 * 1024)
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"malformed JSON body: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return value
+
+
+def split_body(request: Request, body: bytes, max_images: int) -> tuple[dict[str, Any], bytes]:
+    """(JSON header, binary tail) of an infer request; a JSON header whose declared batch is over
+    ``max_images`` is refused before it is parsed (see ``declared_batch``)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ACCEPTED_TYPES:
         raise UnsupportedMediaType(f"content type {content_type!r} is not accepted: send application/json, or "
@@ -115,6 +153,9 @@ def split_body(request: Request, body: bytes) -> tuple[dict[str, Any], bytes]:
                                f"got {length_text!r}")
         n = int(length_text)
         header_bytes, binary = body[:n], body[n:]
+    declared = declared_batch(header_bytes)
+    if declared is not None and declared > max_images:
+        check_image_count(declared, max_images)
     try:
         header = json.loads(header_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -124,7 +165,15 @@ def split_body(request: Request, body: bytes) -> tuple[dict[str, Any], bytes]:
     return header, binary
 
 
-def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes) -> tuple[np.ndarray, bool, str | None]:
+def declared_batch(header: bytes) -> int | None:
+    """The first dimension of the first ``"shape"`` in a JSON inference header, read without parsing the
+    header (whose ``data`` may hold megabytes of numbers); None when there is none to read."""
+    match = SHAPE_PATTERN.search(header)
+    return int(match.group(1)) if match else None
+
+
+def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
+                        max_images: int) -> tuple[np.ndarray, bool, str | None]:
     """-> (images, whether to answer with binary outputs, request id)."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -139,16 +188,29 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes) -> tu
         raw = binary
     elif binary:
         raise InvalidInput("binary data after the header but no input declares parameters.binary_data_size")
-    images = decode_input(model, tensor.get("name"), tensor.get("datatype"), tensor.get("shape"), raw,
+    images = decode_input(model, tensor.get("name"), tensor.get("datatype"), tensor.get("shape"), max_images, raw,
                           tensor.get("data"))
     outputs = header.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise InvalidInput("'outputs' must be a list of objects with a 'name'")
     check_outputs([o.get("name") for o in outputs])
-    binary_out = bool((header.get("parameters") or {}).get("binary_data_output")) or any(
-        (o.get("parameters") or {}).get("binary_data") for o in outputs)
+    binary_out = bool((header.get("parameters") or {}).get("binary_data_output"))
+    for o in outputs:  # an output's own binary_data wins over the request's binary_data_output
+        if "binary_data" in (o.get("parameters") or {}):
+            binary_out = bool(o["parameters"]["binary_data"])
     request_id = header.get("id")
     return images, binary_out, request_id if isinstance(request_id, str) else None
+
+
+def request_deadline(header: dict[str, Any]) -> float | None:
+    """The ``time.monotonic()`` deadline set by the request's ``parameters.timeout`` (microseconds, as
+    Triton and tritonclient's ``timeout=`` have it), or None."""
+    timeout = (header.get("parameters") or {}).get("timeout")
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
+        raise InvalidInput(f"parameters.timeout must be a positive integer of microseconds, got {timeout!r}")
+    return time.monotonic() + timeout / 1e6
 
 
 def infer_response(name: str, version: int, request_id: str | None, probs: np.ndarray, binary: bool) -> Response:

@@ -3,12 +3,16 @@
 Every version is loaded (latest serves by default, every version is addressable). A version whose card
 is missing or malformed, whose sha256 differs, or whose ONNX does not load is reported not-ready with
 the reason; the others serve. ``scan()`` picks up new versions without a restart and swaps them in
-atomically: requests already holding a ``LoadedModel`` finish on it.
+atomically: requests already holding a ``LoadedModel`` finish on it, and the versions it drops are handed
+back to be drained (``ScanResult.removed``). Failed versions are retried when their files change.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +22,22 @@ import onnxruntime as ort
 
 from serving.batcher import DynamicBatcher
 from serving.errors import ModelNotFound, ModelNotReady
-from serving.metrics import observe_batch
-from serving.model_card import INPUT_NAME, PROBS_NAME, CardError, ModelCard, file_sha256, read_card
+from serving.metrics import observe_batch, observe_fallback
+from serving.model_card import (
+    INPUT_NAME,
+    PROBS_NAME,
+    CardError,
+    ModelCard,
+    file_sha256,
+    read_card,
+    write_json_atomic,
+)
 from serving.settings import Settings
 
 log = logging.getLogger("cnnserve.repository")
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+CARD_FILE, MODEL_FILE = "model.json", "model.onnx"
 
 
 class DeviceError(RuntimeError):
@@ -49,13 +62,17 @@ class LoadedModel:
         return self.card.version
 
 
+READY, PENDING, FAILED, UNLOADED = "READY", "PENDING", "UNAVAILABLE", "UNLOADED"  # Triton's state names
+
+
 @dataclass(frozen=True)
 class VersionStatus:
     name: str
-    version: int
+    version: int  # 0 for a whole unloaded model
     ready: bool
     reason: str = ""
     providers: list[str] = field(default_factory=list)
+    state: str = READY  # READY, PENDING (first failure: may be half copied), UNAVAILABLE, UNLOADED
 
 
 def providers_for(device: str) -> list[str]:
@@ -72,51 +89,119 @@ def providers_for(device: str) -> list[str]:
     raise DeviceError(f"CNNSERVE_DEVICE must be auto, cpu or cuda, not {device!r}")
 
 
+def fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """What the files of a version directory look like now (name, size, mtime): a change means try again."""
+    found = []
+    for name in (CARD_FILE, MODEL_FILE):
+        try:
+            st = (path / name).stat()
+        except OSError:
+            continue
+        found.append((name, st.st_size, st.st_mtime_ns))
+    return tuple(found)
+
+
+@dataclass
+class _Seen:
+    """A version directory as the last scan left it."""
+
+    status: VersionStatus
+    fingerprint: tuple
+    failures: int = 0  # consecutive failed loads of this very fingerprint
+
+
+@dataclass
+class ScanResult:
+    changes: list[str] = field(default_factory=list)  # what happened, one line each, for the log
+    removed: list[LoadedModel] = field(default_factory=list)  # versions no longer served: to drain and close
+
+
 class ModelRepository:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.root = Path(settings.model_dir)
         self._providers = providers_for(settings.device)
         self._models: dict[str, dict[int, LoadedModel]] = {}
-        self._status: dict[tuple[str, int], VersionStatus] = {}
+        self._seen: dict[tuple[str, int], _Seen] = {}
+        self._unloaded: set[str] = set()  # models taken out of service by unload(), whatever is on disk
+        # shared by the workers of one server (children of one BentoML arbiter); not kept across restarts
+        self.unloaded_file = Path(tempfile.gettempdir()) / f"cnnserve-{os.getppid()}" / "unloaded.json"
+        self._served: set[str] = set()  # models that have served since start (strict readiness)
+        self.fallbacks: dict[str, str] = {}  # model -> why requests without a version get an older one now
         self._lock = threading.Lock()  # serialises scans; readers never take it
         self.device_note: str | None = None
         self.scanned = False
 
     # --- loading -----------------------------------------------------------------------------------------
-    def scan(self) -> list[str]:
-        """Load versions not seen yet, drop versions removed from disk; returns what changed."""
+    def scan(self, retry: set[str] | frozenset[str] = frozenset()) -> ScanResult:
+        """Load versions not seen yet, retry failed versions whose files changed (and every version of the
+        models in ``retry``), drop versions removed from disk or unloaded.
+
+        A version that fails to load on its first sight after startup is only *pending*: it may be half
+        copied. It is judged failed when the same files fail again on the next scan; a failed version is
+        tried again whenever its files change. Versions present at the first scan are judged at once."""
         with self._lock:
-            changes: list[str] = []
-            on_disk = self._versions_on_disk()
+            result = ScanResult()
+            self._unloaded = self._read_unloaded()
+            on_disk = {key: path for key, path in self._versions_on_disk().items() if key[0] not in self._unloaded}
             models = {name: dict(versions) for name, versions in self._models.items()}
-            status = dict(self._status)
-            for key in set(status) - set(on_disk):
-                status.pop(key)
+            seen = dict(self._seen)
+            for key in sorted(set(seen) - set(on_disk)):
+                seen.pop(key)
                 dropped = models.get(key[0], {}).pop(key[1], None)
                 if dropped is not None:
-                    dropped.batcher.close()
-                changes.append(f"removed {key[0]}/{key[1]}")
+                    result.removed.append(dropped)
+                result.changes.append(f"removed {key[0]}/{key[1]}")
             for (name, version), path in sorted(on_disk.items()):
-                if (name, version) in status:
+                now = fingerprint(path)
+                before = seen.get((name, version))
+                if before is not None and (before.status.ready or (before.fingerprint == now and name not in retry
+                                                                   and before.status.state == FAILED)):
                     continue
                 try:
                     loaded = self._load(path, name, version)
                 except Exception as exc:  # any failure: that version is not ready, the rest serve
                     reason = str(exc) or type(exc).__name__
-                    log.error("model %s/%s not loaded: %s", name, version, reason)
-                    status[(name, version)] = VersionStatus(name, version, False, reason)
-                    changes.append(f"failed {name}/{version}")
+                    failures = before.failures + 1 if before is not None and before.fingerprint == now else 1
+                    state = FAILED if not self.scanned or failures >= 2 else PENDING
+                    seen[(name, version)] = _Seen(VersionStatus(name, version, False, reason, state=state), now,
+                                                  failures)
+                    if state == FAILED:
+                        log.error("model %s/%s not loaded: %s", name, version, reason)
+                        result.changes.append(f"failed {name}/{version}")
+                    elif before is None:
+                        result.changes.append(f"pending {name}/{version} (will retry: {reason})")
                     continue
                 models.setdefault(name, {})[version] = loaded
-                status[(name, version)] = VersionStatus(name, version, True, loaded.device_note or "",
-                                                        loaded.providers)
+                seen[(name, version)] = _Seen(VersionStatus(name, version, True, loaded.device_note or "",
+                                                            loaded.providers), now)
                 log.info("loaded %s/%s on %s", name, version, loaded.providers[0])
-                changes.append(f"loaded {name}/{version}")
+                result.changes.append(f"loaded {name}/{version}")
+            result.changes += self._fallbacks(self._models, models, result.removed)
             self._models = {n: v for n, v in models.items() if v}  # one atomic swap for readers
-            self._status = status
+            self._seen = seen
+            self._served |= set(self._models)
             self.scanned = True
-            return changes
+            return result
+
+    def _fallbacks(self, old: dict[str, dict[int, LoadedModel]], new: dict[str, dict[int, LoadedModel]],
+                   removed: list[LoadedModel]) -> list[str]:
+        """Models whose default version went down (its version removed or failed): logged and counted."""
+        changes = []
+        for name, versions in old.items():
+            if not versions or not new.get(name):
+                continue
+            was, now = max(versions), max(new[name])
+            if now < was:
+                message = f"fallback {name}: version {was} is gone, requests without a version now get {now}"
+                log.warning("model repository: %s", message)
+                observe_fallback(name)
+                self.fallbacks[name] = message
+                changes.append(message)
+        for name, versions in new.items():  # a newer version ends a fallback
+            if versions and name in old and old[name] and max(versions) > max(old[name]):
+                self.fallbacks.pop(name, None)
+        return changes
 
     def _versions_on_disk(self) -> dict[tuple[str, int], Path]:
         if not self.root.is_dir():
@@ -130,11 +215,27 @@ class ModelRepository:
                     found[(model_dir.name, int(version_dir.name))] = version_dir
         return found
 
+    def _read_unloaded(self) -> set[str]:
+        try:
+            return set(json.loads(self.unloaded_file.read_text()))
+        except (OSError, ValueError):
+            return set()
+
+    def _set_unloaded(self, names: set[str]) -> None:
+        self.unloaded_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.unloaded_file, sorted(names))
+        self._unloaded = names
+
+    def _model_names_on_disk(self) -> set[str]:
+        if not self.root.is_dir():
+            return set()
+        return {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
     def _load(self, path: Path, name: str, version: int) -> LoadedModel:
-        card = read_card(path / "model.json")
+        card = read_card(path / CARD_FILE)
         if (card.name, card.version) != (name, version):
             raise CardError(f"card says {card.name}/{card.version} but lives in {name}/{version}")
-        onnx_path = path / "model.onnx"
+        onnx_path = path / MODEL_FILE
         if not onnx_path.exists():
             raise CardError(f"{onnx_path} is missing")
         digest = file_sha256(onnx_path)
@@ -152,17 +253,41 @@ class ModelRepository:
             note = "CNNSERVE_DEVICE=auto: the CUDA provider did not load, running on CPU"
             log.warning("%s/%s: %s", name, version, note)
             self.device_note = note
-        batching = card.batching
-        max_batch = self.settings.max_batch_size or batching.max_batch_size
-        delay_ms = self.settings.max_queue_delay_ms
-        if delay_ms < 0:
-            delay_ms = batching.max_queue_delay_ms
+        return LoadedModel(card, path, session, self._batcher(card, session), used, note)
+
+    def _batcher(self, card: ModelCard, session: ort.InferenceSession) -> DynamicBatcher:
+        """The model's batcher, with the card's batching settings unless the environment overrides them."""
+        s, batching = self.settings, card.batching
+        delay_ms = s.max_queue_delay_ms if s.max_queue_delay_ms >= 0 else batching.max_queue_delay_ms
+
         def run(images: np.ndarray) -> np.ndarray:
             return session.run([PROBS_NAME], {INPUT_NAME: images})[0]
 
-        batcher = DynamicBatcher(run, max_batch, delay_ms / 1000, observe=lambda n, q: observe_batch(name, n, q),
-                                 name=name)
-        return LoadedModel(card, path, session, batcher, used, note)
+        return DynamicBatcher(run, s.max_batch_size or batching.max_batch_size, delay_ms / 1000,
+                              max_queue_images=s.max_queue_images or batching.max_queue_images,
+                              queue_budget_s=s.queue_budget_ms / 1000, max_queue_wait_s=s.max_queue_wait_ms / 1000,
+                              observe=lambda n, q: observe_batch(card.name, n, q), name=card.name)
+
+    # --- load / unload (Triton's model repository extension) ---------------------------------------------
+    def unload(self, name: str) -> ScanResult:
+        """Take every version of ``name`` out of service, files untouched, until ``load(name)``. The other
+        workers of this server follow at their next scan (the set is shared through ``unloaded_file``)."""
+        if name not in self._model_names_on_disk() and name not in self._models:
+            raise ModelNotFound(f"model {name!r} not found in the repository")
+        self._set_unloaded(self._read_unloaded() | {name})
+        self._served.discard(name)
+        return self.scan()
+
+    def load(self, name: str) -> ScanResult:
+        """Serve ``name`` again (after ``unload``) and try its failed versions again, files changed or not."""
+        if name not in self._model_names_on_disk():
+            raise ModelNotFound(f"model {name!r} not found in the repository")
+        self._set_unloaded(self._read_unloaded() - {name})
+        result = self.scan(retry={name})
+        if name not in self._models:
+            reasons = "; ".join(f"{s.version}: {s.reason}" for s in self.statuses() if s.name == name) or "no versions"
+            raise ModelNotReady(f"model {name} did not load: {reasons}")
+        return result
 
     # --- lookup ------------------------------------------------------------------------------------------
     def get(self, name: str, version: int | str | None = None) -> LoadedModel:
@@ -180,11 +305,13 @@ class ModelRepository:
         return versions[v]
 
     def _raise_missing(self, name: str, version: int | None) -> None:
-        failed = [s for s in self._status.values() if s.name == name and not s.ready
+        if name in self._unloaded:
+            raise ModelNotReady(f"model {name} is unloaded (POST /v2/repository/models/{name}/load serves it again)")
+        failed = [s for s in self.statuses() if s.name == name and not s.ready
                   and (version is None or s.version == version)]
         if failed:
             raise ModelNotReady(f"model {name}/{failed[0].version} is not ready: {failed[0].reason}")
-        known = ", ".join(sorted({s.name for s in self._status.values()})) or "none"
+        known = ", ".join(sorted({s.name for s in self.statuses()})) or "none"
         what = f"model {name!r}" + (f" version {version}" if version is not None else "")
         raise ModelNotFound(f"{what} not found; models: {known}")
 
@@ -198,15 +325,26 @@ class ModelRepository:
         return sorted(self._models.get(name, {}))
 
     def statuses(self) -> list[VersionStatus]:
-        return sorted(self._status.values(), key=lambda s: (s.name, s.version))
+        """Every version on disk or loaded, and each unloaded model, in order."""
+        found = [s.status for s in self._seen.values()]
+        found += [VersionStatus(name, 0, False, "unloaded", state=UNLOADED) for name in self._unloaded]
+        return sorted(found, key=lambda s: (s.name, s.version))
 
     @property
     def ready(self) -> bool:
-        """True once the first scan has tried every version on disk and at least one model serves.
+        """True once the first scan has tried every version on disk and at least one model serves; with
+        ``strict_readiness``, also every model in the repository (or served since start, and not unloaded)
+        has a version that serves.
 
-        A broken version does not hold the others back: it is reported in its own model readiness."""
-        return self.scanned and bool(self._models)
+        Without strict readiness a broken version does not hold the others back: it is reported in its own
+        model readiness."""
+        if not (self.scanned and self._models):
+            return False
+        if not self.settings.strict_readiness:
+            return True
+        expected = (self._served | {s.name for s in self.statuses()}) - self._unloaded
+        return expected <= set(self._models)
 
-    def close(self) -> None:
+    def close(self, reason: str = "the server is shutting down") -> None:
         for m in self.all_loaded():
-            m.batcher.close()
+            m.batcher.close(reason)

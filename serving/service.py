@@ -11,28 +11,31 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
+import signal
 from pathlib import Path
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.asgi import BodyLimit, MountRoots, RequestTimeout
+from serving.asgi import BodyLimit, JsonErrors, MountRoots, install_request_timeout, quiet_client_errors
+from serving.dataplane import DataPlane, check_image_count, label_predictions
 from serving.errors import InvalidInput, ServingError
 from serving.images import decode_upload
-from serving.inference import Inference, label_predictions, numbers_to_uint8
 from serving.oip_grpc import GrpcServer
-from serving.oip_rest import create_app
-from serving.repository import LoadedModel, ModelRepository
+from serving.oip_rest import create_app, error_response
+from serving.repository import ModelRepository, ScanResult
 from serving.settings import Settings
+from serving.tensors import numbers_to_uint8
 
 log = logging.getLogger("cnnserve")
 SETTINGS = Settings.from_env()
 INFERENCE_PATHS = ["/v2", "/classify", "/predict"]
+TEMP_UPLOAD = re.compile(r"tmp[a-z0-9_]{8}(.+)")
 
 
 def tracing_config(settings: Settings) -> dict:
@@ -41,83 +44,61 @@ def tracing_config(settings: Settings) -> dict:
     return {} if settings.trace_requests else {"excluded_urls": INFERENCE_PATHS}
 
 
-def use_request_timeout() -> bool:
-    """Make BentoML's HTTP app enforce ``traffic.timeout`` with ``RequestTimeout``, whose timers end with
-    their requests (BentoML's outlive them: see ``RequestTimeout``). False where this BentoML has no such
-    middleware to swap; its own then stays."""
-    try:
-        from bentoml._internal.server.http import traffic
-    except ImportError:
-        return False
-    if not hasattr(traffic, "TimeoutMiddleware"):
-        return False
-    traffic.TimeoutMiddleware = RequestTimeout  # base_app.middlewares looks it up when it builds the app
-    return True
+def traffic_config(settings: Settings) -> dict:
+    """BentoML's traffic options: the request timeout, and the HTTP concurrency limit over all workers
+    (BentoML divides it between them and answers 429 past it; health and metrics paths are exempt)."""
+    config: dict = {"timeout": settings.request_timeout_s}
+    if settings.max_concurrency > 0:
+        config["max_concurrency"] = settings.max_concurrency * settings.worker_count
+    return config
 
 
-if not use_request_timeout():
+if not install_request_timeout():
     log.warning("BentoML's TimeoutMiddleware was not found: HTTP requests keep BentoML's own timeout handling")
 
 
-class RequestError(BentoMLException):
-    """A ``ServingError`` in BentoML's clothes: its HTTP status and message reach the client."""
-
-    def __init__(self, exc: ServingError) -> None:
-        from http import HTTPStatus
-
-        super().__init__(exc.message, error_code=HTTPStatus(exc.http_status))
+def current_dataplane() -> DataPlane:
+    """This worker's dataplane, for the mounted ASGI apps."""
+    return bentoml.get_current_service().dataplane
 
 
-_instance: CnnServe | None = None  # this worker's service instance, for the mounted ASGI apps
+async def model_cards(request: Request) -> Response:
+    try:
+        return JSONResponse(current_dataplane().model_cards(request.path_params.get("name")))
+    except ServingError as exc:
+        return error_response(exc, "models")
 
 
-def current_inference() -> Inference:
-    if _instance is None:
-        raise RuntimeError("the service is not initialised yet")
-    return _instance.inference
-
-
-async def list_models(request: Request) -> JSONResponse:
-    repo = current_inference().repository
-    name = request.path_params.get("name")
-    cards = [m.card.to_dict() | {"providers": m.providers, "device_note": m.device_note}
-             for m in repo.all_loaded() if name in (None, m.name)]
-    status = [s.__dict__ for s in repo.statuses() if name in (None, s.name)]
-    if name is not None and not status:
-        return JSONResponse({"error": f"model {name!r} not found"}, status_code=404)
-    return JSONResponse({"models": cards, "status": status})
-
-
-models_app = Starlette(routes=[Route("/", list_models), Route("/{name}", list_models)])
-oip_app = create_app(current_inference)
+models_app = Starlette(routes=[Route("/", model_cards), Route("/{name}", model_cards)])
+oip_app = create_app(current_dataplane)
 
 
 @bentoml.asgi_app(oip_app, path="/v2")
 @bentoml.asgi_app(models_app, path="/models")
 @bentoml.service(name="cnnserve", workers=SETTINGS.worker_count, logging={"access": {"enabled": False}},
-                 traffic={"timeout": 60}, tracing=tracing_config(SETTINGS))
+                 traffic=traffic_config(SETTINGS), tracing=tracing_config(SETTINGS))
 class CnnServe:
     """Classify images with the models in the repository (``CNNSERVE_MODEL_DIR``)."""
 
     def __init__(self) -> None:
-        global _instance
         self.settings = SETTINGS
         self.repository = ModelRepository(SETTINGS)
-        for change in self.repository.scan():
+        for change in self.repository.scan().changes:
             log.info("model repository %s: %s", SETTINGS.model_dir, change)
-        self.inference = Inference(self.repository, SETTINGS)
+        self.dataplane = DataPlane(self.repository, SETTINGS)
+        self.dataplane.on_scan = self.apply
+        quiet_client_errors()
         self.grpc: GrpcServer | None = None
         self._poller: asyncio.Task[None] | None = None
-        _instance = self
 
     @bentoml.on_startup
     async def start_background(self) -> None:
         if self.settings.grpc_port:
-            self.grpc = GrpcServer(self.inference, self.settings.grpc_host, self.settings.grpc_port,
-                                   self.settings.max_request_bytes)
+            self.grpc = GrpcServer(self.dataplane, self.settings)
             await self.grpc.start()
         if self.settings.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll_repository())
+        self._drain_on_sigterm()
         # What exists now (modules, BentoML, the models) lives as long as the worker: keep it out of the
         # garbage collector's full passes, which otherwise walk it all and stop the event loop for ~70 ms
         # about once a second under load (serving/README.md, "HTTP tail")
@@ -128,14 +109,47 @@ class CnnServe:
         while True:
             await asyncio.sleep(self.settings.poll_interval_s)
             try:
-                changes = await asyncio.to_thread(self.repository.scan)
+                result = await asyncio.to_thread(self.repository.scan)
             except Exception:
                 log.exception("model repository scan failed")
                 continue
-            for change in changes:
-                log.info("model repository: %s", change)
-            if changes and self.grpc:
-                await self.grpc.set_serving(self.repository.ready)
+            await self.apply(result)
+
+    async def apply(self, result: ScanResult) -> None:
+        """Log what a scan changed, drain the versions it dropped, and update gRPC health."""
+        for change in result.changes:
+            log.info("model repository: %s", change)
+        for model in result.removed:  # on the event loop, where their queues live
+            asyncio.get_running_loop().create_task(
+                model.batcher.drain(self.settings.version_drain_s,
+                                    f"model {model.name}/{model.version} was removed from the repository"))
+        if result.changes and self.grpc:
+            await self.grpc.set_serving(self.dataplane.ready())
+
+    def _drain_on_sigterm(self) -> None:
+        """On SIGTERM, report not-ready first (HTTP readiness and gRPC health), keep serving for
+        ``shutdown_drain_s`` while load balancers take the pod out, then hand the signal to uvicorn, which
+        stops accepting and finishes what is in flight (``--timeout-graceful-shutdown``)."""
+        loop = asyncio.get_running_loop()
+        stop = signal.getsignal(signal.SIGTERM)  # uvicorn's handler
+        if not callable(stop):
+            return
+
+        async def drain_then_stop(signum: int) -> None:
+            log.info("SIGTERM: not ready now, serving on for %g s before shutting down", self.settings.shutdown_drain_s)
+            self.dataplane.draining = True
+            if self.grpc:
+                await self.grpc.set_serving(False)
+            await asyncio.sleep(self.settings.shutdown_drain_s)
+            stop(signum, None)
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            if self.dataplane.draining:  # a second SIGTERM: stop now
+                stop(signum, frame)
+                return
+            loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_stop(signum)))
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     @bentoml.on_shutdown
     async def stop_background(self) -> None:
@@ -146,50 +160,59 @@ class CnnServe:
         self.repository.close()
 
     def __is_ready__(self) -> bool:
-        return self.repository.ready
-
-    def _model(self, name: str, version: str) -> LoadedModel:
-        if not name:
-            loaded = self.repository.latest()
-            if len(loaded) != 1:
-                names = ", ".join(m.name for m in loaded) or "none loaded"
-                raise InvalidInput(f"'model' is required: one of {names}")
-            return loaded[0]
-        return self.repository.get(name, version or None)
+        return self.dataplane.ready()
 
     @bentoml.api(route="/classify")
-    async def classify(self, images: list[Path], model: str = "", version: str = "", top_k: int = 1) -> dict:
+    async def classify(self, images: list[Path], model: str = "", version: str | int = "", top_k: int = 1) -> dict:
         """Classify uploaded images (PNG, JPEG, BMP, TIFF; .npy for 3D volumes), converted to the model's input."""
         try:
-            loaded = self._model(model, version)
+            loaded = self.dataplane.model(model, version)
             if not images:
                 raise InvalidInput("no images uploaded: send one or more files in the 'images' field")
-            decoded = [decode_upload(p.read_bytes(), loaded.card, self.settings.max_image_pixels, p.name)
+            check_image_count(len(images), self.settings.max_images_per_request)
+            decoded = [decode_upload(p.read_bytes(), loaded.card, self.settings.max_image_pixels, upload_name(p))
                        for p in images]
-            batch = np.stack([image for image, _ in decoded])
-            probs = await self.inference.probs(loaded, batch, "classify")
+            probs = await self.dataplane.infer(loaded, np.stack([image for image, _ in decoded]), "classify")
         except ServingError as exc:
-            raise RequestError(exc) from None
+            return error_response(exc, "classify")
         results = label_predictions(loaded.card, probs, top_k)
         for index, (result, (_, notes)) in enumerate(zip(results, decoded, strict=True)):
             result.update(index=index, converted=notes)
-        return {"model": loaded.name, "version": loaded.version, "results": results}
+        return {"model": loaded.name, "version": str(loaded.version), "results": results}
 
     @bentoml.api(route="/predict")
-    async def predict(self, instances: list, model: str = "", version: str = "", top_k: int = 1) -> dict:
+    async def predict(self, instances: list, model: str = "", version: str | int = "", top_k: int = 1) -> dict:
         """Classify uint8 pixel arrays given as JSON (one image, or a list of images, in the model's layout)."""
         try:
-            loaded = self._model(model, version)
+            loaded = self.dataplane.model(model, version)
+            single = _depth(instances) == len(loaded.card.input.shape)
+            check_image_count(1 if single else len(instances), self.settings.max_images_per_request)
             array = numbers_to_uint8(instances, "instances")
-            if array.ndim == len(loaded.card.input.shape):
+            if single:
                 array = array[None]
-            probs = await self.inference.probs(loaded, array, "predict")
+            probs = await self.dataplane.infer(loaded, array, "predict")
         except ServingError as exc:
-            raise RequestError(exc) from None
-        return {"model": loaded.name, "version": loaded.version,
+            return error_response(exc, "predict")
+        return {"model": loaded.name, "version": str(loaded.version),
                 "predictions": [dict(p, probs=row.tolist()) for p, row in
                                 zip(label_predictions(loaded.card, probs, top_k), probs, strict=True)]}
 
 
+def _depth(values: list) -> int:
+    """How deeply the first elements of nested lists nest: 2 for one greyscale image given as rows."""
+    depth = 0
+    while isinstance(values, list) and values:
+        depth, values = depth + 1, values[0]
+    return depth
+
+
+def upload_name(path: Path) -> str:
+    """The client's name of an uploaded file. BentoML hands the API a temporary file named by
+    ``tempfile.NamedTemporaryFile(suffix=<client's file name>)``: ``tmp`` + 8 random characters + the name."""
+    match = TEMP_UPLOAD.fullmatch(path.name)
+    return match.group(1) if match else path.name
+
+
 CnnServe.add_asgi_middleware(BodyLimit, limit=SETTINGS.max_request_bytes)
+CnnServe.add_asgi_middleware(JsonErrors)
 CnnServe.add_asgi_middleware(MountRoots, paths=("/v2", "/models"))

@@ -20,6 +20,20 @@ class Settings:
     max_request_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 16 * 1024 * 1024  # decompression-bomb guard, checked before decoding
     max_images_per_request: int = 1024
+    # admission control, per model version (see serving/batcher.py): refuse with 503 + Retry-After when the
+    # queue holds this many images (0: the card's batching.max_queue_images; 0 there too: no hard bound) ...
+    max_queue_images: int = 0
+    queue_budget_ms: float = 100.0  # ... or when a new request's estimated queue wait is over this (0 = off)
+    max_queue_wait_ms: float = 1000.0  # a request still queued after this long is failed with 503 (0 = off)
+    version_drain_s: float = 10.0  # a removed or unloaded version finishes its queued requests within this
+    strict_readiness: bool = False  # ready only while every model in the repository has a version serving
+    request_timeout_s: float = 60.0  # HTTP: 504 when a response has not started by then
+    max_concurrency: int = 256  # HTTP requests in progress per worker, past it 429 (0 = no limit)
+    grpc_max_concurrent_rpcs: int = 256  # gRPC calls in progress per worker, past it RESOURCE_EXHAUSTED (0 = none)
+    # gRPC connections are closed (after a grace for calls in flight) at this age, so that long-lived channels
+    # spread again over workers and pods; clients reconnect on their own
+    grpc_max_connection_age_s: float = 30.0
+    shutdown_drain_s: float = 5.0  # SIGTERM: not ready, but serving on, for this long before shutting down
     poll_interval_s: float = 2.0  # model repository re-scan for new versions (0 = off)
     # OpenTelemetry spans for the inference paths too; off: BentoML's tracing middleware halves HTTP throughput
     trace_requests: bool = False

@@ -67,7 +67,7 @@ def start_server(model_dir: Path, log: Path, wait_ready: bool = True, **settings
            "CNNSERVE_GRPC_HOST": "127.0.0.1", "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(ROOT)}
     env.update({f"CNNSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:CnnServe", "--host", "127.0.0.1",
-           "--port", str(http_port)]
+           "--port", str(http_port), "--timeout-keep-alive", "75", "--timeout-graceful-shutdown", "20"]
     out = open(log, "wb")  # noqa: SIM115 - the server writes it for its whole life
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(process, http_port, grpc_port, log)

@@ -1,12 +1,14 @@
 """Model repository behaviour without a server: device selection, versions, broken models."""
 
+import json
 import shutil
+from pathlib import Path
 
 import onnxruntime as ort
 import pytest
 
 from serving.errors import ModelNotFound, ModelNotReady
-from serving.repository import DeviceError, ModelRepository, providers_for
+from serving.repository import PENDING, DeviceError, ModelRepository, providers_for
 from serving.settings import Settings
 from tests.conftest import EXPORTS
 
@@ -23,15 +25,65 @@ def test_cuda_requested_without_a_cuda_provider_fails_at_start_with_a_clear_mess
 def test_versions_latest_and_lookup_errors(tmp_path):
     shutil.copytree(EXPORTS / "mnist-cnn" / "1", tmp_path / "mnist-cnn" / "1")
     repo = ModelRepository(Settings(model_dir=tmp_path, device="cpu"))
-    assert repo.scan() == ["loaded mnist-cnn/1"] and repo.ready
+    assert repo.scan().changes == ["loaded mnist-cnn/1"] and repo.ready
     assert repo.get("mnist-cnn").version == 1 and repo.get("mnist-cnn", "1").version == 1
     with pytest.raises(ModelNotFound, match="version 7 not found"):
         repo.get("mnist-cnn", 7)
     (tmp_path / "mnist-cnn" / "2").mkdir()  # a version without files: reported, the others serve
-    assert repo.scan() == ["failed mnist-cnn/2"]
+    assert repo.scan().changes[0].startswith("pending mnist-cnn/2")  # it may be still being copied
+    assert repo.scan().changes == ["failed mnist-cnn/2"]  # the same files a poll later: judged
     with pytest.raises(ModelNotReady, match=r"model card .* is missing"):
         repo.get("mnist-cnn", 2)
     assert repo.get("mnist-cnn").version == 1
     shutil.rmtree(tmp_path / "mnist-cnn" / "2")
-    assert repo.scan() == ["removed mnist-cnn/2"]
+    assert repo.scan().changes == ["removed mnist-cnn/2"]
+    repo.close()
+
+
+def copy_version(source: Path, target: Path, files: tuple[str, ...] = ("model.json", "model.onnx")) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    card = json.loads((source / "model.json").read_text())
+    card["version"] = int(target.name)
+    for name in files:
+        if name == "model.json":
+            (target / name).write_text(json.dumps(card))
+        else:
+            shutil.copy(source / name, target / name)
+
+
+@pytest.mark.parametrize("first", ["model.json", "model.onnx"])
+def test_a_half_copied_version_is_served_once_complete(tmp_path, first):
+    source = EXPORTS / "mnist-cnn" / "1"
+    copy_version(source, tmp_path / "mnist-cnn" / "1")
+    repo = ModelRepository(Settings(model_dir=tmp_path, device="cpu"))
+    repo.scan()
+    copy_version(source, tmp_path / "mnist-cnn" / "2", files=(first,))  # the other file is not there yet
+    repo.scan()
+    [status] = [s for s in repo.statuses() if s.version == 2]
+    assert status.state == PENDING and repo.get("mnist-cnn").version == 1
+    copy_version(source, tmp_path / "mnist-cnn" / "2")  # now complete
+    assert "loaded mnist-cnn/2" in repo.scan().changes and repo.get("mnist-cnn").version == 2
+    repo.close()
+
+
+def test_a_failed_version_is_retried_when_its_files_change_and_fallbacks_are_reported(tmp_path):
+    source = EXPORTS / "mnist-cnn" / "1"
+    copy_version(source, tmp_path / "mnist-cnn" / "1")
+    copy_version(source, tmp_path / "mnist-cnn" / "2")
+    shutil.copytree(EXPORTS / "pneumoniamnist-cnn" / "1", tmp_path / "pneumoniamnist-cnn" / "1")
+    card = tmp_path / "mnist-cnn" / "2" / "model.json"
+    card.write_text(card.read_text().replace('"sha256": "', '"sha256": "0'))  # a wrong card
+    repo = ModelRepository(Settings(model_dir=tmp_path, device="cpu", strict_readiness=True))
+    assert "failed mnist-cnn/2" in repo.scan().changes  # files present at start are judged at once
+    assert repo.scan().changes == []  # unchanged files are not tried again
+    assert repo.get("mnist-cnn").version == 1 and repo.ready  # strict: every model still has a version serving
+    copy_version(source, tmp_path / "mnist-cnn" / "2")  # the card fixed
+    assert "loaded mnist-cnn/2" in repo.scan().changes and repo.get("mnist-cnn").version == 2
+    shutil.rmtree(tmp_path / "mnist-cnn" / "2")  # the serving version deleted: requests fall back to 1
+    result = repo.scan()
+    assert [m.version for m in result.removed] == [2]
+    assert any(c.startswith("fallback mnist-cnn") for c in result.changes) and "mnist-cnn" in repo.fallbacks
+    shutil.rmtree(tmp_path / "mnist-cnn")  # every version gone: strict readiness says the pod lacks a model
+    repo.scan()
+    assert not repo.ready and repo.get("pneumoniamnist-cnn").version == 1
     repo.close()

@@ -18,6 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from serving.model_card import read_card, write_json_atomic
 from tests.conftest import EXPORTS, SHARED_DATA
@@ -140,7 +141,8 @@ def test_grpc_metadata_config_and_health(server):
 
     gclient = grpcclient.InferenceServerClient(server.grpc_address)
     assert gclient.is_server_live() and gclient.is_server_ready() and gclient.is_model_ready("mnist-cnn")
-    assert not gclient.is_model_ready("nope")
+    with pytest.raises(InferenceServerException, match="not found"):  # NOT_FOUND, as REST answers 404
+        gclient.is_model_ready("nope")
     config = gclient.get_model_config("mnist-cnn").config
     assert config.max_batch_size == 64 and list(config.input[0].dims) == [28, 28]
     assert gclient.get_model_metadata("mnist-cnn").inputs[0].datatype == "UINT8"

@@ -97,6 +97,12 @@ def _compare_probs(expected: np.ndarray, got: np.ndarray) -> dict[str, Any]:
     return {"images": len(got), "max_abs_prob_diff": max_diff, "argmax_identical": same_argmax}
 
 
+def border_grey_level(images: np.ndarray) -> int:
+    """Median of the images' outermost rows and columns: what surrounds the subject (card ``input_background``)."""
+    border = np.concatenate([images[:, [0, -1]].ravel(), images[:, :, [0, -1]].ravel()])
+    return round(float(np.median(border)))
+
+
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
     """Static int8 quantisation (QDQ, per-channel) calibrated on training images."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
@@ -190,6 +196,7 @@ def export_checkpoint(
             training={"command": command, "git_commit": git_commit(), "created_utc": _now(),
                       "epochs_run": ckpt["epoch"] + 1, "config": cfg.to_dict(), "notes": notes},
             batching=BatchingSpec(), quantization=quantization,
+            input_background=border_grey_level(load_split(spec, "train", data_dir, download).images.numpy()),
             calibration=_calibration_section(onnx_path, temperature, spec, val, test),
         ))
 
@@ -227,6 +234,7 @@ def calibrate_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, down
                                           **{k: card.training.get(k) for k in ("command", "git_commit",
                                                                                "created_utc")}}},
             calibration=_calibration_section(onnx_path, temperature, spec, val, test, report_dir),
+            input_background=border_grey_level(load_split(spec, "train", data_dir, download).images.numpy()),
         )
         return _publish(staging, fields)
 

@@ -1,0 +1,218 @@
+"""The dataplane: everything the protocol doors share, behind one object.
+
+Every door (``service`` for BentoML's ``/classify`` and ``/predict``, ``oip_rest``, ``oip_grpc``) is a codec
+between its protocol and ``DataPlane``: it decodes a request into ``(model, uint8 array)``, calls
+``DataPlane.infer`` and encodes the answer. Model lookup (with the single-model default), readiness, server
+and model metadata, the Triton model configuration and the statistics live here, so every door answers the
+same question the same way; errors are ``ServingError``s, which carry their own HTTP and gRPC codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+
+from serving import __version__
+from serving.errors import InvalidInput, ModelNotFound, PayloadTooLarge, ServingError
+from serving.metrics import observe_request
+from serving.model_card import INPUT_NAME, PROBS_NAME, ModelCard
+from serving.repository import LoadedModel, ModelRepository, ScanResult
+from serving.settings import Settings
+
+SERVER_NAME = "cnnserve"
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "health", "statistics", "model_repository"]
+NO_DURATION = {"count": 0, "ns": 0}
+PLATFORM = "onnxruntime_onnx"
+
+
+def expected_shape(card: ModelCard) -> str:
+    return f"[N, {', '.join(map(str, card.input.shape))}]"
+
+
+def check_image_count(count: int, max_images: int) -> None:
+    """Refuse a batch by its declared size, before any of its data is decoded."""
+    if count == 0:
+        raise InvalidInput("empty batch: at least one image is needed")
+    if count > max_images:
+        raise PayloadTooLarge(f"batch of {count} images is over the limit of {max_images} per request")
+
+
+def validate_batch(card: ModelCard, images: np.ndarray, max_images: int) -> np.ndarray:
+    """Check a batch of images against the card; returns it C-contiguous."""
+    if images.dtype != np.uint8:
+        raise InvalidInput(f"input datatype must be UINT8 (uint8), got {images.dtype}")
+    if images.ndim != len(card.input.shape) + 1 or list(images.shape[1:]) != card.input.shape:
+        raise InvalidInput(f"input shape {list(images.shape)} does not match model {card.name}: "
+                           f"expected {expected_shape(card)} ({card.layout})")
+    check_image_count(images.shape[0], max_images)
+    return np.ascontiguousarray(images)
+
+
+class DataPlane:
+    """One worker's models, as every door sees them."""
+
+    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
+        self.repository, self.settings = repository, settings
+        self.draining = False  # shutting down: not ready, though still serving
+        self.on_scan: Callable[[ScanResult], Awaitable[None]] | None = None  # drains what a load/unload dropped
+
+    # --- lookup ------------------------------------------------------------------------------------------
+    def model(self, name: str | None, version: int | str | None = None) -> LoadedModel:
+        """The model ``name`` (latest version unless ``version``); without a name, the only model served."""
+        if not name:
+            loaded = self.repository.latest()
+            if len(loaded) != 1:
+                names = ", ".join(m.name for m in loaded) or "none loaded"
+                raise InvalidInput(f"'model' is required: one of {names}")
+            return loaded[0]
+        return self.repository.get(name, version or None)
+
+    # --- health ------------------------------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self.repository.ready and not self.draining
+
+    def readiness(self) -> dict[str, Any]:
+        """``{"ready": bool}``, with the device note and the reasons of versions that are not ready."""
+        repo = self.repository
+        body: dict[str, Any] = {"ready": self.ready()}
+        if repo.device_note:  # e.g. CNNSERVE_DEVICE=auto fell back to the CPU
+            body["device_note"] = repo.device_note
+        not_ready = {f"{s.name}/{s.version}": s.reason for s in repo.statuses() if not s.ready}
+        if not_ready:
+            body["not_ready"] = not_ready
+        return body
+
+    def model_ready(self, name: str, version: int | str | None = None) -> bool:
+        """Whether that model (version) serves; ``ModelNotFound`` when the repository has no such model."""
+        try:
+            self.model(name, version)
+        except ModelNotFound:
+            raise
+        except ServingError:
+            return False
+        return True
+
+    # --- metadata ----------------------------------------------------------------------------------------
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self, name: str, version: int | str | None = None) -> dict[str, Any]:
+        model = self.model(name, version)
+        card = model.card
+        return {
+            "name": card.name,
+            "versions": [str(v) for v in self.repository.versions(card.name)],
+            "platform": PLATFORM,
+            "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, *card.input.shape]}],
+            "outputs": [{"name": PROBS_NAME, "datatype": "FP32", "shape": [-1, *card.probs.shape]}],
+            "parameters": {"task": card.task, "layout": card.layout, "labels": card.labels,
+                           "providers": model.providers, "device_note": model.device_note or ""},
+        }
+
+    def model_config(self, name: str, version: int | str | None = None) -> dict[str, Any]:
+        """A Triton model configuration (what perf_analyzer asks for), in Triton's JSON names."""
+        model = self.model(name, version)
+        card = model.card
+        return {
+            "name": card.name,
+            "platform": PLATFORM,
+            "backend": "onnxruntime",
+            "version_policy": {"latest": {"num_versions": 1}},
+            "max_batch_size": model.batcher.max_batch_size,
+            "input": [{"name": INPUT_NAME, "data_type": "TYPE_UINT8", "dims": card.input.shape}],
+            "output": [{"name": PROBS_NAME, "data_type": "TYPE_FP32", "dims": card.probs.shape}],
+            "dynamic_batching": {"max_queue_delay_microseconds": int(model.batcher.max_queue_delay_s * 1e6)},
+        }
+
+    def model_cards(self, name: str | None = None) -> dict[str, Any]:
+        """The cards of the loaded versions and the status of every version (``GET /models``)."""
+        repo = self.repository
+        cards = [m.card.to_dict() | {"providers": m.providers, "device_note": m.device_note}
+                 for m in repo.all_loaded() if name in (None, m.name)]
+        status = [s.__dict__ for s in repo.statuses() if name in (None, s.name)]
+        if name is not None and not status:
+            raise ModelNotFound(f"model {name!r} not found")
+        defaults = {m.name: m.version for m in repo.latest() if name in (None, m.name)}
+        fallbacks = {n: why for n, why in repo.fallbacks.items() if name in (None, n)}
+        return {"models": cards, "status": status, "default_versions": defaults, "fallbacks": fallbacks}
+
+    # --- Triton's statistics and model repository extensions ----------------------------------------------
+    def statistics(self, name: str | None = None, version: int | str | None = None) -> dict[str, Any]:
+        """Triton's statistics of the loaded versions (of ``name``, of ``version``), fed by the batchers.
+
+        Durations in ns: ``queue`` = time a request waited for its batch, ``compute_infer`` = the run time of
+        the batch it ran in, ``success`` = the whole time in the batcher; input and output handling are not
+        timed apart (``compute_input`` / ``compute_output`` report zero)."""
+        if name:
+            selected = [self.model(name, version)] if version else \
+                [m for m in self.repository.all_loaded() if m.name == name] or [self.model(name)]
+        else:
+            selected = self.repository.all_loaded()
+        return {"model_stats": [_triton_stats(m) for m in selected]}
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """Every version in the repository with its state (READY, PENDING, UNAVAILABLE, UNLOADED) and reason."""
+        return [{"name": s.name, "version": str(s.version) if s.version else "", "state": s.state,
+                 "reason": s.reason} for s in self.repository.statuses() if s.ready or not ready_only]
+
+    async def load(self, name: str) -> None:
+        await self._apply(await asyncio.to_thread(self.repository.load, name))
+
+    async def unload(self, name: str) -> None:
+        await self._apply(await asyncio.to_thread(self.repository.unload, name))
+
+    async def _apply(self, result: ScanResult) -> None:
+        if self.on_scan is not None:
+            await self.on_scan(result)
+
+    # --- inference ---------------------------------------------------------------------------------------
+    async def infer(self, model: LoadedModel, images: np.ndarray, door: str,
+                    deadline: float | None = None) -> np.ndarray:
+        """Validated, batched inference; records metrics. Returns float32 (N, K).
+
+        ``deadline`` (``time.monotonic()`` seconds): when the caller needs the answer by; a request that
+        cannot make it is refused (``DeadlineExceeded``) rather than computed for nobody."""
+        t0 = time.perf_counter()
+        try:
+            images = validate_batch(model.card, images, self.settings.max_images_per_request)
+            out = await model.batcher.infer(images, deadline)
+        except ServingError:
+            observe_request(model.name, door, "invalid", time.perf_counter() - t0)
+            raise
+        except Exception:
+            observe_request(model.name, door, "error", time.perf_counter() - t0)
+            raise
+        observe_request(model.name, door, "ok", time.perf_counter() - t0, len(images))
+        return out
+
+
+def _triton_stats(model: LoadedModel) -> dict[str, Any]:
+    stats = model.batcher.stats()
+    return {
+        "name": model.name, "version": str(model.version), "last_inference": stats["last_inference_ms"],
+        "inference_count": stats["inference_count"], "execution_count": stats["execution_count"],
+        "inference_stats": {"success": stats["success"], "fail": stats["fail"], "queue": stats["queue"],
+                            "compute_input": NO_DURATION, "compute_infer": stats["compute_infer"],
+                            "compute_output": NO_DURATION, "cache_hit": NO_DURATION, "cache_miss": NO_DURATION},
+        "batch_stats": [{"batch_size": size, "compute_input": NO_DURATION, "compute_infer": run,
+                         "compute_output": NO_DURATION} for size, run in sorted(stats["batch_stats"].items())],
+    }
+
+
+def label_predictions(card: ModelCard, probs: np.ndarray, top_k: int = 1) -> list[dict[str, Any]]:
+    """Per image: the predicted label(s) and the ``top_k`` most probable labels with probabilities."""
+    k = max(1, min(top_k, len(card.labels)))
+    results = []
+    for row in probs:
+        order = np.argsort(-row, kind="stable")[:k]
+        top = [{"label": card.labels[i], "index": int(i), "prob": float(row[i])} for i in order]
+        if card.multi_label:
+            predicted = [card.labels[i] for i in np.flatnonzero(row > 0.5)]
+        else:
+            predicted = card.labels[int(np.argmax(row))]
+        results.append({"label": predicted, "top_k": top})
+    return results

@@ -1,0 +1,388 @@
+"""DynamicBatcher with a fake run function: batching, splitting, admission, expiry, shutdown, statistics.
+
+The fake records every batch it runs and can hold runs on a gate, so queueing is created by events, not by
+timing. Images are (N, 1) float rows holding unique ids; the fake answers each row doubled, so every caller can
+check that it got exactly its own rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serving.batcher import DynamicBatcher
+from serving.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
+
+POISON = -1.0  # a batch holding this id fails
+
+
+class FakeModel:
+    """A run function: records its input, waits for the gate, sleeps ``seconds``, answers the rows doubled."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.seconds = 0.0
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.batches.append(images.copy())
+        if not self.gate.wait(10):
+            raise TimeoutError("the test never opened the gate")
+        time.sleep(self.seconds)
+        if (images == POISON).any():
+            raise ValueError("poisoned batch")
+        return images * 2
+
+    def ids(self) -> list[float]:
+        """Every row id run so far."""
+        return [] if not self.batches else np.concatenate(self.batches).ravel().tolist()
+
+
+@pytest.fixture
+def model() -> Iterator[FakeModel]:
+    fake = FakeModel()
+    yield fake
+    fake.gate.set()  # release an executor thread a failed test left waiting
+
+
+def rows(first: int, n: int) -> np.ndarray:
+    return np.arange(first, first + n, dtype=np.float64).reshape(n, 1)
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a test coroutine; debug mode makes asyncio raise on calls from the wrong thread; no hang past 10 s."""
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, 10)
+
+    return asyncio.run(bounded(), debug=True)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached within 5 s"
+        await asyncio.sleep(0.001)
+
+
+async def hold_runner(batcher: DynamicBatcher, model: FakeModel) -> asyncio.Task[np.ndarray]:
+    """Start a one-image request (id 1000) whose run waits for the gate: what comes next queues behind it."""
+    model.gate.clear()
+    before = len(model.batches)
+    task = asyncio.create_task(batcher.infer(rows(1000, 1)))
+    await until(lambda: len(model.batches) > before)
+    return task
+
+
+def test_concurrent_callers_get_exactly_their_rows(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 8)
+        blocker = await hold_runner(batcher, model)
+        sizes = [1, 3, 2, 5, 1, 4, 2, 8, 1, 1, 3, 6]
+        inputs = [rows(100 * i, n) for i, n in enumerate(sizes)]
+        tasks = [asyncio.create_task(batcher.infer(x)) for x in inputs]
+        await until(lambda: batcher.queued_images == sum(sizes))
+        model.gate.set()
+        outputs = await asyncio.gather(*tasks)
+        await blocker
+        for x, y in zip(inputs, outputs, strict=True):
+            np.testing.assert_array_equal(y, x * 2)
+        queued_runs = model.batches[1:]
+        assert max(len(b) for b in queued_runs) <= 8
+        assert len(queued_runs) < len(sizes), "no batch held more than one request"
+        assert sorted(np.concatenate(queued_runs).ravel()) == sorted(np.concatenate(inputs).ravel())
+        assert batcher.queued_images == 0
+
+    run(main())
+
+
+def test_oversize_request_is_split_and_reassembled_in_order(model):
+    batcher = DynamicBatcher(model, 4)
+    images = rows(0, 10)
+    out = run(batcher.infer(images))
+    assert [len(b) for b in model.batches] == [4, 4, 2]
+    np.testing.assert_array_equal(out, images * 2)
+
+
+def test_small_request_waits_for_one_chunk_of_a_big_one(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 4)
+        model.gate.clear()
+        big = asyncio.create_task(batcher.infer(rows(0, 12)))
+        await until(lambda: len(model.batches) == 1)  # the first chunk runs
+        small = asyncio.create_task(batcher.infer(rows(100, 1)))
+        await until(lambda: batcher.queued_images == 1)
+        model.gate.set()
+        np.testing.assert_array_equal(await big, rows(0, 12) * 2)
+        await small
+        assert [b[0, 0] for b in model.batches] == [0, 100, 4, 8]
+
+    run(main())
+
+
+def test_idle_batcher_without_delay_runs_a_lone_request_at_once(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 8, 0.0)
+        np.testing.assert_array_equal(await asyncio.wait_for(batcher.infer(rows(0, 1)), 2), rows(0, 1) * 2)
+
+    run(main())
+
+
+def test_requests_within_the_delay_window_share_a_batch(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 2, 5.0)  # a full batch (2 images) ends the window early
+        first = asyncio.create_task(batcher.infer(rows(0, 1)))
+        await asyncio.sleep(0.05)  # the runner has had its turn: without a window it would run `first` alone
+        await batcher.infer(rows(1, 1))
+        await first
+        assert [len(b) for b in model.batches] == [2]
+
+    run(main())
+
+
+def test_a_failed_run_reaches_its_batch_only(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 2)
+        blocker = await hold_runner(batcher, model)
+        poisoned, neighbour, next_batch = (asyncio.create_task(batcher.infer(x))
+                                           for x in (np.array([[POISON]]), rows(10, 1), rows(20, 1)))
+        await until(lambda: batcher.queued_images == 3)
+        model.gate.set()
+        results = await asyncio.gather(blocker, poisoned, neighbour, next_batch, return_exceptions=True)
+        assert [len(b) for b in model.batches] == [1, 2, 1]
+        assert isinstance(results[1], ValueError) and isinstance(results[2], ValueError)
+        np.testing.assert_array_equal(results[3], rows(20, 1) * 2)
+
+    run(main())
+
+
+def test_a_run_answering_the_wrong_number_of_rows_fails_clearly():
+    batcher = DynamicBatcher(lambda images: images[:1], 8, name="broken")
+    with pytest.raises(RuntimeError, match="broken returned 1 rows for 3 images"):
+        run(batcher.infer(rows(0, 3)))
+
+
+def test_empty_request_and_bad_limits_are_refused(model):
+    with pytest.raises(InvalidInput, match="at least one image"):
+        run(DynamicBatcher(model, 4).infer(rows(0, 0)))
+    with pytest.raises(ValueError, match="queue_budget_s=-1"):
+        DynamicBatcher(model, 4, queue_budget_s=-1)
+    assert model.batches == []
+
+
+def test_a_caller_that_went_away_is_never_computed(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 8)
+        blocker = await hold_runner(batcher, model)
+        gone = asyncio.create_task(batcher.infer(rows(10, 2)))
+        kept = asyncio.create_task(batcher.infer(rows(20, 1)))
+        await until(lambda: batcher.queued_images == 3)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert batcher.queued_images == 1  # it left the count at once
+        model.gate.set()
+        await kept
+        await blocker
+        assert 10 not in model.ids() and 11 not in model.ids() and 20 in model.ids()
+        assert batcher.stats()["dropped_cancelled"] == 1
+        assert batcher.queued_images == 0
+
+    run(main())
+
+
+def test_close_fails_queued_and_running_requests_and_refuses_new_ones(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 8)
+        blocker = await hold_runner(batcher, model)
+        queued = [asyncio.create_task(batcher.infer(rows(10 * i, 1))) for i in range(3)]
+        await until(lambda: batcher.queued_images == 3)
+        batcher.close("model m version 3 is being removed")
+        results = await asyncio.wait_for(asyncio.gather(blocker, *queued, return_exceptions=True), 2)
+        assert all(isinstance(r, ModelNotReady) and "being removed" in r.message for r in results)
+        with pytest.raises(ModelNotReady):
+            await batcher.infer(rows(0, 1))
+        assert batcher.closed and batcher.queued_images == 0
+
+    run(main())
+
+
+def test_close_from_another_thread(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 8)
+        blocker = await hold_runner(batcher, model)
+        queued = asyncio.create_task(batcher.infer(rows(10, 1)))
+        await until(lambda: batcher.queued_images == 1)
+        await asyncio.to_thread(batcher.close)
+        results = await asyncio.wait_for(asyncio.gather(blocker, queued, return_exceptions=True), 2)
+        assert all(isinstance(r, ModelNotReady) for r in results)
+
+    run(main())
+
+
+def test_drain_lets_queued_work_finish_and_refuses_new_requests(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 1)
+        blocker = await hold_runner(batcher, model)
+        queued = asyncio.create_task(batcher.infer(rows(10, 1)))
+        await until(lambda: batcher.queued_images == 1)
+        drain = asyncio.create_task(batcher.drain(5))
+        await until(lambda: batcher.closed)
+        with pytest.raises(ModelNotReady):
+            await batcher.infer(rows(0, 1))
+        model.gate.set()
+        await asyncio.wait_for(drain, 5)
+        np.testing.assert_array_equal(await queued, rows(10, 1) * 2)
+        await blocker
+
+    run(main())
+
+
+def test_drain_fails_what_is_left_after_its_timeout(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 1)
+        blocker = await hold_runner(batcher, model)
+        queued = asyncio.create_task(batcher.infer(rows(10, 1)))
+        await until(lambda: batcher.queued_images == 1)
+        await batcher.drain(0.05)
+        results = await asyncio.wait_for(asyncio.gather(blocker, queued, return_exceptions=True), 2)
+        assert all(isinstance(r, ModelNotReady) for r in results)
+        assert 10 not in model.ids()
+
+    run(main())
+
+
+def test_hard_queue_bound_refuses_with_a_retry_time(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 8, max_queue_images=2)
+        blocker = await hold_runner(batcher, model)
+        queued = asyncio.create_task(batcher.infer(rows(10, 2)))
+        await until(lambda: batcher.queued_images == 2)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.infer(rows(20, 1))
+        assert refused.value.retry_after_s > 0
+        assert batcher.stats()["rejected"] == 1
+        model.gate.set()
+        await queued
+        await blocker
+
+    run(main())
+
+
+def test_nothing_is_refused_on_the_estimate_before_a_run_is_measured(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 1, queue_budget_s=0.001)
+        blocker = await hold_runner(batcher, model)
+        queued = [asyncio.create_task(batcher.infer(rows(10 * i, 1))) for i in range(5)]
+        await until(lambda: batcher.queued_images == 5)
+        model.gate.set()
+        await asyncio.gather(blocker, *queued)
+
+    run(main())
+
+
+async def measured_batcher(model: FakeModel, **limits: Any) -> DynamicBatcher:
+    """A batcher that has measured one run of at least 0.05 s per image."""
+    model.seconds = 0.05
+    batcher = DynamicBatcher(model, 1, **limits)
+    await batcher.infer(rows(500, 1))
+    assert batcher.estimated_wait_s(1) >= 0.05
+    return batcher
+
+
+def test_queue_budget_refuses_once_the_wait_is_estimated(model):
+    async def main() -> None:
+        batcher = await measured_batcher(model, queue_budget_s=0.01)
+        blocker = await hold_runner(batcher, model)
+        await until(lambda: batcher.estimated_wait_s() == 0)  # the running batch is past its estimate
+        admitted = asyncio.create_task(batcher.infer(rows(10, 1)))  # nothing ahead: admitted
+        await until(lambda: batcher.queued_images == 1)
+        with pytest.raises(Overloaded) as refused:  # one image (>= 0.05 s) ahead exceeds the 0.01 s budget
+            await batcher.infer(rows(20, 1))
+        assert refused.value.retry_after_s >= 0.05
+        model.gate.set()
+        await asyncio.gather(blocker, admitted)
+        assert 20 not in model.ids() and batcher.stats()["rejected"] == 1
+
+    run(main())
+
+
+def test_a_deadline_that_cannot_be_met_is_refused_without_running(model):
+    async def main() -> None:
+        unmeasured = DynamicBatcher(model, 1)
+        with pytest.raises(DeadlineExceeded):
+            await unmeasured.infer(rows(10, 1), deadline=time.monotonic() - 1)
+        batcher = await measured_batcher(model)
+        with pytest.raises(DeadlineExceeded):  # compute alone takes >= 0.05 s
+            await batcher.infer(rows(20, 1), deadline=time.monotonic() + 0.01)
+        assert 10 not in model.ids() and 20 not in model.ids()
+        assert unmeasured.stats()["rejected"] == batcher.stats()["rejected"] == 1
+
+    run(main())
+
+
+def test_a_request_expired_in_the_queue_is_not_computed(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 8)
+        blocker = await hold_runner(batcher, model)
+        late = asyncio.create_task(batcher.infer(rows(10, 1), deadline=time.monotonic() + 0.05))
+        await until(lambda: batcher.queued_images == 1)
+        await asyncio.sleep(0.1)
+        model.gate.set()
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await blocker
+        assert 10 not in model.ids() and batcher.queued_images == 0
+
+    run(main())
+
+
+def test_a_request_queued_too_long_fails_overloaded(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 8, max_queue_wait_s=0.05)
+        blocker = await hold_runner(batcher, model)
+        stale = asyncio.create_task(batcher.infer(rows(10, 1)))
+        await until(lambda: batcher.queued_images == 1)
+        await asyncio.sleep(0.1)
+        model.gate.set()
+        with pytest.raises(Overloaded) as failed:
+            await stale
+        assert failed.value.retry_after_s > 0
+        await blocker
+        assert 10 not in model.ids() and batcher.queued_images == 0
+
+    run(main())
+
+
+def test_stats_count_what_was_sent(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 4, max_queue_images=12)
+        blocker = await hold_runner(batcher, model)  # run 1: 1 image
+        inputs = [rows(10, 2), rows(20, 2),  # run 2: 4 images
+                  np.array([[POISON]]), rows(30, 3),  # run 3: 4 images, fails
+                  rows(40, 5)]  # runs 4 and 5: split 4 + 1
+        tasks = [asyncio.create_task(batcher.infer(x)) for x in inputs]
+        await until(lambda: batcher.queued_images == 12)
+        with pytest.raises(Overloaded):
+            await batcher.infer(rows(50, 1))
+        model.gate.set()
+        results = await asyncio.gather(blocker, *tasks, return_exceptions=True)
+        assert [isinstance(r, Exception) for r in results] == [False, False, False, True, True, False]
+        stats = batcher.stats()
+        assert stats["inference_count"] == 1 + 2 + 2 + 5
+        assert stats["execution_count"] == len(model.batches) == 5
+        assert {size: s["count"] for size, s in stats["batch_stats"].items()} == {1: 2, 4: 3}
+        assert sum(size * s["count"] for size, s in stats["batch_stats"].items()) == len(model.ids())
+        assert stats["success"]["count"] == 4 and stats["fail"]["count"] == 2 and stats["rejected"] == 1
+        assert stats["queue"]["count"] == stats["compute_infer"]["count"] == 7  # one per chunk
+        assert stats["dropped_cancelled"] == 0 and stats["last_inference_ms"] > 0
+        assert all(s["ns"] > 0 for s in (stats["success"], stats["fail"], stats["compute_infer"]))
+        assert batcher.queued_images == 0
+
+    run(main())

@@ -1,0 +1,258 @@
+"""serving.images.decode_upload on generated files: each upload must give the model input that the same
+picture gives as an 8-bit upright PNG, and the notes must name every conversion."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.errors import InvalidInput, PayloadTooLarge, ServingError, UnprocessableInput, UnsupportedMediaType
+from serving.images import decode_upload
+from serving.model_card import CardError, ModelCard, TensorSpec
+from training.export import border_grey_level
+
+MAX_PIXELS = 1 << 20
+GREY = np.add.outer(np.arange(28) * 6, np.arange(28) * 3).astype(np.uint8)  # rows×6 + cols×3: no symmetry
+COLOUR = np.dstack([GREY, GREY[::-1], np.full_like(GREY, 90)])
+NOISE = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)  # compresses badly: a long file
+STORED_ROTATION = {3: 2, 6: 1, 8: -1}  # EXIF orientation -> np.rot90 turns that make the stored pixels
+
+
+def card(layout: str = "NHW", background: int = 0) -> ModelCard:
+    shape = [28, 28, 3] if layout == "NHWC" else [28, 28]
+    return ModelCard(name="m", version=1, task="binary-class", labels=["a", "b"],
+                     input=TensorSpec("images", "UINT8", shape), layout=layout,
+                     outputs=[TensorSpec("probs", "FP32", [2])], dataset={}, metrics={}, training={},
+                     sha256="0" * 64, input_background=background)
+
+
+GREY_CARD, COLOUR_CARD = card("NHW"), card("NHWC")
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def decode(data: bytes, model: ModelCard = GREY_CARD) -> tuple[np.ndarray, list[str]]:
+    return decode_upload(data, model, MAX_PIXELS, "scan.png")
+
+
+def reference(picture: np.ndarray, model: ModelCard) -> np.ndarray:
+    """What the picture gives as an 8-bit upright PNG."""
+    return decode(encode(Image.fromarray(picture)), model)[0]
+
+
+def png_file(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) -> bytes:
+    """A PNG written by hand (``rows``: the filtered scanlines), for what Pillow cannot write."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def png_16_bit_rgb(samples: np.ndarray) -> bytes:
+    height, width = samples.shape[:2]
+    return png_file(width, height, 16, 2, b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied(fmt, orientation):
+    stored = np.ascontiguousarray(np.rot90(GREY, STORED_ROTATION[orientation]))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image, notes = decode(encode(Image.fromarray(stored), fmt, exif=exif, quality=95))
+    error = np.abs(image.astype(int) - reference(GREY, GREY_CARD)).mean()
+    assert error < (0.01 if fmt == "PNG" else 2), f"mean |error| {error:.1f}: not turned upright"
+    assert notes == [f"turned upright by EXIF orientation {orientation}"]
+
+
+def test_exif_orientation_turns_before_resizing():
+    stored = np.ascontiguousarray(np.rot90(GREY[:, :20], 1))  # 28 wide, 20 high as stored; 20 x 28 upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _, notes = decode(encode(Image.fromarray(stored), exif=exif))
+    assert notes == ["turned upright by EXIF orientation 6", "resized 20x28 to 28x28"]
+
+
+@pytest.mark.parametrize(("mode", "fmt", "dtype"), [("I;16", "PNG", "<u2"), ("I;16", "TIFF", "<u2"),
+                                                    ("I;16B", "TIFF", ">u2")])
+def test_16_bit_greyscale_is_scaled_not_clipped(mode, fmt, dtype):
+    offsets = np.random.default_rng(0).integers(0, 129, GREY.shape)  # below half a level: rounds away
+    samples = GREY.astype(np.uint16) * 257 + offsets
+    data = encode(Image.frombytes(mode, (28, 28), samples.astype(dtype).tobytes()), fmt)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    for model in (GREY_CARD, COLOUR_CARD):
+        image, notes = decode(data, model)
+        assert np.array_equal(image, reference(GREY, model))
+        assert notes[0] == "scaled 16-bit greyscale to 8 bits (value × 255 / 65535)"
+    assert notes[1:] == ["converted L to RGB"]
+
+
+def test_16_bit_greyscale_transparent_value_is_composited():
+    samples = GREY.astype(np.uint16) * 257
+    samples[:10, :5] = 7  # the transparent value
+    image, notes = decode(encode(Image.frombytes("I;16", (28, 28), samples.astype("<u2").tobytes()), transparency=7),
+                          card("NHW", background=255))
+    expected = GREY.copy()
+    expected[:10, :5] = 255
+    assert np.array_equal(image, expected)
+    assert notes == ["scaled 16-bit greyscale to 8 bits (value × 255 / 65535)", "composited LA on white (alpha)"]
+
+
+@pytest.mark.parametrize(("values", "note"), [
+    pytest.param(GREY.astype(np.int32) * 1000 - 50000, "scaled 32-bit integer greyscale to 8 bits by its value "
+                 "range (-50000..193000 to 0..255)", id="I"),
+    pytest.param(GREY.astype(np.float32) / 243, "scaled floating-point greyscale to 8 bits by its value range "
+                 "(0..1 to 0..255)", id="F"),
+])
+def test_32_bit_greyscale_is_scaled_by_its_value_range(values, note):
+    image, notes = decode(encode(Image.fromarray(values), "TIFF"))
+    stretched = np.rint(GREY * (255 / 243)).astype(np.uint8)  # GREY spans 0..243
+    assert np.array_equal(image, reference(stretched, GREY_CARD))
+    assert notes == [note]
+
+
+def test_16_bit_colour_keeps_the_high_byte_and_says_so():
+    samples = COLOUR.astype(np.uint16) * 257 + np.random.default_rng(0).integers(0, 257, COLOUR.shape)
+    image, notes = decode(png_16_bit_rgb(samples), COLOUR_CARD)
+    assert np.array_equal(image, samples >> 8)
+    assert np.abs(image - np.rint(samples / 257)).max() <= 1
+    assert notes == ["reduced 16-bit RGB to 8 bits (high byte of each value)"]
+
+
+def opacity() -> np.ndarray:
+    """Opaque left third, transparent right third, a ramp between: exact where alpha is 0 or 255."""
+    return np.clip((np.arange(28) - 9) * -26 + 255, 0, 255).astype(np.uint8)[None, :].repeat(28, 0)
+
+
+def over(picture: np.ndarray, alpha: np.ndarray, background: int) -> np.ndarray:
+    weight = (alpha / 255)[..., None] if picture.ndim == 3 else alpha / 255
+    return np.rint(picture * weight + background * (1 - weight)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("background", [0, 140, 255])
+@pytest.mark.parametrize(("picture", "mode", "layout"), [(COLOUR, "RGBA", "NHWC"), (GREY, "LA", "NHW")])
+def test_alpha_is_composited_on_the_cards_background(picture, mode, layout, background):
+    alpha = opacity()
+    junk = np.full_like(picture, 255)  # what lies under transparent pixels must not show
+    stored = np.where((alpha > 0)[..., None] if picture.ndim == 3 else alpha > 0, picture, junk)
+    image, notes = decode(encode(Image.fromarray(np.dstack([stored, alpha]))), card(layout, background))
+    expected = reference(over(picture, alpha, background), card(layout))
+    assert np.abs(image.astype(int) - expected).max() <= 1
+    assert np.array_equal(image[:, :10], picture[:, :10]) and (image[:, 19:] == background).all()
+    colour = {0: "black", 255: "white"}.get(background, f"grey {background}")
+    assert notes == [f"composited {mode} on {colour} (alpha)"]
+
+
+def palette_picture() -> Image.Image:
+    return Image.fromarray(COLOUR).quantize(colors=64)
+
+
+@pytest.mark.parametrize(("model", "note"), [(COLOUR_CARD, "converted P to RGB"), (GREY_CARD, "converted P to L")])
+def test_palette_image_is_converted(model, note):
+    picture = palette_picture()
+    image, notes = decode(encode(picture), model)
+    assert np.array_equal(image, reference(np.asarray(picture.convert("RGB")), model))
+    assert notes == [note]
+
+
+def test_palette_transparency_is_composited():
+    picture = palette_picture()
+    index = np.asarray(picture)[0, 0]
+    image, notes = decode(encode(picture, transparency=int(index)), card("NHWC", background=255))
+    expected = np.asarray(picture.convert("RGB")).copy()
+    expected[np.asarray(picture) == index] = 255
+    assert np.array_equal(image, expected)
+    assert notes == ["composited P on white (transparent colour)"]
+
+
+def test_greyscale_transparent_colour_is_composited():
+    picture = GREY.copy()
+    picture[20:, 20:] = 1  # the transparent value (absent from GREY)
+    image, notes = decode(encode(Image.fromarray(picture), transparency=1), card("NHW", background=140))
+    expected = GREY.copy()
+    expected[20:, 20:] = 140
+    assert np.array_equal(image, expected)
+    assert notes == ["composited L on grey 140 (transparent colour)"]
+
+
+@pytest.mark.parametrize(("model", "notes_expected"), [(COLOUR_CARD, ["converted CMYK to RGB"]),
+                                                       (GREY_CARD, ["converted CMYK to RGB", "converted RGB to L"])])
+def test_cmyk_jpeg_is_converted(model, notes_expected):
+    data = encode(Image.fromarray(COLOUR).convert("CMYK"), "JPEG", quality=95)
+    image, notes = decode(data, model)
+    assert np.abs(image.astype(int) - reference(COLOUR, model)).mean() < 2
+    assert notes == notes_expected
+
+
+def test_lab_goes_through_rgb_to_greyscale():
+    lab = Image.fromarray(COLOUR).convert("LAB")
+    image, notes = decode(encode(lab, "TIFF"))
+    assert np.array_equal(image, np.asarray(lab.convert("RGB").convert("L")))
+    assert notes == ["converted LAB to RGB", "converted RGB to L"]
+
+
+def test_colour_to_greyscale_model_is_luma():
+    image, notes = decode(encode(Image.fromarray(COLOUR)), GREY_CARD)
+    luma = COLOUR @ np.array([0.299, 0.587, 0.114])  # ITU-R 601-2
+    assert np.abs(image - luma).max() <= 0.5 + 1e-3
+    assert notes == ["converted RGB to L"]
+
+
+def test_greyscale_to_colour_model_repeats_the_channel():
+    image, notes = decode(encode(Image.fromarray(GREY)), COLOUR_CARD)
+    assert np.array_equal(image, np.dstack([GREY] * 3))
+    assert notes == ["converted L to RGB"]
+
+
+def test_upright_8_bit_input_is_untouched():
+    assert decode(encode(Image.fromarray(GREY)))[1] == []
+    assert np.array_equal(decode(encode(Image.fromarray(COLOUR)), COLOUR_CARD)[0], COLOUR)
+
+
+def bomb_png() -> bytes:
+    """A small file claiming 2048 x 2048 pixels, over MAX_PIXELS: refused before decoding."""
+    return png_file(2048, 2048, 1, 0, (b"\x00" + b"\x00" * 256) * 8)
+
+
+@pytest.mark.parametrize(("data", "model", "error"), [
+    pytest.param(b"", GREY_CARD, InvalidInput, id="empty"),
+    pytest.param(b"hello world", GREY_CARD, UnsupportedMediaType, id="not an image"),
+    pytest.param(encode(Image.fromarray(GREY), "GIF"), GREY_CARD, UnsupportedMediaType, id="GIF"),
+    pytest.param(encode(Image.fromarray(NOISE))[:500], GREY_CARD, UnprocessableInput, id="truncated"),
+    pytest.param(bomb_png(), GREY_CARD, PayloadTooLarge, id="too many pixels"),
+    pytest.param(encode(Image.fromarray(np.full((28, 28), np.nan, np.float32)), "TIFF"), GREY_CARD, InvalidInput,
+                 id="NaN"),
+    pytest.param(encode(Image.fromarray(GREY)), ModelCard.from_dict({**GREY_CARD.to_dict(), "layout": "NDHW", "input": {
+        "name": "images", "datatype": "UINT8", "shape": [28, 28, 28]}}), UnsupportedMediaType, id="image for 3D"),
+    pytest.param(b"\x93NUMPY garbage", GREY_CARD, UnprocessableInput, id="corrupt npy"),
+])
+def test_errors_name_the_upload(data, model, error):
+    with pytest.raises(error) as caught:
+        decode(data, model)
+    assert isinstance(caught.value, ServingError) and "'scan.png'" in caught.value.message
+
+
+def test_cards_without_input_background_load_as_black_and_bad_values_are_refused():
+    fields = GREY_CARD.to_dict()
+    del fields["input_background"]
+    assert ModelCard.from_dict(fields).input_background == 0
+    with pytest.raises(CardError, match="input_background"):
+        card(background=256)
+
+
+def test_export_takes_the_background_from_the_training_images_border():
+    images = np.full((4, 28, 28), 200, np.uint8)
+    images[:, 1:-1, 1:-1] = 0  # dark subject, light frame
+    assert border_grey_level(images) == 200
+    assert border_grey_level(255 - images) == 55

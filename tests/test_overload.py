@@ -1,0 +1,162 @@
+"""The service protects itself and its clients, with the real server: admission control on both doors,
+limits enforced before work, versions removed under load, and a shutdown that reports not-ready first."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.server import MAX_BYTES, MAX_IMAGES, start_server
+
+BIG = np.zeros((64, 28, 28), np.uint8)
+
+
+def binary_infer(url: str, images: np.ndarray, model: str = "mnist-cnn") -> httpx.Response:
+    header = json.dumps({"inputs": [{"name": "images", "shape": list(images.shape), "datatype": "UINT8",
+                                     "parameters": {"binary_data_size": images.size}}]}).encode()
+    return httpx.post(f"{url}/v2/models/{model}/infer", content=header + images.tobytes(), timeout=30,
+                      headers={"Inference-Header-Content-Length": str(len(header)),
+                               "Content-Type": "application/octet-stream"})
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(repo, tmp_path_factory):
+    """One worker whose queue holds at most 64 images per model: a second full batch waiting is refused."""
+    srv = start_server(repo, tmp_path_factory.mktemp("queue") / "server.log", workers=1, max_queue_images=64,
+                       queue_budget_ms=0, poll_interval_s=0)
+    yield srv
+    srv.stop()
+
+
+def test_requests_past_the_queue_bound_are_refused_fast_on_http_with_retry_after(small_queue_server):
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: binary_infer(small_queue_server.url, BIG), range(96)))
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused, "no request was refused"
+    assert all(r.status_code in (200, 503) for r in responses)
+    assert all(int(r.headers["Retry-After"]) >= 1 and "overloaded" in r.json()["error"] for r in refused)
+    assert len(refused) < len(responses)
+
+
+def test_requests_past_the_queue_bound_are_refused_on_grpc(small_queue_server):
+    def call(_: int) -> str:
+        client = grpcclient.InferenceServerClient(small_queue_server.grpc_address)
+        inp = grpcclient.InferInput("images", list(BIG.shape), "UINT8")
+        inp.set_data_from_numpy(BIG)
+        try:
+            client.infer("mnist-cnn", [inp])
+            return "ok"
+        except Exception as exc:  # tritonclient's InferenceServerException carries the status
+            return str(exc)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, range(96)))
+    refused = [r for r in results if r != "ok"]
+    assert refused and all("UNAVAILABLE" in r and "overloaded" in r for r in refused), refused[:3]
+    assert "ok" in results
+
+
+def test_an_oversize_json_batch_is_refused_from_its_declared_shape_before_parsing(server):
+    body = (b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [' + str(MAX_IMAGES + 1).encode()
+            + b', 28, 28], "data": [0, 0, 0, this is not JSON')  # parsing it would answer 400 instead
+    r = httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", content=body,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/v2/models/mnist-cnn/infer", "/predict", "/classify"])
+def test_a_chunked_oversize_body_is_refused_without_reading_it_all(server, path):
+    total, sent = 16 * MAX_BYTES, 0
+    chunk = b"0" * 65536
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  "Content-Type: application/json\r\n\r\n".encode())
+        try:
+            while sent < total and not select.select([s], [], [], 0)[0]:
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = b""
+        while b"over the limit" not in reply and (part := s.recv(65536)):
+            reply += part
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert b" 413 " in status_line, reply[:300]
+    assert b"over the limit" in rest
+    assert sent < total / 2, f"the server read {sent} bytes of a body over the {MAX_BYTES}-byte limit"
+
+
+def test_removing_the_serving_version_under_load_strands_no_request(repo, tmp_path):
+    models = tmp_path / "repo"
+    shutil.copytree(repo / "mnist-cnn" / "1", models / "mnist-cnn" / "1")
+    srv = start_server(models, tmp_path / "server.log", workers=1, poll_interval_s=0.2)
+    try:
+        staging = models / "mnist-cnn" / ".staging"
+        shutil.copytree(models / "mnist-cnn" / "1", staging)
+        card = json.loads((staging / "model.json").read_text())
+        card["version"] = 2
+        (staging / "model.json").write_text(json.dumps(card))
+        staging.rename(models / "mnist-cnn" / "2")
+        images = np.zeros((8, 28, 28), np.uint8)
+        deadline = time.monotonic() + 15
+        while binary_infer(srv.url, images).json().get("model_version") != "2":
+            assert time.monotonic() < deadline, "version 2 was not picked up"
+            time.sleep(0.1)
+
+        stop_at = time.monotonic() + 3
+
+        def hammer(_: int) -> list[tuple[int, float, str]]:
+            seen = []
+            with httpx.Client(timeout=10) as client:
+                while time.monotonic() < stop_at:
+                    t0 = time.monotonic()
+                    r = client.post(f"{srv.url}/predict", json={"instances": images.tolist(), "model": "mnist-cnn"})
+                    seen.append((r.status_code, time.monotonic() - t0, r.json().get("version", "")))
+            return seen
+
+        with ThreadPoolExecutor(4) as pool:
+            running = [pool.submit(hammer, i) for i in range(4)]
+            time.sleep(1)
+            shutil.rmtree(models / "mnist-cnn" / "2")  # the version being served
+            results = [row for f in running for row in f.result()]
+        assert results and all(status in (200, 503) for status, _, _ in results)
+        assert max(seconds for _, seconds, _ in results) < 5, "a request waited on a removed version"
+        assert {"1", "2"} <= {version for status, _, version in results if status == 200}
+        models_info = httpx.get(f"{srv.url}/models").json()
+        assert models_info["default_versions"] == {"mnist-cnn": 1} and "mnist-cnn" in models_info["fallbacks"]
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert 'cnnserve_version_fallbacks_total{model="mnist-cnn"} 1.0' in metrics
+    finally:
+        srv.stop()
+
+
+def test_sigterm_reports_not_ready_first_and_serves_on_for_the_drain_period(repo, tmp_path):
+    srv = start_server(repo, tmp_path / "server.log", workers=1, shutdown_drain_s=3, poll_interval_s=0)
+    try:
+        os.kill(srv.process.pid, signal.SIGTERM)  # as Kubernetes does: to the container's first process only
+        deadline = time.monotonic() + 2
+        while httpx.get(f"{srv.url}/readyz").status_code == 200:
+            assert time.monotonic() < deadline, "still ready after SIGTERM"
+            time.sleep(0.05)
+        with grpc.insecure_channel(srv.grpc_address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        r = binary_infer(srv.url, np.zeros((1, 28, 28), np.uint8))  # still answered during the drain
+        assert r.status_code == 200
+        assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 503
+        srv.process.wait(30)  # and then it exits on its own
+    finally:
+        srv.stop()

@@ -1,0 +1,161 @@
+"""Outside clients answered exactly: Triton's statistics and model repository extensions over HTTP and gRPC
+(tritonclient), one JSON error shape on every HTTP route, UNIMPLEMENTED without tracebacks, and the
+smaller protocol details (per-output binary_data, gRPC contents, upload names, version as a string)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.server import png
+
+IMAGES = np.zeros((3, 28, 28), np.uint8)
+
+
+def http_stats(client: httpclient.InferenceServerClient, model: str) -> dict:
+    [stats] = client.get_inference_statistics(model, "1")["model_stats"]
+    return stats
+
+
+def test_statistics_count_what_was_sent_over_http_and_grpc(server):
+    http = httpclient.InferenceServerClient(server.http_address)
+    grpc_client = grpcclient.InferenceServerClient(server.grpc_address)
+    # one worker answers each call; the counters are per worker, so send to and read from one worker:
+    # a single HTTP connection (tritonclient's keeps it) and a gRPC channel land on one worker each
+    before = http_stats(http, "pneumoniamnist-cnn")
+    inp = httpclient.InferInput("images", list(IMAGES.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGES)
+    http_clients = [httpclient.InferenceServerClient(server.http_address, concurrency=1)]
+    for _ in range(4):
+        http_clients[0].infer("pneumoniamnist-cnn", [inp], model_version="1")
+    after = http_stats(http_clients[0], "pneumoniamnist-cnn")
+    if after["inference_count"] - before["inference_count"] != 12:  # the stats call reached the other worker
+        before_other = before
+        after = http_stats(http_clients[0], "pneumoniamnist-cnn")
+        assert after["inference_count"] - before_other["inference_count"] in (12, 0)
+    stats = http_clients[0].get_inference_statistics("pneumoniamnist-cnn", "1")["model_stats"][0]
+    assert stats["name"] == "pneumoniamnist-cnn" and stats["version"] == "1"
+    assert stats["inference_count"] >= 12 and stats["execution_count"] >= 1
+    inference = stats["inference_stats"]
+    assert inference["success"]["count"] >= 4 and inference["success"]["ns"] > 0
+    assert inference["queue"]["count"] >= 4 and inference["compute_infer"]["ns"] > 0
+    assert sum(b["compute_infer"]["count"] for b in stats["batch_stats"]) == stats["execution_count"]
+    assert {m["name"] for m in http.get_inference_statistics()["model_stats"]} >= {"mnist-cnn", "pneumoniamnist-cnn"}
+
+    g_before = grpc_client.get_inference_statistics("pneumoniamnist-cnn", "1", as_json=True)["model_stats"][0]
+    ginp = grpcclient.InferInput("images", list(IMAGES.shape), "UINT8")
+    ginp.set_data_from_numpy(IMAGES)
+    for _ in range(5):
+        grpc_client.infer("pneumoniamnist-cnn", [ginp], model_version="1")
+    g_after = grpc_client.get_inference_statistics("pneumoniamnist-cnn", "1", as_json=True)["model_stats"][0]
+    assert int(g_after["inference_count"]) - int(g_before.get("inference_count", 0)) == 15
+    assert int(g_after["inference_stats"]["success"]["count"]) - \
+        int(g_before["inference_stats"].get("success", {}).get("count", 0)) == 5
+    with pytest.raises(InferenceServerException, match="not found"):
+        http.get_inference_statistics("nope")
+
+
+def test_the_stats_path_is_not_taken_for_a_model_named_stats(server):
+    r = httpx.get(f"{server.url}/v2/models/stats")
+    assert r.status_code == 200 and "model_stats" in r.json()
+
+
+def test_repository_index_and_unload_load_over_http_and_grpc(server):
+    http = httpclient.InferenceServerClient(server.http_address)
+    grpc_client = grpcclient.InferenceServerClient(server.grpc_address)
+    index = {(m["name"], m["version"]): m for m in http.get_model_repository_index()}
+    assert index[("mnist-cnn", "1")]["state"] == "READY"
+    gindex = grpc_client.get_model_repository_index(as_json=True)["models"]
+    assert {"name": "mnist-cnn", "version": "1", "state": "READY"}.items() <= gindex[0].items() or \
+        any(m["name"] == "mnist-cnn" and m["state"] == "READY" for m in gindex)
+
+    model = "retinamnist-tiny"
+    http.unload_model(model)
+    deadline = time.monotonic() + 10  # the other worker follows at its next poll
+    while any(http.is_model_ready(model) for _ in range(4)):
+        assert time.monotonic() < deadline, "unload did not reach every worker"
+        time.sleep(0.2)
+    r = httpx.get(f"{server.url}/v2/models/{model}/ready")
+    assert r.status_code == 503 and "unloaded" in r.json()["error"]
+    assert any(m["name"] == model and m["state"] == "UNLOADED" for m in http.get_model_repository_index())
+    grpc_client.load_model(model)
+    deadline = time.monotonic() + 10
+    while not all(http.is_model_ready(model) for _ in range(4)):
+        assert time.monotonic() < deadline, "load did not reach every worker"
+        time.sleep(0.2)
+    grpc_client.unload_model(model)
+    http.load_model(model)
+    with pytest.raises(InferenceServerException, match="not found"):
+        http.load_model("nope")
+    with pytest.raises(InferenceServerException, match="not found"):
+        grpc_client.unload_model("nope")
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/nope"), ("GET", "/v2/nope"), ("GET", "/v2/models/nope"), ("GET", "/models/nope"),
+    ("GET", "/v2/models/mnist-cnn/infer"), ("POST", "/v2/models/mnist-cnn/infer"), ("POST", "/predict"),
+    ("POST", "/classify"), ("POST", "/v2/repository/models/nope/load"),
+])
+def test_every_http_route_family_answers_errors_as_one_json_shape(server, method, path):
+    r = httpx.request(method, f"{server.url}{path}", content=b"{}" if method == "POST" else None,
+                      headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    body = r.json()
+    assert isinstance(body, dict) and isinstance(body.get("error"), str) and len(body["error"]) > 5, body
+
+
+def test_unimplemented_grpc_methods_answer_unimplemented_with_a_message_and_no_traceback(server):
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest())
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "CudaSharedMemoryStatus is not implemented" in info.value.details()
+    time.sleep(0.2)
+    log = server.log.read_text()
+    assert "NotImplementedError" not in log and "Traceback (most recent call last)" not in log  # 4xx: no tracebacks
+
+
+def test_grpc_contents_in_the_wrong_field_or_twice_is_a_clear_error(server):
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 28, 28])
+        tensor.contents.fp32_contents.extend([0.0] * 784)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(pb.ModelInferRequest(model_name="mnist-cnn", inputs=[tensor]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fp32_contents" in info.value.details()
+        tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 28, 28])
+        tensor.contents.uint_contents.extend([0] * 784)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(pb.ModelInferRequest(model_name="mnist-cnn", inputs=[tensor],
+                                                 raw_input_contents=[bytes(784)]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "both" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelReady(pb.ModelReadyRequest(name="nope"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_outputs_own_binary_data_false_wins_over_binary_data_output(server):
+    body = {"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}],
+            "outputs": [{"name": "probs", "parameters": {"binary_data": False}}],
+            "parameters": {"binary_data_output": True}}
+    r = httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", json=body)
+    assert r.status_code == 200 and len(r.json()["outputs"][0]["data"]) == 10
+
+
+def test_classify_answers_version_as_a_string_and_names_the_upload_in_errors(server):
+    r = httpx.post(f"{server.url}/classify", files=[("images", ("digit.png", png(IMAGES[0]), "image/png"))],
+                   data={"model": "mnist-cnn", "version": "1"})
+    assert r.status_code == 200 and r.json()["version"] == "1"
+    r = httpx.post(f"{server.url}/classify", files=[("images", ("holiday-photo.gif", b"GIF89a....", "image/gif"))],
+                   data={"model": "mnist-cnn"})
+    assert 400 <= r.status_code < 500 and "holiday-photo.gif" in r.json()["error"]
