@@ -1,4 +1,6 @@
-"""``python -m training {train,evaluate,export,pipeline}``: the training job's command line."""
+"""``python -m training {train,evaluate,export,pipeline,shipped}``: the training job's command line.
+
+Imports no torch until a command needs it: ``shipped`` runs with only the ``serve`` extra installed."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from training.config import CONFIG_DIR, TrainConfig, parse_override
-from training.data import DEFAULT_DATA_DIR
+from training.config import CONFIG_DIR, DEFAULT_DATA_DIR, TrainConfig, parse_override
+from training.shipped import SHIPPED, SHIPPED_NAMES
 
 DEFAULT_RUNS = Path(os.environ.get("CNNSERVE_RUNS", "runs"))
 DEFAULT_REPO = Path(os.environ.get("CNNSERVE_MODEL_DIR", "exports"))
@@ -78,18 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="publish a static int8 model; the card reports the change")
     _add_data_args(p)
 
-    p = sub.add_parser("pipeline", help="train, evaluate and export the three shipped models",
-                       description="mnist-cnn, then pneumoniamnist-cnn, then pneumoniamnist-transfer (its backbone "
-                                   "is the mnist-cnn just trained unless --backbone is given).")
+    p = sub.add_parser("pipeline", help="train, evaluate and export the shipped models",
+                       description=", then ".join(m.name + (f" (its backbone is the {m.backbone_from} just trained "
+                                                           "unless --backbone is given)" if m.backbone_from else "")
+                                                  for m in SHIPPED) + ".")
     p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS,
                    help=f"where the run directories go (default {DEFAULT_RUNS})")
     p.add_argument("--model-dir", type=Path, default=DEFAULT_REPO, help="model repository (env CNNSERVE_MODEL_DIR)")
-    p.add_argument("--only", nargs="+", choices=["mnist-cnn", "pneumoniamnist-cnn", "pneumoniamnist-transfer"])
+    p.add_argument("--only", nargs="+", choices=SHIPPED_NAMES)
     p.add_argument("--resume", action="store_true", help="continue each model from its run's checkpoint")
     p.add_argument("--backbone", default="checkpoint",
                    help="transfer backbone: checkpoint (our mnist-cnn), resnet18, mobilenet_v3_small, efficientnet_b0")
     _add_train_args(p)
     _add_data_args(p)
+
+    sub.add_parser("shipped", help="list the shipped models' names, one a line (the Makefile reads them)",
+                   description="The models the pipeline trains and exports/ ships, in training order.")
     return parser
 
 
@@ -151,3 +157,5 @@ def run(args: argparse.Namespace) -> None:
         from training.pipeline import run_pipeline
 
         run_pipeline(args, overrides_from(args), command_line())
+    elif args.command == "shipped":
+        print("\n".join(SHIPPED_NAMES))
