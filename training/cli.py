@@ -1,4 +1,7 @@
-"""``python -m training {train,evaluate,export,calibrate,pipeline,datasets}``: the training job's command line."""
+"""``python -m training {train,evaluate,export,calibrate,pipeline,datasets,shipped}``: the training job's command
+line.
+
+Imports no torch until a command needs it: ``shipped`` runs with only the ``serve`` extra installed."""
 
 from __future__ import annotations
 
@@ -9,9 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from training.config import CONFIG_DIR, parse_override
-from training.data import DEFAULT_DATA_DIR, dataset_flags
-from training.recipes import config_names, resolve_config
+from training.config import CONFIG_DIR, DEFAULT_DATA_DIR, config_names, parse_override
+from training.shipped import SHIPPED, SHIPPED_NAMES
 
 DEFAULT_RUNS = Path(os.environ.get("CNNSERVE_RUNS", "runs"))
 DEFAULT_REPO = Path(os.environ.get("CNNSERVE_MODEL_DIR", "exports"))
@@ -53,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one model; writes checkpoint, history, metrics and plots to the run dir. "
                                    "A dataset flag without a YAML of its name trains the generic 2D or 3D recipe "
                                    "derived from the dataset's metadata (see `python -m training datasets`).")
-    p.add_argument("config", help=f"a dataset flag ({', '.join(dataset_flags())}), a config in {CONFIG_DIR} "
-                                  f"({', '.join(config_names())}), or a YAML file")
+    p.add_argument("config", help=f"a dataset flag (mnist or any MedMNIST flag: `python -m training datasets`), "
+                                  f"a config in {CONFIG_DIR} ({', '.join(config_names())}), or a YAML file")
     p.add_argument("--size", type=int, help="image size, among those the dataset offers (default: the config's, 28)")
     p.add_argument("--run-dir", type=Path, help="output directory (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
@@ -98,18 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help="dataset root to look for files in (env CNNSERVE_DATA; default %(default)s)")
 
-    p = sub.add_parser("pipeline", help="train, evaluate and export the three shipped models",
-                       description="mnist-cnn, then pneumoniamnist-cnn, then pneumoniamnist-transfer (its backbone "
-                                   "is the mnist-cnn just trained unless --backbone is given).")
+    p = sub.add_parser("pipeline", help="train, evaluate and export the shipped models",
+                       description=", then ".join(m.name + (f" (its backbone is the {m.backbone_from} just trained "
+                                                           "unless --backbone is given)" if m.backbone_from else "")
+                                                  for m in SHIPPED) + ".")
     p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS,
                    help=f"where the run directories go (default {DEFAULT_RUNS})")
     p.add_argument("--model-dir", type=Path, default=DEFAULT_REPO, help="model repository (env CNNSERVE_MODEL_DIR)")
-    p.add_argument("--only", nargs="+", choices=["mnist-cnn", "pneumoniamnist-cnn", "pneumoniamnist-transfer"])
+    p.add_argument("--only", nargs="+", choices=SHIPPED_NAMES)
     p.add_argument("--resume", action="store_true", help="continue each model from its run's checkpoint")
     p.add_argument("--backbone", default="checkpoint",
                    help="transfer backbone: checkpoint (our mnist-cnn), resnet18, mobilenet_v3_small, efficientnet_b0")
     _add_train_args(p)
     _add_data_args(p)
+
+    sub.add_parser("shipped", help="list the shipped models' names, one a line (the Makefile reads them)",
+                   description="The models the pipeline trains and exports/ ships, in training order.")
     return parser
 
 
@@ -142,6 +148,8 @@ def run(args: argparse.Namespace) -> None:
             overrides.update(backbone="checkpoint", backbone_checkpoint=args.backbone_checkpoint)
         if args.freeze:
             overrides["freeze"] = True
+        from training.recipes import resolve_config
+
         cfg = resolve_config(args.config, overrides)
         from training.train import CHECKPOINT, train
 
@@ -176,3 +184,5 @@ def run(args: argparse.Namespace) -> None:
         from training.pipeline import run_pipeline
 
         run_pipeline(args, overrides_from(args), command_line())
+    elif args.command == "shipped":
+        print("\n".join(SHIPPED_NAMES))

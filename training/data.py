@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,12 +25,11 @@ import torch
 from torchvision.datasets import MNIST
 
 from serving.model_card import atomic_write
+from training.config import CACHE_DIR, DEFAULT_DATA_DIR
 
 MNIST_FLAG = "mnist"
 MNIST_VAL_FRACTION = 12  # MNIST has no official val split: the last 1/12 of train (5,000 of 60,000) is one
 SPLITS = ("train", "val", "test")
-CACHE_DIR = Path(os.environ.get("CNNSERVE_CACHE", Path.home() / ".cache" / "cnnserve"))
-DEFAULT_DATA_DIR = Path(os.environ.get("CNNSERVE_DATA", CACHE_DIR / "data"))
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -73,23 +71,23 @@ def medmnist_flags() -> list[str]:
 
 
 def dataset_flags() -> list[str]:
-    """Every flag ``dataset_spec`` knows: ``mnist`` and the MedMNIST ones."""
+    """Every dataset a config may name: MNIST and the MedMNIST flags."""
     return [MNIST_FLAG, *medmnist_flags()]
 
 
-def available_sizes(flag: str) -> tuple[int, ...]:
-    """The image sizes (side in pixels) a dataset comes in."""
+def available_sizes(flag: str) -> list[int]:
+    """The image sizes ``flag`` is published at (MedMNIST+: 28, 64, 128, 224 for 2D; 28, 64 for 3D)."""
     if flag == MNIST_FLAG:
-        return (28,)
-    _check_flag(flag)
-    return tuple(getattr(medmnist, medmnist.INFO[flag]["python_class"]).available_sizes)
+        return [28]
+    return list(getattr(medmnist, medmnist.INFO[flag]["python_class"]).available_sizes)
 
 
 def official_split_sizes(flag: str) -> dict[str, int]:
     """Images per official split, from the package's metadata (no data file needed)."""
     if flag == MNIST_FLAG:
         return {"train": 60_000 - 60_000 // MNIST_VAL_FRACTION, "val": 60_000 // MNIST_VAL_FRACTION, "test": 10_000}
-    _check_flag(flag)
+    if flag not in medmnist.INFO:
+        raise ValueError(f"unknown dataset {flag!r}; known: {', '.join(dataset_flags())}")
     return {s: int(medmnist.INFO[flag]["n_samples"][s]) for s in SPLITS}
 
 
@@ -106,15 +104,11 @@ def medmnist_path(data_dir: Path, flag: str, size: int) -> Path:
     return data_dir / "medmnist" / f"{flag}{'' if size == 28 else f'_{size}'}.npz"
 
 
-def _check_flag(flag: str) -> None:
-    if flag != MNIST_FLAG and flag not in medmnist.INFO:
-        raise ValueError(f"unknown dataset {flag!r}; known: {', '.join(dataset_flags())}")
-
-
 def dataset_spec(flag: str, size: int = 28) -> DatasetSpec:
-    _check_flag(flag)
+    if flag not in dataset_flags():
+        raise ValueError(f"unknown dataset {flag!r}; known: {', '.join(dataset_flags())}")
     if size not in available_sizes(flag):
-        raise ValueError(f"{flag} is available at sizes {list(available_sizes(flag))}, not {size}")
+        raise ValueError(f"{flag} is available at sizes {available_sizes(flag)}, not {size}")
     if flag == MNIST_FLAG:
         return DatasetSpec(MNIST_FLAG, 28, "multi-class", tuple(str(d) for d in range(10)), 1, False)
     info = medmnist.INFO[flag]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.config import CONFIG_DIR, TrainConfig, with_overrides
+from training.config import CONFIG_DIR, TrainConfig, config_names, with_overrides
 from training.data import available_sizes, dataset_flags, dataset_spec, is_local, official_split_sizes
 
 
@@ -44,11 +44,6 @@ RECIPE_3D = Recipe(
                 augment=dict(translate=0.1, scale=0.1, hflip=True)),
     steps=1100, epochs=(10, 60), batch_sizes=((500, 16), (math.inf, 32)),
 )
-
-
-def config_names() -> list[str]:
-    """The YAML configs in ``training/configs/``."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def derive_config(flag: str, size: int = 28) -> TrainConfig:
