@@ -21,7 +21,8 @@ CHECKPOINT_BACKBONE = "checkpoint"  # a cnnserve training checkpoint (e.g. our o
 BACKBONES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", CHECKPOINT_BACKBONE)
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
-SELECT_METRICS = ("acc", "auc", "acc+auc")
+SELECT_METRICS = ("acc", "auc", "acc+auc", "nll")
+LOWER_IS_BETTER = ("nll",)
 
 
 @dataclass
@@ -63,7 +64,12 @@ class TrainConfig:
     schedule: str = "onecycle"  # SCHEDULES
     label_smoothing: float = 0.0
     patience: int = 0  # early stopping: epochs without val improvement (0 = off)
-    select: str | None = None  # val metric for model selection: acc, auc or acc+auc (default: acc for MNIST, else auc)
+    # val metric for model selection: acc, auc, acc+auc, or nll (the NLL after temperature scaling, lower is
+    # better: all images count, not only those near a threshold); default: acc for MNIST, else auc
+    select: str | None = None
+    # weight EMA averaging over about this fraction of the run's optimiser steps (e.g. 0.05); validation,
+    # selection and the exported model then use the averaged weights (null = off)
+    ema: float | None = None
     augment: Augment = field(default_factory=Augment)
     seed: int = 0
     ensemble: int = 1  # train this many members (seeds seed, seed+1, ...) and average their probabilities
@@ -112,7 +118,7 @@ class TrainConfig:
             _check_range(key, getattr(self, key), 1)
         for key in ("head_epochs", "patience", "lr", "backbone_lr_scale", "weight_decay", "momentum"):
             _check_range(key, getattr(self, key), 0)
-        for key in ("dropout", "label_smoothing"):
+        for key in ("dropout", "label_smoothing", "ema"):
             _check_range(key, getattr(self, key), 0, below=1)
         if not isinstance(self.widths, list) or not self.widths or any(
                 not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in self.widths):
@@ -167,6 +173,10 @@ class TrainConfig:
         if self.select is not None:
             return self.select
         return "acc" if self.dataset == "mnist" else "auc"
+
+    @property
+    def select_lower_is_better(self) -> bool:
+        return self.select_metric in LOWER_IS_BETTER
 
 
 _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
