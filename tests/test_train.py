@@ -67,6 +67,7 @@ def test_the_weight_average_is_what_is_validated_and_selected(fixture_data, tmp_
     assert averaged.keys() == ckpt["best_model"].keys() == ckpt["model"].keys()
     assert all(torch.equal(ckpt["best_model"][k], averaged[k]) for k in averaged)
     assert not all(torch.equal(ckpt["model"][k], averaged[k]) for k in averaged)  # not the last step's weights
+    assert int(ckpt["ema"]["n_averaged"]) == 96 // 16  # updated after every step (96 images, batches of 16)
     assert ckpt["best_metric"] == ckpt["history"][0]["val_nll"] > 0
 
 
