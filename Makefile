@@ -15,7 +15,6 @@ WORKERS     ?= 0
 KEEPALIVE   ?= 75
 # seconds uvicorn gives requests in flight at shutdown
 GRACE       ?= 20
-SHIPPED     := mnist-cnn pneumoniamnist-cnn pneumoniamnist-transfer
 
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
@@ -51,12 +50,13 @@ serve: $(VENV)/.serve models  ## serve the models in exports/ (HTTP :3000, gRPC 
 	CNNSERVE_WORKERS=$(WORKERS) $(VENV)/bin/bentoml serve serving.service:CnnServe --host $(HOST) --port $(PORT) \
 	--timeout-keep-alive $(KEEPALIVE) --timeout-graceful-shutdown $(GRACE)
 
-models:  ## train + export the shipped models unless exports/ already has them
-	@missing=""; for m in $(SHIPPED); do ls -d $(MODEL_DIR)/$$m/[0-9]* >/dev/null 2>&1 || missing="$$missing $$m"; done; \
+# the shipped models' names come from training/shipped.py (torch-free: the serve extra suffices)
+models: $(VENV)/.serve  ## train + export the shipped models unless exports/ already has them
+	@names=$$($(PY) -m training shipped) || exit 1; missing=""; for m in $$names; do ls -d $(MODEL_DIR)/$$m/[0-9]* >/dev/null 2>&1 || missing="$$missing $$m"; done; \
 	if [ -n "$$missing" ]; then echo "missing in $(MODEL_DIR):$$missing -> training them"; \
 	$(MAKE) train ONLY="$$missing"; fi
 
-train: $(VENV)/.train  ## the training pipeline: train, evaluate and export the three shipped models
+train: $(VENV)/.train  ## the training pipeline: train, evaluate and export the shipped models
 	$(PY) -m training pipeline --data-dir $(DATA_DIR) --model-dir $(MODEL_DIR) $(if $(ONLY),--only $(ONLY))
 
 test: $(VENV)/.dev $(TOOLS_VENV)/.tools  ## the test suite (starts the real service on 127.0.0.1)

@@ -29,6 +29,7 @@ from training.config import TrainConfig  # noqa: E402
 from training.data import DataNotFoundError, dataset_spec, load_split  # noqa: E402
 from training.evaluate import evaluate_path  # noqa: E402
 from training.export import export_checkpoint  # noqa: E402
+from training.shipped import SHIPPED, ModelEntry, Targets  # noqa: E402
 from training.train import CHECKPOINT, same_config, train  # noqa: E402
 
 # MedMNIST v2 (Yang et al., Scientific Data 2023), Tables of test AUC / ACC; 2D: ResNet-18/50 at 28 and 224 px,
@@ -47,11 +48,10 @@ BASELINES = {
                        "ResNet-50 + 3D": (0.828, 0.745), "ResNet-50 + ACS": (0.828, 0.758),
                        "auto-sklearn": (0.828, 0.802), "AutoKeras": (0.804, 0.705)},
 }
-# our targets (ACC, AUC) from the project's issue tracker
-TARGETS = {"mnist-cnn": (0.994, None), "pneumoniamnist-cnn": (0.90, 0.97), "pneumoniamnist-transfer": (None, None),
-           "retinamnist-cnn": (0.55, 0.76), "adrenalmnist3d-cnn": (0.80, 0.85)}
-SHIPPED = {"mnist-cnn": "mnist", "pneumoniamnist-cnn": "pneumoniamnist", "pneumoniamnist-transfer": "pneumoniamnist"}
-TRAINED_HERE = {"retinamnist-cnn": "retinamnist", "adrenalmnist3d-cnn": "adrenalmnist3d"}
+# benchmark-only models (the shipped ones and their targets: training.shipped); targets from the issue tracker
+TRAINED_HERE = (ModelEntry("retinamnist-cnn", "retinamnist", Targets(acc=0.55, auc=0.76)),
+                ModelEntry("adrenalmnist3d-cnn", "adrenalmnist3d", Targets(acc=0.80, auc=0.85)))
+TARGETS = {m.name: m.targets for m in (*SHIPPED, *TRAINED_HERE)}
 
 
 def available(flag: str, data_dir: Path) -> bool:
@@ -74,22 +74,23 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="reuse finished runs in --work-dir whose config is unchanged")
     parser.add_argument("--seeds", action="append", default=[], metavar="NAME=N",
-                        help=f"train N seeds of a trained-here model ({', '.join(TRAINED_HERE)}); repeatable")
+                        help=f"train N seeds of a trained-here model ({', '.join(m.name for m in TRAINED_HERE)}); "
+                             "repeatable")
     args = parser.parse_args()
     seeds = {}
     for item in args.seeds:
         name, _, n = item.partition("=")
-        if name not in TRAINED_HERE or not n.isdigit() or int(n) < 1:
-            parser.error(f"--seeds {item!r}: expected NAME=N with NAME one of {list(TRAINED_HERE)}")
+        if name not in [m.name for m in TRAINED_HERE] or not n.isdigit() or int(n) < 1:
+            parser.error(f"--seeds {item!r}: expected NAME=N with NAME one of {[m.name for m in TRAINED_HERE]}")
         seeds[name] = int(n)
     rows, spreads = [], []
-    for name, flag in SHIPPED.items():
+    for name, flag in ((m.name, m.dataset) for m in SHIPPED):
         if available(flag, args.data_dir):
             path = latest_version(name)
             card = json.loads((path / "model.json").read_text())
             rows.append(_row(name, flag, evaluate_path(path, "test", data_dir=args.data_dir, download=False),
                              f"exports/{name}/{path.name} ({card['training']['command']})", None))
-    for name, config in TRAINED_HERE.items():
+    for name, config in ((m.name, m.config) for m in TRAINED_HERE):
         if not available(config, args.data_dir):
             continue
         cfg = TrainConfig.load(config)
@@ -125,11 +126,9 @@ def _train_and_evaluate(config: str, seed: int, run_name: str, args: argparse.Na
 
 
 def _row(name: str, flag: str, measured: dict, source: str, minutes: float | None) -> dict:
-    target_acc, target_auc = TARGETS[name]
-    met = None if target_acc is None and target_auc is None else all(
-        target is None or measured[key] >= target for key, target in (("acc", target_acc), ("auc", target_auc)))
+    targets = TARGETS[name]
     return {"model": name, "dataset": flag, "acc": measured["acc"], "auc": measured["auc"], "n": measured["n"],
-            "target_acc": target_acc, "target_auc": target_auc, "target_met": met, "source": source,
+            "target_acc": targets.acc, "target_auc": targets.auc, "target_met": targets.met(measured), "source": source,
             "train_minutes_cpu": minutes}
 
 
@@ -157,10 +156,8 @@ def render(rows: list[dict], spreads: list[dict], command: str) -> str:
         lines += [f"| {s['seed']} | {s['acc']:.4f} | {s['auc']:.4f} |" for s in spread["seeds"]]
         lines.append(f"| mean ± sd | {statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f} | "
                      f"{statistics.mean(aucs):.4f} ± {statistics.stdev(aucs):.4f} |")
-        target_acc, target_auc = TARGETS[spread["model"]]
-        met = (target_acc is None or statistics.mean(accs) >= target_acc) and \
-            (target_auc is None or statistics.mean(aucs) >= target_auc)
-        lines += ["", f"Target met by the mean over seeds: {'yes' if met else 'NO'}."]
+        met = TARGETS[spread["model"]].met({"acc": statistics.mean(accs), "auc": statistics.mean(aucs)})
+        lines += ["", f"Target met by the mean over seeds: { {True: 'yes', False: 'NO', None: '–'}[met]}."]
     lines += ["", "## MedMNIST v2 baselines (test AUC / ACC, from the paper)", ""]
     for flag, base in BASELINES.items():
         lines.append(f"- **{flag}**: " + "; ".join(f"{k} {auc:.3f} / {acc:.3f}" for k, (auc, acc) in base.items()))

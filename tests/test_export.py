@@ -12,26 +12,35 @@ from serving.model_card import file_sha256, read_card
 from tests.test_train import tiny
 from training.calibration import probabilities
 from training.checkpoint import load_model
+from training.config import TrainConfig
 from training.export import ExportError, check_parity, export_checkpoint
+from training.recipes import derive_config
 from training.train import CHECKPOINT, train
+
+# every task type, 2D and 3D, grey and RGB
+SHAPES = {"pneumoniamnist": [28, 28], "retinamnist": [28, 28, 3], "chestmnist": [28, 28], "pathmnist": [28, 28, 3],
+          "organmnist3d": [28, 28, 28], "adrenalmnist3d": [28, 28, 28]}
 
 
 @pytest.fixture(scope="module")
 def trained(fixture_data, tmp_path_factory):
+    """Each flag's config derived from its metadata (as ``train FLAG`` does without a YAML), shrunk to run in
+    seconds, trained for one epoch on generated files in the real format."""
     runs = tmp_path_factory.mktemp("runs")
     out = {}
-    for flag in ("retinamnist", "chestmnist", "organmnist3d"):
+    for flag in SHAPES:
         extra = {"highpass": 1.5} if flag == "retinamnist" else {}  # the Gaussian blur must export too
-        train(tiny(flag, epochs=1, **extra), runs / flag, fixture_data, download=False, quiet=True, report=False)
+        cfg = TrainConfig.from_dict({**derive_config(flag).to_dict(), "widths": [8, 16], "epochs": 1,
+                                     "batch_size": 16, "eval_batch_size": 64, **extra})
+        train(cfg, runs / flag, fixture_data, download=False, quiet=True, report=False)
         out[flag] = runs / flag / CHECKPOINT
     return out
 
 
-@pytest.mark.parametrize("flag,shape", [("retinamnist", [28, 28, 3]), ("chestmnist", [28, 28]),
-                                        ("organmnist3d", [28, 28, 28])])
+@pytest.mark.parametrize("flag,shape", SHAPES.items())
 def test_export_writes_onnx_and_a_true_card(trained, fixture_data, tmp_path, flag, shape):
     path = export_checkpoint(trained[flag], tmp_path, data_dir=fixture_data, download=False, command="pytest")
-    assert path == tmp_path / f"tiny-{flag}" / "1"
+    assert path == tmp_path / f"{flag}-cnn" / "1"
     card = read_card(path / "model.json")
     assert card.input.shape == shape and card.sha256 == file_sha256(path / "model.onnx")
     assert card.training["command"] == "pytest" and card.dataset["splits"]["test"] == 48
@@ -48,7 +57,7 @@ def test_export_writes_onnx_and_a_true_card(trained, fixture_data, tmp_path, fla
                                atol=1e-6)
     assert set(card.calibration["val"]["after"]) == {"ece", "nll", "brier"} and card.calibration["test"]["n"] == 48
     props = {p.key: p.value for p in onnx.load(str(path / "model.onnx")).metadata_props}
-    assert props["cnnserve.name"] == f"tiny-{flag}" and json.loads(props["cnnserve.labels"]) == card.labels
+    assert props["cnnserve.name"] == f"{flag}-cnn" and json.loads(props["cnnserve.labels"]) == card.labels
     # the card's test metrics are what the exported model scores
     from training.evaluate import evaluate_path
 

@@ -8,20 +8,31 @@ import pytest
 
 from serving.model_card import file_sha256, read_card
 from tests.conftest import EXPORTS
-
-SHIPPED = {"mnist-cnn": ("mnist", 0.994, None), "pneumoniamnist-cnn": ("pneumoniamnist", 0.90, 0.97),
-           "pneumoniamnist-transfer": ("pneumoniamnist", None, None)}
+from training.config import TrainConfig
+from training.shipped import SHIPPED, SHIPPED_NAMES, shipped
 
 
 def versions() -> list:
-    return sorted(p for name in SHIPPED for p in (EXPORTS / name).iterdir() if p.name.isdigit())
+    return sorted(p for name in SHIPPED_NAMES for p in (EXPORTS / name).iterdir() if p.name.isdigit())
 
 
-def test_the_three_models_are_shipped_and_small():
-    for name in SHIPPED:
+def test_the_shipped_models_are_in_exports_and_small():
+    for name in SHIPPED_NAMES:
         assert any((EXPORTS / name).iterdir()), name
     total = sum(f.stat().st_size for f in EXPORTS.rglob("*") if f.is_file())
     assert total <= 25 * 1024 * 1024
+
+
+def test_each_shipped_entry_is_its_config_with_targets():
+    for model in SHIPPED:
+        cfg = TrainConfig.load(model.config)
+        assert (cfg.name, cfg.dataset) == (model.name, model.dataset)
+    targets = shipped("pneumoniamnist-cnn").targets
+    assert targets.met({"acc": 0.91, "auc": 0.98}) is True
+    assert targets.met({"acc": 0.91, "auc": 0.96}) is False and targets.met({"acc": 0.89, "auc": 0.98}) is False
+    assert shipped("pneumoniamnist-transfer").targets.met({"acc": 0.0, "auc": 0.0}) is None  # no target
+    with pytest.raises(ValueError, match="'retinamnist-cnn' is not a shipped model; shipped: mnist-cnn, "):
+        shipped("retinamnist-cnn")
 
 
 @pytest.mark.parametrize("path", versions(), ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -46,8 +57,4 @@ def test_card_metrics_reproduce_on_the_real_test_split(real_data, path):
     assert measured["n"] == card.metrics["test"]["n"]
     assert measured["acc"] == pytest.approx(card.metrics["test"]["acc"], abs=1e-6)
     assert measured["auc"] == pytest.approx(card.metrics["test"]["auc"], abs=1e-6)
-    _, min_acc, min_auc = SHIPPED[card.name]
-    if min_acc is not None:
-        assert measured["acc"] >= min_acc, json.dumps(card.metrics)
-    if min_auc is not None:
-        assert measured["auc"] >= min_auc, json.dumps(card.metrics)
+    assert shipped(card.name).targets.met(measured) is not False, json.dumps(card.metrics)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from training.checkpoint import load_model, read_checkpoint
+from training.checkpoint import Progress, load_model, read_checkpoint
 from training.config import TrainConfig
 from training.data import dataset_spec, load_split
 from training.evaluate import predict_torch
@@ -36,8 +36,9 @@ def test_every_task_type_trains_and_writes_a_report(fixture_data, tmp_path, flag
     assert metrics == json.loads(json.dumps(result.metrics))
 
 
-def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(fixture_data, tmp_path):
-    cfg = tiny("pneumoniamnist")
+@pytest.mark.parametrize("selection", [{}, {"ema": 0.3, "select": "nll"}], ids=["plain", "ema-nll"])
+def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(fixture_data, tmp_path, selection):
+    cfg = tiny("pneumoniamnist", **selection)
     straight = train(cfg, tmp_path / "a", fixture_data, download=False, quiet=True, report=False)
     partial = train(cfg, tmp_path / "b", fixture_data, download=False, quiet=True, report=False, stop_after=2)
     assert partial.epochs_run == 2 and partial.metrics == {}
@@ -50,6 +51,24 @@ def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(fixture_data
     assert a["history"][-1]["val_loss"] == b["history"][-1]["val_loss"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_nll_selection_keeps_the_epoch_with_the_lowest_value():
+    progress, model = Progress(), torch.nn.Linear(1, 1)
+    chosen = [progress.record({}, nll, model, lower_is_better=True) for nll in (0.5, 0.3, 0.4)]
+    assert chosen == [True, True, False] and progress.best_metric == 0.3 and progress.stale_epochs == 1
+
+
+def test_the_weight_average_is_what_is_validated_and_selected(fixture_data, tmp_path):
+    train(tiny("pneumoniamnist", epochs=1, ema=0.5, select="nll"), tmp_path, fixture_data, download=False,
+          quiet=True, report=False)
+    ckpt = read_checkpoint(tmp_path / CHECKPOINT)
+    averaged = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert averaged.keys() == ckpt["best_model"].keys() == ckpt["model"].keys()
+    assert all(torch.equal(ckpt["best_model"][k], averaged[k]) for k in averaged)
+    assert not all(torch.equal(ckpt["model"][k], averaged[k]) for k in averaged)  # not the last step's weights
+    assert int(ckpt["ema"]["n_averaged"]) == 96 // 16  # updated after every step (96 images, batches of 16)
+    assert ckpt["best_metric"] == ckpt["history"][0]["val_nll"] > 0
 
 
 def test_an_ensemble_averages_its_members_and_resumes_across_them(fixture_data, tmp_path):

@@ -40,11 +40,13 @@ class Progress:
     best_model: dict[str, torch.Tensor] | None = None  # weights of the best-on-val epoch, on the CPU
     stale_epochs: int = 0  # epochs since the best one (early stopping)
 
-    def record(self, row: dict[str, float], metric: float, model: nn.Module) -> bool:
-        """Add one finished epoch (its history ``row`` and validation ``metric``); whether it is the best yet."""
+    def record(self, row: dict[str, float], metric: float, model: nn.Module, lower_is_better: bool = False) -> bool:
+        """Add one finished epoch (its history ``row`` and validation ``metric``, of ``model``); whether it is the
+        best yet (the first epoch always is)."""
         self.history.append(row)
         self.epochs_done += 1
-        if metric > self.best_metric:
+        better = metric < self.best_metric if lower_is_better else metric > self.best_metric
+        if self.best_model is None or better:
             self.best_metric, self.stale_epochs = metric, 0
             self.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             return True
@@ -54,7 +56,7 @@ class Progress:
 
 def training_state(cfg: TrainConfig, backbone_source_config: dict[str, Any] | None, model: nn.Module,
                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                   progress: Progress, device: torch.device) -> dict[str, Any]:
+                   progress: Progress, device: torch.device, ema: nn.Module | None = None) -> dict[str, Any]:
     """The checkpoint after ``progress.epochs_done`` epochs: everything ``restore_training`` needs to continue
     exactly as if never stopped (weights, optimizer, schedule, random state), plus the best weights."""
     return {
@@ -63,15 +65,18 @@ def training_state(cfg: TrainConfig, backbone_source_config: dict[str, Any] | No
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "history": progress.history, "best_metric": progress.best_metric, "best_model": progress.best_model,
-        "stale_epochs": progress.stale_epochs,
+        "stale_epochs": progress.stale_epochs, "ema": ema.state_dict() if ema is not None else None,
     }
 
 
 def restore_training(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> Progress:
-    """Load a ``training_state`` checkpoint into ``model``, ``optimizer``, ``scheduler`` and the random
-    generators; returns the loop's progress."""
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
+                     ema: nn.Module | None = None) -> Progress:
+    """Load a ``training_state`` checkpoint into ``model``, ``optimizer``, ``scheduler``, the weight average
+    ``ema`` (if any) and the random generators; returns the loop's progress."""
     model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_cpu"])

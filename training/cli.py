@@ -1,4 +1,7 @@
-"""``python -m training {train,evaluate,export,calibrate,pipeline}``: the training job's command line."""
+"""``python -m training {train,evaluate,export,calibrate,pipeline,datasets,shipped}``: the training job's command
+line.
+
+Imports no torch until a command needs it: ``shipped`` runs with only the ``serve`` extra installed."""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from training.config import CONFIG_DIR, TrainConfig, parse_override
-from training.data import DEFAULT_DATA_DIR
+from training.config import CONFIG_DIR, DEFAULT_DATA_DIR, config_names, parse_override
+from training.shipped import SHIPPED, SHIPPED_NAMES
 
 DEFAULT_RUNS = Path(os.environ.get("CNNSERVE_RUNS", "runs"))
 DEFAULT_REPO = Path(os.environ.get("CNNSERVE_MODEL_DIR", "exports"))
@@ -48,9 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one model from a YAML config",
-                       description="Train one model; writes checkpoint, history, metrics and plots to the run dir.")
-    p.add_argument("config", help=f"YAML file, or a name in {CONFIG_DIR} ({', '.join(_config_names())})")
+    p = sub.add_parser("train", help="train one model: any dataset flag, or a YAML config",
+                       description="Train one model; writes checkpoint, history, metrics and plots to the run dir. "
+                                   "A dataset flag without a YAML of its name trains the generic 2D or 3D recipe "
+                                   "derived from the dataset's metadata (see `python -m training datasets`).")
+    p.add_argument("config", help=f"a dataset flag (mnist or any MedMNIST flag: `python -m training datasets`), "
+                                  f"a config in {CONFIG_DIR} ({', '.join(config_names())}), or a YAML file")
+    p.add_argument("--size", type=int, help="image size, among those the dataset offers (default: the config's, 28)")
     p.add_argument("--run-dir", type=Path, help="output directory (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
     p.add_argument("--stop-after", type=int, metavar="N",
@@ -86,28 +93,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", type=Path, help="also write the test split's reliability diagram here")
     _add_data_args(p)
 
-    p = sub.add_parser("pipeline", help="train, evaluate and export the three shipped models",
-                       description="mnist-cnn, then pneumoniamnist-cnn, then pneumoniamnist-transfer (its backbone "
-                                   "is the mnist-cnn just trained unless --backbone is given).")
+    p = sub.add_parser("datasets", help="list the dataset flags: task, shape, split sizes, sizes, local files",
+                       description="Every flag `train` accepts, from the packages' metadata: task, image shape, "
+                                   "labels, official split sizes, the sizes offered, which of them are in "
+                                   "--data-dir, and the config `train FLAG` uses.")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help="dataset root to look for files in (env CNNSERVE_DATA; default %(default)s)")
+
+    p = sub.add_parser("pipeline", help="train, evaluate and export the shipped models",
+                       description=", then ".join(m.name + (f" (its backbone is the {m.backbone_from} just trained "
+                                                           "unless --backbone is given)" if m.backbone_from else "")
+                                                  for m in SHIPPED) + ".")
     p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS,
                    help=f"where the run directories go (default {DEFAULT_RUNS})")
     p.add_argument("--model-dir", type=Path, default=DEFAULT_REPO, help="model repository (env CNNSERVE_MODEL_DIR)")
-    p.add_argument("--only", nargs="+", choices=["mnist-cnn", "pneumoniamnist-cnn", "pneumoniamnist-transfer"])
+    p.add_argument("--only", nargs="+", choices=SHIPPED_NAMES)
     p.add_argument("--resume", action="store_true", help="continue each model from its run's checkpoint")
     p.add_argument("--backbone", default="checkpoint",
                    help="transfer backbone: checkpoint (our mnist-cnn), resnet18, mobilenet_v3_small, efficientnet_b0")
     _add_train_args(p)
     _add_data_args(p)
+
+    sub.add_parser("shipped", help="list the shipped models' names, one a line (the Makefile reads them)",
+                   description="The models the pipeline trains and exports/ ships, in training order.")
     return parser
-
-
-def _config_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
     overrides = dict(parse_override(s) for s in args.set)
-    for key in ("epochs", "batch_size", "lr", "seed", "ensemble"):
+    for key in ("epochs", "batch_size", "lr", "seed", "ensemble", "size"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     return overrides
@@ -134,7 +148,9 @@ def run(args: argparse.Namespace) -> None:
             overrides.update(backbone="checkpoint", backbone_checkpoint=args.backbone_checkpoint)
         if args.freeze:
             overrides["freeze"] = True
-        cfg = TrainConfig.load(args.config, overrides)
+        from training.recipes import resolve_config
+
+        cfg = resolve_config(args.config, overrides)
         from training.train import CHECKPOINT, train
 
         result = train(cfg, args.run_dir or DEFAULT_RUNS / cfg.name, args.data_dir, args.download, args.resume,
@@ -160,7 +176,13 @@ def run(args: argparse.Namespace) -> None:
 
         path = calibrate_version(args.version_dir, args.data_dir, args.download, command_line(), args.report_dir)
         print(f"exported {path}")
+    elif args.command == "datasets":
+        from training.recipes import dataset_table
+
+        print(dataset_table(args.data_dir))
     elif args.command == "pipeline":
         from training.pipeline import run_pipeline
 
         run_pipeline(args, overrides_from(args), command_line())
+    elif args.command == "shipped":
+        print("\n".join(SHIPPED_NAMES))

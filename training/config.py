@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,17 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+CACHE_DIR = Path(os.environ.get("CNNSERVE_CACHE", Path.home() / ".cache" / "cnnserve"))
+DEFAULT_DATA_DIR = Path(os.environ.get("CNNSERVE_DATA", CACHE_DIR / "data"))
+
+# the values the enum-like fields take
+ARCHS = ("cnn", "transfer")
+CHECKPOINT_BACKBONE = "checkpoint"  # a cnnserve training checkpoint (e.g. our own mnist-cnn)
+BACKBONES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", CHECKPOINT_BACKBONE)
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("onecycle", "cosine", "constant")
+SELECT_METRICS = ("acc", "auc", "acc+auc", "nll")
+LOWER_IS_BETTER = ("nll",)
 
 
 @dataclass
@@ -31,10 +43,10 @@ class TrainConfig:
     dataset: str
     size: int = 28
     # model
-    arch: str = "cnn"  # cnn | transfer
+    arch: str = "cnn"  # ARCHS
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     dropout: float = 0.3
-    backbone: str = "resnet18"  # resnet18 | mobilenet_v3_small | efficientnet_b0 | checkpoint
+    backbone: str = "resnet18"  # BACKBONES
     backbone_checkpoint: str | None = None
     pretrained: bool = True
     input_size: int | None = None
@@ -44,15 +56,20 @@ class TrainConfig:
     # optimisation
     epochs: int = 10
     batch_size: int = 128
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # OPTIMIZERS
     lr: float = 3e-3
     backbone_lr_scale: float = 1.0  # backbone learning rate = lr * this (transfer models)
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    schedule: str = "onecycle"  # onecycle | cosine | constant
+    schedule: str = "onecycle"  # SCHEDULES
     label_smoothing: float = 0.0
     patience: int = 0  # early stopping: epochs without val improvement (0 = off)
-    select: str | None = None  # val metric for model selection: acc, auc or acc+auc (default: acc for MNIST, else auc)
+    # val metric for model selection: acc, auc, acc+auc, or nll (the NLL after temperature scaling, lower is
+    # better: all images count, not only those near a threshold); default: acc for MNIST, else auc
+    select: str | None = None
+    # weight EMA averaging over about this fraction of the run's optimiser steps (e.g. 0.05); validation,
+    # selection and the exported model then use the averaged weights (null = off)
+    ema: float | None = None
     augment: Augment = field(default_factory=Augment)
     seed: int = 0
     ensemble: int = 1  # train this many members (seeds seed, seed+1, ...) and average their probabilities
@@ -73,13 +90,58 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}; known: {sorted(known)}")
         data = dict(data)
-        data["augment"] = Augment(**(data.get("augment") or {}))
+        augment = data.get("augment") or {}
+        known_augment = [f.name for f in dataclasses.fields(Augment)]
+        unknown = set(augment) - set(known_augment)
+        if unknown:
+            raise ValueError(f"unknown augment keys: {sorted(unknown)}; known: {known_augment}")
+        data["augment"] = Augment(**augment)
         cfg = cls(**data)
+        cfg.validate()
         if cfg.ensemble_variants and cfg.ensemble < 2:
             raise ValueError("ensemble_variants needs ensemble: N with N >= 2 (the members to spread them over)")
         for k in range(min(cfg.ensemble, len(cfg.ensemble_variants))):
             cfg.member(k)  # a bad variant fails when the config is read, not after hours of training
         return cfg
+
+    def validate(self) -> None:
+        """Raise one clear ``ValueError`` (key, value, what is allowed) for the first bad field."""
+        for obj, prefix in ((self, ""), (self.augment, "augment.")):
+            for f in dataclasses.fields(obj):
+                _check_type(prefix + f.name, getattr(obj, f.name), f.type)
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("backbone", self.backbone, BACKBONES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("select", self.select, (None, *SELECT_METRICS))
+        for key in ("epochs", "batch_size", "eval_batch_size", "ensemble", "train_limit", "input_size"):
+            _check_range(key, getattr(self, key), 1)
+        for key in ("head_epochs", "patience", "lr", "backbone_lr_scale", "weight_decay", "momentum"):
+            _check_range(key, getattr(self, key), 0)
+        for key in ("dropout", "label_smoothing", "ema"):
+            _check_range(key, getattr(self, key), 0, below=1)
+        if not isinstance(self.widths, list) or not self.widths or any(
+                not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in self.widths):
+            raise ValueError(f"config key 'widths' is {self.widths!r}; give one or more positive channel counts")
+        if self.highpass is not None and self.highpass <= 0:
+            raise ValueError(f"config key 'highpass' is {self.highpass!r}; give a blur sigma > 0, or null for none")
+        for f in dataclasses.fields(Augment):
+            _check_range(f"augment.{f.name}", getattr(self.augment, f.name), 0)
+        self._validate_dataset()
+
+    def _validate_dataset(self) -> None:
+        """``dataset`` and ``size`` exist, and the model suits the dataset's images."""
+        from training.data import available_sizes, dataset_flags, dataset_spec  # medmnist imports torch
+
+        _check_choice("dataset", self.dataset, dataset_flags())
+        _check_choice("size", self.size, available_sizes(self.dataset), f"sizes of {self.dataset}")
+        if dataset_spec(self.dataset, self.size).is_3d:
+            if self.arch == "transfer":
+                raise ValueError(f"config key 'arch' is 'transfer', but {self.dataset} is 3D and transfer "
+                                 "backbones are 2D; use arch 'cnn'")
+            if self.highpass is not None:
+                raise ValueError(f"config key 'highpass' is {self.highpass!r}, but {self.dataset} is 3D and "
+                                 "highpass is for 2D images; use null")
 
     @classmethod
     def load(cls, path: Path | str, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -109,10 +171,47 @@ class TrainConfig:
     def select_metric(self) -> str:
         """Validation metric used for model selection and early stopping."""
         if self.select is not None:
-            if self.select not in ("acc", "auc", "acc+auc"):
-                raise ValueError(f"select must be acc, auc or acc+auc, not {self.select!r}")
             return self.select
         return "acc" if self.dataset == "mnist" else "auc"
+
+    @property
+    def select_lower_is_better(self) -> bool:
+        return self.select_metric in LOWER_IS_BETTER
+
+
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """Scalar fields hold their annotated type (``int | None`` may also be null); bools are not numbers."""
+    base, optional = annotation.removesuffix(" | None"), annotation.endswith(" | None")
+    if base not in _TYPES or (optional and value is None):
+        return
+    types, wanted = _TYPES[base]
+    if not isinstance(value, types) or (base != "bool" and isinstance(value, bool)):
+        raise ValueError(f"config key {key!r} is {value!r}; give {wanted}" + (" or null" if optional else ""))
+
+
+def _check_choice(key: str, value: Any, choices: tuple | list, what: str = "") -> None:
+    if value not in choices:
+        raise ValueError(f"config key {key!r} is {value!r}; choose from {', '.join(map(str, choices))}"
+                         + (f" ({what})" if what else ""))
+
+
+def _check_range(key: str, value: float | None, minimum: float, below: float | None = None) -> None:
+    """``minimum <= value`` (and ``value < below`` when given); None passes (an optional field left out)."""
+    if value is None or (value >= minimum and (below is None or value < below)):
+        return
+    allowed = f">= {minimum}" + (f" and < {below}" if below is not None else "")
+    raise ValueError(f"config key {key!r} is {value!r}; it must be {allowed}")
+
+
+def config_names() -> list[str]:
+    """The YAML configs in ``training/configs/``, by name."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def with_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

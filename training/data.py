@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,12 +25,11 @@ import torch
 from torchvision.datasets import MNIST
 
 from serving.model_card import atomic_write
+from training.config import CACHE_DIR, DEFAULT_DATA_DIR
 
 MNIST_FLAG = "mnist"
 MNIST_VAL_FRACTION = 12  # MNIST has no official val split: the last 1/12 of train (5,000 of 60,000) is one
 SPLITS = ("train", "val", "test")
-CACHE_DIR = Path(os.environ.get("CNNSERVE_CACHE", Path.home() / ".cache" / "cnnserve"))
-DEFAULT_DATA_DIR = Path(os.environ.get("CNNSERVE_DATA", CACHE_DIR / "data"))
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -72,18 +70,49 @@ def medmnist_flags() -> list[str]:
     return list(medmnist.INFO)
 
 
-def dataset_spec(flag: str, size: int = 28) -> DatasetSpec:
+def dataset_flags() -> list[str]:
+    """Every dataset a config may name: MNIST and the MedMNIST flags."""
+    return [MNIST_FLAG, *medmnist_flags()]
+
+
+def available_sizes(flag: str) -> list[int]:
+    """The image sizes ``flag`` is published at (MedMNIST+: 28, 64, 128, 224 for 2D; 28, 64 for 3D)."""
     if flag == MNIST_FLAG:
-        if size != 28:
-            raise ValueError("MNIST exists only at 28x28")
-        return DatasetSpec(MNIST_FLAG, 28, "multi-class", tuple(str(d) for d in range(10)), 1, False)
+        return [28]
+    return list(getattr(medmnist, medmnist.INFO[flag]["python_class"]).available_sizes)
+
+
+def official_split_sizes(flag: str) -> dict[str, int]:
+    """Images per official split, from the package's metadata (no data file needed)."""
+    if flag == MNIST_FLAG:
+        return {"train": 60_000 - 60_000 // MNIST_VAL_FRACTION, "val": 60_000 // MNIST_VAL_FRACTION, "test": 10_000}
     if flag not in medmnist.INFO:
-        known = ", ".join([MNIST_FLAG, *medmnist.INFO])
-        raise ValueError(f"unknown dataset {flag!r}; known: {known}")
+        raise ValueError(f"unknown dataset {flag!r}; known: {', '.join(dataset_flags())}")
+    return {s: int(medmnist.INFO[flag]["n_samples"][s]) for s in SPLITS}
+
+
+def is_local(flag: str, size: int, data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds the dataset's file(s) at this size, so it loads without downloading."""
+    if flag == MNIST_FLAG:
+        raw = Path(data_dir) / "MNIST" / "raw"
+        return any(all((raw / f"{f}{ext}").exists() for f in _MNIST_FILES) for ext in ("", ".gz"))
+    return medmnist_path(Path(data_dir), flag, size).exists()
+
+
+def medmnist_path(data_dir: Path, flag: str, size: int) -> Path:
+    """Where the ``medmnist`` package keeps ``flag`` at ``size``: ``DATA_DIR/medmnist/<flag>[_<size>].npz``."""
+    return data_dir / "medmnist" / f"{flag}{'' if size == 28 else f'_{size}'}.npz"
+
+
+def dataset_spec(flag: str, size: int = 28) -> DatasetSpec:
+    if flag not in dataset_flags():
+        raise ValueError(f"unknown dataset {flag!r}; known: {', '.join(dataset_flags())}")
+    if size not in available_sizes(flag):
+        raise ValueError(f"{flag} is available at sizes {available_sizes(flag)}, not {size}")
+    if flag == MNIST_FLAG:
+        return DatasetSpec(MNIST_FLAG, 28, "multi-class", tuple(str(d) for d in range(10)), 1, False)
     info = medmnist.INFO[flag]
     cls = getattr(medmnist, info["python_class"])
-    if size not in cls.available_sizes:
-        raise ValueError(f"{flag} is available at sizes {cls.available_sizes}, not {size}")
     labels = tuple(info["label"][str(i)] for i in range(len(info["label"])))
     is_3d = issubclass(cls, medmnist.dataset.MedMNIST3D)
     return DatasetSpec(flag, size, info["task"], labels, info["n_channels"], is_3d)
@@ -113,9 +142,8 @@ def load_split(spec: DatasetSpec, split: str, data_dir: Path = DEFAULT_DATA_DIR,
 
 
 def _load_medmnist(spec: DatasetSpec, split: str, data_dir: Path, download: bool) -> Split:
-    root = data_dir / "medmnist"
-    suffix = "" if spec.size == 28 else f"_{spec.size}"
-    path = root / f"{spec.flag}{suffix}.npz"
+    path = medmnist_path(data_dir, spec.flag, spec.size)
+    root, suffix = path.parent, "" if spec.size == 28 else f"_{spec.size}"
     info = medmnist.INFO[spec.flag]
     if not path.exists():
         if not download:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +16,8 @@ from torch import nn
 from torchvision import models as tv_models
 from torchvision.transforms.v2 import functional as TF
 
+from training.config import BACKBONES, CHECKPOINT_BACKBONE, TrainConfig
 from training.data import DatasetSpec
-
-if TYPE_CHECKING:
-    from training.config import TrainConfig
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -168,8 +165,6 @@ TORCHVISION_BACKBONES = {
     "efficientnet_b0": Backbone(tv_models.efficientnet_b0, "EfficientNet_B0_Weights.IMAGENET1K_V1", 1280,
                                 _pooled_features),
 }
-CHECKPOINT_BACKBONE = "checkpoint"  # a cnnserve training checkpoint (e.g. our own mnist-cnn)
-BACKBONES = (*TORCHVISION_BACKBONES, CHECKPOINT_BACKBONE)
 
 
 def dataset_stats(spec: DatasetSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:

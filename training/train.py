@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from serving.model_card import atomic_write, write_json_atomic, write_text_atomic
 from training.augment import BatchAugment
-from training.calibration import calibration_report, fit_temperature, probabilities
+from training.calibration import calibration_metrics, calibration_report, fit_temperature, probabilities
 from training.checkpoint import (
     Progress,
     ensemble_from_checkpoint,
@@ -37,7 +38,7 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig
 from training.data import DEFAULT_DATA_DIR, Batches, DatasetSpec, Split, dataset_spec, load_split
-from training.evaluate import full_metrics, headline_metrics, predict_logits, predict_torch
+from training.evaluate import full_metrics, headline_metrics, predict_logits
 from training.models import CHECKPOINT_BACKBONE, Classifier, Ensemble, TransferNet, build_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -120,6 +121,16 @@ def build_classifier(cfg: TrainConfig, spec: DatasetSpec, device: torch.device) 
     return model, source_config
 
 
+def make_ema(model: nn.Module, fraction: float, total_steps: int) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and buffers (BatchNorm statistics too) over about
+    ``fraction`` of the run's ``total_steps``: decay ``1 - 1 / (fraction * total_steps)``.
+
+    Averaging the weights of the last stretch of steps smooths out where one noisy step left them, so the
+    epoch-to-epoch validation numbers (and the choice among epochs) follow a trend rather than noise."""
+    decay = 1 - 1 / max(1.0, fraction * total_steps)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def _set_backbone_frozen(model: Classifier, frozen: bool) -> None:
     if isinstance(model.net, TransferNet):
         model.net.set_backbone_trainable(not frozen)
@@ -128,8 +139,9 @@ def _set_backbone_frozen(model: Classifier, frozen: bool) -> None:
 def train_one_epoch(net: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, augment: BatchAugment,
                     task: str, autocast: torch.autocast, desc: str = "",
-                    progress_bar: bool = False) -> dict[str, float]:
-    """One pass over ``batches`` (call ``batches.set_epoch`` first), stepping the scheduler every batch.
+                    progress_bar: bool = False, ema: AveragedModel | None = None) -> dict[str, float]:
+    """One pass over ``batches`` (call ``batches.set_epoch`` first), stepping the scheduler (and updating the
+    weight average ``ema``, if any) every batch.
 
     Returns this process's ``loss`` and ``acc`` (0 for multi-label tasks), averaged over its ``images``."""
     multi_label = task.startswith("multi-label")
@@ -144,6 +156,8 @@ def train_one_epoch(net: nn.Module, batches: Batches, optimizer: torch.optim.Opt
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(net)
         n = len(labels)
         seen += n
         loss_sum += loss.item() * n
@@ -157,9 +171,11 @@ def train_one_epoch(net: nn.Module, batches: Batches, optimizer: torch.optim.Opt
 @torch.no_grad()
 def validate(model: Classifier | Ensemble, split: Split, task: str, batch_size: int,
              device: torch.device) -> dict[str, float]:
-    """Loss and headline metrics (``acc``, ``auc``, ``acc+auc``) of ``model`` on ``split``."""
+    """Loss, headline metrics (``acc``, ``auc``, ``acc+auc``) and ``nll`` (after temperature scaling, as the
+    model would be exported) of ``model`` on ``split``."""
     multi_label = task.startswith("multi-label")
-    probs = predict_torch(model, split.images, multi_label, batch_size, device)
+    logits = predict_logits(model, split.images, batch_size, device)
+    probs = probabilities(logits, multi_label)
     eps = 1e-7
     if multi_label:
         p = probs.clamp(eps, 1 - eps)
@@ -168,7 +184,9 @@ def validate(model: Classifier | Ensemble, split: Split, task: str, batch_size: 
     else:
         loss = nn.functional.nll_loss(probs.clamp_min(eps).log(), split.labels).item()
     metrics = headline_metrics(task, probs, split.labels)
-    return {"loss": loss, **metrics, "acc+auc": metrics["acc"] + metrics["auc"]}
+    temperature = fit_temperature(logits, split.labels, multi_label)
+    nll = calibration_metrics(logits, split.labels, task, temperature)["nll"]
+    return {"loss": loss, **metrics, "acc+auc": metrics["acc"] + metrics["auc"], "nll": nll}
 
 
 def train(
@@ -209,12 +227,14 @@ def train(
     scheduler = make_scheduler(cfg, optimizer, len(batches))
     loss_fn = make_loss(spec.task, cfg.label_smoothing)
     augment = BatchAugment(cfg.augment)
+    ema = make_ema(model, cfg.ema, cfg.epochs * len(batches)) if cfg.ema else None
+    selected = ema.module if ema is not None else model  # what is validated, selected and exported
 
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CHECKPOINT
     progress = Progress()
     if resume and ckpt_path.exists():
-        progress = restore_training(read_checkpoint(ckpt_path), model, optimizer, scheduler, dev)
+        progress = restore_training(read_checkpoint(ckpt_path), model, optimizer, scheduler, dev, ema)
         log(f"[{cfg.name}] resumed from {ckpt_path} after epoch {progress.epochs_done}")
     elif is_main:
         _write_config(run_dir, cfg)
@@ -230,19 +250,22 @@ def train(
         batches.set_epoch(epoch)
         t0 = time.perf_counter()
         trained = train_one_epoch(net, batches, optimizer, scheduler, loss_fn, augment, spec.task, autocast,
-                                  f"{cfg.name} {epoch + 1}/{cfg.epochs}", is_main and not quiet and sys.stderr.isatty())
+                                  f"{cfg.name} {epoch + 1}/{cfg.epochs}", is_main and not quiet and sys.stderr.isatty(),
+                                  ema)
         train_time = time.perf_counter() - t0
-        val = validate(model, val_split, spec.task, cfg.eval_batch_size, dev)
+        val = validate(selected, val_split, spec.task, cfg.eval_batch_size, dev)
         row = {"epoch": epoch + 1, "train_loss": trained["loss"], "train_acc": trained["acc"],
-               "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"],
+               "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"], "val_nll": val["nll"],
                "lr": optimizer.param_groups[-1]["lr"], "img_per_s": trained["images"] * world / train_time,
                "epoch_s": time.perf_counter() - t0}
-        improved = progress.record(row, val[cfg.select_metric], model)
+        improved = progress.record(row, val[cfg.select_metric], selected, cfg.select_lower_is_better)
         log(f"[{cfg.name}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
-            f"val acc {val['acc']:.4f} auc {val['auc']:.4f} ({row['img_per_s']:.0f} img/s, {row['epoch_s']:.1f} s)"
+            f"val acc {val['acc']:.4f} auc {val['auc']:.4f} nll {val['nll']:.4f} "
+            f"({row['img_per_s']:.0f} img/s, {row['epoch_s']:.1f} s)"
             + (" *" if improved else ""))
         if is_main:
-            save_checkpoint(training_state(cfg, source_config, model, optimizer, scheduler, progress, dev), ckpt_path)
+            save_checkpoint(training_state(cfg, source_config, model, optimizer, scheduler, progress, dev, ema),
+                            ckpt_path)
         if cfg.patience and progress.stale_epochs >= cfg.patience:
             log(f"[{cfg.name}] early stop: val {cfg.select_metric} did not improve for {progress.stale_epochs} epochs")
             break

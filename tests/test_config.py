@@ -1,0 +1,60 @@
+"""A bad config value is one clear error when the config is read, naming the key, the value and what is allowed."""
+
+import pytest
+
+from training.config import BACKBONES, CHECKPOINT_BACKBONE, CONFIG_DIR, TrainConfig
+
+
+def read(**fields) -> TrainConfig:
+    return TrainConfig.from_dict({"name": "t", "dataset": "pneumoniamnist", **fields})
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"arch": "vit"}, "'arch' is 'vit'; choose from cnn, transfer"),
+    ({"backbone": "resnet50"}, "'backbone' is 'resnet50'; choose from resnet18, mobilenet_v3_small, efficientnet_b0"),
+    ({"optimizer": "adam"}, "'optimizer' is 'adam'; choose from adamw, sgd"),
+    ({"schedule": "step"}, "'schedule' is 'step'; choose from onecycle, cosine, constant"),
+    ({"select": "loss"}, "'select' is 'loss'; choose from None, acc, auc, acc\\+auc"),
+    ({"dataset": "pneumonia"}, "'dataset' is 'pneumonia'; choose from mnist, pathmnist, "),
+    ({"size": 32}, "'size' is 32; choose from 28, 64, 128, 224 \\(sizes of pneumoniamnist\\)"),
+    ({"dataset": "organmnist3d", "size": 128}, "'size' is 128; choose from 28, 64 \\(sizes of organmnist3d\\)"),
+    ({"dataset": "mnist", "size": 64}, "'size' is 64; choose from 28 \\(sizes of mnist\\)"),
+    ({"dataset": "organmnist3d", "arch": "transfer"}, "'arch' is 'transfer', but organmnist3d is 3D"),
+    ({"dataset": "organmnist3d", "highpass": 1.5}, "'highpass' is 1.5, but organmnist3d is 3D"),
+    ({"highpass": 0}, "'highpass' is 0; give a blur sigma > 0"),
+    ({"epochs": 0}, "'epochs' is 0; it must be >= 1"),
+    ({"ensemble": 0}, "'ensemble' is 0; it must be >= 1"),
+    ({"batch_size": -8}, "'batch_size' is -8; it must be >= 1"),
+    ({"train_limit": 0}, "'train_limit' is 0; it must be >= 1"),
+    ({"input_size": 0}, "'input_size' is 0; it must be >= 1"),
+    ({"patience": -1}, "'patience' is -1; it must be >= 0"),
+    ({"lr": -0.1}, "'lr' is -0.1; it must be >= 0"),
+    ({"dropout": 1.0}, "'dropout' is 1.0; it must be >= 0 and < 1"),
+    ({"widths": []}, "'widths' is \\[\\]; give one or more positive channel counts"),
+    ({"widths": [16, "32"]}, "'widths' is \\[16, '32'\\]; give one or more positive channel counts"),
+    ({"augment": {"rotate": -5}}, "'augment.rotate' is -5; it must be >= 0"),
+    ({"augment": {"hflip": "yes"}}, "'augment.hflip' is 'yes'; give true or false"),
+    ({"augment": {"flip": True}}, "unknown augment keys: \\['flip'\\]"),
+    ({"epochs": "3"}, "'epochs' is '3'; give an integer"),
+    ({"epochs": True}, "'epochs' is True; give an integer"),
+    ({"lr": "3e-3"}, "'lr' is '3e-3'; give a number"),  # YAML 1.1 reads 3e-3 (no dot) as a string
+    ({"train_limit": 2.5}, "'train_limit' is 2.5; give an integer or null"),
+    ({"ensemble": 2, "ensemble_variants": [{"optimizer": "adam"}]}, "'optimizer' is 'adam'"),
+])
+def test_a_bad_value_is_one_clear_error_when_read(fields, message):
+    with pytest.raises(ValueError, match=message):
+        read(**fields)
+
+
+def test_the_shipped_configs_and_good_values_are_accepted():
+    for path in CONFIG_DIR.glob("*.yaml"):
+        TrainConfig.load(path)
+    cfg = read(arch="transfer", backbone=CHECKPOINT_BACKBONE, size=224, select="acc+auc", lr=0)
+    assert (cfg.size, cfg.select_metric, cfg.lr) == (224, "acc+auc", 0)
+    assert read(dataset="organmnist3d", size=64, train_limit=None, dropout=0).size == 64
+
+
+def test_the_backbone_choices_are_the_backbones_models_builds():
+    from training.models import TORCHVISION_BACKBONES
+
+    assert set(BACKBONES) == {*TORCHVISION_BACKBONES, CHECKPOINT_BACKBONE}

@@ -1,0 +1,60 @@
+"""Any dataset flag in one command: configs derived from metadata alone, YAMLs that replace them, the listing
+command and the unknown-name error (train -> export -> evaluate of derived configs: tests/test_export.py)."""
+
+import pytest
+
+from training.cli import main
+from training.config import CONFIG_DIR, TrainConfig
+from training.data import available_sizes, dataset_flags, official_split_sizes
+from training.recipes import derive_config, resolve_config
+
+
+@pytest.mark.parametrize("flag", dataset_flags())
+def test_every_flag_derives_a_config_at_every_size_from_metadata_alone(flag):
+    for size in available_sizes(flag):
+        cfg = derive_config(flag, size)  # no data dir: only the packages' metadata
+        assert (cfg.dataset, cfg.size) == (flag, size) and cfg.name == (f"{flag}-cnn" if size == 28 else
+                                                                        f"{flag}-{size}-cnn")
+    cfg, n_train = derive_config(flag), official_split_sizes(flag)["train"]
+    steps = cfg.epochs * (n_train // cfg.batch_size)
+    is_3d = flag.endswith("3d")
+    assert cfg.widths == ([16, 32, 64] if is_3d else [32, 64, 128]) and cfg.augment.hflip == is_3d
+    assert steps >= (600 if is_3d else 1500)  # tiny datasets still get enough steps
+    assert cfg.epochs * n_train <= 600_000  # big ones do not take forever on a CPU
+
+
+def test_the_recipes_reproduce_the_tuned_configs_training_length():
+    for flag in ("pneumoniamnist", "adrenalmnist3d"):
+        tuned, derived = TrainConfig.load(CONFIG_DIR / f"{flag}.yaml"), derive_config(flag)
+        assert (derived.epochs, derived.batch_size) == (tuned.epochs, tuned.batch_size)
+    assert derive_config("breastmnist").epochs > derive_config("bloodmnist").epochs > derive_config("pathmnist").epochs
+
+
+def test_a_yaml_replaces_the_recipe_and_another_size_gets_its_own_name():
+    assert resolve_config("pneumoniamnist") == TrainConfig.load(CONFIG_DIR / "pneumoniamnist.yaml")
+    assert resolve_config("breastmnist") == derive_config("breastmnist")
+    assert resolve_config("pneumoniamnist", {"size": 64}).name == "pneumoniamnist-cnn-64"
+    bigger = resolve_config("breastmnist", {"size": 128, "epochs": 2, "augment.hflip": True})
+    assert (bigger.name, bigger.size, bigger.epochs, bigger.augment.hflip) == ("breastmnist-128-cnn", 128, 2, True)
+    with pytest.raises(ValueError, match=r"available at sizes \[28, 64\], not 128"):
+        resolve_config("organmnist3d", {"size": 128})
+
+
+def test_an_unknown_name_is_one_line_listing_flags_and_configs(capsys):
+    assert main(["train", "brainmnist"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: unknown config or dataset 'brainmnist'")
+    assert all(name in err for name in [*dataset_flags(), "pneumoniamnist-transfer", "mnist-fast"])
+
+
+def test_datasets_lists_every_flag_with_its_metadata_and_local_files(fixture_data, capsys):
+    assert main(["datasets", "--data-dir", str(fixture_data)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert list(rows) == dataset_flags()
+    # flag, task..., shape, labels, train, val, test, sizes, local, config...
+    assert rows["breastmnist"][2:9] == ["28x28", "2", "546", "78", "156", "28,64,128,224", "-"]
+    assert rows["pneumoniamnist"][7:10] == ["28,64,128,224", "28,64", "pneumoniamnist.yaml"]  # fixture files
+    assert rows["organmnist3d"][2:9] == ["28x28x28", "11", "971", "161", "610", "28,64", "28"]
+    assert rows["chestmnist"][1:3] == ["multi-label,", "binary-class"] and rows["mnist"][-2:] == ["28", "mnist.yaml"]
+    assert " ".join(rows["tissuemnist"][9:]) == f"2D recipe ({derive_config('tissuemnist').epochs} epochs, batch 128)"
