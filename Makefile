@@ -66,8 +66,8 @@ lint: $(VENV)/.dev  ## ruff
 	$(VENV)/bin/ruff check .
 
 benchmark: $(VENV)/.dev  ## accuracy and training-speed benchmarks -> benchmarks/results/
-	$(PY) benchmarks/accuracy.py --data-dir $(DATA_DIR)
-	$(PY) benchmarks/training_speed.py --data-dir $(DATA_DIR)
+	$(PY) -m benchmarks.accuracy --data-dir $(DATA_DIR)
+	$(PY) -m benchmarks.training_speed --data-dir $(DATA_DIR)
 
 container-test: $(VENV)/.dev  ## build Dockerfile.serve, run it on 127.0.0.1, classify over HTTP and gRPC, clean up
 	tests/container/container_test.sh

@@ -1,6 +1,6 @@
 """Test-split accuracy of our models beside the MedMNIST v2 baselines, for every dataset found locally.
 
-    python benchmarks/accuracy.py --data-dir ../shared/data [--reuse] [--seeds retinamnist-cnn=3]
+    python -m benchmarks.accuracy --data-dir ../shared/data [--reuse] [--seeds retinamnist-cnn=3]
 
 The shipped models (exports/) are re-evaluated as exported ONNX files; for the other local datasets
 (RetinaMNIST, AdrenalMNIST3D) a model is trained with the same code and config files, exported to a
@@ -21,16 +21,15 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.publish import write_results
+from training.config import TrainConfig
+from training.data import DataNotFoundError, dataset_spec, load_split
+from training.evaluate import evaluate_path
+from training.export import export_checkpoint
+from training.shipped import SHIPPED, ModelEntry, Targets
+from training.train import CHECKPOINT, same_config, train
 
-from benchmarks.publish import write_results  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.data import DataNotFoundError, dataset_spec, load_split  # noqa: E402
-from training.evaluate import evaluate_path  # noqa: E402
-from training.export import export_checkpoint  # noqa: E402
-from training.shipped import SHIPPED, ModelEntry, Targets  # noqa: E402
-from training.train import CHECKPOINT, same_config, train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # MedMNIST v2 (Yang et al., Scientific Data 2023), Tables of test AUC / ACC; 2D: ResNet-18/50 at 28 and 224 px,
 # 3D: ResNet-18/50 with 2.5D, 3D and ACS convolutions. Transcribed from the paper.
@@ -105,7 +104,7 @@ def main() -> None:
                                  f"python -m training train {config} (benchmark run, not shipped)", minutes))
         if len(per_seed) > 1:
             spreads.append({"model": name, "config": config, "ensemble": cfg.ensemble, "seeds": per_seed})
-    command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "benchmarks.accuracy", *sys.argv[1:]])
     print(write_results("accuracy", {"command": command, "rows": rows, "seed_spread": spreads},
                         render(rows, spreads, command)))
 

@@ -1,6 +1,6 @@
 """cnnserve's in-process batcher vs BentoML's adaptive batching, on the same load.
 
-    python benchmarks/batching.py [--model mnist-cnn] [--seconds 10]
+    python -m benchmarks.batching [--model mnist-cnn] [--seconds 10]
 
 Both servers are BentoML services answering JSON over HTTP with the same ONNX file and onnxruntime
 threads; the only difference is who forms the batches. An asyncio httpx client keeps N requests in
@@ -18,8 +18,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.publish import write_results
 from benchmarks.serving import ROOT, Process, cnnserve, free_port, model_path
@@ -88,7 +86,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
         finally:
             proc.stop()
-    command = shlex.join(["python", "benchmarks/batching.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "benchmarks.batching", *sys.argv[1:]])
     lines = ["# Batching: cnnserve's batcher vs BentoML adaptive batching", "",
              f"`{command}` — {args.model}, single-image JSON requests, client and server on the same 2 cores.", "",
              "| batching | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]

@@ -1,6 +1,6 @@
 """The alternative we measured against: BentoML's own adaptive batching around the same ONNX model.
 
-Served by benchmarks/batching.py only (`bentoml serve benchmarks.bentoml_batching_service:AdaptiveBatching`):
+Served by benchmarks.batching only (`bentoml serve benchmarks.bentoml_batching_service:AdaptiveBatching`):
 `POST /predict_batch` takes `{"instances": [image, ...]}` like cnnserve's /predict, but batches with
 `@bentoml.api(batchable=True)` (BentoML's adaptive batching) instead of cnnserve's in-process batcher.
 """

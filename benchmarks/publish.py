@@ -1,4 +1,5 @@
-"""Where benchmark results go: ``benchmarks/results/<stem>.{json,md}``, each written atomically."""
+"""Where results files go: ``<stem>.{json,md}`` in ``benchmarks/results/`` unless the caller names its own
+directory (experiments and device checks keep theirs beside their scripts); each written atomically."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Serving benchmark: raw onnxruntime, this service (HTTP binary, HTTP JSON, gRPC) and the peers
 (KServe ModelServer, Seldon MLServer) serving the same ONNX files, measured with Triton's perf_analyzer.
 
-    python benchmarks/serving.py --perf-analyzer PA/bin/perf_analyzer [--kserve-python K/bin/python]
+    python -m benchmarks.serving --perf-analyzer PA/bin/perf_analyzer [--kserve-python K/bin/python]
                                  [--mlserver-python M/bin/python]
 
 Single-image requests at concurrency 1, 16 and 64, and client batches of 8 at concurrency 16, for
@@ -28,11 +28,10 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.publish import RESULTS, write_results
+from serving.model_card import atomic_write
 
-from benchmarks.publish import RESULTS, write_results  # noqa: E402
-from serving.model_card import atomic_write  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PEERS = ROOT / "benchmarks" / "peers"
 MODELS = ("mnist-cnn", "pneumoniamnist-cnn")
@@ -212,7 +211,7 @@ def main() -> None:
         finally:
             proc.stop()
 
-    command = shlex.join(["python", "benchmarks/serving.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "benchmarks.serving", *sys.argv[1:]])
     report = {"command": command, "cores": os.cpu_count(), "ready_s": readiness,
               "note": "client (perf_analyzer) and server share the same cores",
               "results": [asdict(r) for r in results]}

@@ -1,7 +1,7 @@
 """Training speed on this machine: images/s per model, the data pipeline's share of a step, and MNIST
 wall time to 99.0 % test accuracy.
 
-    python benchmarks/training_speed.py --data-dir ../shared/data
+    python -m benchmarks.training_speed --data-dir ../shared/data
 
 Writes benchmarks/results/training_speed.{json,md}.
 """
@@ -18,16 +18,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.publish import write_results
+from training.augment import BatchAugment
+from training.checkpoint import load_model
+from training.config import TrainConfig
+from training.data import Batches, dataset_spec, load_split
+from training.models import build_model
+from training.train import make_loss, make_optimizer, train
 
-from benchmarks.publish import write_results  # noqa: E402
-from training.augment import BatchAugment  # noqa: E402
-from training.checkpoint import load_model  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.data import Batches, dataset_spec, load_split  # noqa: E402
-from training.models import build_model  # noqa: E402
-from training.train import make_loss, make_optimizer, train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = ("mnist", "pneumoniamnist", "retinamnist", "adrenalmnist3d")
 
@@ -99,7 +98,7 @@ def main() -> None:
         transfer = TrainConfig.from_dict({**transfer.to_dict(), "backbone": "checkpoint", "input_size": None})
         rows.append(step_speed(transfer, args.data_dir, args.steps, load_model(mnist_ckpt)[0]))
     tta = time_to_accuracy(args.data_dir, args.work_dir)
-    command = shlex.join(["python", "benchmarks/training_speed.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "benchmarks.training_speed", *sys.argv[1:]])
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()}

@@ -1,10 +1,10 @@
-"""The cross-validation benchmark: folds that partition the train split (stratified, loadable as a dataset),
+"""The cross-validation experiment: folds that partition the train split (stratified, loadable as a dataset),
 and the summary of variants and their mixes."""
 
 import pytest
 import torch
 
-from benchmarks.cross_validation import summarise, write_folds
+from experiments.cross_validation import summarise, write_folds
 from training.data import dataset_spec, load_split
 from training.evaluate import headline_metrics
 

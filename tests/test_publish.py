@@ -1,8 +1,10 @@
 """Benchmark results are written whole or not at all."""
 
 import json
+import os
 import resource
 import signal
+import stat
 from contextlib import contextmanager
 
 import pytest
@@ -38,3 +40,11 @@ def test_a_write_that_fails_midway_keeps_the_previous_results(tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text()) == {"rows": [1]}
     assert (tmp_path / "bench.md").read_text() == "# old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]  # no temporary file left
+
+
+def test_results_files_get_the_permissions_open_would_give(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    write_results("bench", {"rows": []}, "# Bench\n", tmp_path)
+    for name in ("bench.json", "bench.md"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name  # readable by others too

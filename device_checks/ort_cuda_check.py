@@ -1,7 +1,7 @@
 """onnxruntime's CUDA provider on the shipped models: does each load on the GPU, do its probabilities
 match the CPU provider's on real test images, and how fast is it per batch size.
 
-    python benchmarks/ort_cuda_check.py --data-dir DIR [--model-dir exports] [--out benchmarks/results]
+    python -m device_checks.ort_cuda_check --data-dir DIR [--model-dir exports] [--out device_checks/results]
 
 Needs onnxruntime-gpu (the ``gpu`` extra) and a CUDA device. Writes ``ort_cuda_check.{json,md}``.
 """
@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.publish import write_results
+from serving.model_card import INPUT_NAME, PROBS_NAME, read_card
+from training.data import dataset_spec, load_split
 
-from benchmarks.publish import write_results  # noqa: E402
-from serving.model_card import INPUT_NAME, PROBS_NAME, read_card  # noqa: E402
-from training.data import dataset_spec, load_split  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 BATCH_SIZES = (1, 8, 64, 512)
@@ -78,7 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="MNIST/raw/ and medmnist/<flag>.npz")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "exports", help="model repository")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where results go")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="where results go")
     parser.add_argument("--images", type=int, default=2048, help="test images for the parity check")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per batch size and provider")
     args = parser.parse_args()
@@ -87,7 +87,7 @@ def main() -> None:
     if CUDA not in ort.get_available_providers():
         sys.exit(f"error: onnxruntime {ort.__version__} has no CUDA provider ({ort.get_available_providers()}); "
                  "install onnxruntime-gpu")
-    results = {"command": shlex.join(["python", "benchmarks/ort_cuda_check.py", *sys.argv[1:]]),
+    results = {"command": shlex.join(["python", "-m", "device_checks.ort_cuda_check", *sys.argv[1:]]),
                "environment": {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()},
                "models": []}
     for card_path in sorted(args.model_dir.glob("*/*/model.json")):

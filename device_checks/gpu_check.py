@@ -1,6 +1,6 @@
 """The CUDA paths of the training job, checked end to end on a GPU machine.
 
-    python benchmarks/gpu_check.py --data-dir DIR [--out benchmarks/results]
+    python -m device_checks.gpu_check --data-dir DIR [--out device_checks/results]
 
 Each step is a real ``python -m training`` command (so the same code a cluster Job runs): the shipped
 pipeline (train, evaluate, export with the ORT parity check) on CUDA with bf16 autocast and channels-last,
@@ -20,11 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.publish import write_results
+from training.shipped import SHIPPED_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks.publish import RESULTS, write_results  # noqa: E402
-
+RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN = [sys.executable, "-m", "training"]
 
 
@@ -33,7 +34,7 @@ def steps(data: str, work: Path) -> list[tuple[str, list[str], Path | None]]:
     runs, models = work / "runs", work / "models"
     common = ["--data-dir", data, "--no-download", "--device", "cuda"]
     return [
-        ("pipeline (mnist-cnn, pneumoniamnist-cnn, pneumoniamnist-transfer; export + parity)",
+        (f"pipeline ({', '.join(SHIPPED_NAMES)}; export + parity)",
          [*TRAIN, "pipeline", *common, "--runs-dir", str(runs), "--model-dir", str(models), "--quiet"], None),
         ("mnist-fast, bf16 autocast + channels-last",
          [*TRAIN, "train", "mnist-fast", *common, "--run-dir", str(runs / "fast"), "--quiet"], runs / "fast"),
@@ -103,7 +104,7 @@ def main() -> None:
     parser.add_argument("--step-timeout", type=float, default=240, help="seconds per step")
     args = parser.parse_args()
 
-    results = {"command": shlex.join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]),
+    results = {"command": shlex.join(["python", "-m", "device_checks.gpu_check", *sys.argv[1:]]),
                "environment": environment(), "steps": []}
     for name, cmd, run_dir in steps(args.data_dir, args.work):
         print(f"== {name}: {shlex.join(cmd)}", flush=True)

@@ -1,7 +1,7 @@
 """K-fold cross-validation of config variants on a dataset's official train split: choose a configuration
 without looking at the test split.
 
-    python benchmarks/cross_validation.py retinamnist --data-dir ../shared/data --seeds 5 --jobs 2 \\
+    python -m experiments.cross_validation retinamnist --data-dir ../shared/data --seeds 5 --jobs 2 \\
         --variant "plain highpass=null" --variant highpass --mix "mixed=highpass+plain"
 
 Each fold trains on the other folds of the train split (stratified), picks its epoch on the official val
@@ -9,7 +9,7 @@ split as every run does, and is scored on its held-out fold. The folds are writt
 into scratch data directories, so training runs through its ordinary entry point. Per variant the report
 gives single models (mean over seeds and folds) and the ensemble of the seeds (mean probability), each as
 the mean over folds; a ``--mix`` ensembles the seeds of several variants.
-Writes benchmarks/results/<config>_cv.{json,md} (or --results-name).
+Writes experiments/results/<config>_cv.{json,md} (or --results-name).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import KFold, StratifiedKFold
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.publish import write_results
+from serving.model_card import atomic_write
+from training.config import TrainConfig, parse_override
+from training.data import dataset_spec, load_split
+from training.evaluate import headline_metrics
 
-from benchmarks.publish import write_results  # noqa: E402
-from serving.model_card import atomic_write  # noqa: E402
-from training.config import TrainConfig, parse_override  # noqa: E402
-from training.data import dataset_spec, load_split  # noqa: E402
-from training.evaluate import headline_metrics  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_folds(flag: str, data_dir: Path, folds: int, work_dir: Path) -> list[Path]:
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "benchmark-cv")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs of the same config in --work-dir")
     parser.add_argument("--results-name", metavar="STEM",
-                        help="write benchmarks/results/STEM.{json,md} (default: <config>_cv, the record of the "
+                        help="write experiments/results/STEM.{json,md} (default: <config>_cv, the record of the "
                              "config's own choice; name side studies so they do not replace it)")
     args = parser.parse_args()
 
@@ -180,9 +180,10 @@ def main() -> None:
             results.append(result)
             print(f"[{i}/{len(jobs)}] {result['variant']} seed {result['seed']} fold {result['fold']}", flush=True)
     rows = summarise(dataset_spec(cfg.dataset).task, results, variants, mixes, args.folds, seeds)
-    command = shlex.join(["python", "benchmarks/cross_validation.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "experiments.cross_validation", *sys.argv[1:]])
     data = {"command": command, "folds": args.folds, "rows": rows}
-    print(write_results(args.results_name or f"{args.config}_cv", data, render(args.config, rows, args.folds, command)))
+    print(write_results(args.results_name or f"{args.config}_cv", data, render(args.config, rows, args.folds, command),
+                        RESULTS))
 
 
 if __name__ == "__main__":
