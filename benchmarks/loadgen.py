@@ -57,7 +57,8 @@ class Service:
     def start(cls, log: Path, **settings: str) -> Service:
         http_port, grpc_port = free_port(), free_port()
         env = {**os.environ, "CNNSERVE_MODEL_DIR": str(ROOT / "exports"), "CNNSERVE_GRPC_PORT": str(grpc_port),
-               "BENTOML_DO_NOT_TRACK": "True", **{f"CNNSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
+               "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(log.parent / "bentoml"),
+               **{f"CNNSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
         cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:CnnServe", "--host", "127.0.0.1",
                "--port", str(http_port), "--timeout-keep-alive", "75", "--timeout-graceful-shutdown", "20"]
         process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "wb"),  # noqa: SIM115

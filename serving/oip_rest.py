@@ -72,8 +72,9 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         return JSONResponse(dp.model_config(*model_args(request)))
 
     async def infer(request: Request, dp: DataPlane) -> Response:
-        model = dp.model(*model_args(request))
+        dp.model(*model_args(request))  # an unknown model is refused before its body is read
         body = await read_body(request, dp.settings.max_request_bytes)
+        model = dp.model(*model_args(request))  # looked up again: a version may have gone while the body came
         header, binary = split_body(request, body, dp.settings.max_images_per_request)
         images, binary_out, request_id = parse_infer_request(model, header, binary, dp.settings.max_images_per_request)
         probs = await dp.infer(model, images, "oip-rest", request_deadline(header))

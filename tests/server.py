@@ -65,6 +65,8 @@ def start_server(model_dir: Path, log: Path, wait_ready: bool = True, **settings
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "CNNSERVE_MODEL_DIR": str(model_dir), "CNNSERVE_GRPC_PORT": str(grpc_port),
            "CNNSERVE_GRPC_HOST": "127.0.0.1", "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(ROOT)}
+    # its own BentoML home: a server starting clears the Prometheus files of every server sharing one
+    env["BENTOML_HOME"] = str(log.parent / f"bentoml-{http_port}")
     env["CNNSERVE_SHUTDOWN_DRAIN_S"] = "0"  # tests stop servers often; test_overload checks the drain itself
     env.update({f"CNNSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:CnnServe", "--host", "127.0.0.1",
