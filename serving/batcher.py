@@ -60,6 +60,7 @@ from serving.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overlo
 RunFn = Callable[[np.ndarray], np.ndarray]
 ObserveFn = Callable[[int, float], None]  # (batch size, queue seconds of its oldest request)
 
+PHASES = ("compute_input", "compute_infer", "compute_output")
 EWMA_WEIGHT = 0.2  # weight of the newest run in the moving averages of the estimate
 UNKNOWN_RETRY_AFTER_S = 1.0  # retry_after_s of a refusal before any run has been measured
 
@@ -121,7 +122,9 @@ class DynamicBatcher:
         self._inference_count = self._execution_count = self._rejected = self._dropped_cancelled = 0
         self._last_inference_ms = 0
         self._success, self._fail, self._queue_time, self._compute = (_Durations() for _ in range(4))
-        self._batch_stats: dict[int, _Durations] = {}
+        self._compute_input, self._compute_output = _Durations(), _Durations()
+        # per batch size: (compute_input, compute_infer, compute_output) of its runs
+        self._batch_stats: dict[int, tuple[_Durations, _Durations, _Durations]] = {}
 
     # --- requests --------------------------------------------------------------------------------------------
     async def infer(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
@@ -257,6 +260,7 @@ class DynamicBatcher:
         return batch
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        taken = time.monotonic()
         inputs = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
         size = len(inputs)
         started = time.monotonic()
@@ -269,35 +273,37 @@ class DynamicBatcher:
             if len(outputs) != size:
                 raise RuntimeError(f"model {self.name} returned {len(outputs)} rows for {size} images")
         except Exception as exc:  # the model failed: every request of this batch gets the error, no other
-            self._account_run(batch, size, started)
+            finished = time.monotonic()
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
+            self._account_run(batch, size, (taken, started, finished, time.monotonic()))
             return
-        self._learn(size, self._account_run(batch, size, started))
+        finished = time.monotonic()
         row = 0
         for p in batch:
             n = len(p.images)
             if not p.future.done():  # the caller may have gone away while its batch ran
                 p.future.set_result(outputs[row : row + n])
             row += n
+        self._account_run(batch, size, (taken, started, finished, time.monotonic()))
+        self._learn(size, finished - started)
 
-    def _account_run(self, batch: list[_Pending], size: int, started: float) -> float:
-        """Statistics of one finished run; returns its seconds."""
-        seconds = time.monotonic() - started
-        ns = int(seconds * 1e9)
+    def _account_run(self, batch: list[_Pending], size: int, times: tuple[float, float, float, float]) -> None:
+        """Statistics of one finished run: ``times`` = (batch taken, inputs joined, run done, rows handed)."""
+        taken, started, finished, handed = times
         self._running, self._running_images = [], 0
         self._execution_count += 1
-        per_size = self._batch_stats.get(size)
-        if per_size is None:
-            per_size = self._batch_stats[size] = _Durations()
-        per_size.count += 1
-        per_size.ns += ns
-        self._compute.count += len(batch)
-        self._compute.ns += ns * len(batch)
+        phases = [int((b - a) * 1e9) for a, b in ((taken, started), (started, finished), (finished, handed))]
+        per_size = self._batch_stats.setdefault(size, (_Durations(), _Durations(), _Durations()))
+        for total, one_run, ns in zip((self._compute_input, self._compute, self._compute_output), per_size, phases,
+                                      strict=True):
+            total.count += len(batch)
+            total.ns += ns * len(batch)
+            one_run.count += 1
+            one_run.ns += ns
         self._queue_time.count += len(batch)
-        self._queue_time.ns += int(sum(started - p.enqueued for p in batch) * 1e9)
-        return seconds
+        self._queue_time.ns += int(sum(taken - p.enqueued for p in batch) * 1e9)
 
     # --- the estimate ----------------------------------------------------------------------------------------
     def _learn(self, size: int, seconds: float) -> None:
@@ -344,8 +350,11 @@ class DynamicBatcher:
             "success": self._success.as_dict(),
             "fail": self._fail.as_dict(),
             "queue": self._queue_time.as_dict(),
+            "compute_input": self._compute_input.as_dict(),
             "compute_infer": self._compute.as_dict(),
-            "batch_stats": {size: d.as_dict() for size, d in sorted(self._batch_stats.items())},
+            "compute_output": self._compute_output.as_dict(),
+            "batch_stats": {size: {name: d.as_dict() for name, d in zip(PHASES, phases, strict=True)}
+                            for size, phases in sorted(self._batch_stats.items())},
             "rejected": self._rejected,
             "dropped_cancelled": self._dropped_cancelled,
             "last_inference_ms": self._last_inference_ms,

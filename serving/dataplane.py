@@ -144,9 +144,10 @@ class DataPlane:
     def statistics(self, name: str | None = None, version: int | str | None = None) -> dict[str, Any]:
         """Triton's statistics of the loaded versions (of ``name``, of ``version``), fed by the batchers.
 
-        Durations in ns: ``queue`` = time a request waited for its batch, ``compute_infer`` = the run time of
-        the batch it ran in, ``success`` = the whole time in the batcher; input and output handling are not
-        timed apart (``compute_input`` / ``compute_output`` report zero)."""
+        Durations in ns, per request (per chunk of a split request): ``queue`` = time waiting for its batch,
+        ``compute_input`` = joining the batch's inputs, ``compute_infer`` = the onnxruntime run of its batch,
+        ``compute_output`` = handing the rows back; ``success`` = the whole time in the batcher; ``batch_stats``
+        times the same three phases per run of each batch size."""
         if name:
             selected = [self.model(name, version)] if version else \
                 [m for m in self.repository.all_loaded() if m.name == name] or [self.model(name)]
@@ -196,10 +197,10 @@ def _triton_stats(model: LoadedModel) -> dict[str, Any]:
         "name": model.name, "version": str(model.version), "last_inference": stats["last_inference_ms"],
         "inference_count": stats["inference_count"], "execution_count": stats["execution_count"],
         "inference_stats": {"success": stats["success"], "fail": stats["fail"], "queue": stats["queue"],
-                            "compute_input": NO_DURATION, "compute_infer": stats["compute_infer"],
-                            "compute_output": NO_DURATION, "cache_hit": NO_DURATION, "cache_miss": NO_DURATION},
-        "batch_stats": [{"batch_size": size, "compute_input": NO_DURATION, "compute_infer": run,
-                         "compute_output": NO_DURATION} for size, run in sorted(stats["batch_stats"].items())],
+                            "compute_input": stats["compute_input"], "compute_infer": stats["compute_infer"],
+                            "compute_output": stats["compute_output"], "cache_hit": NO_DURATION,
+                            "cache_miss": NO_DURATION},
+        "batch_stats": [{"batch_size": size, **phases} for size, phases in sorted(stats["batch_stats"].items())],
     }
 
 

@@ -379,10 +379,13 @@ def test_stats_count_what_was_sent(model):
         stats = batcher.stats()
         assert stats["inference_count"] == 1 + 2 + 2 + 5
         assert stats["execution_count"] == len(model.batches) == 5
-        assert {size: s["count"] for size, s in stats["batch_stats"].items()} == {1: 2, 4: 3}
-        assert sum(size * s["count"] for size, s in stats["batch_stats"].items()) == len(model.ids())
+        runs = {size: s["compute_infer"]["count"] for size, s in stats["batch_stats"].items()}
+        assert runs == {1: 2, 4: 3} and sum(size * n for size, n in runs.items()) == len(model.ids())
+        assert all(s["compute_input"]["count"] == s["compute_output"]["count"] == runs[size]
+                   for size, s in stats["batch_stats"].items())
         assert stats["success"]["count"] == 4 and stats["fail"]["count"] == 2 and stats["rejected"] == 1
         assert stats["queue"]["count"] == stats["compute_infer"]["count"] == 7  # one per chunk
+        assert stats["compute_input"]["count"] == stats["compute_output"]["count"] == 7  # perf_analyzer checks it
         assert stats["dropped_cancelled"] == 0 and stats["last_inference_ms"] > 0
         assert all(s["ns"] > 0 for s in (stats["success"], stats["fail"], stats["compute_infer"]))
         assert batcher.queued_images == 0

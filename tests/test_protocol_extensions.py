@@ -49,6 +49,8 @@ def test_statistics_count_what_was_sent_over_http_and_grpc(server):
     assert inference["success"]["count"] >= 4 and inference["success"]["ns"] > 0
     assert inference["queue"]["count"] >= 4 and inference["compute_infer"]["ns"] > 0
     assert sum(b["compute_infer"]["count"] for b in stats["batch_stats"]) == stats["execution_count"]
+    assert inference["compute_input"]["count"] == inference["compute_infer"]["count"] == \
+        inference["compute_output"]["count"]  # perf_analyzer refuses statistics where they differ
     assert {m["name"] for m in http.get_inference_statistics()["model_stats"]} >= {"mnist-cnn", "pneumoniamnist-cnn"}
 
     g_before = grpc_client.get_inference_statistics("pneumoniamnist-cnn", "1", as_json=True)["model_stats"][0]
