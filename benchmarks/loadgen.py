@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -28,6 +23,8 @@ import numpy as np
 import psutil
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from benchmarks.serving import Process, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mnist-cnn"
@@ -46,36 +43,21 @@ class Sample:
 
 @dataclass
 class Service:
-    """``bentoml serve`` of this repository's service, in its own process group."""
+    """``bentoml serve`` of this repository's service, as ``make serve`` starts it."""
 
     http_port: int
     grpc_port: int
-    process: subprocess.Popen
-    env: dict[str, str] = field(default_factory=dict)
+    server: Process
 
     @classmethod
     def start(cls, log: Path, **settings: str) -> Service:
         http_port, grpc_port = free_port(), free_port()
-        env = {**os.environ, "CNNSERVE_MODEL_DIR": str(ROOT / "exports"), "CNNSERVE_GRPC_PORT": str(grpc_port),
+        env = {"CNNSERVE_MODEL_DIR": str(ROOT / "exports"), "CNNSERVE_GRPC_PORT": str(grpc_port),
                "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(log.parent / "bentoml"),
                **{f"CNNSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
         cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:CnnServe", "--host", "127.0.0.1",
                "--port", str(http_port), "--timeout-keep-alive", "75", "--timeout-graceful-shutdown", "20"]
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "wb"),  # noqa: SIM115
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        service = cls(http_port, grpc_port, process, env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the service exited:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{service.url}/readyz", timeout=1).status_code == 200:
-                    return service
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        service.stop()
-        raise RuntimeError(f"the service did not become ready:\n{log.read_text()[-3000:]}")
+        return cls(http_port, grpc_port, Process(cmd, env, f"http://127.0.0.1:{http_port}/readyz", log))
 
     @property
     def url(self) -> str:
@@ -83,22 +65,11 @@ class Service:
 
     def worker_rss_mb(self) -> float:
         """Resident memory of the worker processes together (MB)."""
-        children = psutil.Process(self.process.pid).children(recursive=True)
+        children = psutil.Process(self.server.proc.pid).children(recursive=True)
         return sum(p.memory_info().rss for p in children if p.is_running()) / 2**20
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        self.server.stop()
 
 
 def sample_images(n: int = 1) -> np.ndarray:

@@ -45,7 +45,11 @@ async def soak(service: Service, minutes: int, fraction: float) -> dict:
         parts = await asyncio.gather(*(open_loop(door, rate, 60) for door in (binary, json_door, grpc_door)))
         samples: list[Sample] = [s for part in parts for s in part]
         ok = [s.latency_s for s in samples if s.outcome == "ok"]
-        rows.append({"minute": minute, "requests": len(samples), "errors": len(samples) - len(ok),
+        kinds: dict[str, int] = {}
+        for s in samples:
+            if s.outcome != "ok":
+                kinds[f"{s.door} {s.outcome}"] = kinds.get(f"{s.door} {s.outcome}", 0) + 1
+        rows.append({"minute": minute, "requests": len(samples), "errors": len(samples) - len(ok), "error_kinds": kinds,
                      "p50_ms": percentile_ms(ok, 50), "p99_ms": percentile_ms(ok, 99),
                      "rss_mb": round(service.worker_rss_mb(), 1)})
         print(rows[-1], flush=True)
@@ -83,9 +87,14 @@ def markdown(result: dict, totals: dict, args: argparse.Namespace) -> str:
         "| minute | requests | errors | p50 ms | p99 ms | worker RSS MB |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['minute']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['rss_mb']} |"
-              for r in result["minutes"]]
+    lines += [f"| {r['minute']} | {r['requests']} | {r['errors']} {kinds_text(r)}| {r['p50_ms']} | {r['p99_ms']} | "
+              f"{r['rss_mb']} |" for r in result["minutes"]]
     return "\n".join(lines) + "\n"
+
+
+def kinds_text(row: dict) -> str:
+    kinds = row.get("error_kinds") or {}
+    return "(" + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) + ") " if kinds else ""
 
 
 def main() -> None:

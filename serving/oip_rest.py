@@ -127,14 +127,17 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def optional_json(request: Request) -> dict[str, Any]:
     """A small optional JSON object body (repository requests); ``{}`` when there is none."""
     body = await read_body(request, 64 * 1024)
-    if not body.strip():
-        return {}
+    return json_object(body, "body") if body.strip() else {}
+
+
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """``data`` parsed as a JSON object, or ``InvalidInput`` saying what was wrong with ``what``."""
     try:
-        value = json.loads(body)
+        value = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"malformed JSON body: {exc}") from None
+        raise InvalidInput(f"malformed JSON {what}: {exc}") from None
     if not isinstance(value, dict):
-        raise InvalidInput("the request body must be a JSON object")
+        raise InvalidInput(f"the {what} must be a JSON object")
     return value
 
 
@@ -157,13 +160,7 @@ def split_body(request: Request, body: bytes, max_images: int) -> tuple[dict[str
     declared = declared_batch(header_bytes)
     if declared is not None and declared > max_images:
         check_image_count(declared, max_images)
-    try:
-        header = json.loads(header_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"malformed JSON inference header: {exc}") from None
-    if not isinstance(header, dict):
-        raise InvalidInput("the inference request must be a JSON object")
-    return header, binary
+    return json_object(header_bytes, "inference header"), binary
 
 
 def declared_batch(header: bytes) -> int | None:

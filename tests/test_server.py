@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from serving.model_card import read_card, write_json_atomic
 from tests.conftest import EXPORTS, SHARED_DATA
-from tests.server import MAX_IMAGES, png, start_server
+from tests.server import png, start_server
 
 
 def latest(name: str) -> Path:
@@ -127,12 +127,20 @@ def test_3d_volumes_over_npy_upload_and_grpc(server, repo):
 
 
 def test_client_batches_over_the_limit_are_split_and_answered_whole(server, repo, fixture_data):
-    images = np.concatenate([mnist_test_images(50, fixture_data)] * 2)[: MAX_IMAGES]  # == limit, > card batch 64?
-    gclient = grpcclient.InferenceServerClient(server.grpc_address)
+    images = np.concatenate([mnist_test_images(50, fixture_data)] * 3)  # 150 images, the card's batch is 64
+    gclient = grpcclient.InferenceServerClient(server.grpc_address)  # one channel: one worker answers both
+    before = gclient.get_inference_statistics("mnist-cnn", as_json=True)["model_stats"]
     inp = grpcclient.InferInput("images", list(images.shape), "UINT8")
     inp.set_data_from_numpy(images)
-    got = gclient.infer("mnist-cnn", [inp]).as_numpy("probs")
-    np.testing.assert_allclose(got, reference_probs("mnist-cnn", images, repo), atol=1e-6)
+    reply = gclient.infer("mnist-cnn", [inp])
+    np.testing.assert_allclose(reply.as_numpy("probs"), reference_probs("mnist-cnn", images, repo), atol=1e-6)
+    version = reply.get_response().model_version
+    after = gclient.get_inference_statistics("mnist-cnn", version, as_json=True)["model_stats"][0]
+    [old] = [s for s in before if s["version"] == version]
+    chunks = int(after["inference_stats"]["compute_infer"]["count"]) - \
+        int(old["inference_stats"].get("compute_infer", {}).get("count", 0))
+    assert chunks == 3  # 64 + 64 + 22: the split ran, each chunk in a batch of its own or with others
+    assert max(int(b["batch_size"]) for b in after["batch_stats"]) <= 64  # no run was over the card's batch
 
 
 def test_grpc_metadata_config_and_health(server):
@@ -145,6 +153,7 @@ def test_grpc_metadata_config_and_health(server):
         gclient.is_model_ready("nope")
     config = gclient.get_model_config("mnist-cnn").config
     assert config.max_batch_size == 64 and list(config.input[0].dims) == [28, 28]
+    assert config.version_policy.latest.num_versions == 1  # as the HTTP config has it
     assert gclient.get_model_metadata("mnist-cnn").inputs[0].datatype == "UINT8"
     assert gclient.get_server_metadata().name == "cnnserve"
     with grpc.insecure_channel(server.grpc_address) as channel:
