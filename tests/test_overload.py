@@ -117,18 +117,21 @@ def test_removing_the_serving_version_under_load_strands_no_request(repo, tmp_pa
             time.sleep(0.1)
 
         stop_at = time.monotonic() + 3
+        batch = np.zeros((48, 28, 28), np.uint8)  # big enough that the batcher always has work queued
 
         def hammer(_: int) -> list[tuple[int, float, str]]:
             seen = []
             with httpx.Client(timeout=10) as client:
                 while time.monotonic() < stop_at:
                     t0 = time.monotonic()
-                    r = client.post(f"{srv.url}/predict", json={"instances": images.tolist(), "model": "mnist-cnn"})
-                    seen.append((r.status_code, time.monotonic() - t0, r.json().get("version", "")))
+                    r = binary_infer(srv.url, batch) if _ % 2 else \
+                        client.post(f"{srv.url}/predict", json={"instances": images.tolist(), "model": "mnist-cnn"})
+                    body = r.json()
+                    seen.append((r.status_code, time.monotonic() - t0, body.get("version", body.get("model_version"))))
             return seen
 
-        with ThreadPoolExecutor(4) as pool:
-            running = [pool.submit(hammer, i) for i in range(4)]
+        with ThreadPoolExecutor(8) as pool:
+            running = [pool.submit(hammer, i) for i in range(8)]
             time.sleep(1)
             shutil.rmtree(models / "mnist-cnn" / "2")  # the version being served
             results = [row for f in running for row in f.result()]
