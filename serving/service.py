@@ -13,7 +13,9 @@ import gc
 import logging
 import re
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import numpy as np
@@ -90,6 +92,7 @@ class CnnServe:
         quiet_client_errors()
         self.grpc: GrpcServer | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # drains and the shutdown sequence, running
 
     @bentoml.on_startup
     async def start_background(self) -> None:
@@ -120,9 +123,8 @@ class CnnServe:
         for change in result.changes:
             log.info("model repository: %s", change)
         for model in result.removed:  # on the event loop, where their queues live
-            asyncio.get_running_loop().create_task(
-                model.batcher.drain(self.settings.version_drain_s,
-                                    f"model {model.name}/{model.version} was removed from the repository"))
+            self._background(model.batcher.drain(self.settings.version_drain_s,
+                                                 f"model {model.name}/{model.version} was removed from the repository"))
         if result.changes and self.grpc:
             await self.grpc.set_serving(self.dataplane.ready())
 
@@ -147,9 +149,15 @@ class CnnServe:
             if self.dataplane.draining:  # a second SIGTERM: stop now
                 stop(signum, frame)
                 return
-            loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_stop(signum)))
+            loop.call_soon_threadsafe(self._background, drain_then_stop(signum))
 
         signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` on the event loop, keeping the task referenced until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @bentoml.on_shutdown
     async def stop_background(self) -> None:
