@@ -92,7 +92,15 @@ def tuned_scores(flag: str) -> dict | None:
     return {"model": name, "source": row["source"], "n_seeds": len(scores), "ensemble": spread.get("ensemble", 1),
             **{k: statistics.mean(s[k] for s in scores) for k in ("acc", "auc")},
             **{f"{k}_sd": statistics.stdev(s[k] for s in scores) if len(scores) > 1 else None for k in ("acc", "auc")},
-            "ece": _ece(latest_version(name)) if name in SHIPPED_NAMES else None}
+            **_shipped_ece(name)}
+
+
+def _shipped_ece(name: str) -> dict:
+    """The calibrated test ECE of the shipped model ``name``'s latest version (None if not shipped)."""
+    if name not in SHIPPED_NAMES:
+        return {"ece": None, "ece_source": None}
+    path = latest_version(name)
+    return {"ece": _ece(path), "ece_source": str(path.relative_to(ROOT))}
 
 
 def _ece(version_dir: Path) -> float:
@@ -138,9 +146,10 @@ def render(rows: list[dict], command: str) -> str:
         lines += ["", f"Recipe: `{json.dumps({k: r['config'][k] for k in RECIPE_KEYS})}`."]
         if tuned := r["tuned"]:
             ensemble = f", each an ensemble of {tuned['ensemble']}" if tuned["ensemble"] > 1 else ""
-            ece = f"; its shipped model's calibrated test ECE {tuned['ece']:.4f}" if tuned["ece"] is not None else ""
-            lines.append(f"Tuned config: {tuned['model']}, {tuned['source']}{ensemble} "
-                         f"(benchmarks/results/accuracy.md){ece}.")
+            ece = (f"; calibrated test ECE {tuned['ece']:.4f} ({tuned['ece_source']}'s card)"
+                   if tuned["ece"] is not None else "")
+            lines.append(f"Tuned config ({tuned['model']}): {tuned['source']}{ensemble}; ACC / AUC from "
+                         f"benchmarks/results/accuracy.md{ece}.")
     return "\n".join(lines) + "\n"
 
 
