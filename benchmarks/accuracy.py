@@ -97,7 +97,9 @@ def main() -> None:
         for offset in range(seeds.get(name, 1)):
             seed = cfg.seed + offset * cfg.ensemble
             run_name = name if offset == 0 else f"{name}-seed{seed}"
-            measured, minutes = _train_and_evaluate(config, seed, run_name, args)
+            _, measured, minutes = train_and_evaluate(
+                TrainConfig.load(config, {"seed": seed}), args.work_dir / run_name, args.work_dir / "repo", run_name,
+                f"python -m training train {config} --seed {seed}", args.data_dir, args.reuse)
             per_seed.append({"seed": seed, "acc": measured["acc"], "auc": measured["auc"]})
             if offset == 0:
                 rows.append(_row(name, config, measured,
@@ -109,19 +111,19 @@ def main() -> None:
                         render(rows, spreads, command)))
 
 
-def _train_and_evaluate(config: str, seed: int, run_name: str, args: argparse.Namespace) -> tuple[dict, float]:
-    """Train (or reuse) one run, export it to the scratch repository, evaluate the ONNX on test."""
-    cfg = TrainConfig.load(config, {"seed": seed})
-    run_dir = args.work_dir / run_name
-    # reuse (or resume) only a run of this very config: a config file edited since then means a new run
-    reusable = args.reuse and same_config(run_dir, cfg)
+def train_and_evaluate(cfg: TrainConfig, run_dir: Path, repo: Path, name: str, command: str, data_dir: Path,
+                       reuse: bool) -> tuple[Path, dict, float]:
+    """Train ``cfg`` into ``run_dir`` (``reuse``: keep or resume a run of this very config), export it to the
+    scratch repository ``repo`` as ``name`` and evaluate the ONNX on test; returns the version directory, the test
+    metrics and the minutes of training epochs."""
+    # reuse (or resume) only a run of this very config: a config edited since then means a new run
+    reusable = reuse and same_config(run_dir, cfg)
     if not (reusable and (run_dir / "metrics.json").exists()):
-        train(cfg, run_dir, args.data_dir, download=False, quiet=True, resume=reusable)
+        train(cfg, run_dir, data_dir, download=False, quiet=True, resume=reusable)
     with open(run_dir / "history.csv") as f:
         minutes = sum(float(row["epoch_s"]) for row in csv.DictReader(f)) / 60
-    path = export_checkpoint(run_dir / CHECKPOINT, args.work_dir / "repo", run_name, args.data_dir, download=False,
-                             command=f"python -m training train {config} --seed {seed}")
-    return evaluate_path(path, "test", data_dir=args.data_dir, download=False), minutes
+    path = export_checkpoint(run_dir / CHECKPOINT, repo, name, data_dir, download=False, command=command)
+    return path, evaluate_path(path, "test", data_dir=data_dir, download=False), minutes
 
 
 def _row(name: str, flag: str, measured: dict, source: str, minutes: float | None) -> dict:
