@@ -40,6 +40,16 @@ def test_a_yaml_replaces_the_recipe_and_another_size_gets_its_own_name():
         resolve_config("organmnist3d", {"size": 128})
 
 
+def test_recipe_trains_the_generic_recipe_where_a_tuned_yaml_exists_under_its_own_name():
+    forced = resolve_config("pneumoniamnist", {"seed": 2}, recipe=True)
+    derived = derive_config("pneumoniamnist")
+    assert forced.name == "pneumoniamnist-cnn-recipe" and forced.seed == 2  # never publishes over the tuned model
+    assert (forced.ema, forced.select, forced.epochs) == (derived.ema, derived.select, derived.epochs)
+    assert resolve_config("breastmnist", recipe=True).name == "breastmnist-cnn"  # no YAML: the usual name
+    with pytest.raises(ValueError, match="--recipe takes a dataset flag"):
+        resolve_config("mnist-fast", recipe=True)
+
+
 def test_an_unknown_name_is_one_line_listing_flags_and_configs(capsys):
     assert main(["train", "brainmnist"]) == 2
     err = capsys.readouterr().err

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help=f"a dataset flag (mnist or any MedMNIST flag: `python -m training datasets`), "
                                   f"a config in {CONFIG_DIR} ({', '.join(config_names())}), or a YAML file")
     p.add_argument("--size", type=int, help="image size, among those the dataset offers (default: the config's, 28)")
+    p.add_argument("--recipe", action="store_true",
+                   help="train the generic recipe of the dataset flag even where a tuned YAML of that name exists "
+                        "(named <flag>-cnn-recipe)")
     p.add_argument("--run-dir", type=Path, help="output directory (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
     p.add_argument("--stop-after", type=int, metavar="N",
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> None:
             overrides["freeze"] = True
         from training.recipes import resolve_config
 
-        cfg = resolve_config(args.config, overrides)
+        cfg = resolve_config(args.config, overrides, recipe=args.recipe)
         from training.train import CHECKPOINT, train
 
         result = train(cfg, args.run_dir or DEFAULT_RUNS / cfg.name, args.data_dir, args.download, args.resume,

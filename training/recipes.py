@@ -62,11 +62,20 @@ def derive_config(flag: str, size: int = 28) -> TrainConfig:
                                   "epochs": epochs, "batch_size": batch_size})
 
 
-def resolve_config(name: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def resolve_config(name: str, overrides: dict[str, Any] | None = None, recipe: bool = False) -> TrainConfig:
     """The config ``name`` stands for, with ``overrides``: a YAML file path, a YAML in ``training/configs/``,
     or a dataset flag (its derived recipe). ``overrides["size"]`` picks the image size; a YAML config trained
-    at another size than its own gets the size in its name, so it never publishes over the 28-pixel model."""
+    at another size than its own gets the size in its name, so it never publishes over the 28-pixel model.
+
+    ``recipe``: the generic recipe of the dataset flag ``name`` even where a YAML of that name exists; it is
+    then named ``<flag>-cnn-recipe`` so that it never publishes over the tuned model."""
     overrides = dict(overrides or {})
+    if recipe:
+        if name not in dataset_flags():
+            raise ValueError(f"--recipe takes a dataset flag, not {name!r}; datasets: {', '.join(dataset_flags())}")
+        base = derive_config(name, overrides.pop("size", 28))
+        renamed = {"name": f"{base.name}-recipe"} if name in config_names() else {}
+        return TrainConfig.from_dict(with_overrides(base.to_dict(), {**renamed, **overrides}))
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
