@@ -27,28 +27,22 @@ def http_stats(client: httpclient.InferenceServerClient, model: str) -> dict:
 
 
 def test_statistics_count_what_was_sent_over_http_and_grpc(server):
-    http = httpclient.InferenceServerClient(server.http_address)
+    # the counters are per worker: one keep-alive connection (HTTP) or channel (gRPC) reaches one worker, so
+    # the requests and the statistics calls of each client below are answered by the same worker
+    http = httpclient.InferenceServerClient(server.http_address, concurrency=1)
     grpc_client = grpcclient.InferenceServerClient(server.grpc_address)
-    # one worker answers each call; the counters are per worker, so send to and read from one worker:
-    # a single HTTP connection (tritonclient's keeps it) and a gRPC channel land on one worker each
     before = http_stats(http, "pneumoniamnist-cnn")
     inp = httpclient.InferInput("images", list(IMAGES.shape), "UINT8")
     inp.set_data_from_numpy(IMAGES)
-    http_clients = [httpclient.InferenceServerClient(server.http_address, concurrency=1)]
     for _ in range(4):
-        http_clients[0].infer("pneumoniamnist-cnn", [inp], model_version="1")
-    after = http_stats(http_clients[0], "pneumoniamnist-cnn")
-    if after["inference_count"] - before["inference_count"] != 12:  # the stats call reached the other worker
-        before_other = before
-        after = http_stats(http_clients[0], "pneumoniamnist-cnn")
-        assert after["inference_count"] - before_other["inference_count"] in (12, 0)
-    stats = http_clients[0].get_inference_statistics("pneumoniamnist-cnn", "1")["model_stats"][0]
-    assert stats["name"] == "pneumoniamnist-cnn" and stats["version"] == "1"
-    assert stats["inference_count"] >= 12 and stats["execution_count"] >= 1
-    inference = stats["inference_stats"]
-    assert inference["success"]["count"] >= 4 and inference["success"]["ns"] > 0
-    assert inference["queue"]["count"] >= 4 and inference["compute_infer"]["ns"] > 0
-    assert sum(b["compute_infer"]["count"] for b in stats["batch_stats"]) == stats["execution_count"]
+        http.infer("pneumoniamnist-cnn", [inp], model_version="1")
+    after = http_stats(http, "pneumoniamnist-cnn")
+    assert after["inference_count"] - before["inference_count"] == 12
+    assert after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == 4
+    assert after["name"] == "pneumoniamnist-cnn" and after["version"] == "1" and after["execution_count"] >= 1
+    inference = after["inference_stats"]
+    assert inference["success"]["ns"] > 0 and inference["queue"]["count"] >= 4 and inference["compute_infer"]["ns"] > 0
+    assert sum(b["compute_infer"]["count"] for b in after["batch_stats"]) == after["execution_count"]
     assert inference["compute_input"]["count"] == inference["compute_infer"]["count"] == \
         inference["compute_output"]["count"]  # perf_analyzer refuses statistics where they differ
     assert {m["name"] for m in http.get_inference_statistics()["model_stats"]} >= {"mnist-cnn", "pneumoniamnist-cnn"}
