@@ -64,7 +64,8 @@ def assert_client_error(response: httpx.Response, what: str) -> None:
     assert 400 <= response.status_code < 500, f"{what}: {response.status_code} {response.text[:300]}"
     assert response.text.strip(), f"{what}: empty error body"
     body = response.json()
-    message = body[0]["error"] if isinstance(body, list) else body.get("error")
+    assert isinstance(body, dict), f"{what}: the error is not the service's one shape, a JSON object: {body}"
+    message = body.get("error")
     assert isinstance(message, str) and len(message) > 10, f"{what}: no message in {body}"
 
 
