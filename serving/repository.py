@@ -177,16 +177,15 @@ class ModelRepository:
                                                             loaded.providers), now)
                 log.info("loaded %s/%s on %s", name, version, loaded.providers[0])
                 result.changes.append(f"loaded {name}/{version}")
-            result.changes += self._fallbacks(self._models, models, result.removed)
+            result.changes += self._fallbacks(self._models, models)
             self._models = {n: v for n, v in models.items() if v}  # one atomic swap for readers
             self._seen = seen
             self._served |= set(self._models)
             self.scanned = True
             return result
 
-    def _fallbacks(self, old: dict[str, dict[int, LoadedModel]], new: dict[str, dict[int, LoadedModel]],
-                   removed: list[LoadedModel]) -> list[str]:
-        """Models whose default version went down (its version removed or failed): logged and counted."""
+    def _fallbacks(self, old: dict[str, dict[int, LoadedModel]], new: dict[str, dict[int, LoadedModel]]) -> list[str]:
+        """Models whose default version went down (its version removed or unloaded): logged and counted."""
         changes = []
         for name, versions in old.items():
             if not versions or not new.get(name):
