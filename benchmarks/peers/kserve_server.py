@@ -3,13 +3,20 @@
 Runs in its own venv (`pip install kserve onnxruntime 'tritonclient[grpc]'`). KServe binds 0.0.0.0 / [::]
 unconditionally; this harness rebinds both to 127.0.0.1, turns per-request logging off, and adds what
 perf_analyzer needs and KServe lacks: GET /v2/models/{m}/config and the gRPC ModelConfig method.
+
+`--workers N` is KServe's own way to fill N cores: N uvicorn processes, started with multiprocessing spawn,
+each re-importing this module and unpickling the model registry (so each rebuilds its onnxruntime session,
+with `--threads` intra-op threads). gRPC stays in the parent process whatever `--workers` is. The parent
+always holds a session too (for gRPC), so workers=2 runs 3 sessions; use `--threads 1` with 2 workers on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 from pathlib import Path
 
 import grpc
@@ -17,11 +24,17 @@ import kserve
 import onnxruntime as ort
 import uvicorn
 from fastapi.responses import JSONResponse
+from kserve.model_server import app
 from kserve.protocol.grpc import server as grpc_server
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest import server as rest_server
 
-CARDS: dict[str, dict] = {}
+CARDS_ENV = "KSERVE_HARNESS_CARDS"  # JSON {model name: model card}, set by the parent for its worker processes
+QUIET_LOGGERS = ("uvicorn.access", "kserve", "kserve.trace")  # per-request logging, off for fair timing
+
+
+def served_card(name: str) -> dict | None:
+    return json.loads(os.environ.get(CARDS_ENV, "{}")).get(name)
 
 
 def triton_model_config_module():
@@ -68,13 +81,26 @@ def _request_name(data: bytes) -> str:
 
 
 class OnnxModel(kserve.Model):
+    """Pickled into each worker process without its onnxruntime session, which the worker rebuilds."""
+
     def __init__(self, name: str, path: Path, threads: int) -> None:
         super().__init__(name)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path, self.threads = path, threads
         self.card = json.loads((path.parent / "model.json").read_text())
+        self.session = self.new_session()
         self.ready = True
+
+    def new_session(self) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "session"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.session = self.new_session()
 
     def get_input_types(self) -> list[dict]:
         return [{"name": "images", "datatype": "UINT8", "shape": [-1, *self.card["input"]["shape"]]}]
@@ -98,8 +124,33 @@ def triton_config(card: dict) -> dict:
             "output": [{"name": "probs", "data_type": "TYPE_FP32", "dims": [len(card["labels"])]}]}
 
 
+@app.get("/v2/models/{name}/config")
+async def http_model_config(name: str) -> JSONResponse:
+    """Registered at import time: every worker process re-imports this module, then imports KServe's app."""
+    card = served_card(name)
+    if card is None:
+        return JSONResponse({"error": f"model {name!r} is not served"}, status_code=404)
+    return JSONResponse(triton_config(card))
+
+
+def quiet_after(configure_logging):
+    """kserve.logging.configure_logging, then per-request loggers at WARNING (each worker process calls it)."""
+
+    @functools.wraps(configure_logging)
+    def configure_quietly(*args, **kwargs) -> None:
+        configure_logging(*args, **kwargs)
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    return configure_quietly
+
+
+kserve.logging.configure_logging = quiet_after(kserve.logging.configure_logging)
+
+
 def patch_bindings() -> None:
-    """127.0.0.1 instead of 0.0.0.0 / [::], and the ModelConfig gRPC method."""
+    """127.0.0.1 instead of 0.0.0.0 / [::], and the ModelConfig gRPC method. Parent process only: it binds the
+    HTTP socket that worker processes inherit, and it alone runs gRPC."""
     original_config = uvicorn.Config
 
     def local_config(*args, **kwargs):
@@ -116,8 +167,12 @@ def patch_bindings() -> None:
 
         mc = triton_model_config_module()
 
-        async def model_config(request: bytes, context) -> bytes:
-            cfg = triton_config(CARDS[_request_name(request)])
+        async def model_config(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            name = _request_name(request)
+            card = served_card(name)
+            if card is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not served")
+            cfg = triton_config(card)
             config = mc.ModelConfig(
                 name=cfg["name"], platform=cfg["platform"], max_batch_size=cfg["max_batch_size"],
                 input=[mc.ModelInput(name="images", data_type=mc.TYPE_UINT8, dims=cfg["input"][0]["dims"])],
@@ -138,27 +193,17 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--grpc-port", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads per process")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn (HTTP) processes; gRPC stays in the parent")
     args = parser.parse_args()
     patch_bindings()
     models = []
     for name in args.models:
         version = max((p for p in (args.model_dir / name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-        model = OnnxModel(name, version / "model.onnx", args.threads)
-        CARDS[name] = model.card
-        models.append(model)
-
-    from kserve.model_server import app
-
-    @app.get("/v2/models/{name}/config")
-    async def config(name: str) -> JSONResponse:
-        return JSONResponse(triton_config(CARDS[name]))
-
-    server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
+        models.append(OnnxModel(name, version / "model.onnx", args.threads))
+    os.environ[CARDS_ENV] = json.dumps({model.name: model.card for model in models})
+    server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                                 enable_docs_url=False, enable_latency_logging=False)
-    # per-request logging off, for fair timing (KServe configures logging when the server is built)
-    for name in ("uvicorn.access", "kserve", "kserve.trace"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     server.start(models)
 
 
