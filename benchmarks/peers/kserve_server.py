@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import grpc
@@ -204,7 +205,12 @@ def main() -> None:
     os.environ[CARDS_ENV] = json.dumps({model.name: model.card for model in models})
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                                 enable_docs_url=False, enable_latency_logging=False)
-    server.start(models)
+    try:
+        server.start(models)
+    finally:
+        # the workers' multiprocessing resource tracker ignores SIGTERM and outlives the parent until it sees its
+        # pipe close: close it and reap the tracker here, so nothing is left once the parent has exited
+        resource_tracker._resource_tracker._stop()
 
 
 if __name__ == "__main__":
