@@ -3,10 +3,11 @@
 Runs in its own venv (`pip install mlserver onnxruntime`). MLServer has no ONNX runtime of its own: a
 small custom MLModel runs onnxruntime with `--threads` intra-op threads per process.
 `--parallel-workers N` is MLServer's own setting: 0 runs the model in the server process, N > 0 in N
-spawned worker processes (the server process then decodes, batches and dispatches). Adaptive batching is
-on by default (`--max-batch-size 64 --max-batch-time-ms 2`); `--max-batch-size` 0 or 1, or a zero batch
-time, turns it off. With parallel workers, batches are formed in the server process and each batch goes
-to one worker.
+spawned worker processes (the server process then decodes, batches and dispatches). MLServer 1.7.1's
+workers crash at start under uvloop >= 0.22 (SeldonIO/MLServer#2286): for N > 0 its venv needs
+`pip install 'uvloop<0.22'`. Adaptive batching is on by default (`--max-batch-size 64
+--max-batch-time-ms 2`); `--max-batch-size` 0 or 1, or a zero batch time, turns it off. With parallel
+workers, batches are formed in the server process and each batch goes to one worker.
 It lacks the binary tensor extension and Triton's ModelConfig: HTTP JSON only, with a custom handler
 for GET /v2/models/{m}/config so perf_analyzer works.
 """
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.handlers import custom_handler
 from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
+from packaging.version import Version
 
 THREADS_ENV = "ORT_THREADS"  # onnxruntime intra-op threads, read by the model in whichever process loads it
 
@@ -64,6 +67,9 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=64, help="adaptive batching; 0 or 1 turns it off")
     parser.add_argument("--max-batch-time-ms", type=float, default=2.0, help="adaptive batching wait")
     args = parser.parse_args()
+    if args.parallel_workers > 0 and Version(metadata.version("uvloop")) >= Version("0.22"):
+        parser.error("--parallel-workers needs uvloop < 0.22 (MLServer 1.7.1 workers crash at start under "
+                     "uvloop >= 0.22, SeldonIO/MLServer#2286): pip install 'uvloop<0.22'")
     root = Path(tempfile.mkdtemp(prefix="mlserver-"))
     (root / "settings.json").write_text(json.dumps({
         "host": "127.0.0.1", "http_port": args.http_port, "grpc_port": 0, "metrics_port": 0,
