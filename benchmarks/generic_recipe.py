@@ -1,12 +1,18 @@
-"""Test scores of the generic training recipe (training/recipes.py) over seeds, for every MedMNIST dataset found
-locally, beside the tuned config and the MedMNIST v2 ResNet-18 baseline.
+"""The generic training recipe (training/recipes.py): its settings chosen by leave-one-dataset-out
+cross-validation over the MedMNIST datasets found locally, then scored on each held-out dataset's test split
+beside the tuned config and the MedMNIST v2 ResNet-18 baseline.
 
-    python -m benchmarks.generic_recipe --data-dir ../shared/data --seeds 3 [--reuse] [--datasets FLAG ...]
+    python -m benchmarks.generic_recipe --data-dir ../shared/data --seeds 3 --select-seeds 2 \\
+        --select-seeds adrenalmnist3d=1 [--reuse] [--datasets FLAG ...]
 
-Seed K of a dataset trains ``derive_config(FLAG)`` (what ``python -m training train FLAG`` trains when there is
-no YAML of that name) into runs/benchmark-generic/FLAG/seed-K, exports it to a scratch model repository and
-evaluates the exported ONNX on the test split, as benchmarks/accuracy.py does. The ECE is the card's, after
-temperature scaling on val. The tuned config's scores come from benchmarks/results/accuracy.json.
+Every candidate of ``training.recipes.CANDIDATES`` (settings laid over both recipes) is trained on every local
+dataset with the selection seeds and scored on that dataset's official **val** split: (ACC + AUC) / 2 of the
+exported ONNX model, mean over seeds. For each held-out dataset the candidate with the best mean score over the
+*other* datasets is chosen (ties: the first in ``CANDIDATES``), trained with seeds 0..N-1 and evaluated on the
+held-out dataset's **test** split; its own val and test scores play no part in its choice. Seed K of a candidate
+trains ``derive_config(FLAG, candidate=...)`` into runs/benchmark-generic/CANDIDATE/FLAG/seed-K, exports it to a
+scratch model repository and evaluates the exported ONNX, as benchmarks/accuracy.py does. The ECE is the card's,
+after temperature scaling on val. The tuned config's scores come from benchmarks/results/accuracy.json.
 Writes benchmarks/results/generic_recipe.{json,md}.
 """
 
@@ -23,7 +29,8 @@ from pathlib import Path
 from benchmarks.accuracy import BASELINES, latest_version, train_and_evaluate
 from benchmarks.publish import RESULTS, write_results
 from training.data import dataset_spec, is_local, medmnist_flags
-from training.recipes import derive_config
+from training.evaluate import evaluate_path
+from training.recipes import CANDIDATES, derive_config
 from training.shipped import SHIPPED_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,42 +47,89 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=medmnist_flags(), metavar="FLAG",
                         help="default: every MedMNIST dataset whose 28-pixel file is in --data-dir")
     parser.add_argument("--seeds", action="append", default=[], metavar="N or FLAG=N",
-                        help="seeds 0..N-1 per dataset (default 3); FLAG=N for one dataset; repeatable")
+                        help="seeds 0..N-1 of the chosen candidate per held-out dataset (default 3); FLAG=N for "
+                             "one dataset; repeatable")
+    parser.add_argument("--select-seeds", action="append", default=[], metavar="N or FLAG=N",
+                        help="seeds 0..N-1 of every candidate scored on val for the selection (default 2)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse finished runs in --work-dir whose config is unchanged")
     args = parser.parse_args()
     flags = args.datasets or [f for f in medmnist_flags() if is_local(f, 28, args.data_dir)]
-    if not flags:
-        parser.error(f"no MedMNIST dataset in {args.data_dir}")
-    default_seeds, seeds = 3, {}
-    for item in args.seeds:
+    if len(flags) < 2:
+        parser.error(f"leave-one-dataset-out needs at least two MedMNIST datasets; found {flags} in {args.data_dir}")
+    seeds = _per_flag(parser, "--seeds", args.seeds, flags, default=3)
+    select_seeds = _per_flag(parser, "--select-seeds", args.select_seeds, flags, default=2)
+    command = shlex.join(["python", "-m", "benchmarks.generic_recipe", *sys.argv[1:]])
+    runs = Runs(args, command)
+    # the selection: every candidate on every dataset's val split
+    val_scores = {c: {f: statistics.mean(_val_score(runs.get(c, f, seed)) for seed in range(select_seeds[f]))
+                      for f in flags} for c in CANDIDATES}
+    rows = []
+    for held_out in flags:
+        chosen = choose(val_scores, [f for f in flags if f != held_out])
+        rows.append(report_held_out(held_out, chosen, seeds[held_out], runs))
+    report = {"command": command, "candidates": CANDIDATES, "select_seeds": select_seeds, "val_scores": val_scores,
+              "chosen_on_all": choose(val_scores, flags), "rows": rows}
+    print(write_results("generic_recipe", report, render(report)))
+
+
+def _per_flag(parser: argparse.ArgumentParser, option: str, items: list[str], flags: list[str],
+              default: int) -> dict[str, int]:
+    """``N`` or ``FLAG=N`` items -> seeds per flag."""
+    per_flag = {}
+    for item in items:
         flag, _, n = item.rpartition("=")
         if not n.isdigit() or int(n) < 1 or (flag and flag not in flags):
-            parser.error(f"--seeds {item!r}: expected N or FLAG=N with N >= 1 and FLAG one of {flags}")
+            parser.error(f"{option} {item!r}: expected N or FLAG=N with N >= 1 and FLAG one of {flags}")
         if flag:
-            seeds[flag] = int(n)
+            per_flag[flag] = int(n)
         else:
-            default_seeds = int(n)
-    command = shlex.join(["python", "-m", "benchmarks.generic_recipe", *sys.argv[1:]])
-    rows = [run_dataset(flag, seeds.get(flag, default_seeds), args, command) for flag in flags]
-    print(write_results("generic_recipe", {"command": command, "rows": rows}, render(rows, command)))
+            default = int(n)
+    return {f: per_flag.get(f, default) for f in flags}
 
 
-def run_dataset(flag: str, n_seeds: int, args: argparse.Namespace, command: str) -> dict:
-    """Train, export and evaluate seeds 0..n_seeds-1 of the recipe for ``flag``; summarise them."""
-    recipe = derive_config(flag)
-    per_seed = []
-    for seed in range(n_seeds):
-        path, measured, _ = train_and_evaluate(
-            dataclasses.replace(recipe, seed=seed), args.work_dir / flag / f"seed-{seed}", args.work_dir / "repo",
-            f"{flag}-seed{seed}", f"{command} (derive_config({flag!r}), seed {seed})", args.data_dir, args.reuse)
-        per_seed.append({"seed": seed, "acc": measured["acc"], "auc": measured["auc"], "ece": _ece(path)})
+class Runs:
+    """Trains, exports and evaluates (candidate, dataset, seed) once; later asks reuse the result."""
+
+    def __init__(self, args: argparse.Namespace, command: str) -> None:
+        self.args, self.command, self.done = args, command, {}
+
+    def get(self, candidate: str, flag: str, seed: int) -> dict:
+        key = (candidate, flag, seed)
+        if key not in self.done:
+            cfg = dataclasses.replace(derive_config(flag, candidate=candidate), seed=seed)
+            path, test, _ = train_and_evaluate(
+                cfg, self.args.work_dir / candidate / flag / f"seed-{seed}", self.args.work_dir / "repo",
+                f"{flag}-{candidate}-seed{seed}",
+                f"{self.command} (derive_config({flag!r}, candidate={candidate!r}), seed {seed})",
+                self.args.data_dir, self.args.reuse)
+            val = evaluate_path(path, "val", data_dir=self.args.data_dir, download=False)
+            self.done[key] = {"seed": seed, "val_acc": val["acc"], "val_auc": val["auc"], "acc": test["acc"],
+                              "auc": test["auc"], "ece": _ece(path)}
+            print(f"{candidate:14s} {flag:16s} seed {seed}: val ACC {val['acc']:.4f} AUC {val['auc']:.4f}  "
+                  f"test ACC {test['acc']:.4f} AUC {test['auc']:.4f}", flush=True)
+        return self.done[key]
+
+
+def _val_score(run: dict) -> float:
+    return (run["val_acc"] + run["val_auc"]) / 2
+
+
+def choose(val_scores: dict[str, dict[str, float]], flags: list[str]) -> str:
+    """The candidate with the best mean val score over ``flags`` (ties: the first in CANDIDATES)."""
+    return max(CANDIDATES, key=lambda c: statistics.mean(val_scores[c][f] for f in flags))
+
+
+def report_held_out(flag: str, candidate: str, n_seeds: int, runs: Runs) -> dict:
+    """Seeds 0..n_seeds-1 of ``candidate`` on ``flag``'s test split, summarised."""
+    recipe = derive_config(flag, candidate=candidate)
+    per_seed = [runs.get(candidate, flag, seed) for seed in range(n_seeds)]
     mean = {k: statistics.mean(s[k] for s in per_seed) for k in ("acc", "auc", "ece")}
     sd = {k: statistics.stdev(s[k] for s in per_seed) if n_seeds > 1 else None for k in ("acc", "auc", "ece")}
     baseline = BASELINE[dataset_spec(flag).is_3d]
     auc, acc = BASELINES.get(flag, {}).get(baseline, (None, None))
-    return {"dataset": flag, "config": recipe.to_dict(), "seeds": per_seed, "mean": mean, "sd": sd,
-            "baseline": {"model": baseline, "acc": acc, "auc": auc},
+    return {"dataset": flag, "candidate": candidate, "config": recipe.to_dict(), "seeds": per_seed, "mean": mean,
+            "sd": sd, "baseline": {"model": baseline, "acc": acc, "auc": auc},
             "target_met": None if acc is None else mean["acc"] >= acc and mean["auc"] >= auc,
             "tuned": tuned_scores(flag)}
 
@@ -112,38 +166,50 @@ def _pm(mean: float | None, sd: float | None) -> str:
     return "–" if mean is None else f"{mean:.4f}" + ("" if sd is None else f" ± {sd:.4f}")
 
 
-def render(rows: list[dict], command: str) -> str:
-    lines = ["# Generic training recipe vs tuned configs and MedMNIST v2", "",
-             f"Measured with `{command}`: per dataset, `training.recipes.derive_config(FLAG)` trained with seeds "
-             "0..N-1, exported, and the ONNX model evaluated on the official test split (onnxruntime, CPU). "
-             "`derive_config` is what `python -m training train FLAG` trains for a flag without a YAML in "
-             "`training/configs/`; the datasets here all have one (the tuned config), so the benchmark calls "
-             "`derive_config` itself. ECE: test, after temperature scaling on val (model card).", "",
-             "**Not held out on pneumoniamnist and adrenalmnist3d.** The recipe's settings were taken from the tuned "
-             "`pneumoniamnist.yaml` (2D) and `adrenalmnist3d.yaml` (3D); only the training length and batch are "
-             "derived from the dataset. Selecting the settings by leave-one-dataset-out cross-validation (issue 16) "
-             "is still to do.", "",
-             "Target: the recipe's mean over seeds ≥ the MedMNIST v2 ResNet-18 baseline in both ACC and AUC.", "",
-             "| dataset | epochs, batch | seeds | ACC | AUC | ECE | baseline ACC / AUC | met "
-             "| tuned config ACC / AUC |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def render(report: dict) -> str:
+    rows, val_scores, flags = report["rows"], report["val_scores"], [r["dataset"] for r in report["rows"]]
+    select_seeds = ", ".join(f"{f} {n}" for f, n in report["select_seeds"].items())
+    lines = ["# Generic training recipe: chosen by leave-one-dataset-out, scored on the held-out dataset", "",
+             f"Measured with `{report['command']}`.", "",
+             "The recipe is what `python -m training train FLAG` trains for a flag without a YAML in "
+             "`training/configs/` (`training.recipes.derive_config`): the architecture and optimiser settings of "
+             "the 2D or 3D recipe, the training length and batch derived from the dataset's metadata. Its remaining "
+             "settings were chosen among the candidates below **without the dataset each row reports on**: every "
+             "candidate was trained on every local dataset and scored on that dataset's official val split "
+             "((ACC + AUC) / 2 of the exported ONNX model, mean over selection seeds: " + select_seeds + "); for "
+             "each held-out dataset the candidate with the best mean val score over the *other* datasets was "
+             "chosen, then trained with seeds 0..N-1 and evaluated on the held-out test split (onnxruntime, CPU). "
+             "ECE: test, after temperature scaling on val (model card).", "",
+             "## Candidates and their val scores", "",
+             "| candidate | settings over the recipe | " + " | ".join(flags) + " |",
+             "|---|---|" + "---|" * len(flags)]
+    for name, overrides in report["candidates"].items():
+        lines.append(f"| {name} | `{json.dumps(overrides) if overrides else 'as in the recipe'}` | "
+                     + " | ".join(f"{val_scores[name][f]:.4f}" for f in flags) + " |")
+    lines += ["", "Chosen per held-out dataset: " + "; ".join(f"{r['dataset']} → **{r['candidate']}**" for r in rows)
+              + f". Chosen on all datasets (what the recipes in `training/recipes.py` carry for the datasets we "
+              f"cannot see): **{report['chosen_on_all']}**.", "",
+              "## Held-out test scores", "",
+              "Target: the recipe's mean over seeds ≥ the MedMNIST v2 ResNet-18 baseline in both ACC and AUC.", "",
+              "| held-out dataset | chosen | epochs, batch | seeds | ACC | AUC | ECE | baseline ACC / AUC | met "
+              "| tuned config ACC / AUC |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base, tuned, cfg = r["baseline"], r["tuned"], r["config"]
         tuned_cell = (f"{_pm(tuned['acc'], tuned['acc_sd'])} / {_pm(tuned['auc'], tuned['auc_sd'])} "
                       f"({tuned['n_seeds']} seed{'s' if tuned['n_seeds'] > 1 else ''})") if tuned else "–"
         base_cell = f"{base['model']}: {base['acc']:.3f} / {base['auc']:.3f}" if base["acc"] is not None else "–"
-        lines.append(f"| {r['dataset']} | {cfg['epochs']}, {cfg['batch_size']} | {len(r['seeds'])} | "
+        lines.append(f"| {r['dataset']} | {r['candidate']} | {cfg['epochs']}, {cfg['batch_size']} | "
+                     f"{len(r['seeds'])} | "
                      f"{_pm(r['mean']['acc'], r['sd']['acc'])} | {_pm(r['mean']['auc'], r['sd']['auc'])} | "
                      f"{_pm(r['mean']['ece'], r['sd']['ece'])} | {base_cell} | "
                      f"{ {True: 'yes', False: 'NO', None: '–'}[r['target_met']]} | {tuned_cell} |")
-    most = max(len(r["seeds"]) for r in rows)
     for r in rows:
-        if len(r["seeds"]) < most:
-            lines += ["", f"{r['dataset']}: {len(r['seeds'])} seed(s) only, fewer than the other datasets."]
-    for r in rows:
-        lines += ["", f"### {r['dataset']}", "", "| seed | ACC | AUC | ECE |", "|---|---|---|---|"]
-        lines += [f"| {s['seed']} | {s['acc']:.4f} | {s['auc']:.4f} | {s['ece']:.4f} |" for s in r["seeds"]]
-        lines += ["", f"Recipe: `{json.dumps({k: r['config'][k] for k in RECIPE_KEYS})}`."]
+        lines += ["", f"### {r['dataset']} (held out; {r['candidate']})", "",
+                  "| seed | val ACC | val AUC | test ACC | test AUC | test ECE |", "|---|---|---|---|---|---|"]
+        lines += [f"| {s['seed']} | {s['val_acc']:.4f} | {s['val_auc']:.4f} | {s['acc']:.4f} | {s['auc']:.4f} | "
+                  f"{s['ece']:.4f} |" for s in r["seeds"]]
+        lines += ["", f"Config: `{json.dumps({k: r['config'][k] for k in RECIPE_KEYS})}`."]
         if tuned := r["tuned"]:
             ensemble = f", each an ensemble of {tuned['ensemble']}" if tuned["ensemble"] > 1 else ""
             ece = (f"; calibrated test ECE {tuned['ece']:.4f} ({tuned['ece_source']}'s card)"
