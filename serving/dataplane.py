@@ -22,6 +22,7 @@ from serving.metrics import observe_request
 from serving.model_card import INPUT_NAME, PROBS_NAME, ModelCard
 from serving.repository import LoadedModel, ModelRepository, ScanResult
 from serving.settings import Settings
+from serving.worker_stats import SharedStats, add
 
 SERVER_NAME = "cnnserve"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "health", "statistics", "model_repository"]
@@ -55,8 +56,10 @@ def validate_batch(card: ModelCard, images: np.ndarray, max_images: int) -> np.n
 class DataPlane:
     """One worker's models, as every door sees them."""
 
-    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
-        self.repository, self.settings = repository, settings
+    def __init__(self, repository: ModelRepository, settings: Settings,
+                 shared_stats: SharedStats | None = None) -> None:
+        """``shared_stats``: where the workers of this server share their statistics (None: this worker's only)."""
+        self.repository, self.settings, self.shared_stats = repository, settings, shared_stats
         self.draining = False  # shutting down: not ready, though still serving
         self.on_scan: Callable[[ScanResult], Awaitable[None]] | None = None  # drains what a load/unload dropped
 
@@ -142,7 +145,8 @@ class DataPlane:
 
     # --- Triton's statistics and model repository extensions ----------------------------------------------
     def statistics(self, name: str | None = None, version: int | str | None = None) -> dict[str, Any]:
-        """Triton's statistics of the loaded versions (of ``name``, of ``version``), fed by the batchers.
+        """Triton's statistics of the loaded versions (of ``name``, of ``version``), fed by the batchers of every
+        worker (``serving.worker_stats``: this worker's live, the others' at most a publishing interval old).
 
         Durations in ns, per request (per chunk of a split request): ``queue`` = time waiting for its batch,
         ``compute_input`` = joining the batch's inputs, ``compute_infer`` = the onnxruntime run of its batch,
@@ -153,7 +157,18 @@ class DataPlane:
                 [m for m in self.repository.all_loaded() if m.name == name] or [self.model(name)]
         else:
             selected = self.repository.all_loaded()
-        return {"model_stats": [_triton_stats(m) for m in selected]}
+        found = {(m.name, m.version): m.batcher.stats() for m in selected}
+        wanted = {(m.name, m.version) for m in selected} if version else None
+        for key, snapshots in (self.shared_stats.others() if self.shared_stats else {}).items():
+            if (wanted is None and name in (None, key[0])) or (wanted is not None and key in wanted):
+                for snapshot in snapshots:
+                    found[key] = add(found[key], snapshot) if key in found else snapshot
+        return {"model_stats": [_triton_stats(n, v, stats) for (n, v), stats in sorted(found.items())]}
+
+    def publish_statistics(self) -> None:
+        """Share this worker's counters with the other workers (see ``serving.worker_stats``)."""
+        if self.shared_stats:
+            self.shared_stats.publish({(m.name, m.version): m.batcher.stats() for m in self.repository.all_loaded()})
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         """Every version in the repository with its state (READY, PENDING, UNAVAILABLE, UNLOADED) and reason."""
@@ -191,16 +206,16 @@ class DataPlane:
         return out
 
 
-def _triton_stats(model: LoadedModel) -> dict[str, Any]:
-    stats = model.batcher.stats()
+def _triton_stats(name: str, version: int, stats: dict[str, Any]) -> dict[str, Any]:
     return {
-        "name": model.name, "version": str(model.version), "last_inference": stats["last_inference_ms"],
+        "name": name, "version": str(version), "last_inference": stats["last_inference_ms"],
         "inference_count": stats["inference_count"], "execution_count": stats["execution_count"],
         "inference_stats": {"success": stats["success"], "fail": stats["fail"], "queue": stats["queue"],
                             "compute_input": stats["compute_input"], "compute_infer": stats["compute_infer"],
                             "compute_output": stats["compute_output"], "cache_hit": NO_DURATION,
                             "cache_miss": NO_DURATION},
-        "batch_stats": [{"batch_size": size, **phases} for size, phases in sorted(stats["batch_stats"].items())],
+        "batch_stats": [{"batch_size": size, **phases} for size, phases in
+                        sorted((int(size), phases) for size, phases in stats["batch_stats"].items())],
     }
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving.batcher import DynamicBatcher
+from serving.busy import BusyBoard
 from serving.errors import ModelNotFound, ModelNotReady
 from serving.metrics import observe_batch, observe_fallback
 from serving.model_card import (
@@ -117,15 +119,21 @@ class ScanResult:
 
 
 class ModelRepository:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker_slot: int = 0) -> None:
+        """``worker_slot``: this worker's place among the server's workers (0-based), on the ``BusyBoard``."""
         self.settings = settings
         self.root = Path(settings.model_dir)
         self._providers = providers_for(settings.device)
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._seen: dict[tuple[str, int], _Seen] = {}
         self._unloaded: set[str] = set()  # models taken out of service by unload(), whatever is on disk
-        # shared by the workers of one server (children of one BentoML arbiter); not kept across restarts
-        self.unloaded_file = Path(tempfile.gettempdir()) / f"cnnserve-{os.getppid()}" / "unloaded.json"
+        # files shared by the workers of one server (children of one BentoML arbiter); not kept across restarts
+        self.shared_dir = Path(tempfile.gettempdir()) / f"cnnserve-{os.getppid()}"
+        self.unloaded_file = self.shared_dir / "unloaded.json"
+        # a lone request may use every core when no worker is busy: needs more cores than a session's threads
+        self._wide_threads = settings.idle_threads or os.cpu_count() or 1
+        wide = CUDA not in self._providers and self._wide_threads > settings.threads_per_session
+        self.board = BusyBoard(self.shared_dir / "busy", settings.worker_count, worker_slot) if wide else None
         self._served: set[str] = set()  # models that have served since start (strict readiness)
         self.fallbacks: dict[str, str] = {}  # model -> why requests without a version get an older one now
         self._lock = threading.Lock()  # serialises scans; readers never take it
@@ -240,10 +248,8 @@ class ModelRepository:
         digest = file_sha256(onnx_path)
         if digest != card.sha256:
             raise CardError(f"sha256 of model.onnx is {digest}, the card says {card.sha256}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.settings.threads_per_session
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(onnx_path), options, providers=self._providers)
+        session = self._session(onnx_path, self.settings.threads_per_session)
+        wide = self._session(onnx_path, self._wide_threads) if self.board else None
         used = session.get_providers()
         note = None
         if CUDA in self._providers and CUDA not in used:
@@ -252,20 +258,30 @@ class ModelRepository:
             note = "CNNSERVE_DEVICE=auto: the CUDA provider did not load, running on CPU"
             log.warning("%s/%s: %s", name, version, note)
             self.device_note = note
-        return LoadedModel(card, path, session, self._batcher(card, session), used, note)
+        return LoadedModel(card, path, session, self._batcher(card, session, wide), used, note)
 
-    def _batcher(self, card: ModelCard, session: ort.InferenceSession) -> DynamicBatcher:
-        """The model's batcher, with the card's batching settings unless the environment overrides them."""
+    def _session(self, onnx_path: Path, threads: int) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        return ort.InferenceSession(str(onnx_path), options, providers=self._providers)
+
+    def _batcher(self, card: ModelCard, session: ort.InferenceSession,
+                 wide: ort.InferenceSession | None) -> DynamicBatcher:
+        """The model's batcher, with the card's batching settings unless the environment overrides them;
+        ``wide``: a session with every core's threads, for a request that finds the whole server idle."""
         s, batching = self.settings, card.batching
         delay_ms = s.max_queue_delay_ms if s.max_queue_delay_ms >= 0 else batching.max_queue_delay_ms
 
-        def run(images: np.ndarray) -> np.ndarray:
-            return session.run([PROBS_NAME], {INPUT_NAME: images})[0]
+        def runner(sess: ort.InferenceSession) -> Callable[[np.ndarray], np.ndarray]:
+            return lambda images: sess.run([PROBS_NAME], {INPUT_NAME: images})[0]
 
-        return DynamicBatcher(run, s.max_batch_size or batching.max_batch_size, delay_ms / 1000,
+        return DynamicBatcher(runner(session), s.max_batch_size or batching.max_batch_size, delay_ms / 1000,
                               max_queue_images=s.max_queue_images or batching.max_queue_images,
                               queue_budget_s=s.queue_budget_ms / 1000, max_queue_wait_s=s.max_queue_wait_ms / 1000,
-                              observe=lambda n, q: observe_batch(card.name, n, q), name=card.name)
+                              observe=lambda n, q: observe_batch(card.name, n, q), name=card.name,
+                              inline_max_images=s.inline_max_images, run_wide=runner(wide) if wide else None,
+                              board=self.board)
 
     # --- load / unload (Triton's model repository extension) ---------------------------------------------
     def unload(self, name: str) -> ScanResult:
@@ -347,3 +363,5 @@ class ModelRepository:
     def close(self, reason: str = "the server is shutting down") -> None:
         for m in self.all_loaded():
             m.batcher.close(reason)
+        if self.board:
+            self.board.close()

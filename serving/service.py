@@ -29,10 +29,11 @@ from serving.dataplane import DataPlane, check_image_count, label_predictions
 from serving.errors import InvalidInput, ServingError
 from serving.images import decode_upload
 from serving.oip_grpc import GrpcServer
-from serving.oip_rest import create_app, error_response
+from serving.oip_rest import InferFastLane, create_app, error_response
 from serving.repository import ModelRepository, ScanResult
 from serving.settings import Settings
 from serving.tensors import numbers_to_uint8
+from serving.worker_stats import PUBLISH_INTERVAL_S, SharedStats
 
 log = logging.getLogger("cnnserve")
 SETTINGS = Settings.from_env()
@@ -84,14 +85,16 @@ class CnnServe:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.repository = ModelRepository(SETTINGS)
+        slot = (bentoml.server_context.worker_index or 1) - 1
+        self.repository = ModelRepository(SETTINGS, worker_slot=slot)
         for change in self.repository.scan().changes:
             log.info("model repository %s: %s", SETTINGS.model_dir, change)
-        self.dataplane = DataPlane(self.repository, SETTINGS)
+        self.dataplane = DataPlane(self.repository, SETTINGS, SharedStats(self.repository.shared_dir, slot))
         self.dataplane.on_scan = self.apply
         quiet_client_errors()
         self.grpc: GrpcServer | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._stats_publisher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # drains and the shutdown sequence, running
 
     @bentoml.on_startup
@@ -101,6 +104,7 @@ class CnnServe:
             await self.grpc.start()
         if self.settings.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll_repository())
+        self._stats_publisher = asyncio.get_running_loop().create_task(self._publish_statistics())
         self._drain_on_sigterm()
         # What exists now (modules, BentoML, the models) lives as long as the worker: keep it out of the
         # garbage collector's full passes, which otherwise walk it all and stop the event loop for ~70 ms
@@ -117,6 +121,14 @@ class CnnServe:
                 log.exception("model repository scan failed")
                 continue
             await self.apply(result)
+
+    async def _publish_statistics(self) -> None:
+        while True:
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+            try:
+                self.dataplane.publish_statistics()
+            except OSError:
+                log.exception("publishing this worker's statistics failed")
 
     async def apply(self, result: ScanResult) -> None:
         """Log what a scan changed, drain the versions it dropped, and update gRPC health."""
@@ -163,6 +175,8 @@ class CnnServe:
     async def stop_background(self) -> None:
         if self._poller:
             self._poller.cancel()
+        if self._stats_publisher:
+            self._stats_publisher.cancel()
         if self.grpc:
             await self.grpc.stop()
         self.repository.close()
@@ -224,3 +238,4 @@ def upload_name(path: Path) -> str:
 CnnServe.add_asgi_middleware(BodyLimit, limit=SETTINGS.max_request_bytes)
 CnnServe.add_asgi_middleware(JsonErrors)
 CnnServe.add_asgi_middleware(MountRoots, paths=("/v2", "/models"))
+CnnServe.add_asgi_middleware(InferFastLane, endpoint=oip_app.state.infer_endpoint)

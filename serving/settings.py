@@ -15,6 +15,10 @@ class Settings:
     grpc_port: int = 8001  # 0 disables the gRPC server
     workers: int = 0  # BentoML worker processes; 0 = one per CPU core
     intra_op_threads: int = 0  # 0: cores / workers
+    # a request of at most this many images that finds its model idle runs at once on the event loop (0 = off),
+    # with this many onnxruntime threads when no other worker is busy either (0 = every core; 1 = no wide runs)
+    inline_max_images: int = 8
+    idle_threads: int = 0
     max_batch_size: int = 0  # 0: each model card's batching.max_batch_size
     max_queue_delay_ms: float = -1.0  # < 0: each model card's batching.max_queue_delay_ms
     max_request_bytes: int = 64 * 1024 * 1024

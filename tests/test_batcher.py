@@ -391,3 +391,77 @@ def test_stats_count_what_was_sent(model):
         assert batcher.queued_images == 0
 
     run(main())
+
+
+# --- a lone request runs inline (serving/batcher.py, "A lone request") -------------------------------------
+def test_a_lone_request_runs_on_the_event_loop_thread_and_is_counted(model):
+    threads = []
+    model_run = model.__call__
+
+    def recording(images: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread())
+        return model_run(images)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(recording, 8, inline_max_images=4)
+        np.testing.assert_array_equal(await batcher.infer(rows(0, 4)), rows(0, 4) * 2)
+        assert threads == [threading.current_thread()]
+        np.testing.assert_array_equal(await batcher.infer(rows(10, 5)), rows(10, 5) * 2)  # over the limit: queued
+        assert threads[1] is not threading.current_thread()
+        stats = batcher.stats()
+        assert (stats["execution_count"], stats["inference_count"], stats["success"]["count"]) == (2, 9, 2)
+        assert stats["compute_infer"]["count"] == stats["queue"]["count"] == 2
+
+    run(main())
+
+
+def test_requests_arriving_together_are_batched_not_run_inline_one_by_one(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 8, inline_max_images=8)
+        inputs = [rows(10 * i, 1) for i in range(6)]
+        outputs = await asyncio.gather(*(batcher.infer(x) for x in inputs))
+        for x, y in zip(inputs, outputs, strict=True):
+            np.testing.assert_array_equal(y, x * 2)
+        assert len(model.batches) < len(inputs), "every request ran alone"
+
+    run(main())
+
+
+class Board:
+    """A BusyBoard stand-in: whether the other workers are idle, and what this worker marked."""
+
+    def __init__(self, others_idle: bool) -> None:
+        self.idle, self.marks = others_idle, []
+
+    def others_idle(self) -> bool:
+        return self.idle
+
+    def running(self, busy: bool) -> None:
+        self.marks.append(busy)
+
+
+@pytest.mark.parametrize("others_idle", [True, False])
+def test_a_lone_request_uses_every_core_only_when_the_other_workers_are_idle(model, others_idle):
+    wide_runs = []
+
+    def wide(images: np.ndarray) -> np.ndarray:
+        wide_runs.append(len(images))
+        return images * 2
+
+    async def main() -> None:
+        board = Board(others_idle)
+        batcher = DynamicBatcher(model, 16, inline_max_images=8, run_wide=wide, board=board)
+        np.testing.assert_array_equal(await batcher.infer(rows(0, 2)), rows(0, 2) * 2)
+        assert (wide_runs, len(model.batches)) == (([2], 0) if others_idle else ([], 1))
+        assert board.marks == [True, False]
+        # under load (a request queued behind a running batch) the wide session is never used
+        model.gate.clear()
+        blocker = asyncio.create_task(batcher.infer(rows(1000, 9)))  # over inline_max_images: queued, runs
+        await until(lambda: len(model.batches) == (1 if others_idle else 2))
+        queued = asyncio.create_task(batcher.infer(rows(20, 1)))
+        await until(lambda: batcher.queued_images == 1)
+        model.gate.set()
+        await asyncio.gather(blocker, queued)
+        assert len(wide_runs) == (1 if others_idle else 0)
+
+    run(main())

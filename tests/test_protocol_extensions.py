@@ -16,6 +16,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
+from serving.worker_stats import PUBLISH_INTERVAL_S
 from tests.server import png
 
 IMAGES = np.zeros((3, 28, 28), np.uint8)
@@ -26,9 +27,29 @@ def http_stats(client: httpclient.InferenceServerClient, model: str) -> dict:
     return stats
 
 
+def test_statistics_count_the_requests_of_every_worker(server):
+    """Requests on fresh connections spread over the workers; statistics on any connection count them all once
+    the workers have published (serving/worker_stats.py)."""
+    def success_count() -> int:
+        with httpx.Client() as fresh:  # a new connection: any worker
+            [stats] = fresh.get(f"{server.url}/v2/models/pneumoniamnist-cnn/versions/1/stats").json()["model_stats"]
+        return stats["inference_stats"]["success"]["count"]
+
+    time.sleep(3 * PUBLISH_INTERVAL_S)
+    seen = {success_count() for _ in range(4)}
+    assert len(seen) == 1, f"the workers disagree before: {seen}"
+    [before] = seen
+    body = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]}
+    for _ in range(8):
+        with httpx.Client() as fresh:
+            fresh.post(f"{server.url}/v2/models/pneumoniamnist-cnn/versions/1/infer", json=body).raise_for_status()
+    time.sleep(3 * PUBLISH_INTERVAL_S)
+    assert {success_count() - before for _ in range(4)} == {8}
+
+
 def test_statistics_count_what_was_sent_over_http_and_grpc(server):
-    # the counters are per worker: one keep-alive connection (HTTP) or channel (gRPC) reaches one worker, so
-    # the requests and the statistics calls of each client below are answered by the same worker
+    # one keep-alive connection (HTTP) or channel (gRPC) reaches one worker, so the requests and the statistics
+    # calls of each client below are answered by the same worker: its live counters, exact at once
     http = httpclient.InferenceServerClient(server.http_address, concurrency=1)
     grpc_client = grpcclient.InferenceServerClient(server.grpc_address)
     before = http_stats(http, "pneumoniamnist-cnn")

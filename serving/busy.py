@@ -1,0 +1,48 @@
+"""Which workers of this server ran a model lately, shared through a small memory-mapped file, so that a
+request finding the whole server idle may use every core (``serving.batcher``, ``run_wide``).
+
+One slot per worker holding ``time.monotonic()`` (one clock for every process of the machine) of its last
+run's end, or infinity while it runs. Reads and writes are 8-byte stores in shared memory, no locks: a race
+costs at most one run with more threads than free cores, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+import time
+from pathlib import Path
+
+SLOT = struct.Struct("d")
+QUIET_S = 0.005  # another worker counts as idle once it has run nothing for this long
+
+
+class BusyBoard:
+    def __init__(self, path: Path, slots: int, slot: int) -> None:
+        if not 0 <= slot < slots:
+            raise ValueError(f"slot {slot} is outside 0..{slots - 1}")
+        size = slots * SLOT.size
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:  # every worker may get here first: they all grow it to the same size
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.slot, self.slots = slot, slots
+
+    def running(self, busy: bool) -> None:
+        """Mark this worker running a model (True) or done with it now (False)."""
+        SLOT.pack_into(self._map, self.slot * SLOT.size, math.inf if busy else time.monotonic())
+
+    def others_idle(self, quiet_s: float = QUIET_S) -> bool:
+        """True when no other worker is running a model or has run one in the last ``quiet_s``."""
+        since = time.monotonic() - quiet_s
+        return all(SLOT.unpack_from(self._map, i * SLOT.size)[0] < since for i in range(self.slots) if i != self.slot)
+
+    def close(self) -> None:
+        SLOT.pack_into(self._map, self.slot * SLOT.size, 0.0)
+        self._map.close()
