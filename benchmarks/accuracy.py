@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.publish import write_results
+from benchmarks.publish import RESULTS, write_results
 from training.config import TrainConfig
 from training.data import DataNotFoundError, dataset_spec, load_split
 from training.evaluate import evaluate_path
@@ -75,6 +75,9 @@ def main() -> None:
     parser.add_argument("--seeds", action="append", default=[], metavar="NAME=N",
                         help=f"train N seeds of a trained-here model ({', '.join(m.name for m in TRAINED_HERE)}); "
                              "repeatable")
+    parser.add_argument("--shipped-only", action="store_true",
+                        help="evaluate the shipped models only; the trained-here rows are carried over from the "
+                             "previous results (marked so), not re-trained")
     args = parser.parse_args()
     seeds = {}
     for item in args.seeds:
@@ -87,9 +90,19 @@ def main() -> None:
         if available(flag, args.data_dir):
             path = latest_version(name)
             card = json.loads((path / "model.json").read_text())
-            rows.append(_row(name, flag, evaluate_path(path, "test", data_dir=args.data_dir, download=False),
-                             f"exports/{name}/{path.name} ({card['training']['command']})", None))
-    for name, config in ((m.name, m.config) for m in TRAINED_HERE):
+            row = _row(name, flag, evaluate_path(path, "test", data_dir=args.data_dir, download=False),
+                       f"exports/{name}/{path.name} ({card['training']['command']})", None)
+            calibration = card.get("calibration")
+            row["ece"] = calibration["test"]["after"]["ece"] if calibration else None
+            rows.append(row)
+    if args.shipped_only:
+        previous = json.loads((RESULTS / "accuracy.json").read_text())
+        note = f" (carried over from `{previous['command']}`)"
+        carried = [r if "carried over" in r["source"] else dict(r, source=r["source"] + note)
+                   for r in previous["rows"] if r["model"] in {m.name for m in TRAINED_HERE}]
+        rows += carried
+        spreads += previous["seed_spread"]
+    for name, config in ((m.name, m.config) for m in TRAINED_HERE if not args.shipped_only):
         if not available(config, args.data_dir):
             continue
         cfg = TrainConfig.load(config)
@@ -137,15 +150,19 @@ def render(rows: list[dict], spreads: list[dict], command: str) -> str:
     lines = ["# Test accuracy: cnnserve vs MedMNIST v2 baselines", "",
              f"Measured with `{command}` on the exported ONNX models (onnxruntime, CPU), official test splits.",
              "ACC and AUC as `medmnist.Evaluator` defines them (tests check equality).", "",
-             "| model | dataset | n | ACC | AUC | target ACC / AUC | met | MedMNIST v2 ResNet with the best ACC "
+             "ECE: top-label, 15 bins, on test, of the model as exported (temperature-scaled on val; from its card).",
+             "",
+             "| model | dataset | n | ACC | AUC | ECE | target ACC / AUC | met | MedMNIST v2 ResNet with the best ACC "
              "(AUC / ACC) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = BASELINES.get(r["dataset"], {})
         resnets = {k: v for k, v in base.items() if k.startswith("ResNet")}
         best = max(resnets.items(), key=lambda kv: kv[1][1]) if resnets else None
         target = " / ".join("–" if t is None else f"{t:.3f}" for t in (r["target_acc"], r["target_auc"]))
-        lines.append(f"| {r['model']} | {r['dataset']} | {r['n']} | {r['acc']:.4f} | {r['auc']:.4f} | {target} | "
+        ece = "–" if r.get("ece") is None else f"{r['ece']:.4f}"
+        lines.append(f"| {r['model']} | {r['dataset']} | {r['n']} | {r['acc']:.4f} | {r['auc']:.4f} | {ece} | "
+                     f"{target} | "
                      f"{ {True: 'yes', False: 'NO', None: '–'}[r['target_met']]} | "
                      + (f"{best[0]}: {best[1][0]:.3f} / {best[1][1]:.3f}" if best else "–") + " |")
     for spread in spreads:
