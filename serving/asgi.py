@@ -166,6 +166,67 @@ def install_request_timeout() -> bool:
     return True
 
 
+_408_BODY = json.dumps({"error": "the request headers did not arrive in time"}).encode()
+REQUEST_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                       b"content-length: %d\r\n\r\n%s" % (len(_408_BODY), _408_BODY))
+
+
+def install_header_timeout(timeout_s: float) -> bool:
+    """Close a connection whose request headers are not complete ``timeout_s`` after it opened or after the
+    request's first byte, with HTTP 408: a client trickling header bytes (slowloris) otherwise holds a
+    connection for as long as it keeps sending, as uvicorn arms no timer until a request is complete (its
+    keep-alive timer restarts on every byte).
+
+    uvicorn has no setting for this, so it wraps four methods of its httptools protocol class (the one BentoML's
+    uvicorn uses when httptools is installed, as the ``serve`` extra does); ``tests/test_bad_input.py`` checks
+    it on the real server. Returns False where that class is missing (nothing installed)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return False
+    if timeout_s <= 0 or getattr(HttpToolsProtocol, "_cnnserve_header_timeout", False):
+        return False
+    made, begin, complete, lost = (HttpToolsProtocol.connection_made, HttpToolsProtocol.on_message_begin,
+                                   HttpToolsProtocol.on_headers_complete, HttpToolsProtocol.connection_lost)
+
+    def arm(protocol: Any) -> None:
+        if getattr(protocol, "_header_timer", None) is None:
+            protocol._header_timer = protocol.loop.call_later(timeout_s, expire, protocol)
+
+    def disarm(protocol: Any) -> None:
+        timer = getattr(protocol, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            protocol._header_timer = None
+
+    def expire(protocol: Any) -> None:
+        protocol._header_timer = None
+        if not protocol.transport.is_closing():
+            protocol.transport.write(REQUEST_TIMEOUT_408)
+            protocol.transport.close()
+
+    def connection_made(self: Any, transport: Any) -> None:
+        made(self, transport)
+        arm(self)
+
+    def on_message_begin(self: Any) -> None:
+        begin(self)
+        arm(self)
+
+    def on_headers_complete(self: Any) -> None:
+        disarm(self)
+        complete(self)
+
+    def connection_lost(self: Any, exc: Exception | None) -> None:
+        disarm(self)
+        lost(self, exc)
+
+    HttpToolsProtocol.connection_made, HttpToolsProtocol.on_message_begin = connection_made, on_message_begin
+    HttpToolsProtocol.on_headers_complete, HttpToolsProtocol.connection_lost = on_headers_complete, connection_lost
+    HttpToolsProtocol._cnnserve_header_timeout = True
+    return True
+
+
 class ClientErrorsQuietly(logging.Filter):
     """BentoML logs a request its validation refuses (HTTP 400), and one whose body stopped (the client went
     away, or ``BodyLimit`` cut it off at the limit), at ERROR with a traceback: log them at INFO, in one

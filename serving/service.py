@@ -24,7 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.asgi import BodyLimit, JsonErrors, MountRoots, install_request_timeout, quiet_client_errors
+from serving.asgi import (
+    BodyLimit,
+    JsonErrors,
+    MountRoots,
+    install_header_timeout,
+    install_request_timeout,
+    quiet_client_errors,
+)
 from serving.dataplane import DataPlane, check_image_count, label_predictions
 from serving.errors import InvalidInput, ServingError
 from serving.images import decode_upload
@@ -56,6 +63,8 @@ def traffic_config(settings: Settings) -> dict:
     return config
 
 
+if SETTINGS.header_timeout_s > 0 and not install_header_timeout(SETTINGS.header_timeout_s):
+    log.warning("uvicorn's httptools protocol was not found: no header-read timeout (install the serve extra)")
 if not install_request_timeout():
     log.warning("BentoML's TimeoutMiddleware was not found: HTTP requests keep BentoML's own timeout handling")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import write_medmnist, write_mnist
-from tests.server import MAX_BYTES, MAX_IMAGES, start_server
+from tests.server import HEADER_TIMEOUT_S, MAX_BYTES, MAX_IMAGES, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CNNSERVE_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -66,6 +66,6 @@ def repo(fixture_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(repo, tmp_path_factory):
     srv = start_server(repo, tmp_path_factory.mktemp("log") / "server.log", max_images_per_request=MAX_IMAGES,
-                       max_request_bytes=MAX_BYTES, poll_interval_s=0.5)
+                       max_request_bytes=MAX_BYTES, poll_interval_s=0.5, header_timeout_s=HEADER_TIMEOUT_S)
     yield srv
     srv.stop()

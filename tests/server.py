@@ -19,6 +19,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 MAX_IMAGES = 160  # the test server's per-request image limit: above the cards' batch of 64, so requests split
 MAX_BYTES = 4 * 1024 * 1024  # and body limit
+HEADER_TIMEOUT_S = 1.5  # and header-read timeout: short, so that the slowloris test is quick
 
 
 def free_port() -> int:

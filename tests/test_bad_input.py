@@ -6,7 +6,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import socket
 import struct
+import time
 import zlib
 
 import grpc
@@ -17,7 +19,7 @@ from PIL import Image
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from tests.server import MAX_BYTES, MAX_IMAGES, png
+from tests.server import HEADER_TIMEOUT_S, MAX_BYTES, MAX_IMAGES, png
 
 GOOD = np.zeros((1, 28, 28), np.uint8)
 
@@ -308,3 +310,33 @@ def test_mnist_gz_is_not_an_upload_either(server):
     r = httpx.post(f"{server.url}/classify", files=[("images", ("x.gz", body, "application/gzip"))],
                    data={"model": "mnist-cnn"})
     assert_client_error(r, "gzip upload")
+
+
+def test_headers_trickled_slower_than_the_header_timeout_get_408_and_a_closed_connection(server):
+    """A slowloris client (header bytes now and then, never the blank line) is cut off at the header timeout,
+    while a client that keeps the connection idle between requests is not."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as slow:
+        slow.sendall(b"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: x\r\n")
+        answer = b""
+        deadline = started + HEADER_TIMEOUT_S + 5
+        while time.monotonic() < deadline:
+            slow.sendall(b"X-Slow: 1\r\n")  # uvicorn's keep-alive timer restarts on every byte; this one does not
+            try:
+                slow.settimeout(0.3)
+                chunk = slow.recv(4096)
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            if not chunk:
+                break
+            answer += chunk
+    elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert HEADER_TIMEOUT_S - 0.2 < elapsed < HEADER_TIMEOUT_S + 3
+    with httpx.Client() as client:  # idle past the header timeout between requests: still served
+        assert client.get(f"{server.url}/v2/health/live").status_code == 200
+        time.sleep(HEADER_TIMEOUT_S + 0.5)
+        assert client.get(f"{server.url}/v2/health/live").status_code == 200
