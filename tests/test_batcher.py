@@ -465,3 +465,28 @@ def test_a_lone_request_uses_every_core_only_when_the_other_workers_are_idle(mod
         assert len(wide_runs) == (1 if others_idle else 0)
 
     run(main())
+
+
+# --- the estimate: fixed + per-image cost of a run (serving/batcher.py, "The estimate") --------------------
+def test_run_cost_separates_the_fixed_cost_from_the_per_image_cost():
+    from serving.batcher import _RunCost
+
+    cost = _RunCost()
+    for n in [1, 4, 16, 2, 32, 8, 1, 64, 3, 24] * 5:
+        cost.learn(n, 0.002 + 0.0002 * n)
+    assert cost.fixed == pytest.approx(0.002, rel=1e-3) and cost.per_image == pytest.approx(0.0002, rel=1e-3)
+    assert cost.seconds(100, 64) == pytest.approx(2 * 0.002 + 100 * 0.0002, rel=1e-3)  # two runs: 64 + 36
+    alike = _RunCost()
+    for _ in range(5):
+        alike.learn(4, 0.004)
+    assert (alike.fixed, alike.per_image) == (0.0, pytest.approx(0.001))  # one size: all of it per image
+
+
+def test_queue_of_small_runs_is_not_charged_their_fixed_cost_per_image(model):
+    """64 queued single-image requests after small slow runs: they will run as one batch, so the estimate is one
+    fixed cost plus 64 per-image costs (the old per-image average said 64 fixed costs and refused them)."""
+    batcher = DynamicBatcher(model, 64)
+    for n in (1, 2, 1, 8, 1, 4):
+        batcher._learn(n, 0.004 + 0.0001 * n)
+    batcher._queued_images = 64
+    assert batcher.estimated_wait_s() == pytest.approx(0.004 + 64 * 0.0001, rel=0.05)
