@@ -37,10 +37,13 @@ apart and all of it counts as per image. Queued images run in batches of up to `
     estimated_wait_s(extra) = max(0, cost(running images) - seconds it has run)
                               + ceil((queued images + extra) / max_batch_size) * fixed + (queued + extra) * per_image
 
-Before the first run is measured the estimate is 0 and refuses nothing (only the hard bound and a deadline
-already passed apply). A single per-image average (an earlier version) charged the fixed cost of small batches
-to every queued image: at 64 closed-loop clients it estimated over 100 ms for a queue that drained in ~25 ms
-and refused requests it could serve.
+``warm_up`` seeds it with a warm run of one image and one of a full batch before the model serves. Run times
+are measured on the thread that runs the model, without the event loop's delay in taking the result (under
+load that delay is queueing, not compute). Before any run is measured (no warm-up) the estimate is 0 and
+refuses nothing (only the hard bound and a deadline already passed apply). An earlier estimate (one per-image
+average, learned from cold first runs and timed including the event loop's delay) charged small runs' fixed
+cost to every queued image and said 0.10-0.35 s at 64 closed-loop gRPC clients: it refused requests the
+server was answering in about 20 ms.
 
 Expiry, checked when the runner reaches a request (no per-request timers): requests whose caller went away
 (cancelled: client disconnect, gRPC deadline) are dropped, requests past their ``deadline`` fail with
@@ -328,7 +331,7 @@ class DynamicBatcher:
         self._last_inference_ms = int(time.time() * 1000)
         queue_s = sum(taken - p.enqueued for p in batch)
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run_marked, self._run, inputs)
+            outputs, run_s = await loop.run_in_executor(self._executor, self._run_marked, self._run, inputs)
         except Exception as exc:  # the model failed: every request of this batch gets the error, no other
             finished = time.monotonic()
             for p in batch:
@@ -344,7 +347,7 @@ class DynamicBatcher:
                 p.future.set_result(outputs[row : row + n])
             row += n
         self._account_run(len(batch), queue_s, size, (taken, started, finished, time.monotonic()))
-        self._learn(size, finished - started)
+        self._learn(size, run_s)
 
     def _run_inline(self, images: np.ndarray, arrived: float) -> np.ndarray:
         """Run a request that found the batcher idle at once, on this thread (see the module docstring)."""
@@ -355,26 +358,40 @@ class DynamicBatcher:
             self._observe(size, 0.0)
         self._last_inference_ms = int(time.time() * 1000)
         try:
-            outputs = self._run_marked(self._run_wide if wide else self._run, images)
+            outputs, run_s = self._run_marked(self._run_wide if wide else self._run, images)
         finally:
             finished = time.monotonic()
             self._account_run(1, 0.0, size, (started, started, finished, finished))
         if not wide:
-            self._learn(size, finished - started)
+            self._learn(size, run_s)
         return outputs
 
-    def _run_marked(self, run: RunFn, images: np.ndarray) -> np.ndarray:
-        """``run(images)``, checked, with this worker marked busy on the board meanwhile."""
+    def _run_marked(self, run: RunFn, images: np.ndarray) -> tuple[np.ndarray, float]:
+        """``run(images)``, checked, with this worker marked busy on the board meanwhile; and the seconds it took
+        on the thread that ran it (what the estimate learns: not the event loop's delay in taking the result)."""
         if self._board:
             self._board.running(True)
+        started = time.perf_counter()
         try:
             outputs = run(images)
         finally:
+            seconds = time.perf_counter() - started
             if self._board:
                 self._board.running(False)
         if len(outputs) != len(images):
             raise RuntimeError(f"model {self.name} returned {len(outputs)} rows for {len(images)} images")
-        return outputs
+        return outputs, seconds
+
+    def warm_up(self, example: np.ndarray) -> None:
+        """Run one image and a full batch of ``example`` (one input row, shape (1, ...)) twice each, on every
+        session, before serving: the first runs of a shape grow onnxruntime's buffers and are slow, and the
+        second runs of each size seed the estimate, so that admission starts from what a warm run costs."""
+        for size in sorted({1, self.max_batch_size}):
+            images = np.repeat(example, size, axis=0)
+            for run in filter(None, (self._run, self._run_wide)):
+                run(images)
+            _, seconds = self._run_marked(self._run, images)
+            self._learn(size, seconds)
 
     def _account_run(self, requests: int, queue_s: float, size: int, times: tuple[float, float, float, float]) -> None:
         """Statistics of one finished run of ``requests`` requests (``queue_s``: their seconds in the queue, summed):

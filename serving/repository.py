@@ -258,7 +258,9 @@ class ModelRepository:
             note = "CNNSERVE_DEVICE=auto: the CUDA provider did not load, running on CPU"
             log.warning("%s/%s: %s", name, version, note)
             self.device_note = note
-        return LoadedModel(card, path, session, self._batcher(card, session, wide), used, note)
+        batcher = self._batcher(card, session, wide)
+        batcher.warm_up(np.zeros((1, *card.input.shape), np.uint8))
+        return LoadedModel(card, path, session, batcher, used, note)
 
     def _session(self, onnx_path: Path, threads: int) -> ort.InferenceSession:
         options = ort.SessionOptions()

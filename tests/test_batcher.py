@@ -490,3 +490,12 @@ def test_queue_of_small_runs_is_not_charged_their_fixed_cost_per_image(model):
         batcher._learn(n, 0.004 + 0.0001 * n)
     batcher._queued_images = 64
     assert batcher.estimated_wait_s() == pytest.approx(0.004 + 64 * 0.0001, rel=0.05)
+
+
+def test_warm_up_runs_one_image_and_a_full_batch_and_seeds_the_estimate(model):
+    batcher = DynamicBatcher(model, 8, queue_budget_s=0.05)
+    assert batcher.estimated_wait_s(8) == 0  # nothing measured: nothing refused on the estimate
+    model.seconds = 0.01
+    batcher.warm_up(rows(0, 1))
+    assert [len(b) for b in model.batches] == [1, 1, 8, 8]
+    assert 0.005 < batcher.estimated_wait_s(8) < 0.1  # one warm full batch, about 10 ms
