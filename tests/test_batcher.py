@@ -499,3 +499,17 @@ def test_warm_up_runs_one_image_and_a_full_batch_and_seeds_the_estimate(model):
     batcher.warm_up(rows(0, 1))
     assert [len(b) for b in model.batches] == [1, 1, 8, 8]
     assert 0.005 < batcher.estimated_wait_s(8) < 0.1  # one warm full batch, about 10 ms
+
+
+def test_one_stalled_run_moves_the_estimate_a_little_and_a_real_slowdown_is_learned():
+    from serving.batcher import _RunCost
+
+    cost = _RunCost()
+    for n in [1, 8, 32, 64] * 5:
+        cost.learn(n, 0.001 + 0.0002 * n)
+    full = cost.seconds(64, 64)
+    cost.learn(64, 50 * full)  # descheduled for a while
+    assert cost.seconds(64, 64) < 2 * full  # not 50x: learned as OUTLIER_FACTOR x expected
+    for _ in range(15):
+        cost.learn(64, 10 * full)  # the model really got slower
+    assert cost.seconds(64, 64) > 8 * full
