@@ -20,7 +20,8 @@ The whole set is run ``--runs`` times, the server order reversed on every other 
 median and the min–max over runs, and a point that failed is reported as failed, never dropped. Per point the
 CPU the server's processes and perf_analyzer used is measured (cores busy, from psutil). ``--grpc-fresh-starts``
 restarts cnnserve N times and measures gRPC at 16 clients each time: SO_REUSEPORT hashes gRPC connections onto
-workers, so the spread over fresh starts is part of the result. Client and servers share the machine's cores.
+workers, so the spread over fresh starts is part of the result (``--fresh-clients`` sets the clients). Client and
+servers share the machine's cores.
 Writes benchmarks/results/serving.{json,md,png}.
 """
 
@@ -257,12 +258,12 @@ def measure_server(server: Server, run: int, args: argparse.Namespace, logs: Pat
 
 
 def grpc_fresh_starts(args: argparse.Namespace, logs: Path) -> list[Point]:
-    """cnnserve restarted ``--grpc-fresh-starts`` times, gRPC at 16 clients each time."""
+    """cnnserve restarted ``--grpc-fresh-starts`` times, gRPC at ``--fresh-clients`` clients each time."""
     points = []
     for start in range(args.grpc_fresh_starts):
         process, _, grpc_port = cnnserve({}, logs / f"fresh-{start}.log")
         try:
-            point = perf_analyzer(args.perf_analyzer, Point("cnnserve", "grpc", 16, 1, start),
+            point = perf_analyzer(args.perf_analyzer, Point("cnnserve", "grpc", args.fresh_clients, 1, start),
                                   f"127.0.0.1:{grpc_port}", args.window_ms, process)
         finally:
             process.stop()
@@ -280,7 +281,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repetitions of the whole set (server order alternates)")
     parser.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer measurement window")
     parser.add_argument("--grpc-fresh-starts", type=int, default=10, metavar="N",
-                        help="cnnserve gRPC at 16 clients over N fresh starts (0: skip)")
+                        help="cnnserve gRPC over N fresh starts (0: skip)")
+    parser.add_argument("--fresh-clients", type=int, default=16, help="concurrent clients of the fresh starts")
+    parser.add_argument("--results-name", default="serving", help="results file stem in benchmarks/results")
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="cnnserve-bench-"))
     candidates = servers(args)
@@ -294,8 +297,9 @@ def main() -> None:
     report = {"command": command, "cores": CORES, "model": MODEL, "model_path": str(model_path().relative_to(ROOT)),
               "window_ms": args.window_ms, "runs": args.runs, "servers": [s.name for s in candidates],
               "points": [asdict(p) for p in points], "grpc_fresh_starts": [asdict(p) for p in fresh]}
-    print(write_results("serving", report, render(report)))
-    plot(report, RESULTS / "serving.png")
+    print(write_results(args.results_name, report, render(report)))
+    if points:
+        plot(report, RESULTS / f"{args.results_name}.png")
 
 
 def cells(points: list[dict]) -> dict[tuple[str, str, int, int], list[dict]]:
@@ -352,13 +356,15 @@ def render(report: dict) -> str:
             lines.append(f"| {concurrency} clients × {batch} image{'s' * (batch > 1)} | {door} | {ours[0]:,.0f} "
                          f"({ours[1]:,.0f}) | {best[0]} {best[1]}: {best[2][0]:,.0f} | {ours[0] / best[2][0]:.2f} / "
                          f"{ours[1] / best[2][0]:.2f} |")
-    fresh = [p for p in report["grpc_fresh_starts"] if p["images_per_s"] is not None]
-    if report["grpc_fresh_starts"]:
-        values = sorted(p["images_per_s"] for p in fresh)
-        lines += ["", f"## cnnserve gRPC, 16 clients, over {len(report['grpc_fresh_starts'])} fresh starts", "",
-                  (f"images/s: median {statistics.median(values):,.0f}, min {values[0]:,.0f}, max {values[-1]:,.0f}; "
-                   f"every start: {', '.join(f'{v:,.0f}' for v in values)}") if values else "no start measured",
-                  f"({len(report['grpc_fresh_starts']) - len(fresh)} failed)" if len(fresh) < len(values) else ""]
+    starts = report["grpc_fresh_starts"]
+    if starts:
+        values = [p["images_per_s"] for p in starts if p["images_per_s"] is not None]
+        failed = [p["error"] for p in starts if p["error"]]
+        summary_line = "no start measured" if not values else (
+            f"images/s: median {statistics.median(values):,.0f}, min {min(values):,.0f}, max {max(values):,.0f}; "
+            f"each start in order: {', '.join(f'{v:,.0f}' for v in values)}")
+        lines += ["", f"## cnnserve gRPC, {starts[0]['concurrency']} clients, over {len(starts)} fresh starts", "",
+                  summary_line, "", f"{len(failed)} failed: {'; '.join(failed)}" if failed else "none failed"]
     return "\n".join(lines) + "\n"
 
 
