@@ -41,7 +41,7 @@ benchmark); a real slowdown is still learned within a few runs. Queued images ru
     estimated_wait_s(extra) = max(0, cost(running images) - seconds it has run)
                               + ceil((queued images + extra) / max_batch_size) * fixed + (queued + extra) * per_image
 
-``warm_up`` seeds it with a warm run of one image and one of a full batch before the model serves. Run times
+``warm_up`` seeds it with a warm run of one image and one of ``WARM_UP_BATCH`` before the model serves. Run times
 are measured on the thread that runs the model, without the event loop's delay in taking the result (under
 load that delay is queueing, not compute). Before any run is measured (no warm-up) the estimate is 0 and
 refuses nothing (only the hard bound and a deadline already passed apply). An earlier estimate (one per-image
@@ -82,6 +82,7 @@ ObserveFn = Callable[[int, float], None]  # (batch size, queue seconds of its ol
 
 PHASES = ("compute_input", "compute_infer", "compute_output")
 EWMA_WEIGHT = 0.2  # weight of the newest run in the moving averages of the estimate
+WARM_UP_BATCH = 8  # warm_up runs one image and a batch of this many
 OUTLIER_FACTOR = 3.0  # a run is learned as at most this many times what the estimate expected of it
 UNKNOWN_RETRY_AFTER_S = 1.0  # retry_after_s of a refusal before any run has been measured
 
@@ -390,13 +391,16 @@ class DynamicBatcher:
         return outputs, seconds
 
     def warm_up(self, example: np.ndarray) -> None:
-        """Run one image and a full batch of ``example`` (one input row, shape (1, ...)) twice each, on every
-        session, before serving: the first runs of a shape grow onnxruntime's buffers and are slow, and the
-        second runs of each size seed the estimate, so that admission starts from what a warm run costs."""
-        for size in sorted({1, self.max_batch_size}):
+        """Run ``example`` (one input row, shape (1, ...)) alone and as a batch of ``WARM_UP_BATCH`` twice each
+        before serving (the wide session: alone): the first runs of a shape are slow, and the second run of each
+        size seeds the estimate, so that admission starts from what a warm run costs. Not a full batch: the
+        memory onnxruntime keeps for it (about 170 MB per worker for the shipped models at 64) is then held
+        whether or not such batches ever come."""
+        if self._run_wide is not None:
+            self._run_wide(example)
+        for size in sorted({1, min(WARM_UP_BATCH, self.max_batch_size)}):
             images = np.repeat(example, size, axis=0)
-            for run in filter(None, (self._run, self._run_wide)):
-                run(images)
+            self._run(images)
             _, seconds = self._run_marked(self._run, images)
             self._learn(size, seconds)
 

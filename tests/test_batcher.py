@@ -492,13 +492,13 @@ def test_queue_of_small_runs_is_not_charged_their_fixed_cost_per_image(model):
     assert batcher.estimated_wait_s() == pytest.approx(0.004 + 64 * 0.0001, rel=0.05)
 
 
-def test_warm_up_runs_one_image_and_a_full_batch_and_seeds_the_estimate(model):
-    batcher = DynamicBatcher(model, 8, queue_budget_s=0.05)
+def test_warm_up_runs_one_image_and_a_small_batch_and_seeds_the_estimate(model):
+    batcher = DynamicBatcher(model, 64, queue_budget_s=0.05)
     assert batcher.estimated_wait_s(8) == 0  # nothing measured: nothing refused on the estimate
     model.seconds = 0.01
     batcher.warm_up(rows(0, 1))
-    assert [len(b) for b in model.batches] == [1, 1, 8, 8]
-    assert 0.005 < batcher.estimated_wait_s(8) < 0.1  # one warm full batch, about 10 ms
+    assert [len(b) for b in model.batches] == [1, 1, 8, 8]  # not 64: its memory would be kept
+    assert 0.005 < batcher.estimated_wait_s(8) < 0.1  # one warm batch, about 10 ms
 
 
 def test_one_stalled_run_moves_the_estimate_a_little_and_a_real_slowdown_is_learned():
