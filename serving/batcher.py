@@ -197,7 +197,7 @@ class DynamicBatcher:
             if count <= self.inline_max_images and self._quiet():
                 await asyncio.sleep(0)  # requests that came in with this one get here now: then it is not alone
             if count <= self.inline_max_images and self._quiet() and self._active == 1:
-                output = self._run_inline(images, start)
+                output = self._run_inline(images)
             else:
                 output = await self._queued(images, deadline)
         except Exception:
@@ -357,7 +357,7 @@ class DynamicBatcher:
         self._account_run(len(batch), queue_s, size, (taken, started, finished, time.monotonic()))
         self._learn(size, run_s)
 
-    def _run_inline(self, images: np.ndarray, arrived: float) -> np.ndarray:
+    def _run_inline(self, images: np.ndarray) -> np.ndarray:
         """Run a request that found the batcher idle at once, on this thread (see the module docstring)."""
         size = len(images)
         wide = self._run_wide is not None and (self._board is None or self._board.others_idle())
