@@ -194,12 +194,11 @@ class DynamicBatcher:
         self._admit(count, deadline, start)
         self._active += 1
         try:
-            if count <= self.inline_max_images and self._quiet():
+            alone = count <= self.inline_max_images and self._quiet()
+            if alone:
                 await asyncio.sleep(0)  # requests that came in with this one get here now: then it is not alone
-            if count <= self.inline_max_images and self._quiet() and self._active == 1:
-                output = self._run_inline(images)
-            else:
-                output = await self._queued(images, deadline)
+                alone = self._quiet() and self._active == 1
+            output = self._run_inline(images) if alone else await self._queued(images, deadline)
         except Exception:
             self._fail.count += 1
             self._fail.ns += int((time.monotonic() - start) * 1e9)

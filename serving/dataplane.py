@@ -158,9 +158,8 @@ class DataPlane:
         else:
             selected = self.repository.all_loaded()
         found = {(m.name, m.version): m.batcher.stats() for m in selected}
-        wanted = {(m.name, m.version) for m in selected} if version else None
         for key, snapshots in (self.shared_stats.others() if self.shared_stats else {}).items():
-            if (wanted is None and name in (None, key[0])) or (wanted is not None and key in wanted):
+            if key in found if version else name in (None, key[0]):  # another worker's: only what was asked
                 for snapshot in snapshots:
                     found[key] = add(found[key], snapshot) if key in found else snapshot
         return {"model_stats": [_triton_stats(n, v, stats) for (n, v), stats in sorted(found.items())]}
