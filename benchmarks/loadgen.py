@@ -11,6 +11,7 @@ The generator runs in this process on the same cores as the server (say so in re
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import re
 import sys
@@ -95,27 +96,66 @@ def http_request(port: int, binary: bool, images: np.ndarray, path: str | None =
 
 
 class HttpDoor:
-    """Requests over a pool of keep-alive connections, one request per connection at a time."""
+    """Requests over a pool of keep-alive connections, one request per connection at a time. With
+    ``connections`` set, at most that many are open and a request due while all are busy waits for one (as
+    wrk2 does; its latency still counts from when it was due); without it, a new one is opened."""
 
-    def __init__(self, port: int, request: bytes, name: str) -> None:
-        self.port, self.request, self.name = port, request, name
+    def __init__(self, port: int, request: bytes, name: str, connections: int | None = None) -> None:
+        self.port, self.request, self.name, self.connections = port, request, name, connections
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.open = 0
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+
+    async def _acquire(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while not self.idle and self.connections is not None and self.open >= self.connections:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiting.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:  # the caller's timeout: pass on a wake-up it got, or stop waiting
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()
+                elif waiter in self.waiting:
+                    self.waiting.remove(waiter)
+                raise
+        if self.idle:
+            return self.idle.pop()
+        self.open += 1
+        try:
+            return await asyncio.open_connection("127.0.0.1", self.port)
+        except Exception:
+            self._closed()
+            raise
+
+    def _closed(self) -> None:
+        self.open -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def __call__(self) -> str:
-        conn = self.idle.pop() if self.idle else await asyncio.open_connection("127.0.0.1", self.port)
+        conn = await self._acquire()
         reader, writer = conn
         try:
             writer.write(self.request)
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(CONTENT_LENGTH.search(head).group(1))
             await reader.readexactly(length)
-        except Exception:
+        except BaseException:  # an error, or the caller's timeout: the connection is in an unknown state
             writer.close()
+            self._closed()
             raise
         if b"connection: close" in head.lower():
             writer.close()
+            self._closed()
         else:
             self.idle.append(conn)
+            self._wake()
         status = int(STATUS.match(head).group(1))
         return "ok" if status == 200 else "rejected" if status in (429, 503) else f"http {status}"
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
+
+from serving.errors import Overloaded, http_error, log_refusal
 
 BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs errors of its HTTP APIs
 
@@ -225,6 +229,60 @@ def install_header_timeout(timeout_s: float) -> bool:
     HttpToolsProtocol.on_headers_complete, HttpToolsProtocol.connection_lost = on_headers_complete, connection_lost
     HttpToolsProtocol._cnnserve_header_timeout = True
     return True
+
+
+# the inference routes, as the request line gives them: the requests that load shedding may refuse
+SHEDDABLE = re.compile(rb"/(?:v2/models/[^?]*/infer|classify|predict)(?:\?.*)?")
+
+
+def install_load_shedding(check: Callable[[], None]) -> bool:
+    """Refuse an inference request (POST to a ``SHEDDABLE`` path) when ``check()`` raises ``Overloaded``, with
+    its 503, ``Retry-After`` and JSON message, as soon as its headers are parsed: the request never reaches
+    BentoML's app, its middlewares or the body (uvicorn discards what is left of it and keeps the connection).
+    This is what makes a refusal much cheaper than an answer (``serving.loop_lag``); other requests (health,
+    metadata, metrics) are never refused here.
+
+    Like uvicorn's own ``limit_concurrency``, it swaps the ASGI app of the one request, inside uvicorn's httptools
+    protocol (``install_header_timeout`` wraps the same class); ``tests/test_overload.py`` checks it on the real
+    server. Installing again replaces ``check``. Returns False where that class is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return False
+    HttpToolsProtocol._cnnserve_shed_check = staticmethod(check)
+    if getattr(HttpToolsProtocol, "_cnnserve_load_shedding", False):
+        return True
+    complete = HttpToolsProtocol.on_headers_complete
+
+    def on_headers_complete(self: Any) -> None:
+        if self.parser.get_method() == b"POST" and SHEDDABLE.fullmatch(self.url):
+            try:
+                self._cnnserve_shed_check()
+            except Overloaded as exc:
+                log_refusal(exc, "http")
+                app, self.app = self.app, _refusal_app(exc)
+                try:
+                    complete(self)
+                finally:
+                    self.app = app
+                return
+        complete(self)
+
+    HttpToolsProtocol.on_headers_complete = on_headers_complete
+    HttpToolsProtocol._cnnserve_load_shedding = True
+    return True
+
+
+def _refusal_app(exc: Overloaded) -> Callable[..., Any]:
+    """An ASGI app that answers every request with ``exc`` (status, headers and JSON body of ``http_error``)."""
+    status, body, extra = http_error(exc)
+    headers = [(b"content-type", b"application/json"), *((k.lower().encode(), v.encode()) for k, v in extra.items())]
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+    return app
 
 
 class ClientErrorsQuietly(logging.Filter):

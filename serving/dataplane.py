@@ -18,6 +18,7 @@ import numpy as np
 
 from serving import __version__
 from serving.errors import InvalidInput, ModelNotFound, PayloadTooLarge, ServingError
+from serving.loop_lag import LoopLag
 from serving.metrics import observe_request
 from serving.model_card import INPUT_NAME, PROBS_NAME, ModelCard
 from serving.repository import LoadedModel, ModelRepository, ScanResult
@@ -61,6 +62,7 @@ class DataPlane:
         """``shared_stats``: where the workers of this server share their statistics (None: this worker's only)."""
         self.repository, self.settings, self.shared_stats = repository, settings, shared_stats
         self.draining = False  # shutting down: not ready, though still serving
+        self.loop_lag = LoopLag(settings.max_loop_lag_ms / 1000)  # started on the worker's loop by the service
         self.on_scan: Callable[[ScanResult], Awaitable[None]] | None = None  # drains what a load/unload dropped
 
     # --- lookup ------------------------------------------------------------------------------------------

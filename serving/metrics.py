@@ -27,6 +27,14 @@ FALLBACKS = bentoml.metrics.Counter(
     name="cnnserve_version_fallbacks_total",
     documentation="Times a model's default version went down to an older one (its newest removed or failed)",
     labelnames=["model"])
+SHED = bentoml.metrics.Counter(
+    name="cnnserve_shed_requests_total",
+    documentation="Inference requests refused because the worker's event loop was behind (serving/loop_lag.py)",
+    labelnames=["door"])
+
+
+def observe_shed(door: str) -> None:
+    SHED.labels(door=door).inc()
 
 
 def observe_fallback(model: str) -> None:

@@ -14,6 +14,7 @@ import logging
 import re
 import signal
 from collections.abc import Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from serving.asgi import (
     JsonErrors,
     MountRoots,
     install_header_timeout,
+    install_load_shedding,
     install_request_timeout,
     quiet_client_errors,
 )
@@ -108,6 +110,10 @@ class CnnServe:
 
     @bentoml.on_startup
     async def start_background(self) -> None:
+        self.dataplane.loop_lag.start()
+        if self.settings.max_loop_lag_ms > 0 and not install_load_shedding(partial(self.dataplane.loop_lag.check,
+                                                                                    "http")):
+            log.warning("uvicorn's httptools protocol was not found: HTTP requests are not shed on event-loop lag")
         if self.settings.grpc_port:
             self.grpc = GrpcServer(self.dataplane, self.settings)
             await self.grpc.start()
@@ -182,6 +188,7 @@ class CnnServe:
 
     @bentoml.on_shutdown
     async def stop_background(self) -> None:
+        self.dataplane.loop_lag.stop()
         if self._poller:
             self._poller.cancel()
         if self._stats_publisher:

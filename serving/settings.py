@@ -28,6 +28,9 @@ class Settings:
     # queue holds this many images (0: the card's batching.max_queue_images; 0 there too: no hard bound) ...
     max_queue_images: int = 0
     queue_budget_ms: float = 100.0  # ... or when a new request's estimated queue wait is over this (0 = off)
+    # inference requests are refused at once (HTTP 503, gRPC UNAVAILABLE) while the worker's event loop runs more
+    # than this far behind (serving/loop_lag.py; 0 = off)
+    max_loop_lag_ms: float = 50.0
     max_queue_wait_ms: float = 1000.0  # a request still queued after this long is failed with 503 (0 = off)
     version_drain_s: float = 10.0  # a removed or unloaded version finishes its queued requests within this
     strict_readiness: bool = False  # ready only while every model in the repository has a version serving

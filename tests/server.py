@@ -69,6 +69,9 @@ def start_server(model_dir: Path, log: Path, wait_ready: bool = True, **settings
     # its own BentoML home: a server starting clears the Prometheus files of every server sharing one
     env["BENTOML_HOME"] = str(log.parent / f"bentoml-{http_port}")
     env["CNNSERVE_SHUTDOWN_DRAIN_S"] = "0"  # tests stop servers often; test_overload checks the drain itself
+    # no shedding on event-loop lag: tests that expect every answer must not see 503s on a slow machine;
+    # test_overload checks shedding itself
+    env["CNNSERVE_MAX_LOOP_LAG_MS"] = "0"
     env.update({f"CNNSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:CnnServe", "--host", "127.0.0.1",
            "--port", str(http_port), "--timeout-keep-alive", "75", "--timeout-graceful-shutdown", "20"]

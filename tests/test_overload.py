@@ -69,6 +69,50 @@ def test_requests_past_the_queue_bound_are_refused_on_grpc(small_queue_server):
     assert "ok" in results
 
 
+@pytest.fixture(scope="module")
+def lagging_server(repo, tmp_path_factory):
+    """One worker that sheds inference requests as soon as its event loop is 1 ms behind, and has no queue bounds:
+    under concurrent load it refuses some requests on lag alone."""
+    srv = start_server(repo, tmp_path_factory.mktemp("lag") / "server.log", workers=1, max_loop_lag_ms=1,
+                       max_queue_images=0, queue_budget_ms=0, poll_interval_s=0)
+    yield srv
+    srv.stop()
+
+
+def test_a_worker_behind_on_its_event_loop_sheds_inference_on_http_but_answers_health(lagging_server):
+    url = lagging_server.url
+    with ThreadPoolExecutor(16) as pool:
+        inferring = [pool.submit(binary_infer, url, BIG) for _ in range(96)]
+        health = [pool.submit(httpx.get, f"{url}/readyz", timeout=30) for _ in range(16)]
+        responses, health = [f.result() for f in inferring], [f.result() for f in health]
+    shed = [r for r in responses if r.status_code == 503]
+    assert shed, "no request was shed"
+    assert all(r.status_code in (200, 503) for r in responses)
+    assert all(int(r.headers["Retry-After"]) >= 1 and "event loop is" in r.json()["error"] for r in shed)
+    assert any(r.status_code == 200 for r in responses)
+    assert all(r.status_code == 200 for r in health), "health requests must never be shed"
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'cnnserve_shed_requests_total{door="http"}' in metrics
+
+
+def test_a_worker_behind_on_its_event_loop_sheds_inference_on_grpc(lagging_server):
+    def call(_: int) -> str:
+        client = grpcclient.InferenceServerClient(lagging_server.grpc_address)
+        inp = grpcclient.InferInput("images", list(BIG.shape), "UINT8")
+        inp.set_data_from_numpy(BIG)
+        try:
+            client.infer("mnist-cnn", [inp])
+            return "ok"
+        except Exception as exc:  # tritonclient's InferenceServerException carries the status
+            return str(exc)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, range(96)))
+    shed = [r for r in results if r != "ok"]
+    assert shed and all("UNAVAILABLE" in r and "event loop is" in r for r in shed), shed[:3]
+    assert "ok" in results
+
+
 def test_an_oversize_json_batch_is_refused_from_its_declared_shape_before_parsing(server):
     body = (b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [' + str(MAX_IMAGES + 1).encode()
             + b', 28, 28], "data": [0, 0, 0, this is not JSON')  # parsing it would answer 400 instead

@@ -1,0 +1,69 @@
+"""Load shedding on event-loop lag: the signal that tells a worker it cannot keep up.
+
+Under open-loop overload a worker's bottleneck is its event loop (HTTP parsing, the web framework, the
+codecs), not onnxruntime: the batcher's queue stays short and its admission estimate refuses nothing while
+requests wait, unread, in socket buffers and in the loop's ready queue, and every request (``/readyz``
+included) sees that wait. ``LoopLag`` measures it: a timer due every ``period_s`` records how late it fires,
+and a timer that is due but has not fired yet counts as late by now. Past ``limit_s`` the doors refuse new
+inference requests at once (HTTP 503 with ``Retry-After`` before the request reaches the web framework,
+``serving.asgi.install_load_shedding``; gRPC ``UNAVAILABLE`` before decoding), which costs the loop a small
+part of what serving them would, so it catches up and the latency of what it does serve stays bounded.
+Health, metadata and metrics requests are never refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from serving.errors import Overloaded
+from serving.metrics import observe_shed
+
+RETRY_AFTER_S = 1.0
+
+
+class LoopLag:
+    """How far behind the running event loop is, against a limit (``limit_s`` <= 0: never overloaded)."""
+
+    def __init__(self, limit_s: float, period_s: float = 0.01) -> None:
+        self.limit_s, self.period_s = limit_s, period_s
+        self.last_lag_s = 0.0  # how late the last timer fired
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._due = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Start measuring on the running loop."""
+        if self.limit_s <= 0:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._schedule(self._loop.time())
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _schedule(self, now: float) -> None:
+        self._due = now + self.period_s
+        self._timer = self._loop.call_at(self._due, self._tick)
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        self.last_lag_s = max(0.0, now - self._due)
+        self._schedule(now)
+
+    def behind_s(self) -> float:
+        """The loop's lag now: the last timer's, or the pending timer's if it is overdue by more."""
+        if self._loop is None:
+            return 0.0
+        return max(self.last_lag_s, self._loop.time() - self._due)
+
+    def check(self, door: str) -> None:
+        """Raise ``Overloaded`` (counted per ``door`` in the metrics) when the loop is more than ``limit_s`` behind."""
+        if self._loop is None:
+            return
+        behind = self.behind_s()
+        if behind > self.limit_s:
+            observe_shed(door)
+            raise Overloaded(f"server overloaded: its event loop is {1000 * behind:.0f} ms behind (limit "
+                             f"{1000 * self.limit_s:.0f} ms); retry later", RETRY_AFTER_S)
