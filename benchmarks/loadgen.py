@@ -95,73 +95,175 @@ def http_request(port: int, binary: bool, images: np.ndarray, path: str | None =
     return head.encode() + body
 
 
+def http_outcome(status: int) -> str:
+    return "ok" if status == 200 else "rejected" if status in (429, 503) else f"http {status}"
+
+
 class HttpDoor:
-    """Requests over a pool of keep-alive connections, one request per connection at a time. With
-    ``connections`` set, at most that many are open and a request due while all are busy waits for one (as
-    wrk2 does; its latency still counts from when it was due); without it, a new one is opened."""
+    """Requests over a pool of keep-alive connections, one request per connection at a time."""
 
-    def __init__(self, port: int, request: bytes, name: str, connections: int | None = None) -> None:
-        self.port, self.request, self.name, self.connections = port, request, name, connections
+    def __init__(self, port: int, request: bytes, name: str) -> None:
+        self.port, self.request, self.name = port, request, name
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.open = 0
-        self.waiting: collections.deque[asyncio.Future] = collections.deque()
-
-    async def _acquire(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        while not self.idle and self.connections is not None and self.open >= self.connections:
-            waiter = asyncio.get_running_loop().create_future()
-            self.waiting.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:  # the caller's timeout: pass on a wake-up it got, or stop waiting
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()
-                elif waiter in self.waiting:
-                    self.waiting.remove(waiter)
-                raise
-        if self.idle:
-            return self.idle.pop()
-        self.open += 1
-        try:
-            return await asyncio.open_connection("127.0.0.1", self.port)
-        except Exception:
-            self._closed()
-            raise
-
-    def _closed(self) -> None:
-        self.open -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self.waiting:
-            waiter = self.waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
 
     async def __call__(self) -> str:
-        conn = await self._acquire()
+        conn = self.idle.pop() if self.idle else await asyncio.open_connection("127.0.0.1", self.port)
         reader, writer = conn
         try:
             writer.write(self.request)
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(CONTENT_LENGTH.search(head).group(1))
             await reader.readexactly(length)
-        except BaseException:  # an error, or the caller's timeout: the connection is in an unknown state
+        except Exception:
             writer.close()
-            self._closed()
             raise
         if b"connection: close" in head.lower():
             writer.close()
-            self._closed()
         else:
             self.idle.append(conn)
-            self._wake()
-        status = int(STATUS.match(head).group(1))
-        return "ok" if status == 200 else "rejected" if status in (429, 503) else f"http {status}"
+        return http_outcome(int(STATUS.match(head).group(1)))
 
     async def close(self) -> None:
         for _, writer in self.idle:
             writer.close()
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection of ``HttpLoad``: one request at a time, the answer read from its Content-Length."""
+
+    def __init__(self, load: HttpLoad) -> None:
+        self.load, self.transport, self.buffer = load, None, bytearray()
+        self.due: float | None = None  # when the request in flight was due; None: idle
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.load.connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        length = CONTENT_LENGTH.search(self.buffer, 0, end)
+        if length:
+            size = end + 4 + int(length.group(1))
+        else:  # chunked: up to the last, empty chunk
+            size = self.buffer.find(b"\r\n0\r\n\r\n", end) + 7
+            if size < 7:
+                return
+        if len(self.buffer) < size:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        del self.buffer[:size]
+        self.load.answered(self, int(head[9:12]), b"connection: close" in head)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.load.lost(self)
+
+
+class HttpLoad:
+    """HTTP load without a task, future or timer per request, so that one process can offer several thousand
+    requests/s and still send each when it is due: requests go out on at most ``connections`` keep-alive
+    connections (as wrk2 keeps a fixed set), one at a time each; a request due while all are busy waits for
+    the next free one, and its latency counts from when it was due. Open loop: ``rate`` requests/s for
+    ``seconds``; closed loop: each connection sends its next request when the last one is answered."""
+
+    def __init__(self, port: int, request: bytes, name: str, connections: int) -> None:
+        self.port, self.request, self.name, self.connections = port, request, name, connections
+        self.samples: list[Sample] = []
+        self.backlog: collections.deque[float] = collections.deque()  # due times of requests not sent yet
+        self.idle: list[_Connection] = []
+        self.busy: set[_Connection] = set()
+        self.opened = 0  # connections open or opening
+        self.closed_loop_until: float | None = None
+        self.loop = asyncio.get_running_loop()
+
+    async def open_loop(self, rate: float, seconds: float) -> list[Sample]:
+        start, total, issued = self.loop.time(), int(rate * seconds), 0
+        while issued < total:
+            now = self.loop.time()
+            due = min(total, int((now - start) * rate) + 1)
+            self.backlog.extend(start + i / rate for i in range(issued, due))
+            issued = due
+            self._dispatch()
+            self._expire(now)
+            await asyncio.sleep(max(0.0, min(0.001, start + issued / rate - self.loop.time())))
+        return await self._finish()
+
+    async def closed_loop(self, seconds: float) -> list[Sample]:
+        now = self.loop.time()
+        self.closed_loop_until = now + seconds
+        self.backlog.extend([now] * self.connections)
+        self._dispatch()
+        while self.loop.time() < self.closed_loop_until:
+            self._expire(self.loop.time())
+            await asyncio.sleep(0.05)
+        return await self._finish()
+
+    async def _finish(self) -> list[Sample]:
+        while self.backlog or self.busy:
+            self._expire(self.loop.time())
+            await asyncio.sleep(0.01)
+        for connection in self.idle:
+            connection.transport.close()
+        return self.samples
+
+    def _dispatch(self) -> None:
+        while self.backlog and self.idle:
+            connection = self.idle.pop()
+            connection.due = self.backlog.popleft()
+            self.busy.add(connection)
+            connection.transport.write(self.request)
+        while self.backlog and self.opened < min(self.connections, len(self.backlog) + len(self.busy)):
+            self.opened += 1
+            self.loop.create_task(self._open())
+
+    async def _open(self) -> None:
+        try:
+            await self.loop.create_connection(lambda: _Connection(self), "127.0.0.1", self.port)
+        except OSError:
+            self.opened -= 1
+            if self.backlog:  # the request it was for fails; the rest try again
+                self._record(self.backlog.popleft(), "error OSError")
+                self._dispatch()
+
+    def _record(self, due: float, outcome: str) -> None:
+        self.samples.append(Sample(self.name, due, self.loop.time() - due, outcome))
+
+    def connected(self, connection: _Connection) -> None:
+        self.idle.append(connection)
+        self._dispatch()
+
+    def answered(self, connection: _Connection, status: int, close: bool) -> None:
+        self._record(connection.due, http_outcome(status))
+        self.busy.discard(connection)
+        connection.due = None
+        if self.closed_loop_until is not None and self.loop.time() < self.closed_loop_until:
+            self.backlog.append(self.loop.time())
+        if close:
+            connection.transport.close()
+        else:
+            self.idle.append(connection)
+        self._dispatch()
+
+    def lost(self, connection: _Connection) -> None:
+        self.opened -= 1
+        if connection.due is not None:
+            self._record(connection.due, "error connection lost")
+            self.busy.discard(connection)
+        if connection in self.idle:
+            self.idle.remove(connection)
+        self._dispatch()
+
+    def _expire(self, now: float) -> None:
+        """Requests not answered ``TIMEOUT_S`` after they were due: errors (their connections are closed)."""
+        while self.backlog and self.backlog[0] + TIMEOUT_S < now:
+            self._record(self.backlog.popleft(), "error timeout")
+        for connection in [c for c in self.busy if c.due + TIMEOUT_S < now]:
+            self._record(connection.due, "error timeout")
+            self.busy.discard(connection)
+            connection.due = None
+            connection.transport.close()
 
 
 class GrpcDoor:

@@ -24,6 +24,7 @@ from pathlib import Path
 from benchmarks.loadgen import (
     GrpcDoor,
     HttpDoor,
+    HttpLoad,
     Sample,
     Service,
     closed_loop,
@@ -41,23 +42,30 @@ LIGHT_RATE = 20.0  # requests/s of the light client that measures latency throug
 AFTER_S = 5.0
 
 
-def make_door(kind: str, http_port: int, grpc_port: int, connections: int | None = None):
+def make_door(kind: str, http_port: int, grpc_port: int):
     images = sample_images()
     if kind == "grpc":
         return GrpcDoor(grpc_port, images)
-    return HttpDoor(http_port, http_request(http_port, True, images), "http", connections)
+    return HttpDoor(http_port, http_request(http_port, True, images), "http")
+
+
+def http_load(http_port: int, connections: int) -> HttpLoad:
+    return HttpLoad(http_port, http_request(http_port, True, sample_images()), "http", connections)
 
 
 def burst(kind: str, http_port: int, grpc_port: int, connections: int, rate: float, seconds: float) -> list[Sample]:
     """The open-loop burst, run in a process of its own (loop time is ``time.monotonic()`` in both)."""
 
-    async def run() -> list[Sample]:
-        door = make_door(kind, http_port, grpc_port, connections)
+    async def grpc_burst() -> list[Sample]:
+        door = make_door(kind, http_port, grpc_port)
         samples = await open_loop(door, rate, seconds)
         await door.close()
         return samples
 
-    return asyncio.run(run())
+    async def http_burst() -> list[Sample]:
+        return await http_load(http_port, connections).open_loop(rate, seconds)
+
+    return asyncio.run(http_burst() if kind == "http" else grpc_burst())
 
 
 def recovery_s(light: list[Sample], burst_end: float, normal_s: float) -> float:
@@ -68,15 +76,19 @@ def recovery_s(light: list[Sample], burst_end: float, normal_s: float) -> float:
 
 
 async def measure(kind: str, service: Service, seconds: float, factor: float, connections: int) -> dict:
-    door = make_door(kind, service.http_port, service.grpc_port, connections)
     light_door = make_door(kind, service.http_port, service.grpc_port)
     loop = asyncio.get_running_loop()
-    await closed_loop(door, 16, 2)  # warm-up
-    measured = await closed_loop(door, 16, 10)
+    if kind == "http":
+        await http_load(service.http_port, 16).closed_loop(2)  # warm-up
+        measured = await http_load(service.http_port, 16).closed_loop(10)
+    else:
+        door = make_door(kind, service.http_port, service.grpc_port)
+        await closed_loop(door, 16, 2)
+        measured = await closed_loop(door, 16, 10)
+        await door.close()
     capacity = sum(s.outcome == "ok" for s in measured) / 10
     baseline = await open_loop(light_door, LIGHT_RATE, 3)
     normal_s = max(2 * float(sorted(s.latency_s for s in baseline)[int(0.99 * len(baseline))]), 0.005)
-    await door.close()
     rss_before = service.worker_rss_mb()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         pool.submit(int).result()  # the process started before the clock does

@@ -276,11 +276,13 @@ def install_load_shedding(check: Callable[[], None]) -> bool:
 def _refusal_app(exc: Overloaded) -> Callable[..., Any]:
     """An ASGI app that answers every request with ``exc`` (status, headers and JSON body of ``http_error``)."""
     status, body, extra = http_error(exc)
-    headers = [(b"content-type", b"application/json"), *((k.lower().encode(), v.encode()) for k, v in extra.items())]
+    content = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
+               *((k.lower().encode(), v.encode()) for k, v in extra.items())]
 
     async def app(scope: dict, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+        await send({"type": "http.response.body", "body": content})
 
     return app
 

@@ -62,7 +62,8 @@ class DataPlane:
         """``shared_stats``: where the workers of this server share their statistics (None: this worker's only)."""
         self.repository, self.settings, self.shared_stats = repository, settings, shared_stats
         self.draining = False  # shutting down: not ready, though still serving
-        self.loop_lag = LoopLag(settings.max_loop_lag_ms / 1000)  # started on the worker's loop by the service
+        # started on the worker's loop by the service
+        self.loop_lag = LoopLag(settings.max_loop_lag_ms / 1000, settings.loop_lag_window_ms / 1000)
         self.on_scan: Callable[[ScanResult], Awaitable[None]] | None = None  # drains what a load/unload dropped
 
     # --- lookup ------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Under open-loop overload a worker's bottleneck is its event loop (HTTP parsing, 
 codecs), not onnxruntime: the batcher's queue stays short and its admission estimate refuses nothing while
 requests wait, unread, in socket buffers and in the loop's ready queue, and every request (``/readyz``
 included) sees that wait. ``LoopLag`` measures it: a timer due every ``period_s`` records how late it fires,
-and a timer that is due but has not fired yet counts as late by now. Past ``limit_s`` the doors refuse new
+and a timer that is due but has not fired yet counts as late by now. When the loop has been more than
+``limit_s`` behind without a break for ``window_s`` (a standing backlog, not a passing stall: CoDel's rule,
+so a garbage collection, a slow first run or a neighbour's burst of CPU refuses nobody), the doors refuse new
 inference requests at once (HTTP 503 with ``Retry-After`` before the request reaches the web framework,
 ``serving.asgi.install_load_shedding``; gRPC ``UNAVAILABLE`` before decoding), which costs the loop a small
 part of what serving them would, so it catches up and the latency of what it does serve stays bounded.
@@ -22,11 +24,13 @@ RETRY_AFTER_S = 1.0
 
 
 class LoopLag:
-    """How far behind the running event loop is, against a limit (``limit_s`` <= 0: never overloaded)."""
+    """How far behind the running event loop is, and for how long, against a limit (``limit_s`` <= 0: never
+    overloaded)."""
 
-    def __init__(self, limit_s: float, period_s: float = 0.01) -> None:
-        self.limit_s, self.period_s = limit_s, period_s
+    def __init__(self, limit_s: float, window_s: float, period_s: float = 0.01) -> None:
+        self.limit_s, self.window_s, self.period_s = limit_s, window_s, period_s
         self.last_lag_s = 0.0  # how late the last timer fired
+        self._late_since: float | None = None  # since when every timer has fired more than limit_s late
         self._loop: asyncio.AbstractEventLoop | None = None
         self._due = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -50,6 +54,10 @@ class LoopLag:
     def _tick(self) -> None:
         now = self._loop.time()
         self.last_lag_s = max(0.0, now - self._due)
+        if self.last_lag_s <= self.limit_s:
+            self._late_since = None
+        elif self._late_since is None:
+            self._late_since = self._due + self.limit_s
         self._schedule(now)
 
     def behind_s(self) -> float:
@@ -58,12 +66,21 @@ class LoopLag:
             return 0.0
         return max(self.last_lag_s, self._loop.time() - self._due)
 
-    def check(self, door: str) -> None:
-        """Raise ``Overloaded`` (counted per ``door`` in the metrics) when the loop is more than ``limit_s`` behind."""
+    def late_for_s(self) -> float:
+        """How long the loop has been more than ``limit_s`` behind without a break (0: it is not)."""
         if self._loop is None:
-            return
-        behind = self.behind_s()
-        if behind > self.limit_s:
+            return 0.0
+        now, since = self._loop.time(), self._late_since
+        if since is None and now - self._due > self.limit_s:  # the pending timer is that late already
+            since = self._due + self.limit_s
+        return 0.0 if since is None else now - since
+
+    def check(self, door: str) -> None:
+        """Raise ``Overloaded`` (counted per ``door`` in the metrics) when the loop has been more than ``limit_s``
+        behind for ``window_s``."""
+        late_for = self.late_for_s()
+        if late_for and late_for >= self.window_s:
             observe_shed(door)
-            raise Overloaded(f"server overloaded: its event loop is {1000 * behind:.0f} ms behind (limit "
-                             f"{1000 * self.limit_s:.0f} ms); retry later", RETRY_AFTER_S)
+            raise Overloaded(f"server overloaded: its event loop is {1000 * self.behind_s():.0f} ms behind and has "
+                             f"been over {1000 * self.limit_s:.0f} ms behind for {1000 * late_for:.0f} ms; retry "
+                             "later", RETRY_AFTER_S)

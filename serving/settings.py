@@ -28,9 +28,10 @@ class Settings:
     # queue holds this many images (0: the card's batching.max_queue_images; 0 there too: no hard bound) ...
     max_queue_images: int = 0
     queue_budget_ms: float = 100.0  # ... or when a new request's estimated queue wait is over this (0 = off)
-    # inference requests are refused at once (HTTP 503, gRPC UNAVAILABLE) while the worker's event loop runs more
-    # than this far behind (serving/loop_lag.py; 0 = off)
+    # inference requests are refused at once (HTTP 503, gRPC UNAVAILABLE) once the worker's event loop has run more
+    # than max_loop_lag_ms behind for loop_lag_window_ms without a break (serving/loop_lag.py; 0 = off)
     max_loop_lag_ms: float = 50.0
+    loop_lag_window_ms: float = 200.0
     max_queue_wait_ms: float = 1000.0  # a request still queued after this long is failed with 503 (0 = off)
     version_drain_s: float = 10.0  # a removed or unloaded version finishes its queued requests within this
     strict_readiness: bool = False  # ready only while every model in the repository has a version serving

@@ -11,19 +11,56 @@ from serving.errors import Overloaded
 from serving.loop_lag import LoopLag
 
 
-def test_a_blocked_loop_is_behind_by_how_long_it_was_blocked_and_refuses_past_the_limit():
-    async def main() -> None:
-        lag = LoopLag(limit_s=0.04, period_s=0.005)
+def run_blocked(lag: LoopLag, block_s: float, times: int) -> float:
+    """Start ``lag`` on a fresh loop, block the loop ``times`` times for ``block_s`` (the timer running in between),
+    then return ``late_for_s()`` as a request read right then would see it, and raise what ``check`` raises."""
+
+    async def main() -> float:
         lag.start()
         await asyncio.sleep(0.05)
         lag.check("test")  # an idle loop is not behind
-        time.sleep(0.1)  # blocked: the pending timer is overdue
-        assert lag.behind_s() >= 0.09
-        with pytest.raises(Overloaded, match=r"event loop is \d+ ms behind \(limit 40 ms\)") as refused:
+        for _ in range(times):
+            time.sleep(block_s)
+            await asyncio.sleep(0)  # the loop runs what is due, the timer included, then blocks again
+        try:
+            late_for = lag.late_for_s()
             lag.check("test")
-        assert refused.value.retry_after_s >= 1
-        await asyncio.sleep(0.05)  # caught up
-        assert lag.behind_s() < 0.04
+            return late_for
+        finally:
+            lag.stop()
+
+    return asyncio.run(main())
+
+
+def test_a_loop_behind_for_longer_than_the_window_refuses():
+    lag = LoopLag(limit_s=0.04, window_s=0.2, period_s=0.005)
+    with pytest.raises(Overloaded, match=r"event loop is \d+ ms behind and has been over 40 ms behind for \d+ ms"
+                       ) as refused:
+        run_blocked(lag, 0.3, 1)
+    assert refused.value.retry_after_s >= 1
+
+
+def test_a_standing_backlog_of_many_late_iterations_refuses():
+    lag = LoopLag(limit_s=0.04, window_s=0.2, period_s=0.005)
+    with pytest.raises(Overloaded):
+        run_blocked(lag, 0.06, 8)  # every iteration 60 ms: each timer fires more than 40 ms late
+
+
+def test_a_passing_stall_shorter_than_the_window_refuses_nobody():
+    lag = LoopLag(limit_s=0.04, window_s=0.2, period_s=0.005)
+    late_for = run_blocked(lag, 0.12, 1)
+    assert 0.05 <= late_for < 0.2
+    assert lag.behind_s() >= 0.1
+
+
+def test_a_loop_that_caught_up_is_not_late():
+    lag = LoopLag(limit_s=0.04, window_s=0.2, period_s=0.005)
+
+    async def main() -> None:
+        lag.start()
+        time.sleep(0.3)
+        await asyncio.sleep(0.05)  # caught up: the timers fire on time again
+        assert lag.late_for_s() == 0 and lag.behind_s() < 0.04
         lag.check("test")
         lag.stop()
 
@@ -31,11 +68,5 @@ def test_a_blocked_loop_is_behind_by_how_long_it_was_blocked_and_refuses_past_th
 
 
 def test_a_limit_of_zero_never_refuses():
-    async def main() -> None:
-        lag = LoopLag(limit_s=0)
-        lag.start()
-        time.sleep(0.05)
-        lag.check("test")
-        assert lag.behind_s() == 0
-
-    asyncio.run(main())
+    lag = LoopLag(limit_s=0, window_s=0)
+    assert run_blocked(lag, 0.3, 1) == 0

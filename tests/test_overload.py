@@ -71,10 +71,10 @@ def test_requests_past_the_queue_bound_are_refused_on_grpc(small_queue_server):
 
 @pytest.fixture(scope="module")
 def lagging_server(repo, tmp_path_factory):
-    """One worker that sheds inference requests as soon as its event loop is 1 ms behind, and has no queue bounds:
-    under concurrent load it refuses some requests on lag alone."""
+    """One worker that sheds inference requests once its event loop has been 1 ms behind for 2 ms, and has no queue
+    bounds: under concurrent load it refuses some requests on lag alone."""
     srv = start_server(repo, tmp_path_factory.mktemp("lag") / "server.log", workers=1, max_loop_lag_ms=1,
-                       max_queue_images=0, queue_budget_ms=0, poll_interval_s=0)
+                       loop_lag_window_ms=2, max_queue_images=0, queue_budget_ms=0, poll_interval_s=0)
     yield srv
     srv.stop()
 
