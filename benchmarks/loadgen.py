@@ -15,6 +15,8 @@ import collections
 import json
 import re
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,9 +178,10 @@ class HttpLoad:
         self.busy: set[_Connection] = set()
         self.opened = 0  # connections open or opening
         self.closed_loop_until: float | None = None
-        self.loop = asyncio.get_running_loop()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the running loop, from the start of the load
 
     async def open_loop(self, rate: float, seconds: float) -> list[Sample]:
+        self.loop = asyncio.get_running_loop()
         start, total, issued = self.loop.time(), int(rate * seconds), 0
         while issued < total:
             now = self.loop.time()
@@ -191,6 +194,7 @@ class HttpLoad:
         return await self._finish()
 
     async def closed_loop(self, seconds: float) -> list[Sample]:
+        self.loop = asyncio.get_running_loop()
         now = self.loop.time()
         self.closed_loop_until = now + seconds
         self.backlog.extend([now] * self.connections)
@@ -291,6 +295,68 @@ class GrpcDoor:
     async def close(self) -> None:
         for channel in self.channels:
             await channel.close()
+
+
+class GrpcLoad:
+    """gRPC ModelInfer load from grpcio's synchronous stubs' futures (the calls run in grpcio's C core; a callback
+    records each answer), light enough for one process to offer several thousand calls/s, spread over a few
+    channels as clients with several connections do. Open loop: ``rate`` calls/s for ``seconds``, each sent when
+    due; closed loop: ``clients`` calls in flight, each answer followed by the next call. Blocking: run it in a
+    thread or process of its own."""
+
+    def __init__(self, port: int, images: np.ndarray, channels: int = 4) -> None:
+        self.channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(channels)]
+        self.calls = [pb_grpc.GRPCInferenceServiceStub(c).ModelInfer for c in self.channels]
+        tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=list(images.shape))
+        self.request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor], raw_input_contents=[images.tobytes()])
+        self.samples: list[Sample] = []
+        self.sent, self.in_flight = 0, 0
+        self.lock = threading.Condition()
+        self.closed_loop_until: float | None = None
+
+    def _send(self, due: float) -> None:
+        with self.lock:
+            call = self.calls[self.sent % len(self.calls)]
+            self.sent += 1
+            self.in_flight += 1
+        call.future(self.request, timeout=TIMEOUT_S).add_done_callback(lambda future: self._answered(future, due))
+
+    def _answered(self, future: grpc.Future, due: float) -> None:
+        now = time.monotonic()
+        error = future.exception()
+        code = error.code() if error is not None else grpc.StatusCode.OK
+        outcome = "ok" if code == grpc.StatusCode.OK else "rejected" if code in (
+            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) else f"grpc {code.name}"
+        with self.lock:
+            self.samples.append(Sample("grpc", due, now - due, outcome))
+            self.in_flight -= 1
+            self.lock.notify_all()
+        if self.closed_loop_until is not None and now < self.closed_loop_until:
+            self._send(now)
+
+    def open_loop(self, rate: float, seconds: float) -> list[Sample]:
+        start, total, issued = time.monotonic(), int(rate * seconds), 0
+        while issued < total:
+            due = min(total, int((time.monotonic() - start) * rate) + 1)
+            for i in range(issued, due):
+                self._send(start + i / rate)
+            issued = due
+            time.sleep(max(0.0, min(0.001, start + issued / rate - time.monotonic())))
+        return self._finish()
+
+    def closed_loop(self, clients: int, seconds: float) -> list[Sample]:
+        self.closed_loop_until = time.monotonic() + seconds
+        for _ in range(clients):
+            self._send(time.monotonic())
+        time.sleep(seconds)
+        return self._finish()
+
+    def _finish(self) -> list[Sample]:
+        with self.lock:
+            self.lock.wait_for(lambda: self.in_flight == 0, timeout=2 * TIMEOUT_S)
+        for channel in self.channels:
+            channel.close()
+        return list(self.samples)
 
 
 async def timed(door, due: float, samples: list[Sample]) -> None:

@@ -3,11 +3,12 @@ and gRPC, against the service as `make serve` runs it (one worker per core, defa
 
     python -m benchmarks.overload [--seconds 30] [--factor 2] [--doors http grpc]
 
-Per door: capacity = answered requests/s of 16 closed-loop clients; then ``factor`` x capacity open loop for
-``seconds`` while ``/readyz`` is probed every 100 ms and a light client (20 req/s) keeps sending through the
-burst and 5 s past it. The burst comes from a process of its own (HTTP: at most ``--connections`` keep-alive
-connections, as wrk2 keeps a fixed set), so that the probe and the light client measure the server and not
-the generator's own backlog. Reported beside the goals of the issue: answered p99 <= 250 ms, rejections answered
+Per door: capacity = answered requests/s of 16 closed-loop clients; then ``factor`` x capacity (or ``--rate``)
+open loop for ``seconds`` while ``/readyz`` is probed every 100 ms and a light client (20 req/s) keeps sending
+through the burst and 5 s past it. The load comes from generators with no per-request task or timer
+(``loadgen.HttpLoad``: at most ``--connections`` keep-alive connections, as wrk2 keeps a fixed set;
+``loadgen.GrpcLoad``: grpcio futures over 4 channels), and the burst from a process of its own, so that the
+probe and the light client measure the server and not the generator's own backlog. Reported beside the goals of the issue: answered p99 <= 250 ms, rejections answered
 in <= 10 ms (p99), goodput >= 90 % of capacity, worker RSS growth <= 20 %, /readyz p99 <= 50 ms, latency
 back to normal <= 1 s after the burst. Writes benchmarks/results/overload.{json,md}.
 """
@@ -23,11 +24,11 @@ from pathlib import Path
 
 from benchmarks.loadgen import (
     GrpcDoor,
+    GrpcLoad,
     HttpDoor,
     HttpLoad,
     Sample,
     Service,
-    closed_loop,
     http_request,
     open_loop,
     percentile_ms,
@@ -54,18 +55,10 @@ def http_load(http_port: int, connections: int) -> HttpLoad:
 
 
 def burst(kind: str, http_port: int, grpc_port: int, connections: int, rate: float, seconds: float) -> list[Sample]:
-    """The open-loop burst, run in a process of its own (loop time is ``time.monotonic()`` in both)."""
-
-    async def grpc_burst() -> list[Sample]:
-        door = make_door(kind, http_port, grpc_port)
-        samples = await open_loop(door, rate, seconds)
-        await door.close()
-        return samples
-
-    async def http_burst() -> list[Sample]:
-        return await http_load(http_port, connections).open_loop(rate, seconds)
-
-    return asyncio.run(http_burst() if kind == "http" else grpc_burst())
+    """The open-loop burst, run in a process of its own (its clock, ``time.monotonic()``, is this one's loop time)."""
+    if kind == "grpc":
+        return GrpcLoad(grpc_port, sample_images()).open_loop(rate, seconds)
+    return asyncio.run(http_load(http_port, connections).open_loop(rate, seconds))
 
 
 def recovery_s(light: list[Sample], burst_end: float, normal_s: float) -> float:
@@ -75,18 +68,19 @@ def recovery_s(light: list[Sample], burst_end: float, normal_s: float) -> float:
     return round(max(0.0, bad[-1].due - burst_end), 2) if bad else 0.0
 
 
-async def measure(kind: str, service: Service, seconds: float, factor: float, connections: int) -> dict:
+async def measure(kind: str, service: Service, seconds: float, factor: float, connections: int,
+                  rate: float | None = None) -> dict:
+    """``rate``: offered requests/s, in place of ``factor`` x the measured capacity."""
     light_door = make_door(kind, service.http_port, service.grpc_port)
     loop = asyncio.get_running_loop()
     if kind == "http":
         await http_load(service.http_port, 16).closed_loop(2)  # warm-up
         measured = await http_load(service.http_port, 16).closed_loop(10)
     else:
-        door = make_door(kind, service.http_port, service.grpc_port)
-        await closed_loop(door, 16, 2)
-        measured = await closed_loop(door, 16, 10)
-        await door.close()
+        await asyncio.to_thread(GrpcLoad(service.grpc_port, sample_images()).closed_loop, 16, 2)
+        measured = await asyncio.to_thread(GrpcLoad(service.grpc_port, sample_images()).closed_loop, 16, 10)
     capacity = sum(s.outcome == "ok" for s in measured) / 10
+    offered = rate or factor * capacity
     baseline = await open_loop(light_door, LIGHT_RATE, 3)
     normal_s = max(2 * float(sorted(s.latency_s for s in baseline)[int(0.99 * len(baseline))]), 0.005)
     rss_before = service.worker_rss_mb()
@@ -95,7 +89,7 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
         start = loop.time()
         burst_samples, light, readyz = await asyncio.gather(
             loop.run_in_executor(pool, burst, kind, service.http_port, service.grpc_port, connections,
-                                 factor * capacity, seconds),
+                                 offered, seconds),
             open_loop(light_door, LIGHT_RATE, seconds + AFTER_S), probe(f"{service.url}/readyz", 0.1, seconds))
     rss_after = service.worker_rss_mb()
     ok = [s.latency_s for s in burst_samples if s.outcome == "ok"]
@@ -106,7 +100,7 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
             errors[s.outcome] = errors.get(s.outcome, 0) + 1
     await light_door.close()
     result = {
-        "door": kind, "capacity_per_s": round(capacity), "offered_per_s": round(factor * capacity),
+        "door": kind, "capacity_per_s": round(capacity), "offered_per_s": round(offered),
         "connections": connections if kind == "http" else None,
         "sent": len(burst_samples), "answered": len(ok), "rejected": len(rejected), "errors": errors,
         "goodput_per_s": round(len(ok) / seconds), "goodput_fraction": round(len(ok) / seconds / capacity, 3),
@@ -137,10 +131,10 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "",
         f"`python -m benchmarks.overload --seconds {args.seconds:g} --factor {args.factor:g} --connections "
         f"{args.connections}`: the service as `make serve` runs it (2 workers, default settings), mnist-cnn, "
-        "single-image requests; the burst comes from a Python process of its own (asyncio; HTTP over at most "
-        f"{args.connections} keep-alive connections), the light client and the /readyz probe from another, all on "
-        "the same 2 cores as the server. Capacity: 16 closed-loop clients of the same generator. Goals from the "
-        "issue in brackets; each cell says whether it is met.",
+        "single-image requests; the burst comes from a Python process of its own (HTTP: asyncio protocol over at "
+        f"most {args.connections} keep-alive connections; gRPC: grpcio futures over 4 channels), the light client "
+        "and the /readyz probe from another, all on the same 2 cores as the server. Capacity: 16 closed-loop "
+        "clients of the same generator. Goals from the issue in brackets; each cell says whether it is met.",
         "",
         "| door | capacity/s | offered/s | goodput/s (≥ 90 %) | answered p50 / p99 ms (≤ 250) | rejected | "
         "rejected p99 ms (≤ 10) | errors | /readyz p99 ms (≤ 50) | recovery s (≤ 1) | worker RSS MB (≤ +20 %) |",
@@ -162,8 +156,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the burst")
     parser.add_argument("--factor", type=float, default=2.0, help="offered load as a multiple of capacity")
+    parser.add_argument("--rate", type=float, help="offered requests/s, in place of --factor x capacity (the same "
+                                                   "load for A/B runs, whatever the capacity run measured)")
     parser.add_argument("--doors", nargs="+", default=["http", "grpc"], choices=["http", "grpc"])
-    parser.add_argument("--connections", type=int, default=256,
+    parser.add_argument("--connections", type=int, default=1024,
                         help="HTTP keep-alive connections of the burst at most (a request due while all are busy "
                              "waits for one; its latency counts from when it was due)")
     parser.add_argument("--results-name", default="overload", help="stem of the results files")
@@ -173,7 +169,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             service = Service.start(Path(tmp) / "server.log")
             try:
-                rows.append(asyncio.run(measure(kind, service, args.seconds, args.factor, args.connections)))
+                rows.append(asyncio.run(measure(kind, service, args.seconds, args.factor, args.connections,
+                                                args.rate)))
             finally:
                 service.stop()
     print(write_results(args.results_name, {"goals": GOALS, "rows": rows, "seconds": args.seconds,
