@@ -8,9 +8,10 @@ open loop for ``seconds`` while ``/readyz`` is probed every 100 ms and a light c
 through the burst and 5 s past it. The load comes from generators with no per-request task or timer
 (``loadgen.HttpLoad``: at most ``--connections`` keep-alive connections, as wrk2 keeps a fixed set;
 ``loadgen.GrpcLoad``: grpcio futures over 4 channels), and the burst from a process of its own, so that the
-probe and the light client measure the server and not the generator's own backlog. Reported beside the goals of the issue: answered p99 <= 250 ms, rejections answered
-in <= 10 ms (p99), goodput >= 90 % of capacity, worker RSS growth <= 20 %, /readyz p99 <= 50 ms, latency
-back to normal <= 1 s after the burst. Writes benchmarks/results/overload.{json,md}.
+probe and the light client measure the server and not the generator's own backlog.
+Reported beside the goals of the issue: answered p99 <= 250 ms, rejections answered in <= 10 ms (p99),
+goodput >= 90 % of capacity, worker RSS growth <= 20 %, /readyz p99 <= 50 ms, latency back to normal <= 1 s
+after the burst. Writes benchmarks/results/overload.{json,md}.
 """
 
 from __future__ import annotations
