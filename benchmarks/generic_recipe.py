@@ -2,8 +2,8 @@
 cross-validation over the MedMNIST datasets found locally, then scored on each held-out dataset's test split
 beside the tuned config and the MedMNIST v2 ResNet-18 baseline.
 
-    python -m benchmarks.generic_recipe --data-dir ../shared/data --seeds 3 --select-seeds 2 \\
-        --select-seeds adrenalmnist3d=1 [--reuse] [--datasets FLAG ...]
+    python -m benchmarks.generic_recipe --data-dir ../shared/data --seeds 3 --select-seeds 3 [--reuse] \\
+        [--datasets FLAG ...]
 
 Every candidate of ``training.recipes.CANDIDATES`` (settings laid over both recipes) is trained on every local
 dataset with the selection seeds and scored there: (ACC + AUC) / 2 of the exported ONNX model on that dataset's
@@ -52,7 +52,8 @@ def main() -> None:
                         help="seeds 0..N-1 of the chosen candidate per held-out dataset (default 3); FLAG=N for "
                              "one dataset; repeatable")
     parser.add_argument("--select-seeds", action="append", default=[], metavar="N or FLAG=N",
-                        help="seeds 0..N-1 of every candidate scored on val for the selection (default 2)")
+                        help="seeds 0..N-1 of every candidate, scored on the other datasets' test splits for the "
+                             "selection (default 3, as many as the report: with 1 seed a choice can ride on one run)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse finished runs in --work-dir whose config is unchanged")
     args = parser.parse_args()
@@ -60,7 +61,7 @@ def main() -> None:
     if len(flags) < 2:
         parser.error(f"leave-one-dataset-out needs at least two MedMNIST datasets; found {flags} in {args.data_dir}")
     seeds = _per_flag(parser, "--seeds", args.seeds, flags, default=3)
-    select_seeds = _per_flag(parser, "--select-seeds", args.select_seeds, flags, default=2)
+    select_seeds = _per_flag(parser, "--select-seeds", args.select_seeds, flags, default=3)
     command = shlex.join(["python", "-m", "benchmarks.generic_recipe", *sys.argv[1:]])
     runs = Runs(args, command)
     # the selection: every candidate scored on every dataset

@@ -4,8 +4,9 @@ tensors) and gRPC.
 
 Open loop means request ``i`` is due at ``start + i / rate`` whatever the server is doing, and its latency
 counts from that moment (no coordinated omission): a server that falls behind sees the queue it would see
-in production. Each HTTP request goes out on a free keep-alive connection, or a new one when all are busy.
-The generator runs in this process on the same cores as the server (say so in reports).
+in production. Both generators (``HttpLoad``, ``GrpcLoad``) keep no task, future or timer per request, so that
+one Python process can offer several thousand requests/s on time; they run on the same cores as the server
+(say so in reports).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from benchmarks.serving import Process, free_port
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mnist-cnn"
 TIMEOUT_S = 10.0
-STATUS = re.compile(rb"HTTP/1\.1 (\d{3})")
 CONTENT_LENGTH = re.compile(rb"(?im)^content-length: *(\d+)")  # not Inference-Header-Content-Length
 
 
@@ -99,35 +99,6 @@ def http_request(port: int, binary: bool, images: np.ndarray, path: str | None =
 
 def http_outcome(status: int) -> str:
     return "ok" if status == 200 else "rejected" if status in (429, 503) else f"http {status}"
-
-
-class HttpDoor:
-    """Requests over a pool of keep-alive connections, one request per connection at a time."""
-
-    def __init__(self, port: int, request: bytes, name: str) -> None:
-        self.port, self.request, self.name = port, request, name
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def __call__(self) -> str:
-        conn = self.idle.pop() if self.idle else await asyncio.open_connection("127.0.0.1", self.port)
-        reader, writer = conn
-        try:
-            writer.write(self.request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(CONTENT_LENGTH.search(head).group(1))
-            await reader.readexactly(length)
-        except Exception:
-            writer.close()
-            raise
-        if b"connection: close" in head.lower():
-            writer.close()
-        else:
-            self.idle.append(conn)
-        return http_outcome(int(STATUS.match(head).group(1)))
-
-    async def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
 
 
 class _Connection(asyncio.Protocol):
@@ -270,33 +241,6 @@ class HttpLoad:
             connection.transport.close()
 
 
-class GrpcDoor:
-    """ModelInfer calls spread over a few channels (as clients with several connections do)."""
-
-    def __init__(self, port: int, images: np.ndarray, channels: int = 4) -> None:
-        self.name = "grpc"
-        self.channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(channels)]
-        self.stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in self.channels]
-        tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=list(images.shape))
-        self.request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor], raw_input_contents=[images.tobytes()])
-        self.next = 0
-
-    async def __call__(self) -> str:
-        self.next = (self.next + 1) % len(self.stubs)
-        try:
-            await self.stubs[self.next].ModelInfer(self.request, timeout=TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                return "rejected"
-            return f"grpc {code.name}"
-        return "ok"
-
-    async def close(self) -> None:
-        for channel in self.channels:
-            await channel.close()
-
-
 class GrpcLoad:
     """gRPC ModelInfer load from grpcio's synchronous stubs' futures (the calls run in grpcio's C core; a callback
     records each answer), light enough for one process to offer several thousand calls/s, spread over a few
@@ -357,49 +301,6 @@ class GrpcLoad:
         for channel in self.channels:
             channel.close()
         return list(self.samples)
-
-
-async def timed(door, due: float, samples: list[Sample]) -> None:
-    loop = asyncio.get_running_loop()
-    try:
-        outcome = await asyncio.wait_for(door(), TIMEOUT_S)
-    except Exception as exc:  # a timeout or a broken connection: the client saw an error
-        outcome = f"error {type(exc).__name__}"
-    samples.append(Sample(door.name, due, loop.time() - due, outcome))
-
-
-async def open_loop(door, rate: float, seconds: float) -> list[Sample]:
-    """Send ``rate`` requests per second for ``seconds``, each when due; wait for all of them."""
-    loop = asyncio.get_running_loop()
-    samples: list[Sample] = []
-    tasks = set()
-    start, sent, total = loop.time(), 0, int(rate * seconds)
-    while sent < total:
-        now = loop.time()
-        due_count = min(total, int((now - start) * rate) + 1)
-        for i in range(sent, due_count):
-            task = loop.create_task(timed(door, start + i / rate, samples))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        sent = due_count
-        await asyncio.sleep(max(0.0, start + sent / rate - loop.time()))
-    if tasks:
-        await asyncio.wait(tasks)
-    return samples
-
-
-async def closed_loop(door, clients: int, seconds: float) -> list[Sample]:
-    """``clients`` clients, each sending its next request when the last one is answered."""
-    loop = asyncio.get_running_loop()
-    samples: list[Sample] = []
-    stop = loop.time() + seconds
-
-    async def client() -> None:
-        while loop.time() < stop:
-            await timed(door, loop.time(), samples)
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return samples
 
 
 async def probe(url: str, period_s: float, seconds: float) -> list[float]:

@@ -20,18 +20,16 @@ import argparse
 import asyncio
 import multiprocessing
 import tempfile
+from collections.abc import Awaitable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from benchmarks.loadgen import (
-    GrpcDoor,
     GrpcLoad,
-    HttpDoor,
     HttpLoad,
     Sample,
     Service,
     http_request,
-    open_loop,
     percentile_ms,
     probe,
     sample_images,
@@ -44,15 +42,16 @@ LIGHT_RATE = 20.0  # requests/s of the light client that measures latency throug
 AFTER_S = 5.0
 
 
-def make_door(kind: str, http_port: int, grpc_port: int):
-    images = sample_images()
-    if kind == "grpc":
-        return GrpcDoor(grpc_port, images)
-    return HttpDoor(http_port, http_request(http_port, True, images), "http")
-
-
 def http_load(http_port: int, connections: int) -> HttpLoad:
     return HttpLoad(http_port, http_request(http_port, True, sample_images()), "http", connections)
+
+
+def light_load(kind: str, service: Service, seconds: float) -> Awaitable[list[Sample]]:
+    """The light client: ``LIGHT_RATE`` requests/s for ``seconds``, in this process."""
+    if kind == "grpc":
+        return asyncio.to_thread(GrpcLoad(service.grpc_port, sample_images(), channels=1).open_loop, LIGHT_RATE,
+                                 seconds)
+    return http_load(service.http_port, 4).open_loop(LIGHT_RATE, seconds)
 
 
 def burst(kind: str, http_port: int, grpc_port: int, connections: int, rate: float, seconds: float) -> list[Sample]:
@@ -72,7 +71,6 @@ def recovery_s(light: list[Sample], burst_end: float, normal_s: float) -> float:
 async def measure(kind: str, service: Service, seconds: float, factor: float, connections: int,
                   rate: float | None = None) -> dict:
     """``rate``: offered requests/s, in place of ``factor`` x the measured capacity."""
-    light_door = make_door(kind, service.http_port, service.grpc_port)
     loop = asyncio.get_running_loop()
     if kind == "http":
         await http_load(service.http_port, 16).closed_loop(2)  # warm-up
@@ -82,7 +80,7 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
         measured = await asyncio.to_thread(GrpcLoad(service.grpc_port, sample_images()).closed_loop, 16, 10)
     capacity = sum(s.outcome == "ok" for s in measured) / 10
     offered = rate or factor * capacity
-    baseline = await open_loop(light_door, LIGHT_RATE, 3)
+    baseline = await light_load(kind, service, 3)
     normal_s = max(2 * float(sorted(s.latency_s for s in baseline)[int(0.99 * len(baseline))]), 0.005)
     rss_before = service.worker_rss_mb()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -91,7 +89,7 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
         burst_samples, light, readyz = await asyncio.gather(
             loop.run_in_executor(pool, burst, kind, service.http_port, service.grpc_port, connections,
                                  offered, seconds),
-            open_loop(light_door, LIGHT_RATE, seconds + AFTER_S), probe(f"{service.url}/readyz", 0.1, seconds))
+            light_load(kind, service, seconds + AFTER_S), probe(f"{service.url}/readyz", 0.1, seconds))
     rss_after = service.worker_rss_mb()
     ok = [s.latency_s for s in burst_samples if s.outcome == "ok"]
     rejected = [s.latency_s for s in burst_samples if s.outcome == "rejected"]
@@ -99,7 +97,6 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
     for s in burst_samples:
         if s.outcome not in ("ok", "rejected"):
             errors[s.outcome] = errors.get(s.outcome, 0) + 1
-    await light_door.close()
     result = {
         "door": kind, "capacity_per_s": round(capacity), "offered_per_s": round(offered),
         "connections": connections if kind == "http" else None,

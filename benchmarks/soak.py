@@ -17,13 +17,11 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.loadgen import (
-    GrpcDoor,
-    HttpDoor,
+    GrpcLoad,
+    HttpLoad,
     Sample,
     Service,
-    closed_loop,
     http_request,
-    open_loop,
     percentile_ms,
     sample_images,
 )
@@ -33,16 +31,19 @@ GOALS = {"errors": 0, "rss_growth_last_8_min": 0.05, "p99_vs_first_minute": 2.0}
 
 
 async def soak(service: Service, minutes: int, fraction: float) -> dict:
-    images = sample_images()
-    binary = HttpDoor(service.http_port, http_request(service.http_port, True, images), "http-binary")
-    json_door = HttpDoor(service.http_port, http_request(service.http_port, False, images), "http-json")
-    grpc_door = GrpcDoor(service.grpc_port, images)
-    await closed_loop(binary, 16, 2)
-    capacity = sum(s.outcome == "ok" for s in await closed_loop(binary, 16, 10)) / 10
+    images, http_port = sample_images(), service.http_port
+
+    def http(binary: bool, name: str, connections: int) -> HttpLoad:
+        return HttpLoad(http_port, http_request(http_port, binary, images), name, connections)
+
+    await http(True, "http-binary", 16).closed_loop(2)
+    capacity = sum(s.outcome == "ok" for s in await http(True, "http-binary", 16).closed_loop(10)) / 10
     rate = fraction * capacity / 3  # per door
     rows = []
     for minute in range(1, minutes + 1):
-        parts = await asyncio.gather(*(open_loop(door, rate, 60) for door in (binary, json_door, grpc_door)))
+        parts = await asyncio.gather(http(True, "http-binary", 256).open_loop(rate, 60),
+                                     http(False, "http-json", 256).open_loop(rate, 60),
+                                     asyncio.to_thread(GrpcLoad(service.grpc_port, images).open_loop, rate, 60))
         samples: list[Sample] = [s for part in parts for s in part]
         ok = [s.latency_s for s in samples if s.outcome == "ok"]
         kinds: dict[str, int] = {}
@@ -53,8 +54,6 @@ async def soak(service: Service, minutes: int, fraction: float) -> dict:
                      "p50_ms": percentile_ms(ok, 50), "p99_ms": percentile_ms(ok, 99),
                      "rss_mb": round(service.worker_rss_mb(), 1)})
         print(rows[-1], flush=True)
-    for door in (binary, json_door, grpc_door):
-        await door.close()
     return {"capacity_per_s": round(capacity), "offered_per_s": round(3 * rate), "minutes": rows}
 
 
