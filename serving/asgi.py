@@ -231,6 +231,52 @@ def install_header_timeout(timeout_s: float) -> bool:
     return True
 
 
+class BalanceConnections:
+    """Answer with ``Connection: close`` when ``hand_back(client)`` says this worker holds more than its share of
+    the server's HTTP connections (``serving.connections``): the client reconnects, usually to another worker."""
+
+    def __init__(self, app: Any, hand_back: Callable[[object], bool]) -> None:
+        self.app, self.hand_back = app, hand_back
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.hand_back(scope.get("client")):
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing_send)
+
+
+def install_connection_count(opened: Callable[[object], None], closed: Callable[[object], None]) -> bool:
+    """Call ``opened(client)`` and ``closed(client)`` as uvicorn's httptools protocol opens and loses each HTTP
+    connection (``client``: the peer address, as the ASGI scope gives it). Wraps two methods of that class, as
+    ``install_header_timeout`` does; ``tests/test_server.py`` checks the effect on the real server. Returns False
+    where that class is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return False
+    if getattr(HttpToolsProtocol, "_cnnserve_connection_count", False):
+        return False
+    made, lost = HttpToolsProtocol.connection_made, HttpToolsProtocol.connection_lost
+
+    def connection_made(self: Any, transport: Any) -> None:
+        made(self, transport)
+        opened(self.client)
+
+    def connection_lost(self: Any, exc: Exception | None) -> None:
+        closed(self.client)
+        lost(self, exc)
+
+    HttpToolsProtocol.connection_made, HttpToolsProtocol.connection_lost = connection_made, connection_lost
+    HttpToolsProtocol._cnnserve_connection_count = True
+    return True
+
+
 # the inference routes, as the request line gives them: the requests that load shedding may refuse
 SHEDDABLE = re.compile(rb"/(?:v2/models/[^?]*/infer|classify|predict)(?:\?.*)?")
 

@@ -26,14 +26,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving.asgi import (
+    BalanceConnections,
     BodyLimit,
     JsonErrors,
     MountRoots,
+    install_connection_count,
     install_header_timeout,
     install_load_shedding,
     install_request_timeout,
     quiet_client_errors,
 )
+from serving.connections import ConnectionShare
 from serving.dataplane import DataPlane, check_image_count, label_predictions
 from serving.errors import InvalidInput, ServingError
 from serving.images import decode_upload
@@ -76,6 +79,12 @@ def current_dataplane() -> DataPlane:
     return bentoml.get_current_service().dataplane
 
 
+def hand_back_connection(client: object) -> bool:
+    """Whether this worker should close the connection from ``client`` after its response (``serving.connections``)."""
+    connections = bentoml.get_current_service().connections
+    return connections is not None and connections.hand_back(client)
+
+
 async def model_cards(request: Request) -> Response:
     try:
         return JSONResponse(current_dataplane().model_cards(request.path_params.get("name")))
@@ -102,6 +111,12 @@ class CnnServe:
             log.info("model repository %s: %s", SETTINGS.model_dir, change)
         self.dataplane = DataPlane(self.repository, SETTINGS, SharedStats(self.repository.shared_dir, slot))
         self.dataplane.on_scan = self.apply
+        self.connections: ConnectionShare | None = None  # HTTP connections per worker, to spread them
+        if SETTINGS.worker_count > 1:
+            self.connections = ConnectionShare(self.repository.shared_dir / "connections", SETTINGS.worker_count, slot)
+            if not install_connection_count(self.connections.opened, self.connections.closed):
+                log.warning("uvicorn's httptools protocol was not found: HTTP connections are not spread over workers")
+                self.connections = None
         quiet_client_errors()
         self.grpc: GrpcServer | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -195,6 +210,8 @@ class CnnServe:
             self._stats_publisher.cancel()
         if self.grpc:
             await self.grpc.stop()
+        if self.connections:
+            self.connections.close()
         self.repository.close()
 
     def __is_ready__(self) -> bool:
@@ -251,6 +268,8 @@ def upload_name(path: Path) -> str:
     return match.group(1) if match else path.name
 
 
+if SETTINGS.worker_count > 1:  # the outermost of ours: it sees every request (InferFastLane sends some past the rest)
+    CnnServe.add_asgi_middleware(BalanceConnections, hand_back=hand_back_connection)
 CnnServe.add_asgi_middleware(BodyLimit, limit=SETTINGS.max_request_bytes)
 CnnServe.add_asgi_middleware(JsonErrors)
 CnnServe.add_asgi_middleware(MountRoots, paths=("/v2", "/models"))

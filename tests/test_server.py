@@ -3,6 +3,7 @@ bentoml.SyncHTTPClient and httpx multipart uploads."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -14,6 +15,7 @@ import bentoml
 import httpx
 import numpy as np
 import onnxruntime as ort
+import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -246,3 +248,43 @@ def test_readiness_is_false_until_a_model_is_loaded(tmp_path, repo):
             time.sleep(0.2)
     finally:
         srv.stop()
+
+
+def test_http_connections_opened_together_spread_over_the_workers(server):
+    """A pool of connections opened at once lands on whichever worker accepts first; the workers hand the extra
+    ones back with Connection: close until each holds its share (serving/connections.py)."""
+    workers = [psutil.Process(pid) for pid in server.worker_pids()]
+    if len(workers) < 2:
+        pytest.skip("one worker: nothing to spread")
+    header = json.dumps({"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8",
+                                     "parameters": {"binary_data_size": 784}}]}).encode()
+    body = header + bytes(784)
+    request = (f"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+               f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    handed_back = 0
+
+    async def client() -> asyncio.StreamWriter:
+        nonlocal handed_back
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+        for _ in range(12):
+            writer.write(request)
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            await reader.readexactly(int(head.split(b"content-length:")[1].split(b"\r\n")[0]))
+            assert head.startswith(b"http/1.1 200"), head
+            if b"connection: close" in head:
+                handed_back += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+            await asyncio.sleep(0.01)
+        return writer
+
+    async def main() -> list[int]:
+        writers = await asyncio.gather(*(client() for _ in range(8)))
+        held = [sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.http_port
+                    for c in w.net_connections("tcp")) for w in workers]
+        for writer in writers:
+            writer.close()
+        return held
+
+    held = asyncio.run(main())
+    assert sum(held) == 8 and max(held) - min(held) <= 2, f"connections per worker: {held} ({handed_back} handed back)"
