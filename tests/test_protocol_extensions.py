@@ -97,19 +97,26 @@ def test_repository_index_and_unload_load_over_http_and_grpc(server):
         any(m["name"] == "mnist-cnn" and m["state"] == "READY" for m in gindex)
 
     model = "retinamnist-tiny"
+
+    def on_every_worker(ready: bool) -> bool:
+        """Whether 6 requests on fresh connections (which land on either worker) all see ``model`` so."""
+        for _ in range(6):
+            r = httpx.get(f"{server.url}/v2/models/{model}/ready")
+            if (r.status_code == 200) != ready or (not ready and "unloaded" not in r.json()["error"]):
+                return False
+        return True
+
+    def settle(ready: bool, what: str) -> None:
+        deadline = time.monotonic() + 10  # the other workers follow at their next poll
+        while not on_every_worker(ready):
+            assert time.monotonic() < deadline, f"{what} did not reach every worker"
+            time.sleep(0.2)
+
     http.unload_model(model)
-    deadline = time.monotonic() + 10  # the other worker follows at its next poll
-    while any(http.is_model_ready(model) for _ in range(4)):
-        assert time.monotonic() < deadline, "unload did not reach every worker"
-        time.sleep(0.2)
-    r = httpx.get(f"{server.url}/v2/models/{model}/ready")
-    assert r.status_code == 503 and "unloaded" in r.json()["error"]
+    settle(False, "unload")
     assert any(m["name"] == model and m["state"] == "UNLOADED" for m in http.get_model_repository_index())
     grpc_client.load_model(model)
-    deadline = time.monotonic() + 10
-    while not all(http.is_model_ready(model) for _ in range(4)):
-        assert time.monotonic() < deadline, "load did not reach every worker"
-        time.sleep(0.2)
+    settle(True, "load")
     grpc_client.unload_model(model)
     http.load_model(model)
     with pytest.raises(InferenceServerException, match="not found"):
