@@ -254,22 +254,23 @@ class BalanceConnections:
 def install_connection_count(opened: Callable[[object], None], closed: Callable[[object], None]) -> bool:
     """Call ``opened(client)`` and ``closed(client)`` as uvicorn's httptools protocol opens and loses each HTTP
     connection (``client``: the peer address, as the ASGI scope gives it). Wraps two methods of that class, as
-    ``install_header_timeout`` does; ``tests/test_server.py`` checks the effect on the real server. Returns False
-    where that class is missing."""
+    ``install_header_timeout`` does; ``tests/test_server.py`` checks the effect on the real server. Installing
+    again replaces the callbacks. Returns False where that class is missing."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return False
+    HttpToolsProtocol._cnnserve_opened, HttpToolsProtocol._cnnserve_closed = staticmethod(opened), staticmethod(closed)
     if getattr(HttpToolsProtocol, "_cnnserve_connection_count", False):
-        return False
+        return True
     made, lost = HttpToolsProtocol.connection_made, HttpToolsProtocol.connection_lost
 
     def connection_made(self: Any, transport: Any) -> None:
         made(self, transport)
-        opened(self.client)
+        self._cnnserve_opened(self.client)
 
     def connection_lost(self: Any, exc: Exception | None) -> None:
-        closed(self.client)
+        self._cnnserve_closed(self.client)
         lost(self, exc)
 
     HttpToolsProtocol.connection_made, HttpToolsProtocol.connection_lost = connection_made, connection_lost
