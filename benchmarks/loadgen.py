@@ -42,6 +42,7 @@ class Sample:
     due: float  # when the request was due (loop time)
     latency_s: float
     outcome: str  # ok | rejected (503 / 429 / UNAVAILABLE / RESOURCE_EXHAUSTED) | error
+    sent_late_s: float = 0.0  # how long after it was due it went out: the generator's own lag (open loop)
 
 
 @dataclass
@@ -107,12 +108,16 @@ class _Connection(asyncio.Protocol):
     def __init__(self, load: HttpLoad) -> None:
         self.load, self.transport, self.buffer = load, None, bytearray()
         self.due: float | None = None  # when the request in flight was due; None: idle
+        self.sent = 0.0  # when it went out
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.load.connected(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.due is None:  # nothing in flight (e.g. a request given up on): not an answer to count
+            self.buffer.clear()
+            return
         self.buffer += data
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -186,7 +191,7 @@ class HttpLoad:
     def _dispatch(self) -> None:
         while self.backlog and self.idle:
             connection = self.idle.pop()
-            connection.due = self.backlog.popleft()
+            connection.due, connection.sent = self.backlog.popleft(), self.loop.time()
             self.busy.add(connection)
             connection.transport.write(self.request)
         while self.backlog and self.opened < min(self.connections, len(self.backlog) + len(self.busy)):
@@ -202,15 +207,16 @@ class HttpLoad:
                 self._record(self.backlog.popleft(), "error OSError")
                 self._dispatch()
 
-    def _record(self, due: float, outcome: str) -> None:
-        self.samples.append(Sample(self.name, due, self.loop.time() - due, outcome))
+    def _record(self, due: float, outcome: str, sent: float | None = None) -> None:
+        now = self.loop.time()
+        self.samples.append(Sample(self.name, due, now - due, outcome, (now if sent is None else sent) - due))
 
     def connected(self, connection: _Connection) -> None:
         self.idle.append(connection)
         self._dispatch()
 
     def answered(self, connection: _Connection, status: int, close: bool) -> None:
-        self._record(connection.due, http_outcome(status))
+        self._record(connection.due, http_outcome(status), connection.sent)
         self.busy.discard(connection)
         connection.due = None
         if self.closed_loop_until is not None and self.loop.time() < self.closed_loop_until:
@@ -224,7 +230,7 @@ class HttpLoad:
     def lost(self, connection: _Connection) -> None:
         self.opened -= 1
         if connection.due is not None:
-            self._record(connection.due, "error connection lost")
+            self._record(connection.due, "error connection lost", connection.sent)
             self.busy.discard(connection)
         if connection in self.idle:
             self.idle.remove(connection)
@@ -235,7 +241,7 @@ class HttpLoad:
         while self.backlog and self.backlog[0] + TIMEOUT_S < now:
             self._record(self.backlog.popleft(), "error timeout")
         for connection in [c for c in self.busy if c.due + TIMEOUT_S < now]:
-            self._record(connection.due, "error timeout")
+            self._record(connection.due, "error timeout", connection.sent)
             self.busy.discard(connection)
             connection.due = None
             connection.transport.close()
@@ -263,16 +269,17 @@ class GrpcLoad:
             call = self.calls[self.sent % len(self.calls)]
             self.sent += 1
             self.in_flight += 1
-        call.future(self.request, timeout=TIMEOUT_S).add_done_callback(lambda future: self._answered(future, due))
+        sent = time.monotonic()
+        call.future(self.request, timeout=TIMEOUT_S).add_done_callback(lambda f: self._answered(f, due, sent))
 
-    def _answered(self, future: grpc.Future, due: float) -> None:
+    def _answered(self, future: grpc.Future, due: float, sent: float) -> None:
         now = time.monotonic()
         error = future.exception()
         code = error.code() if error is not None else grpc.StatusCode.OK
         outcome = "ok" if code == grpc.StatusCode.OK else "rejected" if code in (
             grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) else f"grpc {code.name}"
         with self.lock:
-            self.samples.append(Sample("grpc", due, now - due, outcome))
+            self.samples.append(Sample("grpc", due, now - due, outcome, sent - due))
             self.in_flight -= 1
             self.lock.notify_all()
         if self.closed_loop_until is not None and now < self.closed_loop_until:

@@ -19,6 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
+import shlex
+import sys
 import tempfile
 from collections.abc import Awaitable
 from concurrent.futures import ProcessPoolExecutor
@@ -42,8 +45,8 @@ LIGHT_RATE = 20.0  # requests/s of the light client that measures latency throug
 AFTER_S = 5.0
 
 
-def http_load(http_port: int, connections: int) -> HttpLoad:
-    return HttpLoad(http_port, http_request(http_port, True, sample_images()), "http", connections)
+def http_load(http_port: int, connections: int, binary: bool = True) -> HttpLoad:
+    return HttpLoad(http_port, http_request(http_port, binary, sample_images()), "http", connections)
 
 
 def light_load(kind: str, service: Service, seconds: float) -> Awaitable[list[Sample]]:
@@ -54,11 +57,12 @@ def light_load(kind: str, service: Service, seconds: float) -> Awaitable[list[Sa
     return http_load(service.http_port, 4).open_loop(LIGHT_RATE, seconds)
 
 
-def burst(kind: str, http_port: int, grpc_port: int, connections: int, rate: float, seconds: float) -> list[Sample]:
+def burst(kind: str, http_port: int, grpc_port: int, connections: int, rate: float, seconds: float,
+          binary: bool = True) -> list[Sample]:
     """The open-loop burst, run in a process of its own (its clock, ``time.monotonic()``, is this one's loop time)."""
     if kind == "grpc":
         return GrpcLoad(grpc_port, sample_images()).open_loop(rate, seconds)
-    return asyncio.run(http_load(http_port, connections).open_loop(rate, seconds))
+    return asyncio.run(http_load(http_port, connections, binary).open_loop(rate, seconds))
 
 
 def recovery_s(light: list[Sample], burst_end: float, normal_s: float) -> float:
@@ -69,12 +73,13 @@ def recovery_s(light: list[Sample], burst_end: float, normal_s: float) -> float:
 
 
 async def measure(kind: str, service: Service, seconds: float, factor: float, connections: int,
-                  rate: float | None = None) -> dict:
-    """``rate``: offered requests/s, in place of ``factor`` x the measured capacity."""
+                  rate: float | None = None, binary: bool = True) -> dict:
+    """``rate``: offered requests/s, in place of ``factor`` x the measured capacity; ``binary``: OIP REST binary
+    tensors (else JSON) for the capacity run and the burst."""
     loop = asyncio.get_running_loop()
     if kind == "http":
-        await http_load(service.http_port, 16).closed_loop(2)  # warm-up
-        measured = await http_load(service.http_port, 16).closed_loop(10)
+        await http_load(service.http_port, 16, binary).closed_loop(2)  # warm-up
+        measured = await http_load(service.http_port, 16, binary).closed_loop(10)
     else:
         await asyncio.to_thread(GrpcLoad(service.grpc_port, sample_images()).closed_loop, 16, 2)
         measured = await asyncio.to_thread(GrpcLoad(service.grpc_port, sample_images()).closed_loop, 16, 10)
@@ -88,7 +93,7 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
         start = loop.time()
         burst_samples, light, readyz = await asyncio.gather(
             loop.run_in_executor(pool, burst, kind, service.http_port, service.grpc_port, connections,
-                                 offered, seconds),
+                                 offered, seconds, binary),
             light_load(kind, service, seconds + AFTER_S), probe(f"{service.url}/readyz", 0.1, seconds))
     rss_after = service.worker_rss_mb()
     ok = [s.latency_s for s in burst_samples if s.outcome == "ok"]
@@ -105,6 +110,7 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
         "answered_p50_ms": percentile_ms(ok, 50), "answered_p99_ms": percentile_ms(ok, 99),
         "rejected_p50_ms": percentile_ms(rejected, 50), "rejected_p99_ms": percentile_ms(rejected, 99),
         "readyz_p99_ms": percentile_ms(readyz, 99), "readyz_max_ms": percentile_ms(readyz, 100),
+        "generator_late_p99_ms": percentile_ms([s.sent_late_s for s in burst_samples], 99),
         "light_normal_ms": round(1000 * normal_s, 2),
         "recovery_s": recovery_s(light, start + seconds, normal_s),
         "rss_before_mb": round(rss_before), "rss_after_mb": round(rss_after),
@@ -123,20 +129,29 @@ def verdicts(row: dict) -> dict[str, bool]:
             "recovery_s": row["recovery_s"] <= GOALS["recovery_s"]}
 
 
+def command() -> str:
+    """This run's command line, with the service settings it set in the environment."""
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("CNNSERVE_")]
+    return shlex.join([*settings, "python", "-m", "benchmarks.overload", *sys.argv[1:]])
+
+
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Overload: open loop at a multiple of capacity",
         "",
-        f"`python -m benchmarks.overload --seconds {args.seconds:g} --factor {args.factor:g} --connections "
-        f"{args.connections}`: the service as `make serve` runs it (2 workers, default settings), mnist-cnn, "
-        "single-image requests; the burst comes from a Python process of its own (HTTP: asyncio protocol over at "
-        f"most {args.connections} keep-alive connections; gRPC: grpcio futures over 4 channels), the light client "
-        "and the /readyz probe from another, all on the same 2 cores as the server. Capacity: 16 closed-loop "
-        "clients of the same generator. Goals from the issue in brackets; each cell says whether it is met.",
+        f"`{command()}`: the service as `make serve` runs it (2 workers, default settings unless the command sets "
+        "some), mnist-cnn, single-image requests (HTTP: "
+        f"OIP REST {'JSON' if args.json else 'binary'}); the burst comes from a Python process of its own (HTTP: "
+        f"asyncio protocol over at most {args.connections} keep-alive connections; gRPC: grpcio futures over 4 "
+        "channels), the light client and the /readyz probe from another, all on the same 2 cores as the server. "
+        "Capacity: 16 closed-loop clients of the same generator. Goals from the issue in brackets; each cell says "
+        "whether it is met. *Generator late*: how long after its due time the burst's p99 request went out; when "
+        "it is large the generator, not the server, set the pace.",
         "",
         "| door | capacity/s | offered/s | goodput/s (≥ 90 %) | answered p50 / p99 ms (≤ 250) | rejected | "
-        "rejected p99 ms (≤ 10) | errors | /readyz p99 ms (≤ 50) | recovery s (≤ 1) | worker RSS MB (≤ +20 %) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "rejected p99 ms (≤ 10) | errors | /readyz p99 ms (≤ 50) | recovery s (≤ 1) | worker RSS MB (≤ +20 %) | "
+        "generator late p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v = {k: "✓" if ok else "✗" for k, ok in verdicts(r).items()}
@@ -146,7 +161,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             f"{r['answered_p99_ms']} {v['answered_p99_ms']} | {r['rejected']} of {r['sent']} | "
             f"{r['rejected_p99_ms']} {v['rejected_p99_ms']} | {sum(r['errors'].values())} | {r['readyz_p99_ms']} "
             f"{v['readyz_p99_ms']} | {r['recovery_s']} {v['recovery_s']} | {r['rss_before_mb']} → "
-            f"{r['rss_after_mb']} ({100 * r['rss_growth_fraction']:+.0f} %) {v['rss_growth_fraction']} |")
+            f"{r['rss_after_mb']} ({100 * r['rss_growth_fraction']:+.0f} %) {v['rss_growth_fraction']} | "
+            f"{r['generator_late_p99_ms']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +176,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1024,
                         help="HTTP keep-alive connections of the burst at most (a request due while all are busy "
                              "waits for one; its latency counts from when it was due)")
+    parser.add_argument("--json", action="store_true", help="HTTP: OIP REST JSON tensors instead of binary")
     parser.add_argument("--results-name", default="overload", help="stem of the results files")
     args = parser.parse_args()
     rows = []
@@ -168,7 +185,7 @@ def main() -> None:
             service = Service.start(Path(tmp) / "server.log")
             try:
                 rows.append(asyncio.run(measure(kind, service, args.seconds, args.factor, args.connections,
-                                                args.rate)))
+                                                args.rate, not args.json)))
             finally:
                 service.stop()
     print(write_results(args.results_name, {"goals": GOALS, "rows": rows, "seconds": args.seconds,

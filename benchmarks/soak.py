@@ -2,8 +2,9 @@
 
     python -m benchmarks.soak [--minutes 10] [--fraction 0.7]
 
-Capacity is measured first (16 closed-loop clients, OIP REST binary). Then ``fraction`` x capacity, open
-loop, split evenly over OIP REST binary, OIP REST JSON and gRPC, for ``minutes``. Per minute: requests,
+Capacity is measured first: 16 closed-loop clients over the same three doors (6 OIP REST binary, 5 JSON,
+5 gRPC). Then ``fraction`` x capacity, open loop, split evenly over OIP REST binary, OIP REST JSON and gRPC,
+for ``minutes``. Per minute: requests,
 errors, p50 / p99 latency and the workers' RSS. Goals from the issue: 0 errors; RSS flat after warm-up
 (<= 5 % growth over the last 8 minutes); each minute's p99 within 2x the first minute's.
 Writes benchmarks/results/soak.{json,md}.
@@ -36,8 +37,15 @@ async def soak(service: Service, minutes: int, fraction: float) -> dict:
     def http(binary: bool, name: str, connections: int) -> HttpLoad:
         return HttpLoad(http_port, http_request(http_port, binary, images), name, connections)
 
-    await http(True, "http-binary", 16).closed_loop(2)
-    capacity = sum(s.outcome == "ok" for s in await http(True, "http-binary", 16).closed_loop(10)) / 10
+    async def mix(seconds: float) -> list[Sample]:
+        """16 closed-loop clients over the three doors: the capacity of the mix the soak offers."""
+        parts = await asyncio.gather(http(True, "http-binary", 6).closed_loop(seconds),
+                                     http(False, "http-json", 5).closed_loop(seconds),
+                                     asyncio.to_thread(GrpcLoad(service.grpc_port, images).closed_loop, 5, seconds))
+        return [s for part in parts for s in part]
+
+    await mix(2)
+    capacity = sum(s.outcome == "ok" for s in await mix(10)) / 10
     rate = fraction * capacity / 3  # per door
     rows = []
     for minute in range(1, minutes + 1):
@@ -74,7 +82,8 @@ def markdown(result: dict, totals: dict, args: argparse.Namespace) -> str:
         "",
         f"`python -m benchmarks.soak --minutes {args.minutes} --fraction {args.fraction:g}`: the service as "
         f"`make serve` runs it (2 workers), mnist-cnn, single images; capacity {result['capacity_per_s']}/s "
-        f"(16 closed-loop clients, OIP REST binary), offered {result['offered_per_s']}/s open loop, split evenly "
+        f"(16 closed-loop clients over the three doors: 6 binary, 5 JSON, 5 gRPC), offered "
+        f"{result['offered_per_s']}/s open loop, split evenly "
         "over OIP REST binary, OIP REST JSON and gRPC; the load generator shares the 2 cores.",
         "",
         f"- errors: {totals['errors']} (goal 0) {'✓' if met['errors'] else '✗'}",
