@@ -9,11 +9,11 @@ costs at most one run with more threads than free cores, never a wrong answer.
 from __future__ import annotations
 
 import math
-import mmap
-import os
 import struct
 import time
 from pathlib import Path
+
+from serving.shared_slots import map_slots
 
 SLOT = struct.Struct("d")
 QUIET_S = 0.005  # another worker counts as idle once it has run nothing for this long
@@ -21,17 +21,7 @@ QUIET_S = 0.005  # another worker counts as idle once it has run nothing for thi
 
 class BusyBoard:
     def __init__(self, path: Path, slots: int, slot: int) -> None:
-        if not 0 <= slot < slots:
-            raise ValueError(f"slot {slot} is outside 0..{slots - 1}")
-        size = slots * SLOT.size
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size < size:  # every worker may get here first: they all grow it to the same size
-                os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        self._map = map_slots(path, slots, slot, SLOT.size)
         self.slot, self.slots = slot, slots
 
     def running(self, busy: bool) -> None:

@@ -13,27 +13,17 @@ costs at most one reconnection too many or too few.
 from __future__ import annotations
 
 import math
-import mmap
-import os
 import struct
 from pathlib import Path
+
+from serving.shared_slots import map_slots
 
 SLOT = struct.Struct("q")
 
 
 class ConnectionShare:
     def __init__(self, path: Path, slots: int, slot: int) -> None:
-        if not 0 <= slot < slots:
-            raise ValueError(f"slot {slot} is outside 0..{slots - 1}")
-        size = slots * SLOT.size
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size < size:  # every worker may get here first: they all grow it to the same size
-                os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        self._map = map_slots(path, slots, slot, SLOT.size)
         self.slot, self.slots, self.open = slot, slots, 0
         self.closing: set[object] = set()  # connections answered with Connection: close, not closed yet
         self._publish()

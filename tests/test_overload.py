@@ -51,9 +51,10 @@ def test_requests_past_the_queue_bound_are_refused_fast_on_http_with_retry_after
     assert len(refused) < len(responses)
 
 
-def test_requests_past_the_queue_bound_are_refused_on_grpc(small_queue_server):
+def grpc_flood(address: str, requests: int = 96, clients: int = 16) -> list[str]:
+    """``requests`` 64-image gRPC calls from ``clients`` threads: "ok" or the error's text for each."""
     def call(_: int) -> str:
-        client = grpcclient.InferenceServerClient(small_queue_server.grpc_address)
+        client = grpcclient.InferenceServerClient(address)
         inp = grpcclient.InferInput("images", list(BIG.shape), "UINT8")
         inp.set_data_from_numpy(BIG)
         try:
@@ -62,8 +63,12 @@ def test_requests_past_the_queue_bound_are_refused_on_grpc(small_queue_server):
         except Exception as exc:  # tritonclient's InferenceServerException carries the status
             return str(exc)
 
-    with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(call, range(96)))
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(call, range(requests)))
+
+
+def test_requests_past_the_queue_bound_are_refused_on_grpc(small_queue_server):
+    results = grpc_flood(small_queue_server.grpc_address)
     refused = [r for r in results if r != "ok"]
     assert refused and all("UNAVAILABLE" in r and "overloaded" in r for r in refused), refused[:3]
     assert "ok" in results
@@ -96,18 +101,7 @@ def test_a_worker_behind_on_its_event_loop_sheds_inference_on_http_but_answers_h
 
 
 def test_a_worker_behind_on_its_event_loop_sheds_inference_on_grpc(lagging_server):
-    def call(_: int) -> str:
-        client = grpcclient.InferenceServerClient(lagging_server.grpc_address)
-        inp = grpcclient.InferInput("images", list(BIG.shape), "UINT8")
-        inp.set_data_from_numpy(BIG)
-        try:
-            client.infer("mnist-cnn", [inp])
-            return "ok"
-        except Exception as exc:  # tritonclient's InferenceServerException carries the status
-            return str(exc)
-
-    with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(call, range(96)))
+    results = grpc_flood(lagging_server.grpc_address)
     shed = [r for r in results if r != "ok"]
     assert shed and all("UNAVAILABLE" in r and "event loop is" in r for r in shed), shed[:3]
     assert "ok" in results
