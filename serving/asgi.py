@@ -231,50 +231,42 @@ def install_header_timeout(timeout_s: float) -> bool:
     return True
 
 
-class BalanceConnections:
-    """Answer with ``Connection: close`` when ``hand_back(client)`` says this worker holds more than its share of
-    the server's HTTP connections (``serving.connections``): the client reconnects, usually to another worker."""
-
-    def __init__(self, app: Any, hand_back: Callable[[object], bool]) -> None:
-        self.app, self.hand_back = app, hand_back
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not self.hand_back(scope.get("client")):
-            await self.app(scope, receive, send)
-            return
-
-        async def closing_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-            await send(message)
-
-        await self.app(scope, receive, closing_send)
-
-
-def install_connection_count(opened: Callable[[object], None], closed: Callable[[object], None]) -> bool:
+def install_connection_balance(opened: Callable[[object], None], closed: Callable[[object], None],
+                               hand_back: Callable[[object], bool]) -> bool:
     """Call ``opened(client)`` and ``closed(client)`` as uvicorn's httptools protocol opens and loses each HTTP
-    connection (``client``: the peer address, as the ASGI scope gives it). Wraps two methods of that class, as
-    ``install_header_timeout`` does; ``tests/test_server.py`` checks the effect on the real server. Installing
-    again replaces the callbacks. Returns False where that class is missing."""
+    connection (``client``: the peer address, as the ASGI scope gives it), and ask ``hand_back(client)`` when a
+    request's headers are in: True ends the connection after this response, with ``Connection: close`` (uvicorn's
+    own way of ending keep-alive connections at shutdown), so the client reconnects, usually to another worker
+    (``serving.connections``). Wraps three methods of that class, as ``install_header_timeout`` does;
+    ``tests/test_server.py`` checks the effect on the real server. Installing again replaces the callbacks.
+    Returns False where that class is missing."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return False
-    HttpToolsProtocol._cnnserve_opened, HttpToolsProtocol._cnnserve_closed = staticmethod(opened), staticmethod(closed)
-    if getattr(HttpToolsProtocol, "_cnnserve_connection_count", False):
+    HttpToolsProtocol._cnnserve_opened, HttpToolsProtocol._cnnserve_closed, HttpToolsProtocol._cnnserve_hand_back = (
+        staticmethod(opened), staticmethod(closed), staticmethod(hand_back))
+    if getattr(HttpToolsProtocol, "_cnnserve_connection_balance", False):
         return True
-    made, lost = HttpToolsProtocol.connection_made, HttpToolsProtocol.connection_lost
+    made, complete, lost = (HttpToolsProtocol.connection_made, HttpToolsProtocol.on_headers_complete,
+                            HttpToolsProtocol.connection_lost)
 
     def connection_made(self: Any, transport: Any) -> None:
         made(self, transport)
         self._cnnserve_opened(self.client)
 
+    def on_headers_complete(self: Any) -> None:
+        complete(self)
+        if self.cycle is not None and self.cycle.keep_alive and self._cnnserve_hand_back(self.client):
+            self.cycle.keep_alive = False
+
     def connection_lost(self: Any, exc: Exception | None) -> None:
         self._cnnserve_closed(self.client)
         lost(self, exc)
 
-    HttpToolsProtocol.connection_made, HttpToolsProtocol.connection_lost = connection_made, connection_lost
-    HttpToolsProtocol._cnnserve_connection_count = True
+    HttpToolsProtocol.connection_made, HttpToolsProtocol.on_headers_complete = connection_made, on_headers_complete
+    HttpToolsProtocol.connection_lost = connection_lost
+    HttpToolsProtocol._cnnserve_connection_balance = True
     return True
 
 

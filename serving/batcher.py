@@ -243,10 +243,10 @@ class DynamicBatcher:
             self._rejected += 1
             raise Overloaded(f"model {self.name} is overloaded: the estimated queue wait is {wait:.3f} s, "
                              f"the budget is {self.queue_budget_s} s", self._retry_after_s(now))
-        if deadline is not None and now + self._estimate(count, now) > deadline:
+        if deadline is not None and now + (needed := self._estimate(count, now)) > deadline:
             self._rejected += 1
             raise DeadlineExceeded(f"model {self.name}: the deadline ({deadline - now:.3f} s from now) cannot be "
-                                   f"met, the estimated queue wait plus compute is {self._estimate(count, now):.3f} s")
+                                   f"met, the estimated queue wait plus compute is {needed:.3f} s")
 
     def _enqueue(self, images: np.ndarray, deadline: float | None) -> _Pending:
         if self._closed:  # a later chunk of a split request, after close()

@@ -26,11 +26,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving.asgi import (
-    BalanceConnections,
     BodyLimit,
     JsonErrors,
     MountRoots,
-    install_connection_count,
+    install_connection_balance,
     install_header_timeout,
     install_load_shedding,
     install_request_timeout,
@@ -79,12 +78,6 @@ def current_dataplane() -> DataPlane:
     return bentoml.get_current_service().dataplane
 
 
-def hand_back_connection(client: object) -> bool:
-    """Whether this worker should close the connection from ``client`` after its response (``serving.connections``)."""
-    connections = bentoml.get_current_service().connections
-    return connections is not None and connections.hand_back(client)
-
-
 async def model_cards(request: Request) -> Response:
     try:
         return JSONResponse(current_dataplane().model_cards(request.path_params.get("name")))
@@ -114,7 +107,8 @@ class CnnServe:
         self.connections: ConnectionShare | None = None  # HTTP connections per worker, to spread them
         if SETTINGS.worker_count > 1:
             self.connections = ConnectionShare(self.repository.shared_dir / "connections", SETTINGS.worker_count, slot)
-            if not install_connection_count(self.connections.opened, self.connections.closed):
+            if not install_connection_balance(self.connections.opened, self.connections.closed,
+                                              self.connections.hand_back):
                 log.warning("uvicorn's httptools protocol was not found: HTTP connections are not spread over workers")
                 self.connections = None
         quiet_client_errors()
@@ -268,8 +262,6 @@ def upload_name(path: Path) -> str:
     return match.group(1) if match else path.name
 
 
-if SETTINGS.worker_count > 1:  # the outermost of ours: it sees every request (InferFastLane sends some past the rest)
-    CnnServe.add_asgi_middleware(BalanceConnections, hand_back=hand_back_connection)
 CnnServe.add_asgi_middleware(BodyLimit, limit=SETTINGS.max_request_bytes)
 CnnServe.add_asgi_middleware(JsonErrors)
 CnnServe.add_asgi_middleware(MountRoots, paths=("/v2", "/models"))
