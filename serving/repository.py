@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from serving.model_card import (
     write_json_atomic,
 )
 from serving.settings import Settings
+from serving.shared_slots import server_dir
 
 log = logging.getLogger("cnnserve.repository")
 
@@ -128,7 +128,7 @@ class ModelRepository:
         self._seen: dict[tuple[str, int], _Seen] = {}
         self._unloaded: set[str] = set()  # models taken out of service by unload(), whatever is on disk
         # files shared by the workers of one server (children of one BentoML arbiter); not kept across restarts
-        self.shared_dir = Path(tempfile.gettempdir()) / f"cnnserve-{os.getppid()}"
+        self.shared_dir = server_dir()
         self.unloaded_file = self.shared_dir / "unloaded.json"
         # a lone request may use every core when no worker is busy: needs more cores than a session's threads
         self._wide_threads = settings.idle_threads or os.cpu_count() or 1
