@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
 import re
+import shlex
 import sys
 import threading
 import time
@@ -43,6 +45,7 @@ class Sample:
     latency_s: float
     outcome: str  # ok | rejected (503 / 429 / UNAVAILABLE / RESOURCE_EXHAUSTED) | error
     sent_late_s: float = 0.0  # how long after it was due it went out: the generator's own lag (open loop)
+    reason: str = ""  # a refusal's mechanism, from its message (``refusal_reason``)
 
 
 @dataclass
@@ -102,6 +105,15 @@ def http_outcome(status: int) -> str:
     return "ok" if status == 200 else "rejected" if status in (429, 503) else f"http {status}"
 
 
+REFUSALS = {"event loop is": "loop lag", "estimated queue wait": "queue estimate", "images are queued": "queue bound",
+            "in the queue, the limit": "queue wait", "Concurrent RPC limit": "concurrency"}
+
+
+def refusal_reason(message: str) -> str:
+    """Which of the service's mechanisms refused a request, from the message it sent (see serving/README.md)."""
+    return next((reason for text, reason in REFUSALS.items() if text in message), "other")
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection of ``HttpLoad``: one request at a time, the answer read from its Content-Length."""
 
@@ -132,8 +144,10 @@ class _Connection(asyncio.Protocol):
         if len(self.buffer) < size:
             return
         head = bytes(self.buffer[:end]).lower()
+        status = int(head[9:12])
+        reason = refusal_reason(self.buffer[end + 4:size].decode(errors="replace")) if status != 200 else ""
         del self.buffer[:size]
-        self.load.answered(self, int(head[9:12]), b"connection: close" in head)
+        self.load.answered(self, status, b"connection: close" in head, reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.load.lost(self)
@@ -207,16 +221,16 @@ class HttpLoad:
                 self._record(self.backlog.popleft(), "error OSError")
                 self._dispatch()
 
-    def _record(self, due: float, outcome: str, sent: float | None = None) -> None:
+    def _record(self, due: float, outcome: str, sent: float | None = None, reason: str = "") -> None:
         now = self.loop.time()
-        self.samples.append(Sample(self.name, due, now - due, outcome, (now if sent is None else sent) - due))
+        self.samples.append(Sample(self.name, due, now - due, outcome, (now if sent is None else sent) - due, reason))
 
     def connected(self, connection: _Connection) -> None:
         self.idle.append(connection)
         self._dispatch()
 
-    def answered(self, connection: _Connection, status: int, close: bool) -> None:
-        self._record(connection.due, http_outcome(status), connection.sent)
+    def answered(self, connection: _Connection, status: int, close: bool, reason: str = "") -> None:
+        self._record(connection.due, http_outcome(status), connection.sent, reason)
         self.busy.discard(connection)
         connection.due = None
         if self.closed_loop_until is not None and self.loop.time() < self.closed_loop_until:
@@ -278,8 +292,9 @@ class GrpcLoad:
         code = error.code() if error is not None else grpc.StatusCode.OK
         outcome = "ok" if code == grpc.StatusCode.OK else "rejected" if code in (
             grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) else f"grpc {code.name}"
+        reason = refusal_reason(error.details() or "") if outcome == "rejected" else ""
         with self.lock:
-            self.samples.append(Sample("grpc", due, now - due, outcome, sent - due))
+            self.samples.append(Sample("grpc", due, now - due, outcome, sent - due, reason))
             self.in_flight -= 1
             self.lock.notify_all()
         if self.closed_loop_until is not None and now < self.closed_loop_until:
@@ -325,6 +340,13 @@ async def probe(url: str, period_s: float, seconds: float) -> list[float]:
                 latencies.append(3.0)
             await asyncio.sleep(max(0.0, period_s - (loop.time() - t0)))
     return latencies
+
+
+def command(module: str) -> str:
+    """This run's command line (``python -m module`` and its arguments), with the service settings it set in
+    the environment."""
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("CNNSERVE_")]
+    return shlex.join([*settings, "python", "-m", module, *sys.argv[1:]])
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:

@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
-import shlex
-import sys
 import tempfile
 from collections.abc import Awaitable
 from concurrent.futures import ProcessPoolExecutor
@@ -32,6 +29,7 @@ from benchmarks.loadgen import (
     HttpLoad,
     Sample,
     Service,
+    command,
     http_request,
     percentile_ms,
     probe,
@@ -99,13 +97,17 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
     ok = [s.latency_s for s in burst_samples if s.outcome == "ok"]
     rejected = [s.latency_s for s in burst_samples if s.outcome == "rejected"]
     errors: dict[str, int] = {}
+    rejected_by: dict[str, int] = {}
     for s in burst_samples:
-        if s.outcome not in ("ok", "rejected"):
+        if s.outcome == "rejected":
+            rejected_by[s.reason] = rejected_by.get(s.reason, 0) + 1
+        elif s.outcome != "ok":
             errors[s.outcome] = errors.get(s.outcome, 0) + 1
     result = {
         "door": kind, "capacity_per_s": round(capacity), "offered_per_s": round(offered),
         "connections": connections if kind == "http" else None,
-        "sent": len(burst_samples), "answered": len(ok), "rejected": len(rejected), "errors": errors,
+        "sent": len(burst_samples), "answered": len(ok), "rejected": len(rejected),
+        "rejected_by": rejected_by, "errors": errors,
         "goodput_per_s": round(len(ok) / seconds), "goodput_fraction": round(len(ok) / seconds / capacity, 3),
         "answered_p50_ms": percentile_ms(ok, 50), "answered_p99_ms": percentile_ms(ok, 99),
         "rejected_p50_ms": percentile_ms(rejected, 50), "rejected_p99_ms": percentile_ms(rejected, 99),
@@ -129,18 +131,18 @@ def verdicts(row: dict) -> dict[str, bool]:
             "recovery_s": row["recovery_s"] <= GOALS["recovery_s"]}
 
 
-def command() -> str:
-    """This run's command line, with the service settings it set in the environment."""
-    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("CNNSERVE_")]
-    return shlex.join([*settings, "python", "-m", "benchmarks.overload", *sys.argv[1:]])
+def by_reason(row: dict) -> str:
+    """Which mechanisms refused, as ' (N loop lag, M queue estimate)'; empty in results from before it was kept."""
+    reasons = row.get("rejected_by") or {}
+    return " (" + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) + ")" if reasons else ""
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Overload: open loop at a multiple of capacity",
         "",
-        f"`{command()}`: the service as `make serve` runs it (2 workers, default settings unless the command sets "
-        "some), mnist-cnn, single-image requests (HTTP: "
+        f"`{command('benchmarks.overload')}`: the service as `make serve` runs it (2 workers, default settings "
+        "unless the command sets some), mnist-cnn, single-image requests (HTTP: "
         f"OIP REST {'JSON' if args.json else 'binary'}); the burst comes from a Python process of its own (HTTP: "
         f"asyncio protocol over at most {args.connections} keep-alive connections; gRPC: grpcio futures over 4 "
         "channels), the light client and the /readyz probe from another, all on the same 2 cores as the server. "
@@ -158,7 +160,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(
             f"| {r['door']} | {r['capacity_per_s']} | {r['offered_per_s']} | {r['goodput_per_s']} "
             f"({100 * r['goodput_fraction']:.0f} %) {v['goodput_fraction']} | {r['answered_p50_ms']} / "
-            f"{r['answered_p99_ms']} {v['answered_p99_ms']} | {r['rejected']} of {r['sent']} | "
+            f"{r['answered_p99_ms']} {v['answered_p99_ms']} | {r['rejected']} of {r['sent']}{by_reason(r)} | "
             f"{r['rejected_p99_ms']} {v['rejected_p99_ms']} | {sum(r['errors'].values())} | {r['readyz_p99_ms']} "
             f"{v['readyz_p99_ms']} | {r['recovery_s']} {v['recovery_s']} | {r['rss_before_mb']} → "
             f"{r['rss_after_mb']} ({100 * r['rss_growth_fraction']:+.0f} %) {v['rss_growth_fraction']} | "

@@ -15,13 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
+import time
 from pathlib import Path
+
+import psutil
 
 from benchmarks.loadgen import (
     GrpcLoad,
     HttpLoad,
     Sample,
     Service,
+    command,
     http_request,
     percentile_ms,
     sample_images,
@@ -47,22 +51,32 @@ async def soak(service: Service, minutes: int, fraction: float) -> dict:
     await mix(2)
     capacity = sum(s.outcome == "ok" for s in await mix(10)) / 10
     rate = fraction * capacity / 3  # per door
-    rows = []
+    rows, generator = [], psutil.Process()
     for minute in range(1, minutes + 1):
+        server_cpu, generator_cpu, start = service.server.cpu_seconds(), cpu_seconds(generator), time.monotonic()
         parts = await asyncio.gather(http(True, "http-binary", 256).open_loop(rate, 60),
                                      http(False, "http-json", 256).open_loop(rate, 60),
                                      asyncio.to_thread(GrpcLoad(service.grpc_port, images).open_loop, rate, 60))
         samples: list[Sample] = [s for part in parts for s in part]
+        elapsed = time.monotonic() - start
         ok = [s.latency_s for s in samples if s.outcome == "ok"]
         kinds: dict[str, int] = {}
         for s in samples:
             if s.outcome != "ok":
-                kinds[f"{s.door} {s.outcome}"] = kinds.get(f"{s.door} {s.outcome}", 0) + 1
+                kind = f"{s.door} {s.outcome}" + (f" ({s.reason})" if s.reason else "")
+                kinds[kind] = kinds.get(kind, 0) + 1
         rows.append({"minute": minute, "requests": len(samples), "errors": len(samples) - len(ok), "error_kinds": kinds,
                      "p50_ms": percentile_ms(ok, 50), "p99_ms": percentile_ms(ok, 99),
-                     "rss_mb": round(service.worker_rss_mb(), 1)})
+                     "rss_mb": round(service.worker_rss_mb(), 1),
+                     "server_cores": round((service.server.cpu_seconds() - server_cpu) / elapsed, 2),
+                     "generator_cores": round((cpu_seconds(generator) - generator_cpu) / elapsed, 2),
+                     "generator_late_p99_ms": percentile_ms([s.sent_late_s for s in samples], 99)})
         print(rows[-1], flush=True)
     return {"capacity_per_s": round(capacity), "offered_per_s": round(3 * rate), "minutes": rows}
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    return sum(process.cpu_times()[:2])
 
 
 def summary(result: dict) -> dict:
@@ -80,11 +94,14 @@ def markdown(result: dict, totals: dict, args: argparse.Namespace) -> str:
     lines = [
         "# Soak: steady load over mixed doors",
         "",
-        f"`python -m benchmarks.soak --minutes {args.minutes} --fraction {args.fraction:g}`: the service as "
-        f"`make serve` runs it (2 workers), mnist-cnn, single images; capacity {result['capacity_per_s']}/s "
+        f"`{command('benchmarks.soak')}`: the service as `make serve` runs it (2 workers, default settings unless "
+        f"the command sets some), mnist-cnn, single images; capacity {result['capacity_per_s']}/s "
         f"(16 closed-loop clients over the three doors: 6 binary, 5 JSON, 5 gRPC), offered "
         f"{result['offered_per_s']}/s open loop, split evenly "
-        "over OIP REST binary, OIP REST JSON and gRPC; the load generator shares the 2 cores.",
+        "over OIP REST binary, OIP REST JSON and gRPC; the load generator shares the 2 cores (its CPU and the "
+        "server's, in cores, are in the table: closed-loop clients batch more, so a fraction of their capacity "
+        "costs the server more CPU than that fraction; *late*: how long after its due time the p99 request went "
+        "out).",
         "",
         f"- errors: {totals['errors']} (goal 0) {'✓' if met['errors'] else '✗'}",
         f"- worker RSS growth over the last 8 minutes: {100 * totals['rss_growth_last_8_min']:+.1f} % (goal ≤ 5 %) "
@@ -92,11 +109,12 @@ def markdown(result: dict, totals: dict, args: argparse.Namespace) -> str:
         f"- worst minute's p99 / first minute's: {totals['p99_vs_first_minute']} (goal ≤ 2) "
         f"{'✓' if met['p99'] else '✗'}",
         "",
-        "| minute | requests | errors | p50 ms | p99 ms | worker RSS MB |",
-        "|---|---|---|---|---|---|",
+        "| minute | requests | errors | p50 ms | p99 ms | worker RSS MB | server / generator cores | late p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['minute']} | {r['requests']} | {r['errors']} {kinds_text(r)}| {r['p50_ms']} | {r['p99_ms']} | "
-              f"{r['rss_mb']} |" for r in result["minutes"]]
+              f"{r['rss_mb']} | {r['server_cores']} / {r['generator_cores']} | {r['generator_late_p99_ms']} |"
+              for r in result["minutes"]]
     return "\n".join(lines) + "\n"
 
 
