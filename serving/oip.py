@@ -1,8 +1,10 @@
-"""Open Inference Protocol tensors, shared by the REST and gRPC doors: the input tensor decoded and checked
-against the protocol (name, datatype, shape; the declared image count before any data), requested outputs."""
+"""Open Inference Protocol requests, shared by the REST and gRPC doors: the input tensor decoded and checked
+against the protocol (name, datatype, shape; the declared image count before any data), requested outputs,
+the request's ``timeout`` parameter."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -44,3 +46,14 @@ def check_outputs(names: list[str]) -> None:
     for name in names:
         if name not in SERVED_OUTPUTS:
             raise InvalidInput(f"unknown output {name!r}; this service returns {list(SERVED_OUTPUTS)}")
+
+
+def timeout_deadline(timeout_us: Any) -> float | None:
+    """The ``time.monotonic()`` deadline of a request's ``parameters.timeout``: microseconds from now, as Triton and
+    tritonclient's ``timeout=`` have it (both doors); absent or 0 means no timeout, as in Triton."""
+    if timeout_us is None or (timeout_us == 0 and not isinstance(timeout_us, bool)):
+        return None
+    if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0:
+        raise InvalidInput(f"parameters.timeout must be an integer number of microseconds (0: no timeout), got "
+                           f"{timeout_us!r}")
+    return time.monotonic() + timeout_us / 1e6

@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from serving.dataplane import SERVER_NAME, DataPlane
 from serving.errors import InvalidInput, ServingError, log_refusal
 from serving.model_card import PROBS_NAME
-from serving.oip import check_outputs, decode_input
+from serving.oip import check_outputs, decode_input, timeout_deadline
 from serving.settings import Settings
 
 log = logging.getLogger("cnnserve.grpc")
@@ -94,8 +94,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             images = decode_input(*args, values=list(tensor.contents.uint_contents) if _has_uint_data(tensor)
                                   else None)
         check_outputs([o.name for o in request.outputs])
-        remaining = context.time_remaining()  # the client's deadline, if it set one
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        remaining = context.time_remaining()  # the call's gRPC deadline, if the client set one
+        deadlines = [time.monotonic() + remaining if remaining is not None else None,
+                     timeout_deadline(_parameter(request, "timeout"))]  # and the OIP timeout parameter
+        deadline = min((d for d in deadlines if d is not None), default=None)
         probs = await self.dataplane.infer(model, images, "oip-grpc", deadline)
         out = pb.ModelInferResponse.InferOutputTensor(name=PROBS_NAME, datatype="FP32", shape=list(probs.shape))
         return pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id,
@@ -125,6 +127,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                     context: Any) -> pb.RepositoryModelUnloadResponse:
         await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _parameter(request: pb.ModelInferRequest, name: str) -> Any:
+    """The value of the request parameter ``name`` (whichever of the protocol's kinds it has), or None."""
+    if name not in request.parameters:
+        return None
+    parameter = request.parameters[name]
+    kind = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, kind) if kind else None
 
 
 def _has_uint_data(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serving.dataplane import DataPlane, check_image_count
 from serving.errors import InvalidInput, PayloadTooLarge, ServingError, UnsupportedMediaType, http_error, log_refusal
 from serving.model_card import PROBS_NAME
-from serving.oip import check_outputs, decode_input
+from serving.oip import check_outputs, decode_input, timeout_deadline
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ACCEPTED_TYPES = ("application/json", "application/octet-stream", "")
@@ -79,7 +78,8 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         model = dp.model(*model_args(request))  # looked up again: a version may have gone while the body came
         header, binary = split_body(request, body, dp.settings.max_images_per_request)
         images, binary_out, request_id = parse_infer_request(model, header, binary, dp.settings.max_images_per_request)
-        probs = await dp.infer(model, images, "oip-rest", request_deadline(header))
+        deadline = timeout_deadline(parameters(header, "the request").get("timeout"))
+        probs = await dp.infer(model, images, "oip-rest", deadline)
         return infer_response(model.name, model.version, request_id, probs, binary_out)
 
     async def stats(request: Request, dp: DataPlane) -> Response:
@@ -193,6 +193,16 @@ def declared_batch(header: bytes) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def parameters(item: dict[str, Any], what: str) -> dict[str, Any]:
+    """``item["parameters"]`` (of the request, a tensor or an output): a JSON object, or {} when absent."""
+    params = item.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"'parameters' of {what} must be a JSON object, got {json.dumps(params)[:80]}")
+    return params
+
+
 def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
                         max_images: int) -> tuple[np.ndarray, bool, str | None]:
     """-> (images, whether to answer with binary outputs, request id)."""
@@ -200,7 +210,7 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise InvalidInput("'inputs' must be a list with exactly one tensor, 'images'")
     tensor = inputs[0]
-    params = tensor.get("parameters") or {}
+    params = parameters(tensor, "input 'images'")
     raw = None
     if "binary_data_size" in params:
         size = params["binary_data_size"]
@@ -215,23 +225,12 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise InvalidInput("'outputs' must be a list of objects with a 'name'")
     check_outputs([o.get("name") for o in outputs])
-    binary_out = bool((header.get("parameters") or {}).get("binary_data_output"))
+    binary_out = bool(parameters(header, "the request").get("binary_data_output"))
     for o in outputs:  # an output's own binary_data wins over the request's binary_data_output
-        if "binary_data" in (o.get("parameters") or {}):
-            binary_out = bool(o["parameters"]["binary_data"])
+        if "binary_data" in (output_parameters := parameters(o, f"output {o.get('name')!r}")):
+            binary_out = bool(output_parameters["binary_data"])
     request_id = header.get("id")
     return images, binary_out, request_id if isinstance(request_id, str) else None
-
-
-def request_deadline(header: dict[str, Any]) -> float | None:
-    """The ``time.monotonic()`` deadline set by the request's ``parameters.timeout`` (microseconds, as
-    Triton and tritonclient's ``timeout=`` have it), or None."""
-    timeout = (header.get("parameters") or {}).get("timeout")
-    if timeout is None:
-        return None
-    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
-        raise InvalidInput(f"parameters.timeout must be a positive integer of microseconds, got {timeout!r}")
-    return time.monotonic() + timeout / 1e6
 
 
 def infer_response(name: str, version: int, request_id: str | None, probs: np.ndarray, binary: bool) -> Response:

@@ -210,6 +210,11 @@ def test_oip_rest_door_rejects_30_bad_requests(server):
         ("strings", lambda: post_json(infer_json([tensor(data=["x"] * 784)]))),
         ("unknown output", lambda: post_json(infer_json([tensor()], outputs=[{"name": "embeddings"}]))),
         ("outputs not a list", lambda: post_json(infer_json([tensor()], outputs="probs"))),
+        ("request parameters not an object", lambda: post_json(infer_json([tensor()], parameters=[1]))),
+        ("output parameters not an object", lambda: post_json(infer_json([tensor()], outputs=[
+            {"name": "probs", "parameters": 5}]))),
+        ("timeout negative", lambda: post_json(infer_json([tensor()], parameters={"timeout": -5}))),
+        ("timeout a string", lambda: post_json(infer_json([tensor()], parameters={"timeout": "100"}))),
         ("wrong content type", lambda: httpx.post(infer, content=json.dumps(infer_json([tensor()])),
                                                   headers={"content-type": "text/plain"})),
         ("body over the size limit", lambda: post_binary(infer_json([bin_input]), b"\0" * (MAX_BYTES + 1))),

@@ -17,7 +17,9 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from tests.server import MAX_BYTES, MAX_IMAGES, start_server
 
@@ -108,6 +110,28 @@ def test_a_worker_behind_on_its_event_loop_sheds_inference_on_grpc(lagging_serve
     shed = [r for r in results if r != "ok"]
     assert shed and all("UNAVAILABLE" in r and "event loop is" in r for r in shed), shed[:3]
     assert "ok" in results
+
+
+def test_the_oip_timeout_parameter_is_a_deadline_on_both_doors_and_0_means_none(server):
+    """tritonclient's ``timeout=`` (microseconds, in the request's parameters, over HTTP and gRPC alike): a
+    deadline the estimate cannot meet is refused before queueing; 0 is no timeout, as in Triton."""
+    image = np.zeros((1, 28, 28), np.uint8)
+    http = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    http_input = httpclient.InferInput("images", [1, 28, 28], "UINT8")
+    http_input.set_data_from_numpy(image, binary_data=True)
+    with pytest.raises(InferenceServerException) as refused:
+        http.infer("mnist-cnn", [http_input], timeout=1)
+    assert refused.value.status() == "504" and "deadline" in refused.value.message()
+    assert http.infer("mnist-cnn", [http_input], timeout=0).as_numpy("probs").shape == (1, 10)
+
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    grpc_input = grpcclient.InferInput("images", [1, 28, 28], "UINT8")
+    grpc_input.set_data_from_numpy(image)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("mnist-cnn", [grpc_input], timeout=1)
+    assert "DEADLINE_EXCEEDED" in refused.value.status() and "deadline" in refused.value.message()
+    assert client.infer("mnist-cnn", [grpc_input], timeout=0).as_numpy("probs").shape == (1, 10)
+    assert client.infer("mnist-cnn", [grpc_input], timeout=10_000_000).as_numpy("probs").shape == (1, 10)
 
 
 def test_an_oversize_json_batch_is_refused_from_its_declared_shape_before_parsing(server):
