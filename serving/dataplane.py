@@ -26,7 +26,8 @@ from serving.settings import Settings
 from serving.worker_stats import SharedStats, add
 
 SERVER_NAME = "cnnserve"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "health", "statistics", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "health", "statistics",
+              "model_repository"]
 NO_DURATION = {"count": 0, "ns": 0}
 PLATFORM = "onnxruntime_onnx"
 

@@ -1,10 +1,13 @@
 """Open Inference Protocol requests, shared by the REST and gRPC doors: the input tensor decoded and checked
-against the protocol (name, datatype, shape; the declared image count before any data), requested outputs,
-the request's ``timeout`` parameter."""
+against the protocol (name, datatype, shape; the declared image count before any data), requested outputs
+and the answer's output tensor (the probabilities, or the top classes under Triton's classification
+extension), the request's ``timeout`` parameter."""
 
 from __future__ import annotations
 
+import struct
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,10 +45,49 @@ def decode_input(model: LoadedModel, name: str, datatype: str, shape: Any, max_i
     return array.reshape(shape)
 
 
-def check_outputs(names: list[str]) -> None:
-    for name in names:
+def check_outputs(outputs: list[tuple[Any, Any]]) -> int:
+    """Check the requested outputs, each (name, its ``classification`` parameter or None); -> how many top classes
+    the classification extension asks for (0: the probabilities themselves)."""
+    count = 0
+    for name, classification in outputs:
         if name not in SERVED_OUTPUTS:
             raise InvalidInput(f"unknown output {name!r}; this service returns {list(SERVED_OUTPUTS)}")
+        if classification is not None:
+            if not isinstance(classification, int) or isinstance(classification, bool) or classification < 0:
+                raise InvalidInput(f"output {name!r}: parameters.classification must be a number of classes >= 0, "
+                                   f"got {classification!r}")
+            count = classification
+    return count
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """The answer's output: ``values`` (a numpy array for FP32, a list of bytes for BYTES) of ``shape``."""
+
+    datatype: str
+    shape: list[int]
+    values: Any
+
+    def json_data(self) -> list[Any]:
+        return [v.decode() for v in self.values] if self.datatype == "BYTES" else self.values.ravel().tolist()
+
+    def raw(self) -> bytes:
+        """The binary tensor data extension's encoding: little-endian FP32, or each BYTES element as a 4-byte
+        little-endian length and its bytes."""
+        if self.datatype == "BYTES":
+            return b"".join(struct.pack("<I", len(v)) + v for v in self.values)
+        return np.ascontiguousarray(self.values, dtype="<f4").tobytes()
+
+
+def output_tensor(probs: np.ndarray, classes: int, labels: list[str]) -> OutputTensor:
+    """``probs`` as FP32, or with ``classes`` > 0 the top ``classes`` of each row, best first, as Triton's
+    classification extension has them: BYTES ``"<probability>:<index>:<label>"``, shape (images, classes)."""
+    if not classes:
+        return OutputTensor("FP32", list(probs.shape), probs)
+    classes = min(classes, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :classes]
+    values = [f"{probs[row, i]:f}:{i}:{labels[i]}".encode() for row in range(len(probs)) for i in top[row]]
+    return OutputTensor("BYTES", [len(probs), classes], values)
 
 
 def timeout_deadline(timeout_us: Any) -> float | None:

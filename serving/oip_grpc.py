@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from serving.dataplane import SERVER_NAME, DataPlane
 from serving.errors import InvalidInput, ServingError, log_refusal
 from serving.model_card import PROBS_NAME
-from serving.oip import check_outputs, decode_input, timeout_deadline
+from serving.oip import check_outputs, decode_input, output_tensor, timeout_deadline
 from serving.settings import Settings
 
 log = logging.getLogger("cnnserve.grpc")
@@ -93,15 +93,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             images = decode_input(*args, values=list(tensor.contents.uint_contents) if _has_uint_data(tensor)
                                   else None)
-        check_outputs([o.name for o in request.outputs])
+        classes = check_outputs([(o.name, _parameter(o, "classification")) for o in request.outputs])
         remaining = context.time_remaining()  # the call's gRPC deadline, if the client set one
         deadlines = [time.monotonic() + remaining if remaining is not None else None,
                      timeout_deadline(_parameter(request, "timeout"))]  # and the OIP timeout parameter
         deadline = min((d for d in deadlines if d is not None), default=None)
         probs = await self.dataplane.infer(model, images, "oip-grpc", deadline)
-        out = pb.ModelInferResponse.InferOutputTensor(name=PROBS_NAME, datatype="FP32", shape=list(probs.shape))
+        output = output_tensor(probs, classes, model.card.labels)
+        out = pb.ModelInferResponse.InferOutputTensor(name=PROBS_NAME, datatype=output.datatype, shape=output.shape)
         return pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id,
-                                     outputs=[out], raw_output_contents=[probs.astype("<f4").tobytes()])
+                                     outputs=[out], raw_output_contents=[output.raw()])
 
 
     @_guard
@@ -129,11 +130,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-def _parameter(request: pb.ModelInferRequest, name: str) -> Any:
-    """The value of the request parameter ``name`` (whichever of the protocol's kinds it has), or None."""
-    if name not in request.parameters:
+def _parameter(message: Any, name: str) -> Any:
+    """The value of the parameter ``name`` of a request or a requested output (whichever of the protocol's kinds it
+    has), or None."""
+    if name not in message.parameters:
         return None
-    parameter = request.parameters[name]
+    parameter = message.parameters[name]
     kind = parameter.WhichOneof("parameter_choice")
     return getattr(parameter, kind) if kind else None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serving.dataplane import DataPlane, check_image_count
 from serving.errors import InvalidInput, PayloadTooLarge, ServingError, UnsupportedMediaType, http_error, log_refusal
 from serving.model_card import PROBS_NAME
-from serving.oip import check_outputs, decode_input, timeout_deadline
+from serving.oip import OutputTensor, check_outputs, decode_input, output_tensor, timeout_deadline
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ACCEPTED_TYPES = ("application/json", "application/octet-stream", "")
@@ -77,10 +78,10 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         body = await read_body(request, dp.settings.max_request_bytes)
         model = dp.model(*model_args(request))  # looked up again: a version may have gone while the body came
         header, binary = split_body(request, body, dp.settings.max_images_per_request)
-        images, binary_out, request_id = parse_infer_request(model, header, binary, dp.settings.max_images_per_request)
+        images, answer = parse_infer_request(model, header, binary, dp.settings.max_images_per_request)
         deadline = timeout_deadline(parameters(header, "the request").get("timeout"))
         probs = await dp.infer(model, images, "oip-rest", deadline)
-        return infer_response(model.name, model.version, request_id, probs, binary_out)
+        return infer_response(model, answer, output_tensor(probs, answer.classes, model.card.labels))
 
     async def stats(request: Request, dp: DataPlane) -> Response:
         return JSONResponse(dp.statistics(request.path_params.get("model"), request.path_params.get("version")))
@@ -203,9 +204,18 @@ def parameters(item: dict[str, Any], what: str) -> dict[str, Any]:
     return params
 
 
+@dataclass(frozen=True)
+class AnswerForm:
+    """How a request wants its answer: binary or JSON output, its classification count (0: probabilities), its id."""
+
+    binary: bool
+    classes: int
+    request_id: str | None
+
+
 def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
-                        max_images: int) -> tuple[np.ndarray, bool, str | None]:
-    """-> (images, whether to answer with binary outputs, request id)."""
+                        max_images: int) -> tuple[np.ndarray, AnswerForm]:
+    """-> (images, the answer's form)."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise InvalidInput("'inputs' must be a list with exactly one tensor, 'images'")
@@ -224,24 +234,26 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
     outputs = header.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise InvalidInput("'outputs' must be a list of objects with a 'name'")
-    check_outputs([o.get("name") for o in outputs])
+    output_parameters = [parameters(o, f"output {o.get('name')!r}") for o in outputs]
+    classes = check_outputs([(o.get("name"), p.get("classification")) for o, p in zip(outputs, output_parameters,
+                                                                                      strict=True)])
     binary_out = bool(parameters(header, "the request").get("binary_data_output"))
-    for o in outputs:  # an output's own binary_data wins over the request's binary_data_output
-        if "binary_data" in (output_parameters := parameters(o, f"output {o.get('name')!r}")):
-            binary_out = bool(output_parameters["binary_data"])
+    for p in output_parameters:  # an output's own binary_data wins over the request's binary_data_output
+        if "binary_data" in p:
+            binary_out = bool(p["binary_data"])
     request_id = header.get("id")
-    return images, binary_out, request_id if isinstance(request_id, str) else None
+    return images, AnswerForm(binary_out, classes, request_id if isinstance(request_id, str) else None)
 
 
-def infer_response(name: str, version: int, request_id: str | None, probs: np.ndarray, binary: bool) -> Response:
-    output: dict[str, Any] = {"name": PROBS_NAME, "datatype": "FP32", "shape": list(probs.shape)}
-    result: dict[str, Any] = {"model_name": name, "model_version": str(version), "outputs": [output]}
-    if request_id is not None:
-        result["id"] = request_id
-    if not binary:
-        output["data"] = probs.ravel().tolist()
+def infer_response(model: Any, answer: AnswerForm, output: OutputTensor) -> Response:
+    tensor: dict[str, Any] = {"name": PROBS_NAME, "datatype": output.datatype, "shape": output.shape}
+    result: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version), "outputs": [tensor]}
+    if answer.request_id is not None:
+        result["id"] = answer.request_id
+    if not answer.binary:
+        tensor["data"] = output.json_data()
         return JSONResponse(result)
-    raw = np.ascontiguousarray(probs, dtype="<f4").tobytes()
-    output["parameters"] = {"binary_data_size": len(raw)}
+    raw = output.raw()
+    tensor["parameters"] = {"binary_data_size": len(raw)}
     header = json.dumps(result, separators=(",", ":")).encode()
     return Response(header + raw, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(header))})

@@ -184,3 +184,45 @@ def test_classify_answers_version_as_a_string_and_names_the_upload_in_errors(ser
     r = httpx.post(f"{server.url}/classify", files=[("images", ("holiday-photo.gif", b"GIF89a....", "image/gif"))],
                    data={"model": "mnist-cnn"})
     assert 400 <= r.status_code < 500 and "holiday-photo.gif" in r.json()["error"]
+
+
+def classified(results: np.ndarray) -> list[list[tuple[float, int, str]]]:
+    """Triton's classification strings "<probability>:<index>:<label>", parsed, per image (tritonclient gives str
+    from JSON, bytes from binary data)."""
+    return [[(float(p), int(i), label) for p, i, label in ((v.decode() if isinstance(v, bytes) else v).split(":", 2)
+                                                             for v in row)] for row in results]
+
+
+def test_classification_extension_answers_the_top_classes_on_both_doors(server):
+    """tritonclient's ``class_count`` (the output's ``classification`` parameter): the top classes of each image,
+    best first, as BYTES "<probability>:<index>:<label>" of shape (images, count), JSON, binary and gRPC alike."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    labels = httpx.get(f"{server.url}/v2/models/mnist-cnn").json()["parameters"]["labels"]
+    assert "classification" in httpx.get(f"{server.url}/v2").json()["extensions"]
+
+    http = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    http_input = httpclient.InferInput("images", list(images.shape), "UINT8")
+    http_input.set_data_from_numpy(images)
+    probs = http.infer("mnist-cnn", [http_input]).as_numpy("probs")
+    expected = [[(pytest.approx(float(row[i]), abs=1e-6), int(i), labels[i]) for i in np.argsort(-row)[:3]]
+                for row in probs]
+    answers = []
+    for binary in (False, True):
+        output = httpclient.InferRequestedOutput("probs", binary_data=binary, class_count=3)
+        answers.append(http.infer("mnist-cnn", [http_input], outputs=[output]).as_numpy("probs"))
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    grpc_input = grpcclient.InferInput("images", list(images.shape), "UINT8")
+    grpc_input.set_data_from_numpy(images)
+    answers.append(client.infer("mnist-cnn", [grpc_input], outputs=[grpcclient.InferRequestedOutput(
+        "probs", class_count=3)]).as_numpy("probs"))
+    for answer in answers:
+        assert answer.shape == (3, 3)
+        assert classified(answer) == expected
+
+    too_many = httpclient.InferRequestedOutput("probs", class_count=50)  # more than there are: every class
+    assert http.infer("mnist-cnn", [http_input], outputs=[too_many]).as_numpy("probs").shape == (3, len(labels))
+    bad = httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", json={
+        "inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}],
+        "outputs": [{"name": "probs", "parameters": {"classification": "three"}}]})
+    assert bad.status_code == 400 and "classification" in bad.json()["error"]
