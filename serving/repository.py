@@ -118,6 +118,20 @@ class ScanResult:
     removed: list[LoadedModel] = field(default_factory=list)  # versions no longer served: to drain and close
 
 
+def _check_graph_against_card(session: ort.InferenceSession, card: ModelCard) -> None:
+    """Run one blank image through the graph: its ``probs`` must have the card's shape per image (one column per
+    label). A graph copied under another model's card (right sha256, wrong network) otherwise served its own
+    classes under the card's labels; the input side fails inside onnxruntime already."""
+    blank = np.zeros((1, *card.input.shape), np.uint8)
+    try:
+        probs = session.run([PROBS_NAME], {INPUT_NAME: blank})[0]
+    except Exception as exc:  # onnxruntime's own errors: no such output, an input the graph does not take, ...
+        raise CardError(f"model.onnx does not run on the card's input {card.input.shape}: {exc}") from exc
+    if list(probs.shape[1:]) != list(card.probs.shape):
+        raise CardError(f"model.onnx answers {PROBS_NAME} of shape {list(probs.shape[1:])} per image, the card says "
+                        f"{card.probs.shape} ({len(card.labels)} labels): a graph and a card of different models?")
+
+
 class ModelRepository:
     def __init__(self, settings: Settings, worker_slot: int = 0) -> None:
         """``worker_slot``: this worker's place among the server's workers (0-based), on the ``BusyBoard``."""
@@ -249,6 +263,7 @@ class ModelRepository:
         if digest != card.sha256:
             raise CardError(f"sha256 of model.onnx is {digest}, the card says {card.sha256}")
         session = self._session(onnx_path, self.settings.threads_per_session)
+        _check_graph_against_card(session, card)
         wide = self._session(onnx_path, self._wide_threads) if self.board else None
         used = session.get_providers()
         note = None

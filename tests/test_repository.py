@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from serving.errors import ModelNotFound, ModelNotReady
+from serving.model_card import file_sha256
 from serving.repository import PENDING, DeviceError, ModelRepository, providers_for
 from serving.settings import Settings
 from tests.conftest import EXPORTS
@@ -86,4 +87,22 @@ def test_a_failed_version_is_retried_when_its_files_change_and_fallbacks_are_rep
     shutil.rmtree(tmp_path / "mnist-cnn")  # every version gone: strict readiness says the pod lacks a model
     repo.scan()
     assert not repo.ready and repo.get("pneumoniamnist-cnn").version == 1
+    repo.close()
+
+
+def test_a_graph_under_another_models_card_is_refused_with_the_reason(tmp_path):
+    """The pneumonia graph (2 classes) published as mnist-cnn/2 with the mnist card (10 labels) and the graph's own
+    sha256: the sha256 check passes, the graph's output shape does not; version 1 keeps serving."""
+    copy_version(EXPORTS / "mnist-cnn" / "1", tmp_path / "mnist-cnn" / "1")
+    wrong = tmp_path / "mnist-cnn" / "2"
+    copy_version(EXPORTS / "mnist-cnn" / "1", wrong, files=("model.json",))
+    shutil.copy(EXPORTS / "pneumoniamnist-cnn" / "1" / "model.onnx", wrong / "model.onnx")
+    card = json.loads((wrong / "model.json").read_text())
+    card["sha256"] = file_sha256(wrong / "model.onnx")
+    (wrong / "model.json").write_text(json.dumps(card))
+    repo = ModelRepository(Settings(model_dir=tmp_path, device="cpu"))
+    assert repo.scan().changes == ["loaded mnist-cnn/1", "failed mnist-cnn/2"]
+    with pytest.raises(ModelNotReady, match=r"answers probs of shape \[2\] per image, the card says \[10\]"):
+        repo.get("mnist-cnn", 2)
+    assert repo.get("mnist-cnn").version == 1
     repo.close()
