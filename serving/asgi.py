@@ -1,9 +1,10 @@
 """Small ASGI middlewares around the BentoML service's HTTP app, and the one place that reaches into
-BentoML's private modules (``install_request_timeout``)."""
+BentoML's and uvicorn's private modules (the ``install_*`` functions)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+from bentoml.exceptions import BadInput
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
@@ -83,7 +85,8 @@ class BodyLimit:
 
 class JsonErrors:
     """Give every HTTP error the service's one shape, ``{"error": message}`` as JSON: the plain-text
-    answers of the routers (unknown route 404, 405) and of anything else that is not JSON already."""
+    answers of the routers (unknown route 404, 405) and of anything else that is not JSON already, and
+    BentoML's own 4xx answers to its exceptions, which it sends as a one-element list ``[{"error": ...}]``."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -93,9 +96,11 @@ class JsonErrors:
             await self.app(scope, receive, send)
             return
         replaced = False
+        held: dict | None = None  # the start of a JSON error answer, held until its body shows its shape
+        body = b""
 
         async def json_send(message: dict) -> None:
-            nonlocal replaced
+            nonlocal replaced, held, body
             if message["type"] == "http.response.start" and message["status"] >= 400:
                 content_type = dict(message.get("headers") or []).get(b"content-type", b"")
                 if not content_type.startswith(b"application/json"):
@@ -104,11 +109,34 @@ class JsonErrors:
                     text = f"{status} {HTTPStatus(status).phrase}: {scope.get('method', '')} {scope['path']}"
                     await send_json(send, status, text)
                     return
+                held = message
+                return
             if replaced:  # the replaced answer's body
+                return
+            if held is not None and message["type"] == "http.response.body":
+                body += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                await _send_error_object(send, held, body)
+                held = None
                 return
             await send(message)
 
         await self.app(scope, receive, json_send)
+
+
+async def _send_error_object(send: Any, start: dict, body: bytes) -> None:
+    """Send a JSON error answer, unwrapping ``[{"error": ...}]`` into the object (length header fixed)."""
+    parsed = None
+    if body.lstrip()[:1] == b"[":  # the service's own errors are objects already: not parsed again
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(body)
+    if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict) and "error" in parsed[0]:
+        body = json.dumps(parsed[0]).encode()
+        headers = [(k, v) for k, v in start.get("headers") or [] if k.lower() != b"content-length"]
+        start = {**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+    await send(start)
+    await send({"type": "http.response.body", "body": body})
 
 
 async def send_json(send: Any, status: int, message: str) -> None:
@@ -167,6 +195,38 @@ def install_request_timeout() -> bool:
     if not hasattr(traffic, "TimeoutMiddleware"):
         return False
     traffic.TimeoutMiddleware = RequestTimeout
+    return True
+
+
+def install_multipart_field_check() -> bool:
+    """Refuse, with 400 and a message naming the field, a multipart upload that puts a file where the API takes
+    a value (``curl -F image=@x.png`` for ``images``, ``-F model=@x.png``): BentoML's multipart parser reads
+    such a part as JSON bytes, and one that is not UTF-8 raised out of it as a 500 with a traceback.
+
+    Wraps ``MultipartSerde.parse_request`` in BentoML's private serde module; Starlette caches the parsed form
+    on the request, so the check costs no second parse. ``tests/test_bad_input.py`` sends such uploads to the
+    real server. Returns False where this BentoML has no such parser."""
+    try:
+        from _bentoml_impl.serde import MultipartSerde
+        from starlette.datastructures import UploadFile
+    except ImportError:
+        return False
+    if getattr(MultipartSerde, "_cnnserve_field_check", False):
+        return True
+    parse_request = MultipartSerde.parse_request
+
+    async def checked_parse_request(self: Any, request: Any, cls: Any) -> Any:
+        form = await request.form()
+        files = sorted(cls.multipart_fields)
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile) and name not in cls.multipart_fields:
+                where = f"files go in {' or '.join(repr(f) for f in files)}" if files else "this API takes no files"
+                raise BadInput(f"multipart field {name!r} holds a file ({value.filename!r}), but {name!r} is not a "
+                               f"file field: {where}; other fields are plain values")
+        return await parse_request(self, request, cls)
+
+    MultipartSerde.parse_request = checked_parse_request
+    MultipartSerde._cnnserve_field_check = True
     return True
 
 
@@ -327,15 +387,16 @@ def _refusal_app(exc: Overloaded) -> Callable[..., Any]:
 
 
 class ClientErrorsQuietly(logging.Filter):
-    """BentoML logs a request its validation refuses (HTTP 400), and one whose body stopped (the client went
-    away, or ``BodyLimit`` cut it off at the limit), at ERROR with a traceback: log them at INFO, in one
-    line, as the service logs its own refusals (``serving.errors.log_refusal``)."""
+    """BentoML logs a request its validation refuses (HTTP 400), one refused with a client error of its own
+    (``BadInput``: ``install_multipart_field_check``), and one whose body stopped (the client went away, or
+    ``BodyLimit`` cut it off at the limit), at ERROR with a traceback: log them at INFO, in one line, as the
+    service logs its own refusals (``serving.errors.log_refusal``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, (ValidationError, ClientDisconnect)):
-            what = "400: " + " / ".join(str(exc).splitlines()[:2]) if isinstance(exc, ValidationError) \
-                else "the request body stopped (client gone, or cut off at the body limit)"
+        if isinstance(exc, (ValidationError, BadInput, ClientDisconnect)):
+            what = "the request body stopped (client gone, or cut off at the body limit)" \
+                if isinstance(exc, ClientDisconnect) else "400: " + " / ".join(str(exc).splitlines()[:2])
             record.msg = f"{record.getMessage()}: {what}"
             record.args, record.exc_info, record.exc_text = (), None, None
             record.levelno, record.levelname = logging.INFO, "INFO"

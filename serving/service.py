@@ -32,6 +32,7 @@ from serving.asgi import (
     install_connection_balance,
     install_header_timeout,
     install_load_shedding,
+    install_multipart_field_check,
     install_request_timeout,
     quiet_client_errors,
 )
@@ -71,6 +72,8 @@ if SETTINGS.header_timeout_s > 0 and not install_header_timeout(SETTINGS.header_
     log.warning("uvicorn's httptools protocol was not found: no header-read timeout (install the serve extra)")
 if not install_request_timeout():
     log.warning("BentoML's TimeoutMiddleware was not found: HTTP requests keep BentoML's own timeout handling")
+if not install_multipart_field_check():
+    log.warning("BentoML's multipart parser was not found: a file in a value field is not refused up front")
 
 
 def current_dataplane() -> DataPlane:

@@ -142,10 +142,20 @@ def test_bentoml_http_door_rejects_30_bad_requests(server):
         ("2D image for a 3D model", lambda: httpx.post(classify, files=[("images", ("a.png", good_png, "image/png"))],
                                                        data={"model": "organmnist3d-tiny"})),
         ("unknown card path", lambda: httpx.get(f"{url}/models/nope")),
+        ("file in a misspelt field", lambda: httpx.post(classify, files=[("image", ("a.png", good_png, "image/png"))],
+                                                        data={"model": "mnist-cnn"})),
+        ("file as the model name", lambda: httpx.post(classify, files=[("images", ("a.png", good_png, "image/png")),
+                                                                       ("model", ("m.png", good_png, "image/png"))])),
+        ("multipart file to predict", lambda: httpx.post(predict, files=[("instances", ("a.png", good_png,
+                                                                                        "image/png"))],
+                                                         data={"model": "mnist-cnn"})),
     ]
     assert len(cases) >= 30
     for what, call in cases:
-        assert_client_error(call(), what)
+        response = call()
+        assert_client_error(response, what)
+        if what.startswith(("file ", "multipart file")):
+            assert "holds a file" in response.json()["error"], response.text
     r = httpx.post(predict, json={"instances": image.tolist(), "model": "mnist-cnn"})
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] in [str(d) for d in range(10)]
     assert server.worker_pids() == pids
