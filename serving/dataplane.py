@@ -155,7 +155,9 @@ class DataPlane:
         Durations in ns, per request (per chunk of a split request): ``queue`` = time waiting for its batch,
         ``compute_input`` = joining the batch's inputs, ``compute_infer`` = the onnxruntime run of its batch,
         ``compute_output`` = handing the rows back; ``success`` = the whole time in the batcher; ``batch_stats``
-        times the same three phases per run of each batch size."""
+        times the same three phases per run of each batch size. Counters never go back between two answers,
+        whichever workers give them: each answer publishes its worker's counters before adding up."""
+        self.publish_statistics()  # first: an answer from another worker after this one then counts what it adds up
         if name:
             selected = [self.model(name, version)] if version else \
                 [m for m in self.repository.all_loaded() if m.name == name] or [self.model(name)]

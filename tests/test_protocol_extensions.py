@@ -4,6 +4,8 @@ smaller protocol details (per-output binary_data, gRPC contents, upload names, v
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 
 import grpc
@@ -226,3 +228,31 @@ def test_classification_extension_answers_the_top_classes_on_both_doors(server):
         "inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}],
         "outputs": [{"name": "probs", "parameters": {"classification": "three"}}]})
     assert bad.status_code == 400 and "classification" in bad.json()["error"]
+
+
+def test_statistics_never_go_back_whichever_worker_answers(server):
+    """Polls on fresh connections (either worker) while requests run: inference_count only grows (tools take
+    deltas between polls)."""
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client() as client:
+            while not stop.is_set():
+                client.post(f"{server.url}/v2/models/mnist-cnn/versions/1/infer", json={"inputs": [
+                    {"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}]})
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        counts = []
+        for _ in range(80):
+            with httpx.Client() as fresh:
+                [stats] = fresh.get(f"{server.url}/v2/models/mnist-cnn/versions/1/stats").json()["model_stats"]
+            counts.append(stats["inference_count"])
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    drops = [(a, b) for a, b in itertools.pairwise(counts) if b < a]
+    assert not drops and counts[-1] > counts[0], drops[:5]
