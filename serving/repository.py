@@ -164,8 +164,8 @@ class ModelRepository:
         tried again whenever its files change. Versions present at the first scan are judged at once."""
         with self._lock:
             result = ScanResult()
-            self._unloaded = self._read_unloaded()
-            on_disk = {key: path for key, path in self._versions_on_disk().items() if key[0] not in self._unloaded}
+            unloaded = self._read_unloaded()
+            on_disk = {key: path for key, path in self._versions_on_disk().items() if key[0] not in unloaded}
             models = {name: dict(versions) for name, versions in self._models.items()}
             seen = dict(self._seen)
             for key in sorted(set(seen) - set(on_disk)):
@@ -200,7 +200,12 @@ class ModelRepository:
                 log.info("loaded %s/%s on %s", name, version, loaded.providers[0])
                 result.changes.append(f"loaded {name}/{version}")
             result.changes += self._fallbacks(self._models, models)
+            # readers (the event loop, while this runs in a thread) see a model that is being unloaded or loaded
+            # as served or as unloaded at every moment, never as not found: the unloaded set grows before the
+            # swap and shrinks after it
+            self._unloaded = self._unloaded | unloaded
             self._models = {n: v for n, v in models.items() if v}  # one atomic swap for readers
+            self._unloaded = unloaded
             self._seen = seen
             self._served |= set(self._models)
             self.scanned = True
@@ -243,9 +248,9 @@ class ModelRepository:
             return set()
 
     def _set_unloaded(self, names: set[str]) -> None:
+        """Share ``names`` as the unloaded set; this worker applies it at its scan, with the models it loads."""
         self.unloaded_file.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.unloaded_file, sorted(names))
-        self._unloaded = names
 
     def _model_names_on_disk(self) -> set[str]:
         if not self.root.is_dir():
@@ -324,6 +329,8 @@ class ModelRepository:
     # --- lookup ------------------------------------------------------------------------------------------
     def get(self, name: str, version: int | str | None = None) -> LoadedModel:
         versions = self._models.get(name)
+        if not versions and name not in self._unloaded:  # a scan may have loaded it between these two looks
+            versions = self._models.get(name)
         if version in (None, ""):
             if not versions:
                 self._raise_missing(name, None)

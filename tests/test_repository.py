@@ -1,7 +1,9 @@
 """Model repository behaviour without a server: device selection, versions, broken models."""
 
+import contextlib
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import onnxruntime as ort
@@ -104,5 +106,22 @@ def test_a_graph_under_another_models_card_is_refused_with_the_reason(tmp_path):
     assert repo.scan().changes == ["loaded mnist-cnn/1", "failed mnist-cnn/2"]
     with pytest.raises(ModelNotReady, match=r"answers probs of shape \[2\] per image, the card says \[10\]"):
         repo.get("mnist-cnn", 2)
+    assert repo.get("mnist-cnn").version == 1
+    repo.close()
+
+
+def test_a_model_being_unloaded_or_loaded_is_never_reported_not_found(tmp_path):
+    """Lookups while unload() and load() run in another thread (as the service runs them, off the event loop):
+    each is served or refused as unloaded (503), never 'not found' (404, which clients do not retry)."""
+    copy_version(EXPORTS / "mnist-cnn" / "1", tmp_path / "mnist-cnn" / "1")
+    repo = ModelRepository(Settings(model_dir=tmp_path, device="cpu"))
+    repo.scan()
+    for action in (repo.unload, repo.load, repo.unload, repo.load):
+        worker = threading.Thread(target=action, args=("mnist-cnn",))
+        worker.start()
+        while worker.is_alive():
+            with contextlib.suppress(ModelNotReady):  # unloaded: fine; ModelNotFound fails the test
+                repo.get("mnist-cnn")
+        worker.join()
     assert repo.get("mnist-cnn").version == 1
     repo.close()
