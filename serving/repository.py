@@ -118,6 +118,15 @@ class ScanResult:
     removed: list[LoadedModel] = field(default_factory=list)  # versions no longer served: to drain and close
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime in ns, size) of ``path``, None when it does not exist."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 def _check_graph_against_card(session: ort.InferenceSession, card: ModelCard) -> None:
     """Run one blank image through the graph: its ``probs`` must have the card's shape per image (one column per
     label). A graph copied under another model's card (right sha256, wrong network) otherwise served its own
@@ -141,6 +150,7 @@ class ModelRepository:
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._seen: dict[tuple[str, int], _Seen] = {}
         self._unloaded: set[str] = set()  # models taken out of service by unload(), whatever is on disk
+        self._unloaded_stamp: tuple[int, int] | None = None  # the shared unloaded file as last read
         # files shared by the workers of one server (children of one BentoML arbiter); not kept across restarts
         self.shared_dir = server_dir()
         self.unloaded_file = self.shared_dir / "unloaded.json"
@@ -242,10 +252,15 @@ class ModelRepository:
         return found
 
     def _read_unloaded(self) -> set[str]:
+        self._unloaded_stamp = _stamp(self.unloaded_file)
         try:
             return set(json.loads(self.unloaded_file.read_text()))
         except (OSError, ValueError):
             return set()
+
+    def unloaded_changed(self) -> bool:
+        """Whether a worker changed the shared unloaded set since this one last read it (one ``stat``)."""
+        return _stamp(self.unloaded_file) != self._unloaded_stamp
 
     def _set_unloaded(self, names: set[str]) -> None:
         """Share ``names`` as the unloaded set; this worker applies it at its scan, with the models it loads."""
@@ -308,7 +323,8 @@ class ModelRepository:
     # --- load / unload (Triton's model repository extension) ---------------------------------------------
     def unload(self, name: str) -> ScanResult:
         """Take every version of ``name`` out of service, files untouched, until ``load(name)``. The other
-        workers of this server follow at their next scan (the set is shared through ``unloaded_file``)."""
+        workers of this server follow within a tenth of a second (the set is shared through ``unloaded_file``,
+        which their pollers watch: ``unloaded_changed``)."""
         if name not in self._model_names_on_disk() and name not in self._models:
             raise ModelNotFound(f"model {name!r} not found in the repository")
         self._set_unloaded(self._read_unloaded() | {name})

@@ -46,6 +46,9 @@ class Settings:
     poll_interval_s: float = 2.0  # model repository re-scan for new versions (0 = off)
     # OpenTelemetry spans for the inference paths too; off: BentoML's tracing middleware halves HTTP throughput
     trace_requests: bool = False
+    # the service's own log lines (loggers "cnnserve.*": model loads and removals, fallbacks, refusals);
+    # BentoML's own loggers keep BentoML's level
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -56,6 +59,10 @@ class Settings:
             if raw is not None:
                 values[f.name] = _parse(raw, type(f.default), f"CNNSERVE_{f.name.upper()}")
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"CNNSERVE_LOG_LEVEL={self.log_level!r}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
     @property
     def worker_count(self) -> int:

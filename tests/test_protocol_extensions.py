@@ -5,6 +5,7 @@ smaller protocol details (per-output binary_data, gRPC contents, upload names, v
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 
@@ -19,7 +20,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.worker_stats import PUBLISH_INTERVAL_S
-from tests.server import png
+from tests.server import png, start_server
 
 IMAGES = np.zeros((3, 28, 28), np.uint8)
 
@@ -256,3 +257,27 @@ def test_statistics_never_go_back_whichever_worker_answers(server):
             thread.join()
     drops = [(a, b) for a, b in itertools.pairwise(counts) if b < a]
     assert not drops and counts[-1] > counts[0], drops[:5]
+
+
+def test_every_worker_follows_an_unload_and_a_load_within_a_second_not_a_poll_later(repo, tmp_path):
+    """A server that scans its repository every 30 s: the worker that did not answer the call follows an unload
+    and a load at once (it watches the shared unloaded set), as Triton's synchronous load would have it. Each
+    worker logs what its scan changed, with its worker number."""
+    slow_poll = start_server(repo, tmp_path / "server.log", poll_interval_s=30)
+    try:
+        def seconds_until_both_workers_logged(change: str) -> float:
+            start = time.monotonic()
+            while time.monotonic() - start < 10:
+                log = slow_poll.log.read_text().splitlines()
+                lines = [line for line in log if f"model repository: {change}" in line]
+                if {re.search(r"cnnserve:(\d+)\]", line)[1] for line in lines} >= {"1", "2"}:
+                    return time.monotonic() - start
+                time.sleep(0.05)
+            return float("inf")
+
+        assert httpx.post(f"{slow_poll.url}/v2/repository/models/mnist-cnn/unload").status_code == 200
+        assert seconds_until_both_workers_logged("removed mnist-cnn/1") < 1.0
+        assert httpx.post(f"{slow_poll.url}/v2/repository/models/mnist-cnn/load").status_code == 200
+        assert seconds_until_both_workers_logged("loaded mnist-cnn/1") < 1.0
+    finally:
+        slow_poll.stop()

@@ -16,6 +16,9 @@ def test_settings_parse_each_type_and_name_the_variable_in_errors():
         Settings.from_env({"CNNSERVE_TRACE_REQUESTS": "maybe"})
     with pytest.raises(ValueError, match="CNNSERVE_WORKERS='two': expected int"):
         Settings.from_env({"CNNSERVE_WORKERS": "two"})
+    assert Settings.from_env({"CNNSERVE_LOG_LEVEL": "debug"}).log_level == "debug"
+    with pytest.raises(ValueError, match="CNNSERVE_LOG_LEVEL='loud'"):
+        Settings.from_env({"CNNSERVE_LOG_LEVEL": "loud"})
 
 
 def test_inference_paths_skip_tracing_unless_asked():
