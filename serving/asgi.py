@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
+import socket
 from collections.abc import Callable
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 from bentoml.exceptions import BadInput
@@ -328,6 +331,36 @@ def install_connection_balance(opened: Callable[[object], None], closed: Callabl
     HttpToolsProtocol.connection_lost = connection_lost
     HttpToolsProtocol._cnnserve_connection_balance = True
     return True
+
+
+def stop_listening(keep_ports: set[int]) -> int:
+    """Take this process's listening TCP sockets (but those on ``keep_ports``) out of the listening state, for
+    every process that shares them, and return how many.
+
+    BentoML's workers share one listening socket with the arbiter, which holds it open until it exits: when a
+    worker's uvicorn stops accepting, the kernel still completes connections into the socket's backlog, where
+    nobody accepts them, and resets them with the requests they carry when the arbiter exits (a client sees the
+    connection reset after sending, and cannot tell whether the request ran: one per client in a shutdown
+    under load). ``shutdown(SHUT_RD)`` on a listening socket resets the few connections still waiting and makes
+    every later connect fail at once (refused: the request was never sent, a client may retry it elsewhere).
+    Linux; where /proc is missing nothing is done."""
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        return 0
+    stopped = 0
+    for entry in fds.iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            sock = socket.socket(fileno=os.dup(int(entry.name)))
+            with sock:
+                if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    continue
+                if sock.getsockname()[1] in keep_ports:
+                    continue
+                sock.shutdown(socket.SHUT_RD)
+                stopped += 1
+    return stopped
 
 
 # the inference routes, as the request line gives them: the requests that load shedding may refuse

@@ -35,6 +35,7 @@ from serving.asgi import (
     install_multipart_field_check,
     install_request_timeout,
     quiet_client_errors,
+    stop_listening,
 )
 from serving.connections import ConnectionShare
 from serving.dataplane import DataPlane, check_image_count, label_predictions
@@ -114,10 +115,10 @@ class CnnServe:
         self.connections: ConnectionShare | None = None  # HTTP connections per worker, to spread them
         if SETTINGS.worker_count > 1:
             self.connections = ConnectionShare(self.repository.shared_dir / "connections", SETTINGS.worker_count, slot)
-            if not install_connection_balance(self.connections.opened, self.connections.closed,
-                                              self.connections.hand_back):
-                log.warning("uvicorn's httptools protocol was not found: HTTP connections are not spread over workers")
-                self.connections = None
+        if not install_connection_balance(self._connection_opened, self._connection_closed, self._hand_back):
+            log.warning("uvicorn's httptools protocol was not found: HTTP connections are not spread over workers "
+                        "nor closed while draining")
+            self.connections = None
         quiet_client_errors()
         self.grpc: GrpcServer | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -179,10 +180,28 @@ class CnnServe:
         if result.changes and self.grpc:
             await self.grpc.set_serving(self.dataplane.ready())
 
+    def _connection_opened(self, client: object) -> None:
+        if self.connections:
+            self.connections.opened(client)
+
+    def _connection_closed(self, client: object) -> None:
+        if self.connections:
+            self.connections.closed(client)
+
+    def _hand_back(self, client: object) -> bool:
+        """Whether to end this HTTP connection after the response (``Connection: close``): every one while
+        draining, so that keep-alive clients reconnect, through the Service, to pods still ready (kube-proxy and
+        load balancers move new connections only, and a pooled client would otherwise stay on this pod until it
+        stops); otherwise what spreading the connections over the workers asks."""
+        if self.dataplane.draining:
+            return True
+        return self.connections.hand_back(client) if self.connections else False
+
     def _drain_on_sigterm(self) -> None:
         """On SIGTERM, report not-ready first (HTTP readiness and gRPC health), keep serving for
-        ``shutdown_drain_s`` while load balancers take the pod out, then hand the signal to uvicorn, which
-        stops accepting and finishes what is in flight (``--timeout-graceful-shutdown``)."""
+        ``shutdown_drain_s`` while load balancers take the pod out (each HTTP response then ends its connection),
+        then hand the signal to uvicorn, which stops accepting and finishes what is in flight
+        (``--timeout-graceful-shutdown``)."""
         loop = asyncio.get_running_loop()
         stop = signal.getsignal(signal.SIGTERM)  # uvicorn's handler
         if not callable(stop):
@@ -194,6 +213,7 @@ class CnnServe:
             if self.grpc:
                 await self.grpc.set_serving(False)
             await asyncio.sleep(self.settings.shutdown_drain_s)
+            stop_listening(keep_ports={self.settings.grpc_port})  # gRPC stops on its own, with a grace
             stop(signum, None)
 
         def on_sigterm(signum: int, frame: object) -> None:

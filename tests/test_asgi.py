@@ -1,8 +1,12 @@
-"""The ASGI middlewares: RequestTimeout (the HTTP request timeout the service puts in place of BentoML's)."""
+"""The ASGI middlewares: RequestTimeout (the HTTP request timeout the service puts in place of BentoML's), and
+stop_listening (the end of a shutdown's drain)."""
 
 import asyncio
 import gc
 import json
+import socket
+
+import pytest
 
 from serving.asgi import RequestTimeout
 
@@ -75,3 +79,17 @@ def test_the_app_bentoml_builds_times_requests_out_with_ours_not_bentomls():
     ours = [m for m in stack if m.cls is RequestTimeout]
     assert len(ours) == 1 and ours[0].kwargs["timeout"] == SETTINGS.request_timeout_s
     assert not [m for m in stack if m.cls.__name__ == "TimeoutMiddleware"]  # its 60 s timers are not back
+
+
+def test_stop_listening_refuses_new_connections_at_once_on_every_listener_but_the_kept():
+    """The end of the drain: a listening socket (as BentoML's, shared with the arbiter, which keeps it open) stops
+    taking connections, so a client's connect is refused instead of queued unaccepted and reset with its request
+    when the server exits; a kept port (gRPC's, which stops on its own) still listens."""
+    from serving.asgi import stop_listening
+
+    with socket.create_server(("127.0.0.1", 0)) as http, socket.create_server(("127.0.0.1", 0)) as grpc_like:
+        kept = grpc_like.getsockname()[1]
+        assert stop_listening(keep_ports={kept}) == 1
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(http.getsockname(), timeout=2)
+        socket.create_connection(("127.0.0.1", kept), timeout=2).close()

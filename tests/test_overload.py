@@ -214,6 +214,7 @@ def test_removing_the_serving_version_under_load_strands_no_request(repo, tmp_pa
 def test_sigterm_reports_not_ready_first_and_serves_on_for_the_drain_period(repo, tmp_path):
     srv = start_server(repo, tmp_path / "server.log", workers=1, shutdown_drain_s=3, poll_interval_s=0)
     try:
+        assert "connection" not in binary_infer(srv.url, np.zeros((1, 28, 28), np.uint8)).headers  # kept alive
         os.kill(srv.process.pid, signal.SIGTERM)  # as Kubernetes does: to the container's first process only
         deadline = time.monotonic() + 2
         while httpx.get(f"{srv.url}/readyz").status_code == 200:
@@ -224,6 +225,8 @@ def test_sigterm_reports_not_ready_first_and_serves_on_for_the_drain_period(repo
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         r = binary_infer(srv.url, np.zeros((1, 28, 28), np.uint8))  # still answered during the drain
         assert r.status_code == 200
+        # and its connection ends with it: no idle keep-alive connection is left for the shutdown to cut
+        assert r.headers.get("connection") == "close"
         assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 503
         srv.process.wait(30)  # and then it exits on its own
     finally:
