@@ -79,6 +79,7 @@ if not install_multipart_field_check():
 
 
 UNLOAD_FOLLOW_S = 0.1  # how often a worker's poller looks whether another worker unloaded or loaded a model
+LAST_REQUESTS_S = 0.2  # at shutdown, from the listener's stop to uvicorn's: the last connections' requests come in
 
 
 def current_dataplane() -> DataPlane:
@@ -112,6 +113,8 @@ class CnnServe:
             log.info("model repository %s: %s", SETTINGS.model_dir, change)
         self.dataplane = DataPlane(self.repository, SETTINGS, SharedStats(self.repository.shared_dir, slot))
         self.dataplane.on_scan = self.apply
+        self._draining_flag = self.repository.shared_dir / f"draining-{slot}"  # this worker got SIGTERM
+        self._draining_flag.unlink(missing_ok=True)  # a respawned worker's predecessor may have left it
         self.connections: ConnectionShare | None = None  # HTTP connections per worker, to spread them
         if SETTINGS.worker_count > 1:
             self.connections = ConnectionShare(self.repository.shared_dir / "connections", SETTINGS.worker_count, slot)
@@ -197,6 +200,12 @@ class CnnServe:
             return True
         return self.connections.hand_back(client) if self.connections else False
 
+    def _whole_server_draining(self) -> bool:
+        """Whether every worker got SIGTERM (the server is stopping), not this one alone: the HTTP listening socket
+        is shared, and a worker stopped alone is respawned and must find it listening."""
+        return all((self.repository.shared_dir / f"draining-{slot}").exists()
+                   for slot in range(self.settings.worker_count))
+
     def _drain_on_sigterm(self) -> None:
         """On SIGTERM, report not-ready first (HTTP readiness and gRPC health), keep serving for
         ``shutdown_drain_s`` while load balancers take the pod out (each HTTP response then ends its connection),
@@ -212,8 +221,13 @@ class CnnServe:
             self.dataplane.draining = True
             if self.grpc:
                 await self.grpc.set_serving(False)
+            self._draining_flag.parent.mkdir(parents=True, exist_ok=True)
+            self._draining_flag.touch()
             await asyncio.sleep(self.settings.shutdown_drain_s)
-            stop_listening(keep_ports={self.settings.grpc_port})  # gRPC stops on its own, with a grace
+            if self._whole_server_draining():
+                stop_listening(keep_ports={self.settings.grpc_port})  # gRPC stops on its own, with a grace
+                # connections accepted just before carry requests not read yet: uvicorn would cut them as idle
+                await asyncio.sleep(LAST_REQUESTS_S)
             stop(signum, None)
 
         def on_sigterm(signum: int, frame: object) -> None:

@@ -231,3 +231,21 @@ def test_sigterm_reports_not_ready_first_and_serves_on_for_the_drain_period(repo
         srv.process.wait(30)  # and then it exits on its own
     finally:
         srv.stop()
+
+
+def test_a_worker_stopped_alone_leaves_the_server_listening(repo, tmp_path):
+    """SIGTERM to one worker (not to the server): it drains and is respawned, and HTTP keeps being accepted: only a
+    server whose every worker is stopping takes the shared listening socket out of the listening state."""
+    srv = start_server(repo, tmp_path / "server.log", shutdown_drain_s=0.5, poll_interval_s=0)
+    try:
+        first, second = sorted(srv.worker_pids())[:2]
+        os.kill(first, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while first in srv.worker_pids() or len(srv.worker_pids()) < 2:  # drained, exited and respawned
+            assert time.monotonic() < deadline, "the worker was not respawned"
+            time.sleep(0.2)
+        for _ in range(20):  # fresh connections: refused if the listening socket had been shut
+            assert httpx.get(f"{srv.url}/readyz", timeout=5).status_code in (200, 503)
+        assert second in srv.worker_pids()
+    finally:
+        srv.stop()
