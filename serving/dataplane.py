@@ -128,7 +128,7 @@ class DataPlane:
             "name": card.name,
             "platform": PLATFORM,
             "backend": "onnxruntime",
-            "version_policy": {"latest": {"num_versions": 1}},
+            "version_policy": {"all": {}},  # every version on disk is loaded and addressable
             "max_batch_size": model.batcher.max_batch_size,
             "input": [{"name": INPUT_NAME, "data_type": "TYPE_UINT8", "dims": card.input.shape}],
             "output": [{"name": PROBS_NAME, "data_type": "TYPE_FP32", "dims": card.probs.shape}],

@@ -184,7 +184,13 @@ def split_body(request: Request, body: bytes, max_images: int) -> tuple[dict[str
     declared = declared_batch(header_bytes)
     if declared is not None and declared > max_images:
         check_image_count(declared, max_images)
-    return json_object(header_bytes, "inference header"), binary
+    try:
+        return json_object(header_bytes, "inference header"), binary
+    except InvalidInput as exc:
+        if length_text is None and content_type == "application/octet-stream":
+            raise InvalidInput(f"{exc.message}; binary tensor data needs the {HEADER_LENGTH} header (the length "
+                               "of the JSON header before it)") from None
+        raise
 
 
 def declared_batch(header: bytes) -> int | None:
@@ -222,6 +228,8 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
     tensor = inputs[0]
     params = parameters(tensor, "input 'images'")
     raw = None
+    if "binary_data_size" in params and "data" in tensor:
+        raise InvalidInput("input 'images' has both 'data' and parameters.binary_data_size: send one")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size != len(binary):

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from serving.batcher import DynamicBatcher
 from serving.busy import BusyBoard
-from serving.errors import ModelNotFound, ModelNotReady
+from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.metrics import observe_batch, observe_fallback
 from serving.model_card import (
     INPUT_NAME,
@@ -354,7 +354,7 @@ class ModelRepository:
         try:
             v = int(version)
         except (TypeError, ValueError):
-            raise ModelNotFound(f"model version must be a positive integer, got {version!r}") from None
+            raise InvalidInput(f"model version must be a positive integer, got {version!r}") from None
         if not versions or v not in versions:
             self._raise_missing(name, v)
         return versions[v]

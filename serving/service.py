@@ -16,10 +16,11 @@ import signal
 from collections.abc import Coroutine
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import bentoml
 import numpy as np
+from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -78,6 +79,7 @@ if not install_multipart_field_check():
     log.warning("BentoML's multipart parser was not found: a file in a value field is not refused up front")
 
 
+TopK = Annotated[int, Field(ge=1, description="how many of the most probable labels to list per image")]
 UNLOAD_FOLLOW_S = 0.1  # how often a worker's poller looks whether another worker unloaded or loaded a model
 LAST_REQUESTS_S = 0.2  # at shutdown, from the listener's stop to uvicorn's: the last connections' requests come in
 
@@ -261,7 +263,7 @@ class CnnServe:
         return self.dataplane.ready()
 
     @bentoml.api(route="/classify")
-    async def classify(self, images: list[Path], model: str = "", version: str | int = "", top_k: int = 1) -> dict:
+    async def classify(self, images: list[Path], model: str = "", version: str | int = "", top_k: TopK = 1) -> dict:
         """Classify uploaded images (PNG, JPEG, BMP, TIFF; .npy for 3D volumes), converted to the model's input."""
         try:
             loaded = self.dataplane.model(model, version)
@@ -279,7 +281,7 @@ class CnnServe:
         return {"model": loaded.name, "version": str(loaded.version), "results": results}
 
     @bentoml.api(route="/predict")
-    async def predict(self, instances: list, model: str = "", version: str | int = "", top_k: int = 1) -> dict:
+    async def predict(self, instances: list, model: str = "", version: str | int = "", top_k: TopK = 1) -> dict:
         """Classify uint8 pixel arrays given as JSON (one image, or a list of images, in the model's layout)."""
         try:
             loaded = self.dataplane.model(model, version)

@@ -111,6 +111,8 @@ def test_bentoml_http_door_rejects_30_bad_requests(server):
         ("batch over the limit", lambda: httpx.post(predict, json={"instances": big, "model": "mnist-cnn"})),
         ("top_k not an integer", lambda: httpx.post(predict, json={"instances": image.tolist(), "model": "mnist-cnn",
                                                                    "top_k": "many"})),
+        ("top_k zero", lambda: httpx.post(predict, json={"instances": image.tolist(), "model": "mnist-cnn",
+                                                         "top_k": 0})),
         ("wrong content type", lambda: httpx.post(predict, content=b"instances=1", headers={
             "content-type": "text/plain"})),
         ("body over the size limit", lambda: httpx.post(predict, content=b"[" + b"0," * (MAX_BYTES // 2) + b"0]",
@@ -225,6 +227,7 @@ def test_oip_rest_door_rejects_30_bad_requests(server):
             {"name": "probs", "parameters": 5}]))),
         ("timeout negative", lambda: post_json(infer_json([tensor()], parameters={"timeout": -5}))),
         ("timeout a string", lambda: post_json(infer_json([tensor()], parameters={"timeout": "100"}))),
+        ("data and binary_data_size", lambda: post_binary(infer_json([{**bin_input, "data": [0] * 784}]), raw)),
         ("wrong content type", lambda: httpx.post(infer, content=json.dumps(infer_json([tensor()])),
                                                   headers={"content-type": "text/plain"})),
         ("body over the size limit", lambda: post_binary(infer_json([bin_input]), b"\0" * (MAX_BYTES + 1))),
@@ -355,3 +358,19 @@ def test_headers_trickled_slower_than_the_header_timeout_get_408_and_a_closed_co
         assert client.get(f"{server.url}/v2/health/live").status_code == 200
         time.sleep(HEADER_TIMEOUT_S + 0.5)
         assert client.get(f"{server.url}/v2/health/live").status_code == 200
+
+
+def test_the_messages_say_what_to_fix(server):
+    """A binary body without its header length names the header; a version that is not a number is the client's
+    mistake (400 / INVALID_ARGUMENT), not an unknown model (404)."""
+    header = json.dumps({"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8",
+                                     "parameters": {"binary_data_size": 784}}]}).encode()
+    r = httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", content=header + bytes(range(256)) * 3 + bytes(16),
+                   headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 400 and "Inference-Header-Content-Length header" in r.json()["error"], r.text
+    r = httpx.post(f"{server.url}/v2/models/mnist-cnn/versions/abc/infer", json=infer_json([tensor()]))
+    assert r.status_code == 400 and "positive integer" in r.json()["error"], r.text
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc_address))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ModelMetadata(pb.ModelMetadataRequest(name="mnist-cnn", version="abc"))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -157,7 +157,7 @@ def test_grpc_metadata_config_and_health(server):
         gclient.is_model_ready("nope")
     config = gclient.get_model_config("mnist-cnn").config
     assert config.max_batch_size == 64 and list(config.input[0].dims) == [28, 28]
-    assert config.version_policy.latest.num_versions == 1  # as the HTTP config has it
+    assert config.version_policy.WhichOneof("policy_choice") == "all"  # as the HTTP config has it: every version
     assert gclient.get_model_metadata("mnist-cnn").inputs[0].datatype == "UINT8"
     assert gclient.get_server_metadata().name == "cnnserve"
     with grpc.insecure_channel(server.grpc_address) as channel:
