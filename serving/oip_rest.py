@@ -250,7 +250,9 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
         if "binary_data" in p:
             binary_out = bool(p["binary_data"])
     request_id = header.get("id")
-    return images, AnswerForm(binary_out, classes, request_id if isinstance(request_id, str) else None)
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput(f"the request 'id' must be a string, got {json.dumps(request_id)[:40]}")
+    return images, AnswerForm(binary_out, classes, request_id)
 
 
 def infer_response(model: Any, answer: AnswerForm, output: OutputTensor) -> Response:

@@ -207,7 +207,7 @@ class ModelRepository:
                 models.setdefault(name, {})[version] = loaded
                 seen[(name, version)] = _Seen(VersionStatus(name, version, True, loaded.device_note or "",
                                                             loaded.providers), now)
-                log.info("loaded %s/%s on %s", name, version, loaded.providers[0])
+                log.debug("loaded %s/%s on %s", name, version, loaded.providers[0])  # INFO: the scan's change line
                 result.changes.append(f"loaded {name}/{version}")
             result.changes += self._fallbacks(self._models, models)
             # readers (the event loop, while this runs in a thread) see a model that is being unloaded or loaded

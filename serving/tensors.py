@@ -16,7 +16,7 @@ def numbers_to_uint8(values: Any, what: str = "input") -> np.ndarray:
         array = np.asarray(values)
     except ValueError as exc:
         raise InvalidInput(f"{what} is not a rectangular array of numbers: {exc}") from None
-    if array.dtype == object or array.dtype.kind not in "biuf":
+    if array.dtype == object or array.dtype.kind not in "iuf":  # true / false are not pixel values
         raise InvalidInput(f"{what} must be numbers (nested lists of integers 0..255)")
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():

@@ -228,6 +228,8 @@ def test_oip_rest_door_rejects_30_bad_requests(server):
         ("timeout negative", lambda: post_json(infer_json([tensor()], parameters={"timeout": -5}))),
         ("timeout a string", lambda: post_json(infer_json([tensor()], parameters={"timeout": "100"}))),
         ("data and binary_data_size", lambda: post_binary(infer_json([{**bin_input, "data": [0] * 784}]), raw)),
+        ("id not a string", lambda: post_json(infer_json([tensor()], id=123))),
+        ("booleans as pixels", lambda: post_json(infer_json([tensor(data=[True] * 784)]))),
         ("wrong content type", lambda: httpx.post(infer, content=json.dumps(infer_json([tensor()])),
                                                   headers={"content-type": "text/plain"})),
         ("body over the size limit", lambda: post_binary(infer_json([bin_input]), b"\0" * (MAX_BYTES + 1))),
