@@ -323,8 +323,8 @@ class ModelRepository:
     # --- load / unload (Triton's model repository extension) ---------------------------------------------
     def unload(self, name: str) -> ScanResult:
         """Take every version of ``name`` out of service, files untouched, until ``load(name)``. The other
-        workers of this server follow within a tenth of a second (the set is shared through ``unloaded_file``,
-        which their pollers watch: ``unloaded_changed``)."""
+        workers of this server follow within a tenth of a second plus the load time (the set is shared through
+        ``unloaded_file``, which their pollers watch: ``unloaded_changed``)."""
         if name not in self._model_names_on_disk() and name not in self._models:
             raise ModelNotFound(f"model {name!r} not found in the repository")
         self._set_unloaded(self._read_unloaded() | {name})
