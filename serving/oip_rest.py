@@ -79,8 +79,7 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         model = dp.model(*model_args(request))  # looked up again: a version may have gone while the body came
         header, binary = split_body(request, body, dp.settings.max_images_per_request)
         images, answer = parse_infer_request(model, header, binary, dp.settings.max_images_per_request)
-        deadline = timeout_deadline(parameters(header, "the request").get("timeout"))
-        probs = await dp.infer(model, images, "oip-rest", deadline)
+        probs = await dp.infer(model, images, "oip-rest", answer.deadline)
         return infer_response(model, answer, output_tensor(probs, answer.classes, model.card.labels))
 
     async def stats(request: Request, dp: DataPlane) -> Response:
@@ -212,11 +211,13 @@ def parameters(item: dict[str, Any], what: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class AnswerForm:
-    """How a request wants its answer: binary or JSON output, its classification count (0: probabilities), its id."""
+    """How a request wants its answer: binary or JSON output, its classification count (0: probabilities), its id,
+    by when (``parameters.timeout`` as a ``time.monotonic()`` deadline, or None)."""
 
     binary: bool
     classes: int
     request_id: str | None
+    deadline: float | None
 
 
 def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
@@ -245,14 +246,15 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
     output_parameters = [parameters(o, f"output {o.get('name')!r}") for o in outputs]
     classes = check_outputs([(o.get("name"), p.get("classification")) for o, p in zip(outputs, output_parameters,
                                                                                       strict=True)])
-    binary_out = bool(parameters(header, "the request").get("binary_data_output"))
+    request_parameters = parameters(header, "the request")
+    binary_out = bool(request_parameters.get("binary_data_output"))
     for p in output_parameters:  # an output's own binary_data wins over the request's binary_data_output
         if "binary_data" in p:
             binary_out = bool(p["binary_data"])
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"the request 'id' must be a string, got {json.dumps(request_id)[:40]}")
-    return images, AnswerForm(binary_out, classes, request_id)
+    return images, AnswerForm(binary_out, classes, request_id, timeout_deadline(request_parameters.get("timeout")))
 
 
 def infer_response(model: Any, answer: AnswerForm, output: OutputTensor) -> Response:

@@ -91,16 +91,18 @@ def providers_for(device: str) -> list[str]:
     raise DeviceError(f"CNNSERVE_DEVICE must be auto, cpu or cuda, not {device!r}")
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(size, mtime in ns) of ``path``, None when it cannot be read."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
 def fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
     """What the files of a version directory look like now (name, size, mtime): a change means try again."""
-    found = []
-    for name in (CARD_FILE, MODEL_FILE):
-        try:
-            st = (path / name).stat()
-        except OSError:
-            continue
-        found.append((name, st.st_size, st.st_mtime_ns))
-    return tuple(found)
+    return tuple((name, *stamp) for name in (CARD_FILE, MODEL_FILE) if (stamp := _stamp(path / name)))
 
 
 @dataclass
@@ -116,15 +118,6 @@ class _Seen:
 class ScanResult:
     changes: list[str] = field(default_factory=list)  # what happened, one line each, for the log
     removed: list[LoadedModel] = field(default_factory=list)  # versions no longer served: to drain and close
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    """(mtime in ns, size) of ``path``, None when it does not exist."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
 
 
 def _check_graph_against_card(session: ort.InferenceSession, card: ModelCard) -> None:
