@@ -337,23 +337,27 @@ class ModelRepository:
 
     # --- lookup ------------------------------------------------------------------------------------------
     def get(self, name: str, version: int | str | None = None) -> LoadedModel:
-        versions = self._models.get(name)
-        if not versions and name not in self._unloaded:  # a scan may have loaded it between these two looks
+        versions, unloaded = self._models.get(name), False
+        if not versions:
+            # a scan (in another thread) grows the unloaded set before it swaps the table and shrinks it after:
+            # the set looked at once, then the table once more, see a model being unloaded or loaded as one or
+            # the other, never as neither
+            unloaded = name in self._unloaded
             versions = self._models.get(name)
         if version in (None, ""):
             if not versions:
-                self._raise_missing(name, None)
+                self._raise_missing(name, None, unloaded)
             return versions[max(versions)]
         try:
             v = int(version)
         except (TypeError, ValueError):
             raise InvalidInput(f"model version must be a positive integer, got {version!r}") from None
         if not versions or v not in versions:
-            self._raise_missing(name, v)
+            self._raise_missing(name, v, unloaded or name in self._unloaded)
         return versions[v]
 
-    def _raise_missing(self, name: str, version: int | None) -> None:
-        if name in self._unloaded:
+    def _raise_missing(self, name: str, version: int | None, unloaded: bool) -> None:
+        if unloaded:
             raise ModelNotReady(f"model {name} is unloaded (POST /v2/repository/models/{name}/load serves it again)")
         failed = [s for s in self.statuses() if s.name == name and not s.ready
                   and (version is None or s.version == version)]
