@@ -367,12 +367,13 @@ def stop_listening(keep_ports: set[int]) -> int:
 SHEDDABLE = re.compile(rb"/(?:v2/models/[^?]*/infer|classify|predict)(?:\?.*)?")
 
 
-def install_load_shedding(check: Callable[[], None]) -> bool:
-    """Refuse an inference request (POST to a ``SHEDDABLE`` path) when ``check()`` raises ``Overloaded``, with
-    its 503, ``Retry-After`` and JSON message, as soon as its headers are parsed: the request never reaches
-    BentoML's app, its middlewares or the body (uvicorn discards what is left of it and keeps the connection).
-    This is what makes a refusal much cheaper than an answer (``serving.loop_lag``); other requests (health,
-    metadata, metrics) are never refused here.
+def install_load_shedding(check: Callable[[bytes], None]) -> bool:
+    """Refuse an inference request (POST to a ``SHEDDABLE`` path) when ``check(target)`` (``target``: the request
+    line's path and query) raises ``Overloaded``, with its 503, ``Retry-After`` and JSON message, as soon as its
+    headers are parsed: the request never reaches BentoML's app, its middlewares or the body (uvicorn discards
+    what is left of it and keeps the connection). This is what makes a refusal much cheaper than an answer
+    (``serving.loop_lag``, ``serving.oip_rest.check_admission``); other requests (health, metadata, metrics)
+    are never refused here.
 
     Like uvicorn's own ``limit_concurrency``, it swaps the ASGI app of the one request, inside uvicorn's httptools
     protocol (``install_header_timeout`` wraps the same class); ``tests/test_overload.py`` checks it on the real
@@ -389,7 +390,7 @@ def install_load_shedding(check: Callable[[], None]) -> bool:
     def on_headers_complete(self: Any) -> None:
         if self.parser.get_method() == b"POST" and SHEDDABLE.fullmatch(self.url):
             try:
-                self._cnnserve_shed_check()
+                self._cnnserve_shed_check(self.url)
             except Overloaded as exc:
                 log_refusal(exc, "http")
                 app, self.app = self.app, _refusal_app(exc)

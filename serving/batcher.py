@@ -228,12 +228,26 @@ class DynamicBatcher:
                 raise
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
+    def check_admission(self, count: int = 1) -> None:
+        """Raise ``Overloaded`` when a request of ``count`` images would be refused now by the queue bound or the
+        budget (what ``infer`` checks first), without queueing anything: the HTTP door asks this when a request's
+        headers are in, so that a refusal costs no body and no parsing (``serving.oip_rest.check_admission``)."""
+        if self._accepting:
+            self._check_queue(min(count, self.max_batch_size), time.monotonic())
+
     def _admit(self, count: int, deadline: float | None, now: float) -> None:
         if not self._accepting:
             raise ModelNotReady(self._closed_reason)
         if count < 1:
             raise InvalidInput("a request needs at least one image")
-        first = min(count, self.max_batch_size)
+        self._check_queue(min(count, self.max_batch_size), now)
+        if deadline is not None and now + (needed := self._estimate(count, now)) > deadline:
+            self._rejected += 1
+            raise DeadlineExceeded(f"model {self.name}: the deadline ({deadline - now:.3f} s from now) cannot be "
+                                   f"met, the estimated queue wait plus compute is {needed:.3f} s")
+
+    def _check_queue(self, first: int, now: float) -> None:
+        """The bound on queued images and the budget on the estimated wait, for a first chunk of ``first`` images."""
         if self.max_queue_images and self._queued_images + first > self.max_queue_images:
             self._rejected += 1
             raise Overloaded(f"model {self.name} is overloaded: {self._queued_images} images are queued, "
@@ -243,10 +257,6 @@ class DynamicBatcher:
             self._rejected += 1
             raise Overloaded(f"model {self.name} is overloaded: the estimated queue wait is {wait:.3f} s, "
                              f"the budget is {self.queue_budget_s} s", self._retry_after_s(now))
-        if deadline is not None and now + (needed := self._estimate(count, now)) > deadline:
-            self._rejected += 1
-            raise DeadlineExceeded(f"model {self.name}: the deadline ({deadline - now:.3f} s from now) cannot be "
-                                   f"met, the estimated queue wait plus compute is {needed:.3f} s")
 
     def _enqueue(self, images: np.ndarray, deadline: float | None) -> _Pending:
         if self._closed:  # a later chunk of a split request, after close()

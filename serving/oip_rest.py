@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 from starlette.applications import Starlette
@@ -21,7 +22,16 @@ from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.dataplane import DataPlane, check_image_count
-from serving.errors import InvalidInput, PayloadTooLarge, ServingError, UnsupportedMediaType, http_error, log_refusal
+from serving.errors import (
+    InvalidInput,
+    Overloaded,
+    PayloadTooLarge,
+    ServingError,
+    UnsupportedMediaType,
+    http_error,
+    log_refusal,
+)
+from serving.metrics import observe_request
 from serving.model_card import PROBS_NAME
 from serving.oip import OutputTensor, check_outputs, decode_input, output_tensor, timeout_deadline
 
@@ -132,6 +142,26 @@ class InferFastLane:
             await self.endpoint({**scope, "path_params": params}, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def check_admission(dp: DataPlane, target: bytes) -> None:
+    """Raise ``Overloaded`` when the OIP infer request to ``target`` (a request line's path and query) would be
+    refused by its model's queue bound or budget (``DynamicBatcher.check_admission``, for one image), before its
+    body is read: under overload most requests are refused, and a refusal that first parsed the request cost the
+    worker almost what an answer costs. Anything else passes and is answered by its route as usual (another
+    path, a model that is not served, a larger batch that the full check refuses later)."""
+    match = INFER_PATH.fullmatch(unquote(target.split(b"?", 1)[0].decode("latin-1")))
+    if match is None:
+        return
+    try:
+        model = dp.model(match["model"], match["version"])
+    except ServingError:
+        return
+    try:
+        model.batcher.check_admission()
+    except Overloaded:
+        observe_request(model.name, "oip-rest", "invalid", 0.0)
+        raise
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -14,7 +14,6 @@ import logging
 import re
 import signal
 from collections.abc import Coroutine
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,7 +42,7 @@ from serving.dataplane import DataPlane, check_image_count, label_predictions
 from serving.errors import InvalidInput, ServingError
 from serving.images import decode_upload
 from serving.oip_grpc import GrpcServer
-from serving.oip_rest import InferFastLane, create_app, error_response
+from serving.oip_rest import InferFastLane, check_admission, create_app, error_response
 from serving.repository import ModelRepository, ScanResult
 from serving.settings import Settings
 from serving.tensors import numbers_to_uint8
@@ -133,9 +132,8 @@ class CnnServe:
     @bentoml.on_startup
     async def start_background(self) -> None:
         self.dataplane.loop_lag.start()
-        if self.settings.max_loop_lag_ms > 0 and not install_load_shedding(partial(self.dataplane.loop_lag.check,
-                                                                                    "http")):
-            log.warning("uvicorn's httptools protocol was not found: HTTP requests are not shed on event-loop lag")
+        if not install_load_shedding(self._refuse_early):
+            log.warning("uvicorn's httptools protocol was not found: HTTP requests are refused only after parsing")
         if self.settings.grpc_port:
             self.grpc = GrpcServer(self.dataplane, self.settings)
             await self.grpc.start()
@@ -148,6 +146,12 @@ class CnnServe:
         # about once a second under load (serving/README.md, "HTTP tail")
         gc.collect()
         gc.freeze()
+
+    def _refuse_early(self, target: bytes) -> None:
+        """Raise ``Overloaded`` for an HTTP inference request, as soon as its headers are in, when this worker's
+        event loop is behind or the model the path names would refuse it anyway (queue bound or budget)."""
+        self.dataplane.loop_lag.check("http")
+        check_admission(self.dataplane, target)
 
     async def _poll_repository(self) -> None:
         """Scan the repository every ``poll_interval_s``, and at once when another worker has unloaded or loaded

@@ -55,6 +55,30 @@ def test_requests_past_the_queue_bound_are_refused_fast_on_http_with_retry_after
     assert len(refused) < len(responses)
 
 
+def test_a_request_past_the_queue_bound_is_refused_on_its_headers_before_its_body_is_sent(small_queue_server):
+    """The bound is checked when the headers are in: the 503 comes back although the body was never sent (a
+    refusal that read and parsed the request first cost the worker almost what an answer costs)."""
+    header = json.dumps({"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8",
+                                     "parameters": {"binary_data_size": 784}}]}).encode()
+    head = (f"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(header) + 784}\r\n\r\n")
+    answers = []
+    with ThreadPoolExecutor(16) as pool:
+        flood = [pool.submit(binary_infer, small_queue_server.url, BIG) for _ in range(400)]
+        for _ in range(200):
+            with socket.create_connection(("127.0.0.1", small_queue_server.http_port), timeout=5) as s:
+                s.sendall(head.encode())  # headers only: an admitted request waits for its body
+                if select.select([s], [], [], 0.2)[0]:
+                    answers.append(s.recv(65536))
+            if any(a.startswith(b"HTTP/1.1 503") for a in answers) or all(f.done() for f in flood):
+                break
+        for f in flood:
+            f.cancel()
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    assert refused, f"no request was refused before its body: {answers[:3]}"
+    assert b"retry-after" in refused[0].lower() and b"overloaded" in refused[0]
+
+
 def grpc_flood(address: str, requests: int = 96, clients: int = 16, typed: bool = False) -> list[str]:
     """``requests`` 64-image gRPC calls from ``clients`` threads: "ok" or the error's text for each. ``typed``:
     the pixels as the protocol's typed ``uint_contents`` (decoded into Python ints on the server's event loop,
