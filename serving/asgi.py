@@ -238,6 +238,66 @@ REQUEST_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: applicati
                        b"content-length: %d\r\n\r\n%s" % (len(_408_BODY), _408_BODY))
 
 
+class _HeldHead:
+    """A connection's transport, standing in while a response's status line and headers are held back: they go
+    out with the first body write, in one ``write`` (one send on the socket) instead of two."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport, self.held = transport, b""
+
+    def write(self, data: bytes) -> None:
+        self.held += data
+
+    def close(self) -> None:
+        self.release().close()
+
+    def release(self) -> Any:
+        """Write what is held; returns the real transport."""
+        if self.held:
+            held, self.held = self.held, b""
+            self.transport.write(held)
+        return self.transport
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+def install_single_write_responses() -> bool:
+    """Send a response's head and its (first) body in one socket write. uvicorn writes the status line and the
+    headers when the app sends ``http.response.start``, then the body on ``http.response.body``: two sends, each
+    of which, over loopback or to a busy peer, costs the sending worker the delivery too (a fifth of the event
+    loop's time in a profile under open-loop overload, benchmarks/results/overload.md). Wraps uvicorn's httptools
+    ``RequestResponseCycle.send``: the head is held on ``response.start`` and written with the next message's
+    bytes. Returns False where that class is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+    except ImportError:
+        return False
+    if getattr(RequestResponseCycle, "_cnnserve_single_write", False):
+        return True
+    send = RequestResponseCycle.send
+
+    async def single_write_send(self: Any, message: dict) -> None:
+        if message["type"] == "http.response.start" and not self.response_started:
+            self.transport = _HeldHead(self.transport)
+            try:
+                await send(self, message)
+            except BaseException:
+                self.transport = self.transport.release()
+                raise
+            return
+        head = self.transport if isinstance(self.transport, _HeldHead) else None
+        try:
+            await send(self, message)
+        finally:
+            if head is not None:
+                self.transport = head.release()
+
+    RequestResponseCycle.send = single_write_send
+    RequestResponseCycle._cnnserve_single_write = True
+    return True
+
+
 def install_header_timeout(timeout_s: float) -> bool:
     """Close a connection whose request headers are not complete ``timeout_s`` after it opened or after the
     request's first byte, with HTTP 408: a client trickling header bytes (slowloris) otherwise holds a

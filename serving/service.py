@@ -34,6 +34,7 @@ from serving.asgi import (
     install_load_shedding,
     install_multipart_field_check,
     install_request_timeout,
+    install_single_write_responses,
     quiet_client_errors,
     stop_listening,
 )
@@ -76,6 +77,8 @@ if not install_request_timeout():
     log.warning("BentoML's TimeoutMiddleware was not found: HTTP requests keep BentoML's own timeout handling")
 if not install_multipart_field_check():
     log.warning("BentoML's multipart parser was not found: a file in a value field is not refused up front")
+if not install_single_write_responses():
+    log.warning("uvicorn's httptools protocol was not found: HTTP responses are written in two sends")
 
 
 TopK = Annotated[int, Field(ge=1, description="how many of the most probable labels to list per image")]

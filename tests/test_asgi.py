@@ -4,11 +4,12 @@ stop_listening (the end of a shutdown's drain)."""
 import asyncio
 import gc
 import json
+import logging
 import socket
 
 import pytest
 
-from serving.asgi import RequestTimeout
+from serving.asgi import RequestTimeout, install_single_write_responses
 
 
 def respond_after(delay_before_start: float, delay_before_body: float = 0.0, log: list | None = None):
@@ -93,3 +94,61 @@ def test_stop_listening_refuses_new_connections_at_once_on_every_listener_but_th
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(http.getsockname(), timeout=2)
         socket.create_connection(("127.0.0.1", kept), timeout=2).close()
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "written after close"
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def respond(keep_alive: bool, messages: list[dict], method: str = "POST") -> RecordingTransport:
+    """``messages`` sent through uvicorn's httptools response cycle (with our single-write patch installed)."""
+    from uvicorn.protocols.http.flow_control import FlowControl
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    assert install_single_write_responses()
+    transport = RecordingTransport()
+    scope = {"type": "http", "method": method, "path": "/", "headers": []}
+    cycle = RequestResponseCycle(scope, transport, FlowControl(transport), logging.getLogger("t"),
+                                 logging.getLogger("t"), False, [], asyncio.Event(), False, keep_alive,
+                                 lambda: None)
+
+    async def run() -> None:
+        for message in messages:
+            await cycle.send(message)
+
+    asyncio.run(run())
+    assert cycle.transport is transport  # the stand-in is gone once the head is out
+    return transport
+
+
+START = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]}
+
+
+def test_a_response_goes_out_in_one_write_head_and_body_together():
+    transport = respond(True, [START, {"type": "http.response.body", "body": b"hello"}])
+    assert len(transport.writes) == 1 and transport.writes[0].startswith(b"HTTP/1.1 200")
+    assert transport.writes[0].endswith(b"\r\n\r\nhello") and not transport.closed
+
+
+def test_the_held_head_is_written_before_a_closing_connection_closes():
+    transport = respond(False, [START, {"type": "http.response.body", "body": b"hello"}])
+    assert len(transport.writes) == 1 and transport.writes[0].endswith(b"hello") and transport.closed
+
+
+def test_a_streamed_or_bodiless_response_still_sends_its_head():
+    streamed = respond(True, [{"type": "http.response.start", "status": 200, "headers": []},
+                              {"type": "http.response.body", "body": b"ab", "more_body": True},
+                              {"type": "http.response.body", "body": b"cd"}])
+    assert len(streamed.writes) == 2 and streamed.writes[0].startswith(b"HTTP/1.1 200")
+    assert b"".join(streamed.writes).endswith(b"2\r\ncd\r\n0\r\n\r\n")
+    head = respond(True, [START, {"type": "http.response.body", "body": b""}], method="HEAD")
+    assert len(head.writes) == 1 and head.writes[0].startswith(b"HTTP/1.1 200")
