@@ -106,7 +106,8 @@ def http_outcome(status: int) -> str:
 
 
 REFUSALS = {"event loop is": "loop lag", "estimated queue wait": "queue estimate", "images are queued": "queue bound",
-            "in the queue, the limit": "queue wait", "Concurrent RPC limit": "concurrency"}
+            "in the queue, the limit": "queue wait", "Concurrent RPC limit": "concurrency",
+            "Too many requests": "concurrency"}
 
 
 def refusal_reason(message: str) -> str:

@@ -423,6 +423,9 @@ def stop_listening(keep_ports: set[int]) -> int:
     return stopped
 
 
+# scope key of a request admitted when its headers came in (``install_load_shedding``): its model's budget is not
+# applied again once the body is parsed, the parse being paid for (``DynamicBatcher.infer``'s ``admitted``)
+ADMITTED = "cnnserve.admitted"
 # the inference routes, as the request line gives them: the requests that load shedding may refuse
 SHEDDABLE = re.compile(rb"/(?:v2/models/[^?]*/infer|classify|predict)(?:\?.*)?")
 
@@ -459,6 +462,7 @@ def install_load_shedding(check: Callable[[bytes], None]) -> bool:
                 finally:
                     self.app = app
                 return
+            self.scope[ADMITTED] = True
         complete(self)
 
     HttpToolsProtocol.on_headers_complete = on_headers_complete

@@ -22,7 +22,8 @@ chunk fails the whole request.
 Admission (``infer`` refuses before queueing; a few comparisons):
   * closed or draining: ``ModelNotReady``;
   * ``max_queue_images > 0`` and queued images + the first chunk exceed it: ``Overloaded``;
-  * ``queue_budget_s > 0`` and the estimated wait exceeds it: ``Overloaded``;
+  * ``queue_budget_s > 0`` and the estimated wait exceeds it: ``Overloaded`` (the HTTP door asks this on the
+    request's headers, ``check_admission``, and a request admitted there is not asked again: ``admitted``);
   * a ``deadline`` before now + estimated wait + estimated compute of all its images: ``DeadlineExceeded``.
 A split request is judged once, on entry: on its first chunk for the bound and the budget, on all its images for
 the deadline. Its later chunks are admitted work and are not judged again (the bound can be passed by up to one
@@ -183,15 +184,18 @@ class DynamicBatcher:
         self._batch_stats: dict[int, tuple[_Durations, _Durations, _Durations]] = {}
 
     # --- requests --------------------------------------------------------------------------------------------
-    async def infer(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def infer(self, images: np.ndarray, deadline: float | None = None, admitted: bool = False) -> np.ndarray:
         """Rows of the model output for ``images`` (N, ...), N >= 1.
 
         ``deadline``: absolute ``time.monotonic()`` seconds by which the caller needs the answer (None: none).
-        Raises ``Overloaded``, ``DeadlineExceeded`` or ``ModelNotReady`` when refused or expired, or what ``run``
-        raised."""
+        ``admitted``: the request passed ``check_admission`` before its body was read; the budget is not applied
+        again (refusing it now would waste the parse already paid for: under overload most requests admitted on
+        their headers were refused here, by requests admitted in the same turn of the event loop), the bound and
+        the deadline are. Raises ``Overloaded``, ``DeadlineExceeded`` or ``ModelNotReady`` when refused or
+        expired, or what ``run`` raised."""
         start = time.monotonic()
         count = len(images)
-        self._admit(count, deadline, start)
+        self._admit(count, deadline, start, budget=not admitted)
         self._active += 1
         try:
             alone = count <= self.inline_max_images and self._quiet()
@@ -235,25 +239,28 @@ class DynamicBatcher:
         if self._accepting:
             self._check_queue(min(count, self.max_batch_size), time.monotonic())
 
-    def _admit(self, count: int, deadline: float | None, now: float) -> None:
+    def _admit(self, count: int, deadline: float | None, now: float, budget: bool = True) -> None:
         if not self._accepting:
             raise ModelNotReady(self._closed_reason)
         if count < 1:
             raise InvalidInput("a request needs at least one image")
-        self._check_queue(min(count, self.max_batch_size), now)
+        self._check_queue(min(count, self.max_batch_size), now, budget)
         if deadline is not None and now + (needed := self._estimate(count, now)) > deadline:
             self._rejected += 1
             raise DeadlineExceeded(f"model {self.name}: the deadline ({deadline - now:.3f} s from now) cannot be "
                                    f"met, the estimated queue wait plus compute is {needed:.3f} s")
 
-    def _check_queue(self, first: int, now: float) -> None:
-        """The bound on queued images and the budget on the estimated wait, for a first chunk of ``first`` images."""
+    def _check_queue(self, first: int, now: float, budget: bool = True) -> None:
+        """The bound on queued images and (``budget``) the budget on the estimated wait, for a first chunk of
+        ``first`` images."""
         if self.max_queue_images and self._queued_images + first > self.max_queue_images:
             self._rejected += 1
             raise Overloaded(f"model {self.name} is overloaded: {self._queued_images} images are queued, "
                              f"the limit is {self.max_queue_images}", self._retry_after_s(now))
+        if not budget or not self.queue_budget_s:
+            return
         wait = self._estimate(0, now)
-        if self.queue_budget_s and wait > self.queue_budget_s:
+        if wait > self.queue_budget_s:
             self._rejected += 1
             raise Overloaded(f"model {self.name} is overloaded: the estimated queue wait is {wait:.3f} s, "
                              f"the budget is {self.queue_budget_s} s", self._retry_after_s(now))

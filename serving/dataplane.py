@@ -192,15 +192,16 @@ class DataPlane:
 
     # --- inference ---------------------------------------------------------------------------------------
     async def infer(self, model: LoadedModel, images: np.ndarray, door: str,
-                    deadline: float | None = None) -> np.ndarray:
+                    deadline: float | None = None, admitted: bool = False) -> np.ndarray:
         """Validated, batched inference; records metrics. Returns float32 (N, K).
 
         ``deadline`` (``time.monotonic()`` seconds): when the caller needs the answer by; a request that
-        cannot make it is refused (``DeadlineExceeded``) rather than computed for nobody."""
+        cannot make it is refused (``DeadlineExceeded``) rather than computed for nobody. ``admitted``: the
+        request passed the queue budget when its headers came in (see ``DynamicBatcher.infer``)."""
         t0 = time.perf_counter()
         try:
             images = validate_batch(model.card, images, self.settings.max_images_per_request)
-            out = await model.batcher.infer(images, deadline)
+            out = await model.batcher.infer(images, deadline, admitted)
         except ServingError:
             observe_request(model.name, door, "invalid", time.perf_counter() - t0)
             raise

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serving.asgi import ADMITTED
 from serving.dataplane import DataPlane, check_image_count
 from serving.errors import (
     InvalidInput,
@@ -89,7 +90,7 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         model = dp.model(*model_args(request))  # looked up again: a version may have gone while the body came
         header, binary = split_body(request, body, dp.settings.max_images_per_request)
         images, answer = parse_infer_request(model, header, binary, dp.settings.max_images_per_request)
-        probs = await dp.infer(model, images, "oip-rest", answer.deadline)
+        probs = await dp.infer(model, images, "oip-rest", answer.deadline, request.scope.get(ADMITTED, False))
         return infer_response(model, answer, output_tensor(probs, answer.classes, model.card.labels))
 
     async def stats(request: Request, dp: DataPlane) -> Response:

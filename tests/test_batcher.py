@@ -315,6 +315,25 @@ def test_queue_budget_refuses_once_the_wait_is_estimated(model):
     run(main())
 
 
+def test_check_admission_refuses_as_infer_would_and_a_request_admitted_on_it_is_not_judged_again(model):
+    async def main() -> None:
+        batcher = await measured_batcher(model, queue_budget_s=0.01)
+        blocker = await hold_runner(batcher, model)
+        await until(lambda: batcher.estimated_wait_s() == 0)
+        batcher.check_admission()  # nothing ahead
+        first = asyncio.create_task(batcher.infer(rows(10, 1)))
+        await until(lambda: batcher.queued_images == 1)
+        with pytest.raises(Overloaded):  # the headers' check, as infer would refuse now
+            batcher.check_admission()
+        late = asyncio.create_task(batcher.infer(rows(20, 1), admitted=True))  # passed it before the queue grew
+        await until(lambda: batcher.queued_images == 2)
+        model.gate.set()
+        await asyncio.gather(blocker, first, late)
+        assert 20 in model.ids() and batcher.stats()["rejected"] == 1
+
+    run(main())
+
+
 def test_a_deadline_that_cannot_be_met_is_refused_without_running(model):
     async def main() -> None:
         unmeasured = DynamicBatcher(model, 1)
