@@ -266,7 +266,7 @@ def install_single_write_responses() -> bool:
     """Send a response's head and its (first) body in one socket write. uvicorn writes the status line and the
     headers when the app sends ``http.response.start``, then the body on ``http.response.body``: two sends, each
     of which, over loopback or to a busy peer, costs the sending worker the delivery too (a fifth of the event
-    loop's time in a profile under open-loop overload, benchmarks/results/overload.md). Wraps uvicorn's httptools
+    loop's time in a py-spy profile under open-loop overload, serving/README.md). Wraps uvicorn's httptools
     ``RequestResponseCycle.send``: the head is held on ``response.start`` and written with the next message's
     bytes. Returns False where that class is missing."""
     try:
