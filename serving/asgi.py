@@ -19,7 +19,7 @@ from bentoml.exceptions import BadInput
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from serving.errors import Overloaded, http_error, log_refusal
+from serving.errors import Overloaded, TooManyRequests, http_error, log_refusal
 
 BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs errors of its HTTP APIs
 
@@ -430,40 +430,79 @@ ADMITTED = "cnnserve.admitted"
 SHEDDABLE = re.compile(rb"/(?:v2/models/[^?]*/infer|classify|predict)(?:\?.*)?")
 
 
-def install_load_shedding(check: Callable[[bytes], None]) -> bool:
-    """Refuse an inference request (POST to a ``SHEDDABLE`` path) when ``check(target)`` (``target``: the request
-    line's path and query) raises ``Overloaded``, with its 503, ``Retry-After`` and JSON message, as soon as its
-    headers are parsed: the request never reaches BentoML's app, its middlewares or the body (uvicorn discards
-    what is left of it and keeps the connection). This is what makes a refusal much cheaper than an answer
-    (``serving.loop_lag``, ``serving.oip_rest.check_admission``); other requests (health, metadata, metrics)
-    are never refused here.
+class InFlight:
+    """This worker's admitted inference requests in progress (``install_load_shedding``), against ``limit``."""
+
+    count = 0
+    limit = 0  # 0: no limit
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.limit and cls.count >= cls.limit:
+            raise TooManyRequests(f"Too many requests: this worker has {cls.count} inference requests in progress, "
+                                  f"its limit (CNNSERVE_MAX_CONCURRENCY); retry later", 1.0)
+
+
+def _counted(app: Callable[..., Any]) -> Callable[..., Any]:
+    """``app``, ending the in-flight count that ``install_load_shedding`` began for its request."""
+
+    async def counted(scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            InFlight.count -= 1
+
+    return counted
+
+
+def install_load_shedding(check: Callable[[bytes], None], max_in_flight: int = 0) -> bool:
+    """Refuse an inference request (POST to a ``SHEDDABLE`` path) as soon as its headers are parsed when this
+    worker already has ``max_in_flight`` admitted inference requests in progress (429; 0 = no limit), or when
+    ``check(target)`` (``target``: the request line's path and query) raises ``Overloaded`` (its 503): with
+    ``Retry-After`` and a JSON message, the request never reaches BentoML's app, its middlewares or the body
+    (uvicorn discards what is left of it and keeps the connection). This is what makes a refusal much cheaper than
+    an answer (``serving.loop_lag``, ``serving.oip_rest.check_admission``); other requests (health, metadata,
+    metrics) are never refused here. Counting on the headers, not inside the app, keeps the limit where BentoML's
+    ``max_concurrency`` would refuse the same request only after its whole middleware stack.
 
     Like uvicorn's own ``limit_concurrency``, it swaps the ASGI app of the one request, inside uvicorn's httptools
     protocol (``install_header_timeout`` wraps the same class); ``tests/test_overload.py`` checks it on the real
-    server. Installing again replaces ``check``. Returns False where that class is missing."""
+    server. Installing again replaces ``check`` and the limit. Returns False where that class is missing."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return False
     HttpToolsProtocol._cnnserve_shed_check = staticmethod(check)
+    InFlight.limit = max_in_flight
     if getattr(HttpToolsProtocol, "_cnnserve_load_shedding", False):
         return True
     complete = HttpToolsProtocol.on_headers_complete
 
     def on_headers_complete(self: Any) -> None:
-        if self.parser.get_method() == b"POST" and SHEDDABLE.fullmatch(self.url):
-            try:
-                self._cnnserve_shed_check(self.url)
-            except Overloaded as exc:
-                log_refusal(exc, "http")
-                app, self.app = self.app, _refusal_app(exc)
-                try:
-                    complete(self)
-                finally:
-                    self.app = app
-                return
+        if self.parser.get_method() != b"POST" or not SHEDDABLE.fullmatch(self.url):
+            complete(self)
+            return
+        try:
+            InFlight.check()
+            self._cnnserve_shed_check(self.url)
+        except Overloaded as exc:
+            log_refusal(exc, "http")
+            app = _refusal_app(exc)
+        else:
             self.scope[ADMITTED] = True
-        complete(self)
+            # counted from now to the end of its app; a pipelined request (queued behind the connection's
+            # current one) is not, nor is one uvicorn's own limit_concurrency answers: their app may never run
+            started = self.cycle is None or self.cycle.response_complete
+            if not started or self.limit_concurrency is not None:
+                complete(self)
+                return
+            InFlight.count += 1
+            app = _counted(self.app)
+        app, self.app = self.app, app
+        try:
+            complete(self)
+        finally:
+            self.app = app
 
     HttpToolsProtocol.on_headers_complete = on_headers_complete
     HttpToolsProtocol._cnnserve_load_shedding = True

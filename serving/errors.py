@@ -72,6 +72,13 @@ class Overloaded(ServingError):
         self.retry_after_s = retry_after_s
 
 
+class TooManyRequests(Overloaded):
+    """Refused because the worker already has its limit of requests in progress (``CNNSERVE_MAX_CONCURRENCY``)."""
+
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class DeadlineExceeded(ServingError):
     """The caller's deadline passed, or cannot be met, before the request was computed."""
 

@@ -135,7 +135,7 @@ class CnnServe:
     @bentoml.on_startup
     async def start_background(self) -> None:
         self.dataplane.loop_lag.start()
-        if not install_load_shedding(self._refuse_early):
+        if not install_load_shedding(self._refuse_early, self.settings.max_concurrency):
             log.warning("uvicorn's httptools protocol was not found: HTTP requests are refused only after parsing")
         if self.settings.grpc_port:
             self.grpc = GrpcServer(self.dataplane, self.settings)

@@ -79,6 +79,37 @@ def test_a_request_past_the_queue_bound_is_refused_on_its_headers_before_its_bod
     assert b"retry-after" in refused[0].lower() and b"overloaded" in refused[0]
 
 
+def test_past_the_concurrency_limit_a_request_is_refused_on_its_headers_and_ended_requests_free_their_slots(
+        repo, tmp_path):
+    """``CNNSERVE_MAX_CONCURRENCY`` counts admitted inference requests from their headers: with the limit's worth
+    waiting for their bodies, the next is refused (429, before its body) by this count, not by BentoML's
+    middleware after its whole stack; once the waiting clients go, their requests end and free their slots."""
+    srv = start_server(repo, tmp_path / "server.log", workers=1, max_concurrency=2, poll_interval_s=0)
+    header = json.dumps({"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8",
+                                     "parameters": {"binary_data_size": 784}}]}).encode()
+    head = (f"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(header) + 784}\r\n\r\n")
+    try:
+        waiting = [socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) for _ in range(2)]
+        for s in waiting:
+            s.sendall(head.encode())  # admitted on its headers; its request waits for the body
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) as s:
+            s.sendall(head.encode())
+            answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+        assert b"retry-after" in answer.lower() and b"2 inference requests in progress" in answer, answer
+        for s in waiting:
+            s.close()
+        deadline = time.monotonic() + 10
+        while (status := binary_infer(srv.url, BIG[:1]).status_code) != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status == 200
+        assert all(binary_infer(srv.url, BIG[:1]).status_code == 200 for _ in range(5))
+    finally:
+        srv.stop()
+
+
 def grpc_flood(address: str, requests: int = 96, clients: int = 16, typed: bool = False) -> list[str]:
     """``requests`` 64-image gRPC calls from ``clients`` threads: "ok" or the error's text for each. ``typed``:
     the pixels as the protocol's typed ``uint_contents`` (decoded into Python ints on the server's event loop,
