@@ -37,7 +37,7 @@ class Settings:
     strict_readiness: bool = False  # ready only while every model in the repository has a version serving
     request_timeout_s: float = 60.0  # HTTP: 504 when a response has not started by then
     header_timeout_s: float = 10.0  # HTTP: 408 and close when a request's headers are not complete by then (0 = off)
-    max_concurrency: int = 256  # HTTP requests in progress per worker, past it 429 (0 = no limit)
+    max_concurrency: int = 128  # HTTP inference requests in progress per worker, past it 429 (0 = no limit)
     grpc_max_concurrent_rpcs: int = 256  # gRPC calls in progress per worker, past it RESOURCE_EXHAUSTED (0 = none)
     # gRPC connections are closed (after a grace for calls in flight) at this age, so that long-lived channels
     # spread again over workers and pods; clients reconnect on their own
