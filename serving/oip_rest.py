@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.asgi import ADMITTED
+from serving.asgi import ADMITTED, RequestTimeout
 from serving.dataplane import DataPlane, check_image_count
 from serving.errors import (
     InvalidInput,
@@ -132,17 +132,42 @@ class InferFastLane:
     infer endpoint, past the routers of BentoML's app and of the mounted OIP app and their exception
     middlewares, which cost a lone client's request about 50 µs (benchmarks/results/profile_*.md). The
     endpoint is the one the OIP app routes to; the middlewares outside this one (concurrency limit, request
-    timeout, body limit, metrics) still apply."""
+    timeout, body limit, metrics) still apply. Requests admitted on their headers take ``infer_lane`` instead."""
 
     def __init__(self, app: ASGIApp, endpoint: ASGIApp) -> None:
         self.app, self.endpoint = app, endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and (match := INFER_PATH.fullmatch(scope["path"])):
-            params = {key: value for key, value in match.groupdict().items() if value is not None}
-            await self.endpoint({**scope, "path_params": params}, receive, send)
+            await self.endpoint(_with_path_params(scope, match), receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def infer_lane(endpoint: ASGIApp, timeout_s: float) -> Callable[[bytes], ASGIApp | None]:
+    """For ``serving.asgi.install_load_shedding``: the app that runs an OIP infer request admitted on its headers,
+    given its request target (None for other targets): the infer endpoint under ``RequestTimeout`` alone, past
+    BentoML's whole middleware stack (proxy headers, error pages, tracing, its traffic metrics, concurrency limit
+    and timeout, our body limit and error shaping), which took 15-20 % of the HTTP door's throughput at 16-64
+    clients (serving/README.md). What that stack did for these requests is done here or by the endpoint: the
+    concurrency limit on the headers, the 504 by ``RequestTimeout``, the body limit by ``read_body``, errors as
+    JSON by the endpoint; BentoML's own request metrics do not count them (``cnnserve_requests_total`` and its
+    latency histograms do)."""
+
+    async def infer(scope: Scope, receive: Receive, send: Send) -> None:
+        await endpoint(_with_path_params(scope, INFER_PATH.fullmatch(scope["path"])), receive, send)
+
+    app = RequestTimeout(infer, timeout_s)
+
+    def route(target: bytes) -> ASGIApp | None:
+        return app if INFER_PATH.fullmatch(unquote(target.split(b"?", 1)[0].decode("latin-1"))) else None
+
+    return route
+
+
+def _with_path_params(scope: Scope, match: re.Match[str]) -> Scope:
+    params = {key: value for key, value in match.groupdict().items() if value is not None}
+    return {**scope, "path_params": params}
 
 
 def check_admission(dp: DataPlane, target: bytes) -> None:

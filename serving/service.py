@@ -43,7 +43,7 @@ from serving.dataplane import DataPlane, check_image_count, label_predictions
 from serving.errors import InvalidInput, ServingError
 from serving.images import decode_upload
 from serving.oip_grpc import GrpcServer
-from serving.oip_rest import InferFastLane, check_admission, create_app, error_response
+from serving.oip_rest import InferFastLane, check_admission, create_app, error_response, infer_lane
 from serving.repository import ModelRepository, ScanResult
 from serving.settings import Settings
 from serving.tensors import numbers_to_uint8
@@ -135,7 +135,9 @@ class CnnServe:
     @bentoml.on_startup
     async def start_background(self) -> None:
         self.dataplane.loop_lag.start()
-        if not install_load_shedding(self._refuse_early, self.settings.max_concurrency):
+        lane = None if self.settings.trace_requests else infer_lane(oip_app.state.infer_endpoint,
+                                                                     self.settings.request_timeout_s)
+        if not install_load_shedding(self._refuse_early, self.settings.max_concurrency, lane):
             log.warning("uvicorn's httptools protocol was not found: HTTP requests are refused only after parsing")
         if self.settings.grpc_port:
             self.grpc = GrpcServer(self.dataplane, self.settings)

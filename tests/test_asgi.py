@@ -73,6 +73,37 @@ def test_a_response_that_started_in_time_is_finished_not_cut():
     assert [m.get("status") for m in sent] == [200, None] and sent[1]["body"] == b"ok"
 
 
+def test_the_apps_own_timeout_error_is_its_error_not_a_504():
+    async def app(scope, receive, send):
+        raise TimeoutError("the app's own")
+
+    with pytest.raises(TimeoutError, match="the app's own"):
+        asyncio.run(call(app, timeout=60))
+
+
+def test_the_infer_lane_takes_oip_infer_targets_only_and_passes_the_path_parameters():
+    """The lane admitted OIP infer requests take past BentoML's stack: the endpoint, under the request timeout."""
+    from serving.oip_rest import infer_lane
+
+    seen = []
+
+    async def endpoint(scope, receive, send):
+        seen.append(scope["path_params"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    route = infer_lane(endpoint, timeout_s=60)
+    assert route(b"/v2/models/ready/ready") is None and route(b"/v2/models/a/b/c/infer") is None
+    app = route(b"/v2/models/mnist%2Dcnn/versions/2/infer?x=1")
+    assert isinstance(app, RequestTimeout)
+    asyncio.run(app({"type": "http", "path": "/v2/models/mnist-cnn/versions/2/infer"}, None, _ignore))
+    asyncio.run(route(b"/v2/models/m/infer")({"type": "http", "path": "/v2/models/m/infer"}, None, _ignore))
+    assert seen == [{"model": "mnist-cnn", "version": "2"}, {"model": "m"}]
+
+
+async def _ignore(message):
+    pass
+
+
 def test_the_app_bentoml_builds_times_requests_out_with_ours_not_bentomls():
     from serving.service import SETTINGS, CnnServe
 
