@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import socket
+import stat
+import sys
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -400,25 +402,61 @@ def stop_listening(keep_ports: set[int]) -> int:
     nobody accepts them, and resets them with the requests they carry when the arbiter exits (a client sees the
     connection reset after sending, and cannot tell whether the request ran: one per client in a shutdown
     under load). ``shutdown(SHUT_RD)`` on a listening socket resets the few connections still waiting and makes
-    every later connect fail at once (refused: the request was never sent, a client may retry it elsewhere).
-    Linux; where /proc is missing nothing is done."""
+    every later connect fail at once (refused: the request was never sent, a client may retry it elsewhere);
+    call it when ``accept_queue`` is empty, so that there are none. Linux; where /proc is missing nothing is
+    done."""
+    stopped = 0
+    for sock in _listeners(keep_ports):
+        # Linux stops the listener and may still answer ENOTCONN (a listening socket is not connected)
+        with sock, contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
+        stopped += 1
+    return stopped
+
+
+def accept_queue(keep_ports: set[int]) -> int:
+    """Connections the kernel has completed but nobody has accepted yet, on this process's listening TCP sockets
+    but those on ``keep_ports`` (Linux reports a listener's accept queue as ``tcpi_unacked`` in ``TCP_INFO``)."""
+    waiting = 0
+    for sock in _listeners(keep_ports):
+        with sock:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_UNACKED + 4)
+            waiting += int.from_bytes(info[TCP_INFO_UNACKED:TCP_INFO_UNACKED + 4], sys.byteorder)
+    return waiting
+
+
+TCP_INFO_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: 8 one-byte fields, then rto, ato, snd_mss, rcv_mss
+
+
+def _listeners(keep_ports: set[int]) -> list[socket.socket]:
+    """Duplicates of this process's listening TCP sockets but those on ``keep_ports`` (the caller closes them)."""
     fds = Path("/proc/self/fd")
     if not fds.is_dir():
-        return 0
-    stopped = 0
-    for entry in fds.iterdir():
-        with contextlib.suppress(OSError, ValueError):
-            sock = socket.socket(fileno=os.dup(int(entry.name)))
-            with sock:
-                if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-                    continue
-                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                    continue
-                if sock.getsockname()[1] in keep_ports:
-                    continue
-                sock.shutdown(socket.SHUT_RD)
-                stopped += 1
-    return stopped
+        return []
+    found, seen = [], set()
+    for fd in [int(entry.name) for entry in fds.iterdir()]:  # listed before any duplicate below is opened
+        with contextlib.suppress(OSError):
+            status = os.fstat(fd)
+            if not stat.S_ISSOCK(status.st_mode) or status.st_ino in seen:  # a socket once, whatever its fds
+                continue
+            seen.add(status.st_ino)
+            duplicate = os.dup(fd)
+            try:
+                sock = socket.socket(fileno=duplicate)
+            except OSError:
+                os.close(duplicate)
+                continue
+            try:
+                listening = (sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6)
+                             and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                             and sock.getsockname()[1] not in keep_ports)
+            except OSError:
+                listening = False
+            if listening:
+                found.append(sock)
+            else:
+                sock.close()
+    return found
 
 
 # scope key of a request admitted when its headers came in (``install_load_shedding``): its model's budget is not

@@ -29,6 +29,7 @@ from serving.asgi import (
     BodyLimit,
     JsonErrors,
     MountRoots,
+    accept_queue,
     install_connection_balance,
     install_header_timeout,
     install_load_shedding,
@@ -83,6 +84,7 @@ if not install_single_write_responses():
 
 TopK = Annotated[int, Field(ge=1, description="how many of the most probable labels to list per image")]
 UNLOAD_FOLLOW_S = 0.1  # how often a worker's poller looks whether another worker unloaded or loaded a model
+ACCEPT_QUEUE_WAIT_S = 0.1  # at shutdown, the longest wait for the listener's accept queue to be empty
 LAST_REQUESTS_S = 0.2  # at shutdown, from the listener's stop to uvicorn's: the last connections' requests come in
 
 
@@ -236,7 +238,13 @@ class CnnServe:
             self._draining_flag.touch()
             await asyncio.sleep(self.settings.shutdown_drain_s)
             if self._whole_server_draining():
-                stop_listening(keep_ports={self.settings.grpc_port})  # gRPC stops on its own, with a grace
+                # connections completed but not accepted yet would be reset with their requests: wait for the
+                # workers to accept them (the listener keeps taking new ones meanwhile, so not for ever)
+                keep = {self.settings.grpc_port}  # gRPC stops on its own, with a grace
+                give_up = loop.time() + ACCEPT_QUEUE_WAIT_S
+                while accept_queue(keep) and loop.time() < give_up:
+                    await asyncio.sleep(0.001)
+                stop_listening(keep_ports=keep)
                 # connections accepted just before carry requests not read yet: uvicorn would cut them as idle
                 await asyncio.sleep(LAST_REQUESTS_S)
             stop(signum, None)

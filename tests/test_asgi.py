@@ -5,6 +5,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import socket
 
 import pytest
@@ -121,10 +122,32 @@ def test_stop_listening_refuses_new_connections_at_once_on_every_listener_but_th
 
     with socket.create_server(("127.0.0.1", 0)) as http, socket.create_server(("127.0.0.1", 0)) as grpc_like:
         kept = grpc_like.getsockname()[1]
-        assert stop_listening(keep_ports={kept}) == 1
+        second_fd = os.dup(http.fileno())  # a worker reaches BentoML's listener through more than one fd
+        try:
+            assert stop_listening(keep_ports={kept}) == 1
+            assert stop_listening(keep_ports={kept}) == 0  # the other worker, after this one
+        finally:
+            os.close(second_fd)
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(http.getsockname(), timeout=2)
         socket.create_connection(("127.0.0.1", kept), timeout=2).close()
+
+
+def test_accept_queue_counts_connections_completed_but_not_accepted_on_all_but_the_kept_listeners():
+    """What the end of the drain waits on before it stops the listener: a connection the kernel completed but no
+    worker accepted yet would be reset, with its request, by the stop."""
+    from serving.asgi import accept_queue
+
+    with socket.create_server(("127.0.0.1", 0)) as http, socket.create_server(("127.0.0.1", 0)) as grpc_like:
+        kept = grpc_like.getsockname()[1]
+        baseline = accept_queue(keep_ports={kept})  # other listeners of this process (none, in a plain run)
+        clients = [socket.create_connection(http.getsockname(), timeout=2) for _ in range(2)]
+        kept_client = socket.create_connection(("127.0.0.1", kept), timeout=2)
+        assert accept_queue(keep_ports={kept}) == baseline + 2
+        http.accept()[0].close()
+        assert accept_queue(keep_ports={kept}) == baseline + 1
+        for c in (*clients, kept_client):
+            c.close()
 
 
 class RecordingTransport:
