@@ -7,6 +7,7 @@ statistics (``/stats``) and model repository (``/v2/repository/...``) extensions
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -160,9 +161,18 @@ def infer_lane(endpoint: ASGIApp, timeout_s: float) -> Callable[[bytes], ASGIApp
     app = RequestTimeout(infer, timeout_s)
 
     def route(target: bytes) -> ASGIApp | None:
-        return app if INFER_PATH.fullmatch(unquote(target.split(b"?", 1)[0].decode("latin-1"))) else None
+        return app if infer_target(target) is not None else None
 
     return route
+
+
+@functools.lru_cache(maxsize=1024)
+def infer_target(target: bytes) -> tuple[str, str | None] | None:
+    """(model, version or None) that an OIP infer request's target (path and query, as sent) names, or None for
+    another target. Both header-time steps ask it for every request (``check_admission``, ``infer_lane``), and a
+    client sends the same target again and again: parsed once per distinct target."""
+    match = INFER_PATH.fullmatch(unquote(target.split(b"?", 1)[0].decode("latin-1")))
+    return None if match is None else (match["model"], match["version"])
 
 
 def _with_path_params(scope: Scope, match: re.Match[str]) -> Scope:
@@ -176,11 +186,11 @@ def check_admission(dp: DataPlane, target: bytes) -> None:
     body is read: under overload most requests are refused, and a refusal that first parsed the request cost the
     worker almost what an answer costs. Anything else passes and is answered by its route as usual (another
     path, a model that is not served, a larger batch that the full check refuses later)."""
-    match = INFER_PATH.fullmatch(unquote(target.split(b"?", 1)[0].decode("latin-1")))
-    if match is None:
+    named = infer_target(target)
+    if named is None:
         return
     try:
-        model = dp.model(match["model"], match["version"])
+        model = dp.model(*named)
     except ServingError:
         return
     try:
