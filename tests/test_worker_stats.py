@@ -34,6 +34,19 @@ def test_each_worker_reads_the_others_snapshots_not_its_own(tmp_path):
     assert len(second.others()) == 1
 
 
+def test_publishing_never_waits_for_the_disk(tmp_path, monkeypatch):
+    """Workers publish on their event loop every quarter second under load: the file is replaced atomically, but
+    never fsync'd (a stall of the loop for as long as the disk takes; the file lives only as long as the server)."""
+    def no_fsync(fd: int) -> None:
+        raise AssertionError("SharedStats.publish called fsync")
+
+    monkeypatch.setattr("os.fsync", no_fsync)
+    first, second = SharedStats(tmp_path, 0), SharedStats(tmp_path, 1)
+    assert first.publish({("m", 1): stats(1, 1, 5, {})})
+    assert second.others() == {("m", 1): [stats(1, 1, 5, {})]}
+    assert [p.name for p in tmp_path.iterdir()] == ["stats-0.json"], "the temporary file was left behind"
+
+
 def test_busy_board_tells_whether_other_workers_ran_lately(tmp_path):
     mine, other = BusyBoard(tmp_path / "busy", 2, 0), BusyBoard(tmp_path / "busy", 2, 1)
     assert mine.others_idle() and other.others_idle()
