@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from serving.errors import Overloaded, TooManyRequests, http_error, log_refusal
+from serving.metrics import observe_shed
 
 BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs errors of its HTTP APIs
 
@@ -475,6 +476,7 @@ class InFlight:
     @classmethod
     def check(cls) -> None:
         if cls.limit and cls.count >= cls.limit:
+            observe_shed("http", "concurrency")
             raise TooManyRequests(f"Too many requests: this worker has {cls.count} inference requests in progress, "
                                   f"its limit (CNNSERVE_MAX_CONCURRENCY); retry later", 1.0)
 

@@ -202,8 +202,8 @@ class DataPlane:
         try:
             images = validate_batch(model.card, images, self.settings.max_images_per_request)
             out = await model.batcher.infer(images, deadline, admitted)
-        except ServingError:
-            observe_request(model.name, door, "invalid", time.perf_counter() - t0)
+        except ServingError as exc:
+            observe_request(model.name, door, exc.outcome, time.perf_counter() - t0)
             raise
         except Exception:
             observe_request(model.name, door, "error", time.perf_counter() - t0)

@@ -22,6 +22,9 @@ class ServingError(Exception):
 
     http_status = 400
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    # the outcome it counts as in cnnserve_requests_total: "invalid" (the request is wrong) or "rejected" (the
+    # server could not take it now: overload, a deadline, a model not ready; a retry may succeed)
+    outcome = "invalid"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -50,6 +53,7 @@ class ModelNotFound(ServingError):
 class ModelNotReady(ServingError):
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
+    outcome = "rejected"
 
 
 class PayloadTooLarge(ServingError):
@@ -66,6 +70,7 @@ class Overloaded(ServingError):
 
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
+    outcome = "rejected"
 
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
@@ -84,6 +89,7 @@ class DeadlineExceeded(ServingError):
 
     http_status = 504
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    outcome = "rejected"
 
 
 def http_error(exc: ServingError) -> tuple[int, dict[str, str], dict[str, str]]:

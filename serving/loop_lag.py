@@ -87,7 +87,7 @@ class LoopLag:
         behind for ``window_s``."""
         late_for = self.late_for_s()
         if late_for and late_for >= self.window_s:
-            observe_shed(door)
+            observe_shed(door, "loop_lag")
             raise Overloaded(f"server overloaded: its event loop is {1000 * self.behind_s():.0f} ms behind and has "
                              f"been over {1000 * self.limit_s:.0f} ms behind for {1000 * late_for:.0f} ms; retry "
                              "later", RETRY_AFTER_S)

@@ -32,12 +32,19 @@ FALLBACKS = bentoml.metrics.Counter(
     labelnames=["model"])
 SHED = bentoml.metrics.Counter(
     name="cnnserve_shed_requests_total",
-    documentation="Inference requests refused because the worker's event loop was behind (serving/loop_lag.py)",
-    labelnames=["door"])
+    documentation="Inference requests refused on arrival, before their model is looked up, by reason: loop_lag (the "
+                  "worker's event loop was behind, serving/loop_lag.py) or concurrency (the worker had "
+                  "CNNSERVE_MAX_CONCURRENCY requests in progress)",
+    labelnames=["door", "reason"])
 
 
-def observe_shed(door: str) -> None:
-    SHED.labels(door=door).inc()
+def observe_shed(door: str, reason: str) -> None:
+    _shed_series(door, reason).inc()
+
+
+@functools.lru_cache(maxsize=64)
+def _shed_series(door: str, reason: str) -> Any:
+    return SHED.labels(door=door, reason=reason)
 
 
 def observe_fallback(model: str) -> None:

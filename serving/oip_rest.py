@@ -195,8 +195,8 @@ def check_admission(dp: DataPlane, target: bytes) -> None:
         return
     try:
         model.batcher.check_admission()
-    except Overloaded:
-        observe_request(model.name, "oip-rest", "invalid", 0.0)
+    except Overloaded as exc:
+        observe_request(model.name, "oip-rest", exc.outcome, 0.0)
         raise
 
 

@@ -53,6 +53,17 @@ def test_requests_past_the_queue_bound_are_refused_fast_on_http_with_retry_after
     assert all(r.status_code in (200, 503) for r in responses)
     assert all(int(r.headers["Retry-After"]) >= 1 and "overloaded" in r.json()["error"] for r in refused)
     assert len(refused) < len(responses)
+    assert rejected_count(small_queue_server.url, "oip-rest") >= len(refused), "refusals not counted as rejected"
+
+
+def rejected_count(url: str, door: str) -> float:
+    """``cnnserve_requests_total`` of mnist-cnn's requests on ``door`` that the server rejected (overload, deadline),
+    which are not counted as the client's fault ("invalid")."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if (line.startswith("cnnserve_requests_total{") and 'model="mnist-cnn"' in line and f'door="{door}"' in line
+                and 'outcome="rejected"' in line):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_a_request_past_the_queue_bound_is_refused_on_its_headers_before_its_body_is_sent(small_queue_server):
@@ -99,6 +110,8 @@ def test_past_the_concurrency_limit_a_request_is_refused_on_its_headers_and_ende
             answer = s.recv(65536)
         assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
         assert b"retry-after" in answer.lower() and b"2 inference requests in progress" in answer, answer
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert 'cnnserve_shed_requests_total{door="http",reason="concurrency"} 1.0' in metrics
         for s in waiting:
             s.close()
         deadline = time.monotonic() + 10
@@ -137,6 +150,7 @@ def test_requests_past_the_queue_bound_are_refused_on_grpc(small_queue_server):
     refused = [r for r in results if r != "ok"]
     assert refused and all("UNAVAILABLE" in r and "overloaded" in r for r in refused), refused[:3]
     assert "ok" in results
+    assert rejected_count(small_queue_server.url, "oip-grpc") >= len(refused)
 
 
 # floods of 96 requests until one is shed: shedding needs two late timers in a row (a standing backlog), which
@@ -175,7 +189,7 @@ def test_a_worker_behind_on_its_event_loop_sheds_inference_on_http_but_answers_h
     assert any(r.status_code == 200 for r in responses)
     assert all(r.status_code == 200 for r in health), "health requests must never be shed"
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'cnnserve_shed_requests_total{door="http"}' in metrics
+    assert 'cnnserve_shed_requests_total{door="http",reason="loop_lag"}' in metrics
 
 
 def test_a_worker_behind_on_its_event_loop_sheds_inference_on_grpc(lagging_server):
