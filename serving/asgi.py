@@ -12,7 +12,7 @@ import re
 import socket
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -394,9 +394,23 @@ def install_connection_balance(opened: Callable[[object], None], closed: Callabl
     return True
 
 
-def stop_listening(keep_ports: set[int]) -> int:
-    """Take this process's listening TCP sockets (but those on ``keep_ports``) out of the listening state, for
-    every process that shares them, and return how many.
+@contextlib.contextmanager
+def listening_sockets(keep_ports: set[int]) -> Iterator[list[socket.socket]]:
+    """This process's listening TCP sockets but those on ``keep_ports``, as duplicates closed on exit (each socket
+    once, however many fds reach it), for ``accept_queue`` and ``stop_listening``: found once, so that the check
+    that the accept queue is empty and the stop run microseconds apart, not the time of a walk over /proc. Linux;
+    where /proc is missing, none."""
+    found = _listeners(keep_ports)
+    try:
+        yield found
+    finally:
+        for sock in found:
+            sock.close()
+
+
+def stop_listening(listeners: list[socket.socket]) -> int:
+    """Take ``listeners`` (from ``listening_sockets``) out of the listening state, for every process that shares
+    them, and return how many.
 
     BentoML's workers share one listening socket with the arbiter, which holds it open until it exits: when a
     worker's uvicorn stops accepting, the kernel still completes connections into the socket's backlog, where
@@ -404,25 +418,21 @@ def stop_listening(keep_ports: set[int]) -> int:
     connection reset after sending, and cannot tell whether the request ran: one per client in a shutdown
     under load). ``shutdown(SHUT_RD)`` on a listening socket resets the few connections still waiting and makes
     every later connect fail at once (refused: the request was never sent, a client may retry it elsewhere);
-    call it when ``accept_queue`` is empty, so that there are none. Linux; where /proc is missing nothing is
-    done."""
-    stopped = 0
-    for sock in _listeners(keep_ports):
+    call it right after ``accept_queue`` found none waiting."""
+    for sock in listeners:
         # Linux stops the listener and may still answer ENOTCONN (a listening socket is not connected)
-        with sock, contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RD)
-        stopped += 1
-    return stopped
+    return len(listeners)
 
 
-def accept_queue(keep_ports: set[int]) -> int:
-    """Connections the kernel has completed but nobody has accepted yet, on this process's listening TCP sockets
-    but those on ``keep_ports`` (Linux reports a listener's accept queue as ``tcpi_unacked`` in ``TCP_INFO``)."""
+def accept_queue(listeners: list[socket.socket]) -> int:
+    """Connections the kernel has completed but nobody has accepted yet on ``listeners`` (Linux reports a
+    listener's accept queue as ``tcpi_unacked`` in ``TCP_INFO``)."""
     waiting = 0
-    for sock in _listeners(keep_ports):
-        with sock:
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_UNACKED + 4)
-            waiting += int.from_bytes(info[TCP_INFO_UNACKED:TCP_INFO_UNACKED + 4], sys.byteorder)
+    for sock in listeners:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_UNACKED + 4)
+        waiting += int.from_bytes(info[TCP_INFO_UNACKED:TCP_INFO_UNACKED + 4], sys.byteorder)
     return waiting
 
 

@@ -36,6 +36,7 @@ from serving.asgi import (
     install_multipart_field_check,
     install_request_timeout,
     install_single_write_responses,
+    listening_sockets,
     quiet_client_errors,
     stop_listening,
 )
@@ -239,12 +240,15 @@ class CnnServe:
             await asyncio.sleep(self.settings.shutdown_drain_s)
             if self._whole_server_draining():
                 # connections completed but not accepted yet would be reset with their requests: wait for the
-                # workers to accept them (the listener keeps taking new ones meanwhile, so not for ever)
-                keep = {self.settings.grpc_port}  # gRPC stops on its own, with a grace
-                give_up = loop.time() + ACCEPT_QUEUE_WAIT_S
-                while accept_queue(keep) and loop.time() < give_up:
-                    await asyncio.sleep(0.001)
-                stop_listening(keep_ports=keep)
+                # workers to accept them (the listener keeps taking new ones meanwhile, so not for ever); the last
+                # check and the stop run back to back (a client reconnecting then would be reset after sending)
+                with listening_sockets(keep_ports={self.settings.grpc_port}) as listeners:  # gRPC stops on its own
+                    give_up = loop.time() + ACCEPT_QUEUE_WAIT_S
+                    while (waiting := accept_queue(listeners)) and loop.time() < give_up:
+                        await asyncio.sleep(0.001)
+                    stop_listening(listeners)
+                if waiting:
+                    log.warning("stopped listening with %d connection(s) not accepted yet: they were reset", waiting)
                 # connections accepted just before carry requests not read yet: uvicorn would cut them as idle
                 await asyncio.sleep(LAST_REQUESTS_S)
             stop(signum, None)
