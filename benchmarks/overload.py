@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import multiprocessing
+import re
 import tempfile
+import time
 from collections.abc import Awaitable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import httpx
 
 from benchmarks.loadgen import (
     GrpcLoad,
@@ -56,11 +61,32 @@ def light_load(kind: str, service: Service, seconds: float) -> Awaitable[list[Sa
 
 
 def burst(kind: str, http_port: int, grpc_port: int, connections: int, rate: float, seconds: float,
-          binary: bool = True) -> list[Sample]:
-    """The open-loop burst, run in a process of its own (its clock, ``time.monotonic()``, is this one's loop time)."""
+          binary: bool = True) -> tuple[list[Sample], float]:
+    """The open-loop burst, run in a process of its own (its clock, ``time.monotonic()``, is this one's loop time);
+    returns its samples and the CPU seconds the process spent sending them."""
+    cpu = time.process_time()
     if kind == "grpc":
-        return GrpcLoad(grpc_port, sample_images()).open_loop(rate, seconds)
-    return asyncio.run(http_load(http_port, connections, binary).open_loop(rate, seconds))
+        samples = GrpcLoad(grpc_port, sample_images()).open_loop(rate, seconds)
+    else:
+        samples = asyncio.run(http_load(http_port, connections, binary).open_loop(rate, seconds))
+    return samples, time.process_time() - cpu
+
+
+def loop_lag_buckets(url: str) -> dict[float, float]:
+    """The workers' event-loop lag histogram (``cnnserve_event_loop_lag_seconds``, summed over workers): cumulative
+    count per bucket bound (s)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = re.findall(r'cnnserve_event_loop_lag_seconds_bucket\{le="([^"]+)"\} ([\d.e+]+)', text)
+    return {float(le): float(count) for le, count in found}
+
+
+def lag_p99_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The bucket bound (ms) under which 99 % of the lag samples between the two scrapes fall (1 ms resolution)."""
+    counts = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = counts.get(math.inf, 0.0)
+    if not total:
+        return None
+    return next(1000 * le for le, n in counts.items() if n >= 0.99 * total)
 
 
 def recovery_s(light: list[Sample], burst_end: float, normal_s: float) -> float:
@@ -77,10 +103,16 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
     loop = asyncio.get_running_loop()
     if kind == "http":
         await http_load(service.http_port, 16, binary).closed_loop(2)  # warm-up
-        measured = await http_load(service.http_port, 16, binary).closed_loop(10)
     else:
         await asyncio.to_thread(GrpcLoad(service.grpc_port, sample_images()).closed_loop, 16, 2)
+    server_cpu, generator_cpu, t0 = service.server.cpu_seconds(), time.process_time(), loop.time()
+    if kind == "http":
+        measured = await http_load(service.http_port, 16, binary).closed_loop(10)
+    else:
         measured = await asyncio.to_thread(GrpcLoad(service.grpc_port, sample_images()).closed_loop, 16, 10)
+    elapsed = loop.time() - t0
+    capacity_cores = (round((service.server.cpu_seconds() - server_cpu) / elapsed, 2),
+                      round((time.process_time() - generator_cpu) / elapsed, 2))
     capacity = sum(s.outcome == "ok" for s in measured) / 10
     offered = rate or factor * capacity
     baseline = await light_load(kind, service, 3)
@@ -88,11 +120,15 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
     rss_before = service.worker_rss_mb()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         pool.submit(int).result()  # the process started before the clock does
-        start = loop.time()
-        burst_samples, light, readyz = await asyncio.gather(
-            loop.run_in_executor(pool, burst, kind, service.http_port, service.grpc_port, connections,
-                                 offered, seconds, binary),
-            light_load(kind, service, seconds + AFTER_S), probe(f"{service.url}/readyz", 0.1, seconds))
+        start, server_cpu, lag_before = loop.time(), service.server.cpu_seconds(), loop_lag_buckets(service.url)
+        sent = loop.run_in_executor(pool, burst, kind, service.http_port, service.grpc_port, connections, offered,
+                                    seconds, binary)
+        burst_server_cpu: list[float] = []  # the server's CPU seconds when the burst's last answer is in
+        lag_after: list[asyncio.Future[dict[float, float]]] = []  # scraped off the loop: the light client goes on
+        sent.add_done_callback(lambda _: (burst_server_cpu.append(service.server.cpu_seconds() - server_cpu),
+                                          lag_after.append(loop.run_in_executor(None, loop_lag_buckets, service.url))))
+        (burst_samples, burst_cpu), light, readyz = await asyncio.gather(
+            sent, light_load(kind, service, seconds + AFTER_S), probe(f"{service.url}/readyz", 0.1, seconds))
     rss_after = service.worker_rss_mb()
     ok = [s.latency_s for s in burst_samples if s.outcome == "ok"]
     rejected = [s.latency_s for s in burst_samples if s.outcome == "rejected"]
@@ -112,11 +148,18 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
         "answered_p50_ms": percentile_ms(ok, 50), "answered_p99_ms": percentile_ms(ok, 99),
         "rejected_p50_ms": percentile_ms(rejected, 50), "rejected_p99_ms": percentile_ms(rejected, 99),
         "readyz_p99_ms": percentile_ms(readyz, 99), "readyz_max_ms": percentile_ms(readyz, 100),
+        # the server's own view: how late the workers' event loops ran during the burst (what a request or a probe
+        # waits on the server before it is looked at; the rest of the latencies above is the clients' own lag)
+        "server_loop_lag_p99_ms": lag_p99_ms(lag_before, await lag_after[0]),
         "generator_late_p99_ms": percentile_ms([s.sent_late_s for s in burst_samples], 99),
         "light_normal_ms": round(1000 * normal_s, 2),
         "recovery_s": recovery_s(light, start + seconds, normal_s),
         "rss_before_mb": round(rss_before), "rss_after_mb": round(rss_after),
         "rss_growth_fraction": round(rss_after / rss_before - 1, 3),
+        # CPU in cores of the server (all its processes) and of the generator: capacity run, then burst
+        "capacity_server_cores": capacity_cores[0], "capacity_generator_cores": capacity_cores[1],
+        "burst_server_cores": round(burst_server_cpu[0] / seconds, 2),
+        "burst_generator_cores": round(burst_cpu / seconds, 2),
     }
     print(result, flush=True)
     return result
@@ -137,6 +180,19 @@ def by_reason(row: dict) -> str:
     return " (" + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) + ")" if reasons else ""
 
 
+def cores(row: dict) -> str:
+    """'server / generator -> server / generator' cores; empty in results from before they were kept."""
+    if "burst_server_cores" not in row:
+        return ""
+    return (f"{row['capacity_server_cores']} / {row['capacity_generator_cores']} → {row['burst_server_cores']} / "
+            f"{row['burst_generator_cores']}")
+
+
+def lag_cell(row: dict) -> str:
+    lag = row.get("server_loop_lag_p99_ms")
+    return "" if lag is None else f"≤ {lag:g}"
+
+
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Overload: open loop at a multiple of capacity",
@@ -148,12 +204,17 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "channels), the light client and the /readyz probe from another, all on the same 2 cores as the server. "
         "Capacity: 16 closed-loop clients of the same generator. Goals from the issue in brackets; each cell says "
         "whether it is met. *Generator late*: how long after its due time the burst's p99 request went out; when "
-        "it is large the generator, not the server, set the pace.",
+        "it is large the generator, not the server, set the pace. *Cores*: CPU of the server's processes and of "
+        "the load generator, in cores, in the capacity run and in the burst: what the generator takes at twice "
+        "the rate, the server cannot have on these 2 cores. *Server loop lag*: the p99 of how late the workers' "
+        "event loops ran during the burst (`cnnserve_event_loop_lag_seconds`, 1 ms buckets: an upper bound), the "
+        "server's own share of any request's or probe's wait; the clients measure that plus their own delays, "
+        "on cores they share with the server.",
         "",
         "| door | capacity/s | offered/s | goodput/s (≥ 90 %) | answered p50 / p99 ms (≤ 250) | rejected | "
         "rejected p99 ms (≤ 10) | errors | /readyz p99 ms (≤ 50) | recovery s (≤ 1) | worker RSS MB (≤ +20 %) | "
-        "generator late p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "generator late p99 ms | cores server / generator: capacity → burst | server loop lag p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v = {k: "✓" if ok else "✗" for k, ok in verdicts(r).items()}
@@ -164,7 +225,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             f"{r['rejected_p99_ms']} {v['rejected_p99_ms']} | {sum(r['errors'].values())} | {r['readyz_p99_ms']} "
             f"{v['readyz_p99_ms']} | {r['recovery_s']} {v['recovery_s']} | {r['rss_before_mb']} → "
             f"{r['rss_after_mb']} ({100 * r['rss_growth_fraction']:+.0f} %) {v['rss_growth_fraction']} | "
-            f"{r['generator_late_p99_ms']} |")
+            f"{r['generator_late_p99_ms']} | {cores(r)} | {lag_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 
 from serving.errors import Overloaded
-from serving.metrics import observe_shed
+from serving.metrics import observe_loop_lag, observe_shed
 
 RETRY_AFTER_S = 1.0
 
@@ -58,6 +58,7 @@ class LoopLag:
     def _tick(self) -> None:
         now = self._loop.time()
         self.last_lag_s = max(0.0, now - self._due)
+        observe_loop_lag(self.last_lag_s)
         if self.last_lag_s <= self.limit_s:
             self._late_since, self._late_timers = None, 0
         else:

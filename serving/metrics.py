@@ -26,6 +26,12 @@ QUEUE_TIME = bentoml.metrics.Histogram(
     labelnames=["model"], buckets=LATENCY_BUCKETS)
 
 
+LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+LOOP_LAG = bentoml.metrics.Histogram(
+    name="cnnserve_event_loop_lag_seconds",
+    documentation="How late each worker's 10 ms event-loop timer fired (serving/loop_lag.py): how long anything "
+                  "ready on the worker, a request or a health probe, waited for the loop (1 ms resolution)",
+    buckets=LOOP_LAG_BUCKETS)
 FALLBACKS = bentoml.metrics.Counter(
     name="cnnserve_version_fallbacks_total",
     documentation="Times a model's default version went down to an older one (its newest removed or failed)",
@@ -36,6 +42,10 @@ SHED = bentoml.metrics.Counter(
                   "worker's event loop was behind, serving/loop_lag.py) or concurrency (the worker had "
                   "CNNSERVE_MAX_CONCURRENCY requests in progress)",
     labelnames=["door", "reason"])
+
+
+def observe_loop_lag(seconds: float) -> None:
+    LOOP_LAG.observe(seconds)
 
 
 def observe_shed(door: str, reason: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -190,6 +191,9 @@ def test_a_worker_behind_on_its_event_loop_sheds_inference_on_http_but_answers_h
     assert all(r.status_code == 200 for r in health), "health requests must never be shed"
     metrics = httpx.get(f"{url}/metrics").text
     assert 'cnnserve_shed_requests_total{door="http",reason="loop_lag"}' in metrics
+    # the lag it shed on is in the loop-lag histogram: shedding took two timers more than 1 ms late in a row
+    buckets = dict(re.findall(r'cnnserve_event_loop_lag_seconds_bucket\{le="([^"]+)"\} ([\d.e+]+)', metrics))
+    assert float(buckets["+Inf"]) - float(buckets["0.001"]) >= 2, buckets
 
 
 def test_a_worker_behind_on_its_event_loop_sheds_inference_on_grpc(lagging_server):
