@@ -19,7 +19,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, request_response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.asgi import ADMITTED, RequestTimeout
@@ -38,6 +38,9 @@ from serving.model_card import PROBS_NAME
 from serving.oip import OutputTensor, check_outputs, decode_input, output_tensor, timeout_deadline
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as an answer's header name
+JSON_TYPE = b"application/json"
+Headers = list[tuple[bytes, bytes]]  # an ASGI message's headers
 ACCEPTED_TYPES = ("application/json", "application/octet-stream", "")
 # a JSON key "shape" followed by a list: numbers in "data" cannot look like this, so it is the declared shape
 SHAPE_PATTERN = re.compile(rb'"shape"\s*:\s*\[\s*(\d+)')
@@ -85,15 +88,6 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
     async def config(request: Request, dp: DataPlane) -> Response:
         return JSONResponse(dp.model_config(*model_args(request)))
 
-    async def infer(request: Request, dp: DataPlane) -> Response:
-        dp.model(*model_args(request))  # an unknown model is refused before its body is read
-        body = await read_body(request, dp.settings.max_request_bytes)
-        model = dp.model(*model_args(request))  # looked up again: a version may have gone while the body came
-        header, binary = split_body(request, body, dp.settings.max_images_per_request)
-        images, answer = parse_infer_request(model, header, binary, dp.settings.max_images_per_request)
-        probs = await dp.infer(model, images, "oip-rest", answer.deadline, request.scope.get(ADMITTED, False))
-        return infer_response(model, answer, output_tensor(probs, answer.classes, model.card.labels))
-
     async def stats(request: Request, dp: DataPlane) -> Response:
         return JSONResponse(dp.statistics(request.path_params.get("model"), request.path_params.get("version")))
 
@@ -111,7 +105,7 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         await dp.unload(request.path_params["model"])
         return JSONResponse({})
 
-    infer_endpoint = request_response(handler(infer))
+    infer_endpoint = InferEndpoint(get_dataplane)
     prefixes = ["/models/{model}", "/models/{model}/versions/{version}"]
     routes = [Route("/", handler(server_meta)),
               Route("/health/live", handler(live)), Route("/health/ready", handler(ready)),
@@ -126,6 +120,41 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
     app = Starlette(routes=routes)
     app.state.infer_endpoint = infer_endpoint  # for InferFastLane
     return app
+
+
+class InferEndpoint:
+    """``POST /v2/models/{model}[/versions/{version}]/infer`` as a plain ASGI app (the path parameters in the scope,
+    as Starlette's router or ``infer_lane`` puts them): headers, body and answer handled here, without Starlette's
+    request and response objects and their layers of coroutines, which cost the door's hot path about a fifth of
+    its Python time per request (serving/README.md). A client gone while its body came is answered nothing."""
+
+    def __init__(self, get_dataplane: Callable[[], DataPlane]) -> None:
+        self.get_dataplane = get_dataplane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        dp = self.get_dataplane()
+        max_images = dp.settings.max_images_per_request
+        try:
+            named = scope["path_params"]["model"], scope["path_params"].get("version")
+            dp.model(*named)  # an unknown model is refused before its body is read
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}  # first wins
+            body = await receive_body(receive, headers.get("content-length"), dp.settings.max_request_bytes)
+            if body is None:
+                return
+            model = dp.model(*named)  # looked up again: a version may have gone while the body came
+            header, binary = split_body(headers, body, max_images)
+            images, answer = parse_infer_request(model, header, binary, max_images)
+            probs = await dp.infer(model, images, "oip-rest", answer.deadline, scope.get(ADMITTED, False))
+            output = output_tensor(probs, answer.classes, model.card.labels)
+            status, (content_type, content, extra) = 200, infer_answer(model, answer, output)
+        except ServingError as exc:
+            log_refusal(exc, "oip-rest")
+            status, error, retry = http_error(exc)
+            content_type, content = JSON_TYPE, json_bytes(error)
+            extra = [(k.lower().encode(), v.encode()) for k, v in retry.items()]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(content)), *extra]})
+        await send({"type": "http.response.body", "body": content})
 
 
 class InferFastLane:
@@ -213,6 +242,25 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def receive_body(receive: Receive, declared: str | None, limit: int) -> bytes | None:
+    """The request body from ASGI ``receive`` messages, refused with ``PayloadTooLarge`` past ``limit`` bytes (by
+    its declared Content-Length first); None when the client went away before it was all in."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 async def optional_json(request: Request) -> dict[str, Any]:
     """A small optional JSON object body (repository requests); ``{}`` when there is none."""
     body = await read_body(request, 64 * 1024)
@@ -230,14 +278,14 @@ def json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def split_body(request: Request, body: bytes, max_images: int) -> tuple[dict[str, Any], bytes]:
-    """(JSON header, binary tail) of an infer request; a JSON header whose declared batch is over
-    ``max_images`` is refused before it is parsed (see ``declared_batch``)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[dict[str, Any], bytes]:
+    """(JSON header, binary tail) of an infer request (``headers``: its headers, names in lower case); a JSON
+    header whose declared batch is over ``max_images`` is refused before it is parsed (see ``declared_batch``)."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ACCEPTED_TYPES:
         raise UnsupportedMediaType(f"content type {content_type!r} is not accepted: send application/json, or "
                                    f"application/octet-stream with the {HEADER_LENGTH} header")
-    length_text = request.headers.get(HEADER_LENGTH)
+    length_text = headers.get(HEADER_LENGTH.lower())
     if length_text is None:
         header_bytes, binary = body, b""
     else:
@@ -323,15 +371,22 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
     return images, AnswerForm(binary_out, classes, request_id, timeout_deadline(request_parameters.get("timeout")))
 
 
-def infer_response(model: Any, answer: AnswerForm, output: OutputTensor) -> Response:
+def infer_answer(model: Any, answer: AnswerForm, output: OutputTensor) -> tuple[bytes, bytes, Headers]:
+    """(content type, body, headers beyond type and length) of an infer request's answer: JSON, or the binary
+    tensor extension's JSON header then raw bytes (with ``Inference-Header-Content-Length``)."""
     tensor: dict[str, Any] = {"name": PROBS_NAME, "datatype": output.datatype, "shape": output.shape}
     result: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version), "outputs": [tensor]}
     if answer.request_id is not None:
         result["id"] = answer.request_id
     if not answer.binary:
         tensor["data"] = output.json_data()
-        return JSONResponse(result)
+        return JSON_TYPE, json_bytes(result), []
     raw = output.raw()
     tensor["parameters"] = {"binary_data_size": len(raw)}
-    header = json.dumps(result, separators=(",", ":")).encode()
-    return Response(header + raw, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(header))})
+    header = json_bytes(result)
+    return b"application/octet-stream", header + raw, [(HEADER_LENGTH_KEY, b"%d" % len(header))]
+
+
+def json_bytes(value: Any) -> bytes:
+    """``value`` as compact JSON, as Starlette's ``JSONResponse`` renders it (no NaN: a ValueError)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()

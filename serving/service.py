@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
+from bentoml import get_current_service  # once: each bentoml.<name> goes through its lazy __getattr__
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -91,7 +92,7 @@ LAST_REQUESTS_S = 0.2  # at shutdown, from the listener's stop to uvicorn's: the
 
 def current_dataplane() -> DataPlane:
     """This worker's dataplane, for the mounted ASGI apps."""
-    return bentoml.get_current_service().dataplane
+    return get_current_service().dataplane
 
 
 async def model_cards(request: Request) -> Response:

@@ -362,6 +362,27 @@ def test_headers_trickled_slower_than_the_header_timeout_get_408_and_a_closed_co
         assert client.get(f"{server.url}/v2/health/live").status_code == 200
 
 
+def test_a_client_gone_halfway_through_its_body_is_answered_nothing_and_logged_without_a_traceback(server):
+    """The OIP infer endpoint reads the body itself: a client that closes before its declared body is all in gets
+    no answer (there is no one to answer), the worker logs no exception for it, and serves the next request."""
+    images = {"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "parameters": {"binary_data_size": 784}}
+    head, headers = binary_request(infer_json([images]), GOOD.tobytes())
+    logged = server.log.stat().st_size
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as gone:
+            gone.sendall(f"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(head)}\r\n"
+                         "".encode() + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n"
+                         + head[:len(head) // 2])
+            time.sleep(0.1)
+    answer = httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", content=head, headers=headers, timeout=30)
+    assert answer.status_code == 200
+    time.sleep(0.5)
+    with open(server.log, "rb") as log:
+        log.seek(logged)
+        new = log.read().decode(errors="replace")
+    assert "Traceback" not in new and "Exception in ASGI application" not in new, new[-3000:]
+
+
 def test_the_messages_say_what_to_fix(server):
     """A binary body without its header length names the header; a version that is not a number is the client's
     mistake (400 / INVALID_ARGUMENT), not an unknown model (404)."""
