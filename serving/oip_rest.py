@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -180,7 +180,7 @@ def infer_lane(endpoint: ASGIApp, timeout_s: float) -> Callable[[bytes], ASGIApp
     BentoML's whole middleware stack (proxy headers, error pages, tracing, its traffic metrics, concurrency limit
     and timeout, our body limit and error shaping), which took 15-20 % of the HTTP door's throughput at 16-64
     clients (serving/README.md). What that stack did for these requests is done here or by the endpoint: the
-    concurrency limit on the headers, the 504 by ``RequestTimeout``, the body limit by ``read_body``, errors as
+    concurrency limit on the headers, the 504 by ``RequestTimeout``, the body limit by ``receive_body``, errors as
     JSON by the endpoint; BentoML's own request metrics do not count them (``cnnserve_requests_total`` and its
     latency histograms do)."""
 
@@ -230,16 +230,11 @@ def check_admission(dp: DataPlane, target: bytes) -> None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """``request``'s body (``receive_body``); a client gone before it was all in raises ``ClientDisconnect``."""
+    body = await receive_body(request.receive, request.headers.get("content-length"), limit)
+    if body is None:
+        raise ClientDisconnect()
+    return body
 
 
 async def receive_body(receive: Receive, declared: str | None, limit: int) -> bytes | None:

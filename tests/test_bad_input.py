@@ -367,12 +367,12 @@ def test_a_client_gone_halfway_through_its_body_is_answered_nothing_and_logged_w
     no answer (there is no one to answer), the worker logs no exception for it, and serves the next request."""
     images = {"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "parameters": {"binary_data_size": 784}}
     head, headers = binary_request(infer_json([images]), GOOD.tobytes())
+    fields = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "x", "Content-Length": len(head), **headers}.items())
+    half_sent = f"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\n{fields}\r\n".encode() + head[:len(head) // 2]
     logged = server.log.stat().st_size
     for _ in range(4):
         with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as gone:
-            gone.sendall(f"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(head)}\r\n"
-                         "".encode() + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n"
-                         + head[:len(head) // 2])
+            gone.sendall(half_sent)
             time.sleep(0.1)
     answer = httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", content=head, headers=headers, timeout=30)
     assert answer.status_code == 200
