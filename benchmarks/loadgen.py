@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import gc
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import shlex
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -348,6 +351,21 @@ def command(module: str) -> str:
     the environment."""
     settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("CNNSERVE_")]
     return shlex.join([*settings, "python", "-m", module, *sys.argv[1:]])
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a load runs (after one collection on entry, so that each
+    phase starts clean). The generators make no reference cycles per request, but each sample they keep is a
+    tracked object, and the collector's full passes walk them all: a minute into a soak they stopped the
+    generator for 100-300 ms at a time, and the requests due meanwhile went out late, as one burst that the
+    server was charged for (refusals, p99)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:

@@ -34,6 +34,7 @@ from benchmarks.loadgen import (
     HttpLoad,
     Sample,
     Service,
+    collector_paused,
     command,
     http_request,
     percentile_ms,
@@ -64,12 +65,13 @@ def burst(kind: str, http_port: int, grpc_port: int, connections: int, rate: flo
           binary: bool = True) -> tuple[list[Sample], float]:
     """The open-loop burst, run in a process of its own (its clock, ``time.monotonic()``, is this one's loop time);
     returns its samples and the CPU seconds the process spent sending them."""
-    cpu = time.process_time()
-    if kind == "grpc":
-        samples = GrpcLoad(grpc_port, sample_images()).open_loop(rate, seconds)
-    else:
-        samples = asyncio.run(http_load(http_port, connections, binary).open_loop(rate, seconds))
-    return samples, time.process_time() - cpu
+    with collector_paused():
+        cpu = time.process_time()
+        if kind == "grpc":
+            samples = GrpcLoad(grpc_port, sample_images()).open_loop(rate, seconds)
+        else:
+            samples = asyncio.run(http_load(http_port, connections, binary).open_loop(rate, seconds))
+        return samples, time.process_time() - cpu
 
 
 def loop_lag_buckets(url: str) -> dict[float, float]:

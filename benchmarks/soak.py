@@ -25,6 +25,7 @@ from benchmarks.loadgen import (
     HttpLoad,
     Sample,
     Service,
+    collector_paused,
     command,
     http_request,
     percentile_ms,
@@ -53,12 +54,15 @@ async def soak(service: Service, minutes: int, fraction: float) -> dict:
     rate = fraction * capacity / 3  # per door
     rows, generator = [], psutil.Process()
     for minute in range(1, minutes + 1):
-        server_cpu, generator_cpu, start = service.server.cpu_seconds(), cpu_seconds(generator), time.monotonic()
-        parts = await asyncio.gather(http(True, "http-binary", 256).open_loop(rate, 60),
-                                     http(False, "http-json", 256).open_loop(rate, 60),
-                                     asyncio.to_thread(GrpcLoad(service.grpc_port, images).open_loop, rate, 60))
+        with collector_paused():
+            server_cpu, generator_cpu, start = service.server.cpu_seconds(), cpu_seconds(generator), time.monotonic()
+            parts = await asyncio.gather(http(True, "http-binary", 256).open_loop(rate, 60),
+                                         http(False, "http-json", 256).open_loop(rate, 60),
+                                         asyncio.to_thread(GrpcLoad(service.grpc_port, images).open_loop, rate, 60))
+            elapsed = time.monotonic() - start
+            server_cores = round((service.server.cpu_seconds() - server_cpu) / elapsed, 2)
+            generator_cores = round((cpu_seconds(generator) - generator_cpu) / elapsed, 2)
         samples: list[Sample] = [s for part in parts for s in part]
-        elapsed = time.monotonic() - start
         ok = [s.latency_s for s in samples if s.outcome == "ok"]
         kinds: dict[str, int] = {}
         for s in samples:
@@ -68,8 +72,7 @@ async def soak(service: Service, minutes: int, fraction: float) -> dict:
         rows.append({"minute": minute, "requests": len(samples), "errors": len(samples) - len(ok), "error_kinds": kinds,
                      "p50_ms": percentile_ms(ok, 50), "p99_ms": percentile_ms(ok, 99),
                      "rss_mb": round(service.worker_rss_mb(), 1),
-                     "server_cores": round((service.server.cpu_seconds() - server_cpu) / elapsed, 2),
-                     "generator_cores": round((cpu_seconds(generator) - generator_cpu) / elapsed, 2),
+                     "server_cores": server_cores, "generator_cores": generator_cores,
                      "generator_late_p99_ms": percentile_ms([s.sent_late_s for s in samples], 99)})
         print(rows[-1], flush=True)
     return {"capacity_per_s": round(capacity), "offered_per_s": round(3 * rate), "minutes": rows}
