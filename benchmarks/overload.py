@@ -120,7 +120,7 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
     baseline = await light_load(kind, service, 3)
     normal_s = max(2 * float(sorted(s.latency_s for s in baseline)[int(0.99 * len(baseline))]), 0.005)
     rss_before = service.worker_rss_mb()
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with collector_paused(), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         pool.submit(int).result()  # the process started before the clock does
         start, server_cpu, lag_before = loop.time(), service.server.cpu_seconds(), loop_lag_buckets(service.url)
         sent = loop.run_in_executor(pool, burst, kind, service.http_port, service.grpc_port, connections, offered,
