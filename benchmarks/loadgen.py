@@ -5,8 +5,8 @@ tensors) and gRPC.
 Open loop means request ``i`` is due at ``start + i / rate`` whatever the server is doing, and its latency
 counts from that moment (no coordinated omission): a server that falls behind sees the queue it would see
 in production. Both generators (``HttpLoad``, ``GrpcLoad``) keep no task, future or timer per request, so that
-one Python process can offer several thousand requests/s on time; they run on the same cores as the server
-(say so in reports).
+one Python process can offer several thousand requests/s on time, and the benchmarks run them with the
+garbage collector paused (``collector_paused``); they run on the same cores as the server (say so in reports).
 """
 
 from __future__ import annotations
@@ -358,7 +358,7 @@ def collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off while a load runs (after one collection on entry, so that each
     phase starts clean). The generators make no reference cycles per request, but each sample they keep is a
     tracked object, and the collector's full passes walk them all: a minute into a soak they stopped the
-    generator for 100-300 ms at a time, and the requests due meanwhile went out late, as one burst that the
+    generator for up to 320 ms at a time, and the requests due meanwhile went out late, as one burst that the
     server was charged for (refusals, p99)."""
     gc.collect()
     gc.disable()
