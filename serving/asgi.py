@@ -12,7 +12,7 @@ import re
 import socket
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -113,7 +113,9 @@ class JsonErrors:
                     replaced = True
                     status = message["status"]
                     text = f"{status} {HTTPStatus(status).phrase}: {scope.get('method', '')} {scope['path']}"
-                    await send_json(send, status, text)
+                    kept = [(k, v) for k, v in message.get("headers") or []  # e.g. a 405's Allow
+                            if k.lower() not in (b"content-type", b"content-length")]
+                    await send_json(send, status, text, kept)
                     return
                 held = message
                 return
@@ -145,9 +147,10 @@ async def _send_error_object(send: Any, start: dict, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_json(send: Any, status: int, message: str) -> None:
-    """Send ``{"error": message}`` with ``status``."""
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+async def send_json(send: Any, status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """Send ``{"error": message}`` with ``status`` (and ``headers`` besides its content type)."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *headers]})
     await send({"type": "http.response.body", "body": json.dumps({"error": message}).encode()})
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
@@ -28,11 +29,34 @@ from serving.settings import Settings
 log = logging.getLogger("cnnserve.grpc")
 
 
+class _Undecodable:
+    """A request that could not be parsed (``_tolerant``): a guarded method answers INVALID_ARGUMENT with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``parse``, returning ``_Undecodable`` instead of raising: grpc.aio parses a request before the method runs,
+    and answered a malformed one (invalid UTF-8 in a string field, stray bytes) with UNKNOWN and an ERROR
+    traceback in the log."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Undecodable(f"the request is not a valid protobuf message of this method: {exc}")
+
+    return deserialize
+
+
 def _guard(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ``ServingError`` into a gRPC status with its message."""
+    """Turn ``ServingError`` into a gRPC status with its message (a request that could not be parsed too)."""
 
     async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Undecodable):
+                raise InvalidInput(request.reason)
             return await method(self, request, context)
         except ServingError as exc:
             log_refusal(exc, "oip-grpc")
@@ -145,7 +169,7 @@ def _has_uint_data(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
     another ``contents`` field (e.g. ``fp32_contents``) is a datatype error, reported as such."""
     filled = [f.name for f, _ in tensor.contents.ListFields()]
     other = [name for name in filled if name != "uint_contents"]
-    if other:
+    if other and tensor.datatype in ("UINT8", ""):  # another datatype: decode_input says so
         raise InvalidInput(f"input 'images' carries its data in contents.{other[0]}, but its datatype is "
                            f"{tensor.datatype or 'unset'}; UINT8 data goes in contents.uint_contents or "
                            "raw_input_contents")
@@ -167,6 +191,26 @@ for _method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         setattr(InferenceServicer, _method.name, _unimplemented(_method.name))
 
 
+class _Registration:
+    """Stands in for the server in the generated ``add_..._to_server`` function, to keep what it registers."""
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _add_tolerant_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` as the generated stubs do, its requests parsed by ``_tolerant``."""
+    registration = _Registration()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registration)
+    handlers = {name: handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+                for name, handler in registration.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(registration.service, handlers),))
+    server.add_registered_method_handlers(registration.service, handlers)
+
+
 class GrpcServer:
     """The gRPC door's lifecycle: ``start()`` on the running loop, ``stop()`` at shutdown."""
 
@@ -182,7 +226,7 @@ class GrpcServer:
                         ("grpc.max_connection_age_grace_ms", int(settings.request_timeout_s * 1000))]
         self.server = grpc.aio.server(options=options,
                                       maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs or None)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), self.server)
+        _add_tolerant_servicer(InferenceServicer(dataplane), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.server.add_insecure_port(self.address)

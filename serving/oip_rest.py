@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -142,6 +143,7 @@ class InferEndpoint:
             if body is None:
                 return
             model = dp.model(*named)  # looked up again: a version may have gone while the body came
+            body = decoded_body(headers.get("content-encoding"), body, dp.settings.max_request_bytes)
             header, binary = split_body(headers, body, max_images)
             images, answer = parse_infer_request(model, header, binary, max_images)
             probs = await dp.infer(model, images, "oip-rest", answer.deadline, scope.get(ADMITTED, False))
@@ -273,6 +275,31 @@ def json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+CODINGS = {"gzip": 31, "deflate": 15}  # Content-Encoding -> zlib's wbits (deflate is the zlib format, RFC 9110)
+
+
+def decoded_body(coding: str | None, body: bytes, limit: int) -> bytes:
+    """The body before its Content-Encoding: gzip or deflate, which Triton accepts and its clients send
+    (tritonclient's ``request_compression_algorithm``; ``Inference-Header-Content-Length`` counts the decoded
+    body). Decoded up to ``limit`` bytes and refused past it (413), so that a small compressed body cannot expand
+    without bound; another coding is a 415."""
+    coding = (coding or "identity").strip().lower()
+    if coding == "identity":
+        return body
+    if coding not in CODINGS:
+        raise UnsupportedMediaType(f"Content-Encoding {coding!r} is not accepted: send gzip, deflate or none")
+    decoder = zlib.decompressobj(CODINGS[coding])
+    try:
+        decoded = decoder.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"the body is not valid {coding} data: {exc}") from None
+    if len(decoded) > limit:
+        raise PayloadTooLarge(f"the {coding} body decodes to more than {limit} bytes (CNNSERVE_MAX_REQUEST_BYTES)")
+    if not decoder.eof:
+        raise InvalidInput(f"the {coding} body ends before its compressed stream does")
+    return decoded
+
+
 def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[dict[str, Any], bytes]:
     """(JSON header, binary tail) of an infer request (``headers``: its headers, names in lower case); a JSON
     header whose declared batch is over ``max_images`` is refused before it is parsed (see ``declared_batch``)."""
@@ -356,14 +383,24 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
     classes = check_outputs([(o.get("name"), p.get("classification")) for o, p in zip(outputs, output_parameters,
                                                                                       strict=True)])
     request_parameters = parameters(header, "the request")
-    binary_out = bool(request_parameters.get("binary_data_output"))
-    for p in output_parameters:  # an output's own binary_data wins over the request's binary_data_output
+    binary_out = flag(request_parameters, "binary_data_output", "the request")
+    for o, p in zip(outputs, output_parameters, strict=True):  # an output's own binary_data wins over the request's
         if "binary_data" in p:
-            binary_out = bool(p["binary_data"])
+            binary_out = flag(p, "binary_data", f"output {o.get('name')!r}")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"the request 'id' must be a string, got {json.dumps(request_id)[:40]}")
     return images, AnswerForm(binary_out, classes, request_id, timeout_deadline(request_parameters.get("timeout")))
+
+
+def flag(params: dict[str, Any], name: str, where: str) -> bool:
+    """The boolean parameter ``name`` of ``params`` (False when absent); a string such as "false" is an error, not
+    true."""
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"parameter {name} of {where} must be a boolean (true or false), "
+                           f"got {json.dumps(value)[:40]}")
+    return value
 
 
 def infer_answer(model: Any, answer: AnswerForm, output: OutputTensor) -> tuple[bytes, bytes, Headers]:
@@ -383,5 +420,10 @@ def infer_answer(model: Any, answer: AnswerForm, output: OutputTensor) -> tuple[
 
 
 def json_bytes(value: Any) -> bytes:
-    """``value`` as compact JSON, as Starlette's ``JSONResponse`` renders it (no NaN: a ValueError)."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    """``value`` as compact JSON, as Starlette's ``JSONResponse`` renders it (no NaN: a ValueError). A string with a
+    lone surrogate (a legal JSON escape, e.g. in a request's ``id``, which the answer echoes) cannot be UTF-8: such a
+    value is written with ASCII escapes instead, so that the client gets back the ``\\udXXX`` it sent."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()

@@ -8,6 +8,7 @@ import itertools
 import re
 import threading
 import time
+import zlib
 
 import grpc
 import httpx
@@ -20,7 +21,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.worker_stats import PUBLISH_INTERVAL_S
-from tests.server import png, start_server
+from tests.server import MAX_BYTES, png, start_server
 
 IMAGES = np.zeros((3, 28, 28), np.uint8)
 
@@ -281,3 +282,56 @@ def test_every_worker_follows_an_unload_and_a_load_at_once_not_a_poll_later(repo
         assert seconds_until_both_workers_logged("loaded mnist-cnn/1") < 2.0
     finally:
         slow_poll.stop()
+
+
+def test_compressed_requests_are_decoded_as_tritons_clients_send_them(server):
+    """tritonclient's request_compression_algorithm (gzip, deflate: the Inference-Header-Content-Length counts the
+    decoded body) answers as the uncompressed request; another coding is a 415, a bomb past the limit a 413."""
+    client = httpclient.InferenceServerClient(server.http_address)
+    tensor = httpclient.InferInput("images", list(IMAGES.shape), "UINT8")
+    tensor.set_data_from_numpy(IMAGES)
+    plain = client.infer("mnist-cnn", [tensor]).as_numpy("probs")
+    for algorithm in ("gzip", "deflate"):
+        np.testing.assert_array_equal(
+            client.infer("mnist-cnn", [tensor], request_compression_algorithm=algorithm).as_numpy("probs"), plain)
+    body = {"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}]}
+    r = httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", json=body, headers={"content-encoding": "br"})
+    assert r.status_code == 415 and "'br'" in r.json()["error"]
+    bomb = zlib.compress(b" " * (2 * MAX_BYTES))
+    r = httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", content=bomb,
+                   headers={"content-encoding": "deflate", "content-type": "application/json"})
+    assert r.status_code == 413 and "decodes to more than" in r.json()["error"]
+
+
+def test_a_lone_surrogate_id_is_echoed_and_boolean_parameters_are_booleans(server):
+    url = f"{server.url}/v2/models/mnist-cnn/infer"
+    tensor = '{"name":"images","shape":[1,28,28],"datatype":"UINT8","data":[' + ",".join(["0"] * 784) + "]}"
+    body = '{"id":"\\ud800","inputs":[' + tensor + "]}"  # legal JSON, not encodable as UTF-8
+    r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["id"] == "\ud800"
+    for where in ('"parameters":{"binary_data_output":"false"}',
+                  '"outputs":[{"name":"probs","parameters":{"binary_data":"false"}}]'):
+        r = httpx.post(url, content='{"inputs":[' + tensor + "]," + where + "}",
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "must be a boolean" in r.json()["error"]
+
+
+def test_a_405_keeps_its_allow_header(server):
+    r = httpx.get(f"{server.url}/v2/models/mnist-cnn/infer")
+    assert r.status_code == 405 and "POST" in r.headers["allow"] and "error" in r.json()
+
+
+def test_undecodable_grpc_requests_are_invalid_arguments_without_tracebacks(server):
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # raw bytes, no serializer
+        with pytest.raises(grpc.RpcError) as info:
+            infer(b"\x0a\x02\xff\xfe")  # model_name (field 1): invalid UTF-8
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "protobuf" in info.value.details()
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="FP32", shape=[1, 28, 28])
+        tensor.contents.fp32_contents.extend([0.0] * 784)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(pb.ModelInferRequest(model_name="mnist-cnn", inputs=[tensor]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "takes UINT8" in info.value.details()
+        assert stub.ServerLive(pb.ServerLiveRequest()).live  # still serving
+    assert "Traceback" not in server.log.read_text()
