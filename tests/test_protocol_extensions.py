@@ -157,11 +157,13 @@ def test_unimplemented_grpc_methods_answer_unimplemented_with_a_message_and_no_t
 def test_grpc_contents_in_the_wrong_field_or_twice_is_a_clear_error(server):
     with grpc.insecure_channel(server.grpc_address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 28, 28])
-        tensor.contents.fp32_contents.extend([0.0] * 784)
-        with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(pb.ModelInferRequest(model_name="mnist-cnn", inputs=[tensor]))
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fp32_contents" in info.value.details()
+        # FP32 data where UINT8 belongs is named as such; FP32 data declared FP32 is the datatype error it is
+        for datatype, expected in (("UINT8", "fp32_contents"), ("FP32", "takes UINT8")):
+            tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype=datatype, shape=[1, 28, 28])
+            tensor.contents.fp32_contents.extend([0.0] * 784)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(pb.ModelInferRequest(model_name="mnist-cnn", inputs=[tensor]))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in info.value.details()
         tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 28, 28])
         tensor.contents.uint_contents.extend([0] * 784)
         with pytest.raises(grpc.RpcError) as info:
@@ -328,10 +330,5 @@ def test_undecodable_grpc_requests_are_invalid_arguments_without_tracebacks(serv
             infer(b"\x0a\x02\xff\xfe")  # model_name (field 1): invalid UTF-8
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "protobuf" in info.value.details()
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="FP32", shape=[1, 28, 28])
-        tensor.contents.fp32_contents.extend([0.0] * 784)
-        with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(pb.ModelInferRequest(model_name="mnist-cnn", inputs=[tensor]))
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "takes UINT8" in info.value.details()
         assert stub.ServerLive(pb.ServerLiveRequest()).live  # still serving
     assert "Traceback" not in server.log.read_text()
