@@ -205,10 +205,24 @@ def install_request_timeout() -> bool:
     return True
 
 
+MAX_UPLOAD_NAME_BYTES = 200  # BentoML names an upload's temporary file after it; file systems allow 255 bytes
+
+
+def _shortened(filename: str) -> str:
+    """``filename`` cut to ``MAX_UPLOAD_NAME_BYTES`` bytes of UTF-8, its extension kept (it names the format)."""
+    stem, dot, suffix = filename.rpartition(".")
+    suffix = dot + suffix if stem and len(suffix) <= 16 else ""
+    head = filename[: len(filename) - len(suffix)].encode()[: MAX_UPLOAD_NAME_BYTES - len(suffix.encode())]
+    return head.decode(errors="ignore") + suffix
+
+
 def install_multipart_field_check() -> bool:
     """Refuse, with 400 and a message naming the field, a multipart upload that puts a file where the API takes
     a value (``curl -F image=@x.png`` for ``images``, ``-F model=@x.png``): BentoML's multipart parser reads
-    such a part as JSON bytes, and one that is not UTF-8 raised out of it as a 500 with a traceback.
+    such a part as JSON bytes, and one that is not UTF-8 raised out of it as a 500 with a traceback. Also a plain
+    value where the API takes files (``-F images=<x.png``): BentoML took it for a URL to download (a 500 when it
+    was not one, a fetch from the server when it was). A file name too long for a temporary file's name (a 500)
+    is shortened.
 
     Wraps ``MultipartSerde.parse_request`` in BentoML's private serde module; Starlette caches the parsed form
     on the request, so the check costs no second parse. ``tests/test_bad_input.py`` sends such uploads to the
@@ -230,6 +244,11 @@ def install_multipart_field_check() -> bool:
                 where = f"files go in {' or '.join(repr(f) for f in files)}" if files else "this API takes no files"
                 raise BadInput(f"multipart field {name!r} holds a file ({value.filename!r}), but {name!r} is not a "
                                f"file field: {where}; other fields are plain values")
+            if not isinstance(value, UploadFile) and name in cls.multipart_fields:
+                raise BadInput(f"multipart field {name!r} holds a plain value, but it takes files (curl -F "
+                               f"{name}=@picture.png, not {name}=<picture.png); URLs are not fetched")
+            if isinstance(value, UploadFile) and len((value.filename or "").encode()) > MAX_UPLOAD_NAME_BYTES:
+                value.filename = _shortened(value.filename)
         return await parse_request(self, request, cls)
 
     MultipartSerde.parse_request = checked_parse_request

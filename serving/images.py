@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from tokenize import TokenError
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -49,16 +50,24 @@ def decode_upload(data: bytes, card: ModelCard, max_pixels: int, filename: str =
 
 
 def _from_npy(data: bytes, card: ModelCard, upload: str) -> tuple[np.ndarray, list[str]]:
+    """The array, its dtype and shape checked from the header before any data is read (a 230-byte file can declare
+    a terabyte)."""
+    stream = io.BytesIO(data)
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _fortran_order, dtype = read_header(stream)
+    except (ValueError, OSError, EOFError, SyntaxError, TokenError) as exc:
+        raise UnprocessableInput(f"{upload} is not a readable .npy array: {exc}") from None
+    if dtype != np.uint8:
+        raise InvalidInput(f"{upload}: .npy dtype must be uint8, got {dtype}")
+    if list(shape) != card.input.shape:
+        raise InvalidInput(f"{upload}: .npy shape {list(shape)} does not match model {card.name} input "
+                           f"{card.input.shape}")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False), []
     except (ValueError, OSError, EOFError) as exc:
         raise UnprocessableInput(f"{upload} is not a readable .npy array: {exc}") from None
-    if array.dtype != np.uint8:
-        raise InvalidInput(f"{upload}: .npy dtype must be uint8, got {array.dtype}")
-    if list(array.shape) != card.input.shape:
-        raise InvalidInput(f"{upload}: .npy shape {list(array.shape)} does not match model "
-                           f"{card.name} input {card.input.shape}")
-    return array, []
 
 
 def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> tuple[np.ndarray, list[str]]:
@@ -70,12 +79,18 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
         raise UnsupportedMediaType(f"{upload} is not an image this service reads ({SUPPORTED})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge(f"{upload}: image dimensions are over the decoder's safety limit") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a header cut short, a chunk over Pillow's limits
+        raise UnprocessableInput(f"{upload} is truncated or corrupt: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise PayloadTooLarge(f"{upload} is {width}x{height} = {width * height} pixels, over the limit of "
                               f"{max_pixels} (decompression-bomb guard)")
     if image.format not in ("PNG", "JPEG", "BMP", "TIFF", "MPO"):
         raise UnsupportedMediaType(f"{upload}: {image.format} images are not accepted ({SUPPORTED})")
+    frames = getattr(image, "n_frames", 1) if image.format != "MPO" else 1  # MPO: a photo and its previews
+    if frames > 1:
+        raise UnsupportedMediaType(f"{upload} holds {frames} images (a multi-page {image.format} or an animation), "
+                                   "and which one to classify is not clear: send each as a file of its own")
     reduced_16_bit = _is_16_bit_colour(image)
     try:
         image.load()
@@ -89,7 +104,7 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
         image = _to_8_bits(image, upload, notes)
         image = _flatten_transparency(image, card.input_background, notes)
         image = _to_mode(image, "RGB" if card.layout == "NHWC" else "L", notes)
-    except ValueError as exc:  # Pillow has no conversion for this mode (e.g. LAB)
+    except (ValueError, SyntaxError, OSError) as exc:  # no conversion for this mode (e.g. LAB), a malformed EXIF
         raise UnprocessableInput(f"{upload}: cannot convert its {source_mode} pixels: {exc}") from None
     target = (card.input.shape[1], card.input.shape[0])  # PIL size is (width, height)
     if image.size != target:

@@ -292,8 +292,9 @@ class CnnServe:
             if not images:
                 raise InvalidInput("no images uploaded: send one or more files in the 'images' field")
             check_image_count(len(images), self.settings.max_images_per_request)
-            decoded = [decode_upload(p.read_bytes(), loaded.card, self.settings.max_image_pixels, upload_name(p))
-                       for p in images]
+            decoded = await asyncio.to_thread(  # off the event loop: a large picture takes a decoder 0.2 s or more
+                lambda: [decode_upload(p.read_bytes(), loaded.card, self.settings.max_image_pixels, upload_name(p))
+                         for p in images])
             probs = await self.dataplane.infer(loaded, np.stack([image for image, _ in decoded]), "classify")
         except ServingError as exc:
             return error_response(exc, "classify")

@@ -151,6 +151,12 @@ def test_bentoml_http_door_rejects_30_bad_requests(server):
         ("multipart file to predict", lambda: httpx.post(predict, files=[("instances", ("a.png", good_png,
                                                                                         "image/png"))],
                                                          data={"model": "mnist-cnn"})),
+        ("text in the file field", lambda: httpx.post(classify, data={"model": "mnist-cnn", "images": "notaurl"})),
+        ("a URL in the file field", lambda: httpx.post(classify, data={"model": "mnist-cnn",
+                                                                        "images": "http://example.com/a.png"})),
+        ("truncated JPEG header", lambda: httpx.post(classify, files=[("images", ("a.jpg", _jpeg(image)[:60],
+                                                                                  "image/jpeg"))],
+                                                     data={"model": "mnist-cnn"})),
     ]
     assert len(cases) >= 30
     for what, call in cases:
@@ -161,6 +167,25 @@ def test_bentoml_http_door_rejects_30_bad_requests(server):
     r = httpx.post(predict, json={"instances": image.tolist(), "model": "mnist-cnn"})
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] in [str(d) for d in range(10)]
     assert server.worker_pids() == pids
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_a_long_upload_name_is_shortened_not_a_500(server):
+    name = "scan-" + "é" * 150 + ".png"  # 305 bytes of UTF-8: over a file name's 255
+    r = httpx.post(f"{server.url}/classify", files=[("images", (name, _png_digit(), "image/png"))],
+                   data={"model": "mnist-cnn"})
+    assert r.status_code == 200 and r.json()["results"][0]["label"] in [str(d) for d in range(10)]
+
+
+def _png_digit() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.eye(28, dtype=np.uint8) * 255).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def _gif(array: np.ndarray) -> bytes:

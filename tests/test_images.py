@@ -225,6 +225,40 @@ def bomb_png() -> bytes:
     return png_file(2048, 2048, 1, 0, (b"\x00" + b"\x00" * 256) * 8)
 
 
+def with_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
+    """``png`` with a chunk added before its IEND."""
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return png[:-12] + chunk + png[-12:]
+
+
+def npy_header(shape: tuple[int, ...], body: bytes = b"") -> bytes:
+    header = repr({"descr": "|u1", "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (63 - len(header) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + body
+
+
+def frames(fmt: str, count: int) -> bytes:
+    images = [Image.fromarray(GREY), *(Image.fromarray(NOISE) for _ in range(count - 1))]
+    return encode(images[0], fmt, save_all=True, append_images=images[1:])
+
+
+@pytest.mark.parametrize(("data", "error"), [
+    pytest.param(encode(Image.fromarray(GREY), "JPEG")[:60], UnprocessableInput, id="JPEG cut in its header"),
+    pytest.param(encode(Image.fromarray(GREY))[:20], UnprocessableInput, id="PNG cut in its first chunk"),
+    pytest.param(with_chunk(encode(Image.fromarray(GREY)), b"eXIf", b"\xde\xad\xbe\xef" * 8), UnprocessableInput,
+                 id="malformed EXIF"),
+    pytest.param(npy_header((10**6, 10**6)), InvalidInput, id="npy declaring a terabyte"),
+    pytest.param(b"\x93NUMPY\x01\x00\x10\x00{'descr': (((   \n", UnprocessableInput, id="npy header not a dict"),
+    pytest.param(frames("TIFF", 2), UnsupportedMediaType, id="multi-page TIFF"),
+    pytest.param(frames("PNG", 3), UnsupportedMediaType, id="animated PNG"),
+])
+def test_corrupt_or_ambiguous_files_are_client_errors(data, error):
+    """What an outside probe found answered 500 (or a silent first frame): each a 4xx naming the upload."""
+    with pytest.raises(error) as caught:
+        decode(data)
+    assert "'scan.png'" in caught.value.message
+
+
 @pytest.mark.parametrize(("data", "model", "error"), [
     pytest.param(b"", GREY_CARD, InvalidInput, id="empty"),
     pytest.param(b"hello world", GREY_CARD, UnsupportedMediaType, id="not an image"),
