@@ -154,6 +154,29 @@ def test_alpha_is_composited_on_the_cards_background(picture, mode, layout, back
     assert notes == [f"composited {mode} on {colour} (alpha)"]
 
 
+def digit() -> np.ndarray:
+    """A light stroke on black, as MNIST digits are."""
+    picture = np.zeros((28, 28), np.uint8)
+    picture[4:24, 12:16] = np.linspace(120, 255, 20, dtype=np.uint8)[:, None]
+    return picture
+
+
+@pytest.mark.parametrize("layout", ["NHW", "NHWC"])
+def test_a_dark_digit_on_white_is_inverted_for_a_model_trained_on_black(layout):
+    stroke = digit() if layout == "NHW" else np.dstack([digit()] * 3)
+    image, notes = decode(encode(Image.fromarray(255 - stroke)), card(layout, background=0))
+    assert np.array_equal(image, stroke)
+    assert notes[-1] == "inverted: its border is light, the model's training images are light on black"
+    image, notes = decode(encode(Image.fromarray(stroke)), card(layout, background=0))  # the right way round
+    assert np.array_equal(image, stroke) and notes == []
+
+
+def test_polarity_is_left_alone_when_the_training_images_are_not_on_black_or_white():
+    # e.g. chest X-rays (grey 140 around them): one with a black frame is still the picture it is
+    image, notes = decode(encode(Image.fromarray(digit())), card("NHW", background=140))
+    assert np.array_equal(image, digit()) and notes == []
+
+
 def palette_picture() -> Image.Image:
     return Image.fromarray(COLOUR).quantize(colors=64)
 
