@@ -21,7 +21,7 @@ from bentoml.exceptions import BadInput
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from serving.errors import Overloaded, TooManyRequests, http_error, log_refusal
+from serving.errors import Overloaded, TooManyRequests, http_error_answer, log_refusal
 from serving.metrics import observe_shed
 
 BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs errors of its HTTP APIs
@@ -583,11 +583,8 @@ def install_load_shedding(check: Callable[[bytes], None], max_in_flight: int = 0
 
 
 def _refusal_app(exc: Overloaded) -> Callable[..., Any]:
-    """An ASGI app that answers every request with ``exc`` (status, headers and JSON body of ``http_error``)."""
-    status, body, extra = http_error(exc)
-    content = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
-               *((k.lower().encode(), v.encode()) for k, v in extra.items())]
+    """An ASGI app that answers every request with ``exc`` (``http_error_answer``)."""
+    status, headers, content = http_error_answer(exc)
 
     async def app(scope: dict, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -7,6 +7,7 @@ doors' to log at ERROR with their traceback."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -99,6 +100,14 @@ def http_error(exc: ServingError) -> tuple[int, dict[str, str], dict[str, str]]:
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return exc.http_status, {"error": exc.message}, headers
+
+
+def http_error_answer(exc: ServingError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``http_error`` ready to send as ASGI messages: (status, headers with type and length, JSON body)."""
+    status, body, extra = http_error(exc)
+    content = json.dumps(body).encode()
+    return status, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content)),
+                    *((k.lower().encode(), v.encode()) for k, v in extra.items())], content
 
 
 _last_logged: dict[type, tuple[float, int]] = {}

@@ -32,6 +32,7 @@ from serving.errors import (
     ServingError,
     UnsupportedMediaType,
     http_error,
+    http_error_answer,
     log_refusal,
 )
 from serving.metrics import observe_request
@@ -147,15 +148,14 @@ class InferEndpoint:
             header, binary = split_body(headers, body, max_images)
             images, answer = parse_infer_request(model, header, binary, max_images)
             probs = await dp.infer(model, images, "oip-rest", answer.deadline, scope.get(ADMITTED, False))
-            output = output_tensor(probs, answer.classes, model.card.labels)
-            status, (content_type, content, extra) = 200, infer_answer(model, answer, output)
+            content_type, content, extra = infer_answer(model, answer, output_tensor(probs, answer.classes,
+                                                                                     model.card.labels))
+            status = 200
+            headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(content)), *extra]
         except ServingError as exc:
             log_refusal(exc, "oip-rest")
-            status, error, retry = http_error(exc)
-            content_type, content = JSON_TYPE, json_bytes(error)
-            extra = [(k.lower().encode(), v.encode()) for k, v in retry.items()]
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(content)), *extra]})
+            status, headers, content = http_error_answer(exc)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
 
