@@ -13,7 +13,10 @@ Every step that changes pixels adds a note (the reply's ``converted`` list), in 
    - 16-bit colour (PNG/TIFF RGB, RGBA and grey + alpha, which Pillow opens as RGB or RGBA) is reduced by
      Pillow's decoder, which keeps each value's high byte (value // 256: at most 1 below value × 255 / 65535).
 3. Transparency (RGBA, LA, PA, or P/L/RGB with a transparent colour): composited on the card's
-   ``input_background`` grey level, what surrounds the training images (0, black, for MNIST), not dropped.
+   ``input_background`` grey level, what surrounds the training images (0, black, for MNIST), not dropped;
+   for a drawing on a transparent canvas (90 % of the border transparent) whose strokes are dark (light) like a
+   black (white) card background, as black strokes on an HTML canvas are for MNIST, on white (black) instead, so
+   that they do not vanish (step 5 then inverts them). An alpha channel with no transparent pixel is dropped.
 4. Colour: to L for NHW models, RGB for NHWC; other colour spaces (CMYK, YCbCr) go through RGB first.
    Pillow's formulas (RGB -> L is ITU-R 601-2 luma); embedded ICC profiles are not applied.
 5. Polarity: when the card's training images sit on black (or white) and at least 90 % of the upload's border is
@@ -169,8 +172,7 @@ def _match_polarity(image: Image.Image, background: int, notes: list[str]) -> Im
     digits on black (mnist-cnn answered such digits with confident nonsense: accuracy 0.99 -> 0.12)."""
     if not _plain_background(background):
         return image
-    grey = np.asarray(image.convert("L"))
-    border = np.concatenate([grey[0], grey[-1], grey[1:-1, 0], grey[1:-1, -1]]).astype(int)
+    border = _border(np.asarray(image.convert("L")))
     opposite = (border >= 128) if background < 128 else (border < 128)
     if opposite.mean() < OPPOSITE_BORDER:
         return image
@@ -179,18 +181,47 @@ def _match_polarity(image: Image.Image, background: int, notes: list[str]) -> Im
     return ImageOps.invert(image)
 
 
+def _border(pixels: np.ndarray) -> np.ndarray:
+    """The values around the edge of a 2D array, each pixel once."""
+    return np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]]).astype(int)
+
+
 def _flatten_transparency(image: Image.Image, background: int, notes: list[str]) -> Image.Image:
-    """Composite transparent pixels on the ``background`` grey level: RGB(A)/P(A) -> RGB, L(A) -> L."""
+    """Composite transparent pixels on a grey level (``_surround``): RGB(A)/P(A) -> RGB, L(A) -> L."""
     if not image.has_transparency_data:
         return image
     base = "L" if image.mode in ("1", "L", "LA", "La") else "RGB"
     with_alpha = image.convert(base + "A")
-    flat = Image.composite(with_alpha.convert(base), Image.new(base, image.size, (background,) * len(base)),
-                           with_alpha.getchannel("A"))
+    alpha = with_alpha.getchannel("A")
+    if alpha.getextrema()[0] == 255:
+        notes.append(f"dropped the alpha of {image.mode}: no pixel is transparent")
+        return with_alpha.convert(base)
+    surround, reason = _surround(with_alpha, background)
+    flat = Image.composite(with_alpha.convert(base), Image.new(base, image.size, (surround,) * len(base)), alpha)
     source = "alpha" if "A" in image.getbands() else "transparent colour"
-    colour = {0: "black", 255: "white"}.get(background, f"grey {background}")
-    notes.append(f"composited {image.mode} on {colour} ({source})")
+    notes.append(f"composited {image.mode} on {_grey_name(surround)} ({source}){reason}")
     return flat
+
+
+def _surround(with_alpha: Image.Image, background: int) -> tuple[int, str]:
+    """The grey level under transparent pixels: the card's background, except for a drawing on a transparent
+    canvas (at least 90 % of the border transparent) whose opaque pixels are on the same side of mid-grey as a black
+    (or white) card background, where they would vanish: black strokes, an HTML canvas's default, for MNIST. Those
+    go on the opposite level, so that the strokes show and the polarity step turns them the model's way round.
+    Also a reason to add to the note ("" for none)."""
+    if not _plain_background(background):
+        return background, ""
+    grey, alpha = np.moveaxis(np.asarray(with_alpha.convert("LA")), -1, 0)
+    ink = grey[alpha >= 128]  # the opaque pixels' grey levels
+    canvas = (_border(alpha) < 128).mean() >= OPPOSITE_BORDER
+    if not canvas or ink.size == 0 or (ink.mean() >= 128) == (background < 128):
+        return background, ""
+    return 255 - background, (f", not on the model's {_grey_name(background)}: a drawing on a transparent canvas "
+                              f"whose strokes are {'dark' if background < 128 else 'light'} would vanish")
+
+
+def _grey_name(level: int) -> str:
+    return {0: "black", 255: "white"}.get(level, f"grey {level}")
 
 
 def _to_mode(image: Image.Image, mode: str, notes: list[str]) -> Image.Image:

@@ -171,6 +171,26 @@ def test_a_dark_digit_on_white_is_inverted_for_a_model_trained_on_black(layout):
     assert np.array_equal(image, stroke) and notes == []
 
 
+@pytest.mark.parametrize("layout", ["NHW", "NHWC"])
+@pytest.mark.parametrize("background", [0, 255])
+def test_strokes_on_a_transparent_canvas_keep_showing(layout, background):
+    # black strokes on a transparent canvas (an HTML canvas's default) for a model trained on black: composited on
+    # black they vanished; and the mirror case, white strokes for a model trained on white
+    ink = 0 if background == 0 else 255
+    strokes = np.full((28, 28, 3), ink, np.uint8)
+    image, notes = decode(encode(Image.fromarray(np.dstack([strokes, digit()]))), card(layout, background))
+    expected = digit() if background == 0 else 255 - digit()  # the model's way round: light on black, dark on white
+    assert np.array_equal(image, expected if layout == "NHW" else np.dstack([expected] * 3))
+    assert notes[0].startswith(f"composited RGBA on {'white' if background == 0 else 'black'} (alpha), not on the "
+                               "model's")
+    assert notes[-1].startswith("inverted: ")
+
+
+def test_an_alpha_channel_without_transparent_pixels_is_dropped():
+    image, notes = decode(encode(Image.fromarray(np.dstack([digit(), np.full_like(digit(), 255)]))))
+    assert np.array_equal(image, digit()) and notes == ["dropped the alpha of LA: no pixel is transparent"]
+
+
 def test_polarity_is_left_alone_when_the_training_images_are_not_on_black_or_white():
     # e.g. chest X-rays (grey 140 around them): one with a black frame is still the picture it is
     image, notes = decode(encode(Image.fromarray(digit())), card("NHW", background=140))
