@@ -1,4 +1,5 @@
-"""Open Inference Protocol gRPC (``inference.GRPCInferenceService``) plus ``grpc.health.v1.Health``.
+"""Open Inference Protocol gRPC (``inference.GRPCInferenceService``) plus ``grpc.health.v1.Health`` and server
+reflection (so that grpcurl, grpc_cli or Postman can list and call the services without the .proto files).
 
 Uses tritonclient's maintained generated stubs (Triton's superset of the OIP service, ModelConfig
 included). Runs as a ``grpc.aio`` server on the service worker's event loop, so it shares the
@@ -16,6 +17,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -229,6 +231,9 @@ class GrpcServer:
         _add_tolerant_servicer(InferenceServicer(dataplane), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        services = (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, self.server)
         self.server.add_insecure_port(self.address)
 
     async def start(self) -> None:

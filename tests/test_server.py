@@ -165,6 +165,25 @@ def test_grpc_metadata_config_and_health(server):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_grpc_reflection_lets_a_client_without_the_protos_call_the_service(server):
+    # what grpcurl does: list the services, fetch their descriptors, build the messages, call a method
+    import grpc
+    from google.protobuf import descriptor_pool, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= set(database.get_services())
+        pool = descriptor_pool.DescriptorPool(database)
+        method = pool.FindServiceByName("inference.GRPCInferenceService").FindMethodByName("ModelReady")
+        request = message_factory.GetMessageClass(method.input_type)(name="mnist-cnn")
+        reply_type = message_factory.GetMessageClass(method.output_type)
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelReady",
+                                   request_serializer=lambda m: m.SerializeToString(),
+                                   response_deserializer=reply_type.FromString)
+        assert call(request, timeout=10).ready is True
+
+
 def test_http_config_for_perf_analyzer_and_versions(server):
     config = httpx.get(f"{server.url}/v2/models/mnist-cnn/config").json()
     assert config["max_batch_size"] == 64 and config["input"][0]["data_type"] == "TYPE_UINT8"
