@@ -21,7 +21,7 @@ from bentoml.exceptions import BadInput
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from serving.errors import Overloaded, TooManyRequests, http_error_answer, log_refusal
+from serving.errors import BodyTooLarge, Overloaded, ServingError, TooManyRequests, http_error_answer, log_refusal
 from serving.metrics import observe_shed
 
 BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs errors of its HTTP APIs
@@ -43,7 +43,7 @@ class MountRoots:
 class BodyLimit:
     """Refuse request bodies over ``limit`` bytes with 413 on every route: by Content-Length before anything
     reads them, and chunked bodies (no Content-Length) as soon as the bytes received pass the limit, without
-    reading the rest."""
+    reading the rest (``BodyTooLarge``: the 413 ends the connection)."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -55,7 +55,8 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:  # the server delivers no more than it declares
             if length.isdigit() and int(length) > self.limit:
-                await send_json(send, 413, f"request body of {int(length)} bytes is over the limit of {self.limit}")
+                await send_error(send, BodyTooLarge(f"request body of {int(length)} bytes is over the limit of "
+                                                    f"{self.limit}"))
                 return
             await self.app(scope, receive, send)
             return
@@ -86,7 +87,7 @@ class BodyLimit:
             if not over:
                 raise
         if over and not started:
-            await send_json(send, 413, f"request body is over the limit of {self.limit} bytes")
+            await send_error(send, BodyTooLarge(f"request body is over the limit of {self.limit} bytes"))
 
 
 class JsonErrors:
@@ -145,6 +146,13 @@ async def _send_error_object(send: Any, start: dict, body: bytes) -> None:
         start = {**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
     await send(start)
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Any, exc: ServingError) -> None:
+    """Send ``exc``'s JSON error answer (``http_error_answer``: status, headers and body)."""
+    status, headers, content = http_error_answer(exc)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
 
 
 async def send_json(send: Any, status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from serving import __version__
-from serving.errors import InvalidInput, ModelNotFound, PayloadTooLarge, ServingError
+from serving.errors import InvalidInput, ModelNotFound, ModelNotReady, PayloadTooLarge, ServingError
 from serving.loop_lag import LoopLag
 from serving.metrics import observe_request
 from serving.model_card import INPUT_NAME, PROBS_NAME, ModelCard
@@ -94,12 +94,11 @@ class DataPlane:
         return body
 
     def model_ready(self, name: str, version: int | str | None = None) -> bool:
-        """Whether that model (version) serves; ``ModelNotFound`` when the repository has no such model."""
+        """Whether that model (version) serves; ``ModelNotFound`` when the repository has no such model,
+        ``InvalidInput`` for a request that names none or a version that is not a number."""
         try:
             self.model(name, version)
-        except ModelNotFound:
-            raise
-        except ServingError:
+        except ModelNotReady:
             return False
         return True
 

@@ -64,6 +64,13 @@ class PayloadTooLarge(ServingError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class BodyTooLarge(PayloadTooLarge):
+    """A request body over the byte limit, refused before all of it was read: the answer ends the connection
+    (``Connection: close``), as the unread rest of the body would otherwise be taken for the next request's bytes."""
+
+    ends_connection = True
+
+
 class Overloaded(ServingError):
     """Refused or dropped to keep latency bounded: the queue is full, or the request waited too long in it.
 
@@ -94,11 +101,14 @@ class DeadlineExceeded(ServingError):
 
 
 def http_error(exc: ServingError) -> tuple[int, dict[str, str], dict[str, str]]:
-    """(status, JSON body, headers) of ``exc`` on every HTTP route; ``Retry-After`` when the error has one."""
+    """(status, JSON body, headers) of ``exc`` on every HTTP route; ``Retry-After`` when the error has one,
+    ``Connection: close`` when it ends the connection."""
     headers = {}
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    if getattr(exc, "ends_connection", False):
+        headers["Connection"] = "close"
     return exc.http_status, {"error": exc.message}, headers
 
 

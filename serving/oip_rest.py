@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serving.asgi import ADMITTED, RequestTimeout
 from serving.dataplane import DataPlane, check_image_count
 from serving.errors import (
+    BodyTooLarge,
     InvalidInput,
     Overloaded,
     PayloadTooLarge,
@@ -38,14 +39,21 @@ from serving.errors import (
 from serving.metrics import observe_request
 from serving.model_card import PROBS_NAME
 from serving.oip import OutputTensor, check_outputs, decode_input, output_tensor, timeout_deadline
+from serving.tensors import reject_booleans
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as an answer's header name
 JSON_TYPE = b"application/json"
 Headers = list[tuple[bytes, bytes]]  # an ASGI message's headers
-ACCEPTED_TYPES = ("application/json", "application/octet-stream", "")
-# a JSON key "shape" followed by a list: numbers in "data" cannot look like this, so it is the declared shape
+# not inference requests (images go to /classify); any other type is read as JSON or the binary extension, as
+# Triton does: curl -d sends application/x-www-form-urlencoded, fetch() with a string body text/plain
+REFUSED_TYPES = ("multipart/", "image/")
+# the list of input tensors, then the first "shape" key in it, followed by a list: numbers in "data" cannot look
+# like this, so it is the declared shape (request and output parameters may come first and have a "shape" too)
+INPUTS_KEY = re.compile(rb'"inputs"\s*:\s*\[')
 SHAPE_PATTERN = re.compile(rb'"shape"\s*:\s*\[\s*(\d+)')
+# a JSON true / false literal as an array element, after "[" or "," (a parameter's follows a ":")
+BOOLEAN_ELEMENT = re.compile(rb"[\[,]\s*$")
 INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
@@ -243,7 +251,7 @@ async def receive_body(receive: Receive, declared: str | None, limit: int) -> by
     """The request body from ASGI ``receive`` messages, refused with ``PayloadTooLarge`` past ``limit`` bytes (by
     its declared Content-Length first); None when the client went away before it was all in."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
+        raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -252,7 +260,7 @@ async def receive_body(receive: Receive, declared: str | None, limit: int) -> by
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -304,9 +312,10 @@ def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[d
     """(JSON header, binary tail) of an infer request (``headers``: its headers, names in lower case); a JSON
     header whose declared batch is over ``max_images`` is refused before it is parsed (see ``declared_batch``)."""
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in ACCEPTED_TYPES:
-        raise UnsupportedMediaType(f"content type {content_type!r} is not accepted: send application/json, or "
-                                   f"application/octet-stream with the {HEADER_LENGTH} header")
+    if content_type.startswith(REFUSED_TYPES):
+        raise UnsupportedMediaType(f"content type {content_type!r} is not an inference request: send a JSON body "
+                                   f"(application/json), or binary tensor data with the {HEADER_LENGTH} header; "
+                                   "image files go to /classify")
     length_text = headers.get(HEADER_LENGTH.lower())
     if length_text is None:
         header_bytes, binary = body, b""
@@ -320,19 +329,39 @@ def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[d
     if declared is not None and declared > max_images:
         check_image_count(declared, max_images)
     try:
-        return json_object(header_bytes, "inference header"), binary
+        header = json_object(header_bytes, "inference header")
     except InvalidInput as exc:
         if length_text is None and content_type == "application/octet-stream":
             raise InvalidInput(f"{exc.message}; binary tensor data needs the {HEADER_LENGTH} header (the length "
                                "of the JSON header before it)") from None
         raise
+    if may_hold_boolean_elements(header_bytes):
+        for tensor in header.get("inputs") or []:
+            if isinstance(tensor, dict):
+                reject_booleans(tensor.get("data"), f"input {tensor.get('name')!r}")
+    return header, binary
 
 
 def declared_batch(header: bytes) -> int | None:
-    """The first dimension of the first ``"shape"`` in a JSON inference header, read without parsing the
+    """The first dimension of the first ``"shape"`` among a JSON inference header's inputs, read without parsing the
     header (whose ``data`` may hold megabytes of numbers); None when there is none to read."""
-    match = SHAPE_PATTERN.search(header)
+    inputs = INPUTS_KEY.search(header)
+    match = SHAPE_PATTERN.search(header, inputs.end()) if inputs else None
     return int(match.group(1)) if match else None
+
+
+def may_hold_boolean_elements(text: bytes) -> bool:
+    """Whether JSON ``text`` may have a true / false as an array element (``reject_booleans`` then looks): found
+    from the literals' few places, not by reading every number. Booleans as values of keys (parameters) do not
+    count; a literal behind 64 bytes of white space, or inside a string, may give a false alarm, never a miss."""
+    for literal in (b"true", b"false"):
+        at = text.find(literal)
+        while at != -1:
+            before = text[max(0, at - 64):at]
+            if BOOLEAN_ELEMENT.search(before) or not before.strip():
+                return True
+            at = text.find(literal, at + len(literal))
+    return False
 
 
 def parameters(item: dict[str, Any], what: str) -> dict[str, Any]:
@@ -365,7 +394,7 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
     tensor = inputs[0]
     params = parameters(tensor, "input 'images'")
     raw = None
-    if "binary_data_size" in params and "data" in tensor:
+    if "binary_data_size" in params and tensor.get("data") is not None:  # "data": null is no data (kserve's client)
         raise InvalidInput("input 'images' has both 'data' and parameters.binary_data_size: send one")
     if "binary_data_size" in params:
         size = params["binary_data_size"]

@@ -358,7 +358,8 @@ class ModelRepository:
 
     def _raise_missing(self, name: str, version: int | None, unloaded: bool) -> None:
         if unloaded:
-            raise ModelNotReady(f"model {name} is unloaded (POST /v2/repository/models/{name}/load serves it again)")
+            raise ModelNotReady(f"model {name} is unloaded (a repository load serves it again: "
+                                f"POST /v2/repository/models/{name}/load, or gRPC RepositoryModelLoad)")
         failed = [s for s in self.statuses() if s.name == name and not s.ready
                   and (version is None or s.version == version)]
         if failed:

@@ -49,7 +49,7 @@ from serving.oip_grpc import GrpcServer
 from serving.oip_rest import InferFastLane, check_admission, create_app, error_response, infer_lane
 from serving.repository import ModelRepository, ScanResult
 from serving.settings import Settings
-from serving.tensors import numbers_to_uint8
+from serving.tensors import numbers_to_uint8, reject_booleans
 from serving.worker_stats import PUBLISH_INTERVAL_S, SharedStats
 
 log = logging.getLogger("cnnserve")
@@ -310,6 +310,7 @@ class CnnServe:
             loaded = self.dataplane.model(model, version)
             single = _depth(instances) == len(loaded.card.input.shape)
             check_image_count(1 if single else len(instances), self.settings.max_images_per_request)
+            reject_booleans(instances, "instances")
             array = numbers_to_uint8(instances, "instances")
             if single:
                 array = array[None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,18 @@ def numbers_to_uint8(values: Any, what: str = "input") -> np.ndarray:
     if array.size and (array.min() < 0 or array.max() > 255):
         raise InvalidInput(f"{what} values must be within 0..255 (uint8), found {array.min()}..{array.max()}")
     return array.astype(np.uint8)
+
+
+def reject_booleans(values: Any, what: str = "input") -> None:
+    """``InvalidInput`` when nested lists ``values`` hold a JSON true / false among their numbers: ``numbers_to_uint8``
+    refuses all-boolean data by its dtype, but numpy reads booleans among numbers as 1 and 0 without a trace.
+    A pass over every value (~15 µs per 28×28 image), for the doors that cannot rule booleans out more cheaply."""
+    level = values if isinstance(values, list) else [values]
+    while level:
+        if bool in set(map(type, level)):
+            raise InvalidInput(f"{what} must be numbers (nested lists of integers 0..255): true / false are not "
+                               "pixel values")
+        level = list(chain.from_iterable(v for v in level if isinstance(v, list)))
 
 
 def bytes_to_uint8(raw: bytes, shape: list[int], what: str = "input") -> np.ndarray:

@@ -104,6 +104,8 @@ def test_bentoml_http_door_rejects_30_bad_requests(server):
                                                         "model": "mnist-cnn"})),
         ("strings", lambda: httpx.post(predict, json={"instances": [["a"] * 28] * 28, "model": "mnist-cnn"})),
         ("ragged", lambda: httpx.post(predict, json={"instances": [[0] * 28, [0] * 27], "model": "mnist-cnn"})),
+        ("a boolean among the numbers", lambda: httpx.post(predict, json={"instances": [[0] * 28] * 27 + [
+            [False] + [0] * 27], "model": "mnist-cnn"})),
         ("malformed JSON", lambda: httpx.post(predict, content=b'{"instances": [[0, 1', headers={
             "content-type": "application/json"})),
         ("missing instances", lambda: httpx.post(predict, json={"model": "mnist-cnn"})),
@@ -255,8 +257,8 @@ def test_oip_rest_door_rejects_30_bad_requests(server):
         ("data and binary_data_size", lambda: post_binary(infer_json([{**bin_input, "data": [0] * 784}]), raw)),
         ("id not a string", lambda: post_json(infer_json([tensor()], id=123))),
         ("booleans as pixels", lambda: post_json(infer_json([tensor(data=[True] * 784)]))),
-        ("wrong content type", lambda: httpx.post(infer, content=json.dumps(infer_json([tensor()])),
-                                                  headers={"content-type": "text/plain"})),
+        ("a boolean among the numbers", lambda: post_json(infer_json([tensor(data=[0] * 783 + [True])]))),
+        ("an image file", lambda: httpx.post(infer, content=png(GOOD[0]), headers={"content-type": "image/png"})),
         ("body over the size limit", lambda: post_binary(infer_json([bin_input]), b"\0" * (MAX_BYTES + 1))),
         ("binary tail without binary_data_size", lambda: post_binary(infer_json([tensor()]), raw)),
         ("no data", lambda: post_json(infer_json([{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8"}]))),

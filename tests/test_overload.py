@@ -255,8 +255,20 @@ def test_a_chunked_oversize_body_is_refused_without_reading_it_all(server, path)
             reply += part
     status_line, _, rest = reply.partition(b"\r\n")
     assert b" 413 " in status_line, reply[:300]
-    assert b"over the limit" in rest
+    assert b"over the limit" in rest and b"connection: close" in rest.lower()  # the unread rest is not a request
     assert sent < total / 2, f"the server read {sent} bytes of a body over the {MAX_BYTES}-byte limit"
+
+
+def test_a_declared_oversize_body_ends_its_connection(server):
+    # without Connection: close uvicorn kept the connection and waited for the declared bytes, so the client's
+    # next request on it was read as part of the refused body and never answered
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        s.sendall(f"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_BYTES + 1}\r\n"
+                  "Content-Type: application/json\r\n\r\n".encode())
+        reply = b""
+        while part := s.recv(65536):  # ends when the server closes the connection (a timeout fails the test)
+            reply += part
+    assert reply.startswith(b"HTTP/1.1 413 ") and b"connection: close" in reply.lower(), reply[:300]
 
 
 def test_removing_the_serving_version_under_load_strands_no_request(repo, tmp_path):

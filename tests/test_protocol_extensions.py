@@ -5,6 +5,7 @@ smaller protocol details (per-output binary_data, gRPC contents, upload names, v
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import threading
 import time
@@ -24,6 +25,7 @@ from serving.worker_stats import PUBLISH_INTERVAL_S
 from tests.server import MAX_BYTES, png, start_server
 
 IMAGES = np.zeros((3, 28, 28), np.uint8)
+JSON = "application/json"
 
 
 def http_stats(client: httpclient.InferenceServerClient, model: str) -> dict:
@@ -332,3 +334,28 @@ def test_undecodable_grpc_requests_are_invalid_arguments_without_tracebacks(serv
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerLive(pb.ServerLiveRequest()).live  # still serving
     assert "Traceback" not in server.log.read_text()
+
+
+def test_requests_as_other_clients_build_them_are_answered(server):
+    """Found by an outside probe with KServe's and MLServer's clients, curl and fetch, each refused before."""
+    infer = f"{server.url}/v2/models/mnist-cnn/infer"
+    tensor = {"name": "images", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}
+    body = json.dumps({"inputs": [tensor]})
+    # curl -d (form-urlencoded) and fetch() with a string body (text/plain) send JSON without saying so (415)
+    for content_type in ("application/x-www-form-urlencoded", "text/plain;charset=UTF-8"):
+        r = httpx.post(infer, content=body, headers={"content-type": content_type})
+        assert r.status_code == 200, (content_type, r.text)
+    # a parameter called "shape" before the inputs was read as the declared batch (413 "batch of 5000 images")
+    for extra in ({"parameters": {"shape": [5000]}}, {"outputs": [{"name": "probs", "parameters": {"shape": [9999]}}]}):
+        r = httpx.post(infer, content=json.dumps({**extra, "inputs": [tensor]}), headers={"content-type": JSON})
+        assert r.status_code == 200, (extra, r.text)
+    # kserve's client writes "data": null beside binary data: no data, not "both data and binary_data_size"
+    for images in (1, 0):
+        header = json.dumps({"inputs": [{**tensor, "shape": [images, 28, 28], "data": None,
+                                         "parameters": {"binary_data_size": 784 * images}}]}).encode()
+        r = httpx.post(infer, content=header + bytes(784 * images), headers={
+            "content-type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))})
+        if images:
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code == 400 and "at least one image" in r.json()["error"], r.text

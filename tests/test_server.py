@@ -155,6 +155,8 @@ def test_grpc_metadata_config_and_health(server):
     assert gclient.is_server_live() and gclient.is_server_ready() and gclient.is_model_ready("mnist-cnn")
     with pytest.raises(InferenceServerException, match="not found"):  # NOT_FOUND, as REST answers 404
         gclient.is_model_ready("nope")
+    with pytest.raises(InferenceServerException, match="'model' is required"):  # as ModelInfer / ModelMetadata
+        gclient.is_model_ready("")
     config = gclient.get_model_config("mnist-cnn").config
     assert config.max_batch_size == 64 and list(config.input[0].dims) == [28, 28]
     assert config.version_policy.WhichOneof("policy_choice") == "all"  # as the HTTP config has it: every version
