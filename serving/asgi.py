@@ -619,5 +619,10 @@ class ClientErrorsQuietly(logging.Filter):
 
 
 def quiet_client_errors() -> None:
-    """Install ``ClientErrorsQuietly`` on the logger of BentoML's HTTP app."""
+    """Install ``ClientErrorsQuietly`` on the logger of BentoML's HTTP app, and log uvicorn's warnings (bytes that
+    are not HTTP) once: BentoML's logging config gives ``uvicorn.error`` the root's handler and lets its records
+    propagate to the root as well, which wrote each of them twice."""
     logging.getLogger(BENTOML_HTTP_LOGGER).addFilter(ClientErrorsQuietly())
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if uvicorn_log.handlers:
+        uvicorn_log.propagate = False

@@ -410,6 +410,22 @@ def test_a_client_gone_halfway_through_its_body_is_answered_nothing_and_logged_w
     assert "Traceback" not in new and "Exception in ASGI application" not in new, new[-3000:]
 
 
+def test_bytes_that_are_not_http_get_a_400_and_one_log_line(server):
+    # Content-Length and chunked together (a request-smuggling shape): uvicorn's parser refuses it; BentoML's
+    # logging config wrote its warning twice (the uvicorn logger's handler, then the root's)
+    logged = server.log.stat().st_size
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"0\r\n\r\n")
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"connection: close" in reply.lower()
+    time.sleep(0.5)
+    with open(server.log, "rb") as log:
+        log.seek(logged)
+        new = log.read().decode(errors="replace")
+    assert new.count("Invalid HTTP request received") == 1, new[-2000:]
+
+
 def test_the_messages_say_what_to_fix(server):
     """A binary body without its header length names the header; a version that is not a number is the client's
     mistake (400 / INVALID_ARGUMENT), not an unknown model (404)."""
