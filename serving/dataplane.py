@@ -65,7 +65,16 @@ class DataPlane:
         self.draining = False  # shutting down: not ready, though still serving
         # started on the worker's loop by the service
         self.loop_lag = LoopLag(settings.max_loop_lag_ms / 1000, settings.loop_lag_window_ms / 1000)
+        self.inferring = 0  # inference requests in ``infer`` now, all doors and models
         self.on_scan: Callable[[ScanResult], Awaitable[None]] | None = None  # drains what a load/unload dropped
+
+    def check_loop_lag(self, door: str) -> None:
+        """``LoopLag.check``, while other inference requests are in progress: a lag that the worker's own last
+        request caused (a large JSON body parsed, a 3D volume run) with nothing else in progress is no backlog, and
+        refusing a lone client's next request would protect nobody (an outside probe: one client sending 64³
+        volumes one at a time was refused 503 after a request)."""
+        if self.inferring:
+            self.loop_lag.check(door)
 
     # --- lookup ------------------------------------------------------------------------------------------
     def model(self, name: str | None, version: int | str | None = None) -> LoadedModel:
@@ -198,6 +207,7 @@ class DataPlane:
         cannot make it is refused (``DeadlineExceeded``) rather than computed for nobody. ``admitted``: the
         request passed the queue budget when its headers came in (see ``DynamicBatcher.infer``)."""
         t0 = time.perf_counter()
+        self.inferring += 1
         try:
             images = validate_batch(model.card, images, self.settings.max_images_per_request)
             out = await model.batcher.infer(images, deadline, admitted)
@@ -207,6 +217,8 @@ class DataPlane:
         except Exception:
             observe_request(model.name, door, "error", time.perf_counter() - t0)
             raise
+        finally:
+            self.inferring -= 1
         observe_request(model.name, door, "ok", time.perf_counter() - t0, len(images))
         return out
 

@@ -13,7 +13,9 @@ and the latency of what it does serve stays bounded. One late timer alone is a s
 collection, a slow first run, a neighbour's burst of CPU or a paused process (``kill -STOP``, VM steal) refuses
 nobody, and the requests that waited through it are served once the loop is on time again (an outside probe
 saw a single 0.3 s pause refuse the requests that arrived during it, under light load, before this rule).
-Health, metadata and metrics requests are never refused.
+Nor is a lag with no other inference request in progress a backlog (``DataPlane.check_loop_lag``): a lone
+client's large requests keep the loop late by their own parsing and running, and its next request queues behind
+nothing. Health, metadata and metrics requests are never refused.
 """
 
 from __future__ import annotations

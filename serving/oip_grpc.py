@@ -103,7 +103,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_guard
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        self.dataplane.loop_lag.check("oip-grpc")
+        self.dataplane.check_loop_lag("oip-grpc")
         model = self.dataplane.model(request.model_name, request.model_version)
         max_images = self.dataplane.settings.max_images_per_request
         if len(request.inputs) != 1:
