@@ -65,6 +65,24 @@ def test_export_writes_onnx_and_a_true_card(trained, fixture_data, tmp_path, fla
     assert again["acc"] == pytest.approx(card.metrics["test"]["acc"], abs=1e-9)
 
 
+@pytest.mark.parametrize("flag", ["pneumoniamnist", "chestmnist"])
+def test_int8_export_keeps_the_classifier_and_the_probabilities_in_float(trained, fixture_data, tmp_path, flag):
+    # quantised, the head put the probabilities on a uint8 grid: rows summing to 254/255, a handful of values
+    path = export_checkpoint(trained[flag], tmp_path, data_dir=fixture_data, download=False, command="pytest",
+                             quantize="int8")
+    model = onnx.load(str(path / "model.onnx"))
+    quantized_inputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert any(set(n.input) & quantized_inputs for n in weighted), "nothing was quantised"
+    producers = {out: n for n in model.graph.node for out in n.output}
+    assert producers["logits"].op_type in ("Gemm", "MatMul") and not set(producers["logits"].input) & quantized_inputs
+    x = np.random.default_rng(0).integers(0, 256, size=(32, 28, 28), dtype=np.uint8)
+    probs = ort.InferenceSession(str(path / "model.onnx")).run(["probs"], {"images": x})[0]
+    assert len(np.unique(probs[:, 0])) >= 30
+    if flag == "pneumoniamnist":
+        np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
 def test_versions_increase_and_are_never_overwritten(trained, fixture_data, tmp_path):
     first = export_checkpoint(trained["retinamnist"], tmp_path, name="m", data_dir=fixture_data, download=False,
                               command="first")
@@ -94,7 +112,8 @@ def test_int8_quantization_reports_its_effect(trained, fixture_data, tmp_path):
                              quantize="int8")
     card = read_card(path / "model.json")
     q = card.quantization
-    assert q is not None and {"fp32_test", "int8_test", "acc_change", "speedup_batch64_cpu"} <= set(q)
+    assert q is not None and {"fp32_test", "int8_test", "acc_change", "auc_change", "speedup_batch64_cpu"} <= set(q)
+    assert "96 calibration images" in q["method"]  # the fixture's whole train split (under the 512 cap)
     assert card.metrics["test"]["acc"] == q["int8_test"]["acc"]
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path / "model.onnx")).graph.node)
 
