@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from serving.model_card import read_card
 from tests.conftest import EXPORTS, ROOT
@@ -74,13 +75,33 @@ def test_pipeline_trains_and_publishes_the_three_models(fixture_data, tmp_path):
     assert "mnist-cnn" in transfer.training["notes"] and transfer.training["config"]["backbone"] == "checkpoint"
 
 
-def test_missing_data_offline_is_one_clear_error(tmp_path):
+def refused(*args: str) -> str:
+    """Run a command that must fail with one clear line; -> that line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "training", "train", "pneumoniamnist", "--data-dir", str(tmp_path),
-                           "--no-download"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: ") and "pneumoniamnist.npz not found" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "training", *args], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.startswith("error: "), done.stderr[-3000:]
     assert "Traceback" not in done.stderr
+    return done.stderr
+
+
+def test_missing_data_offline_is_one_clear_error(tmp_path):
+    assert "pneumoniamnist.npz not found" in refused("train", "pneumoniamnist", "--data-dir", str(tmp_path),
+                                                     "--no-download")
+
+
+def test_backbones_and_evaluations_that_cannot_work_are_one_clear_error(tmp_path):
+    # each was a traceback (or, for evaluate, metrics of nonsense) before the data or the model was even used
+    data = ("--data-dir", str(tmp_path), "--no-download")
+    export = EXPORTS / "mnist-cnn" / "1"
+    assert "is a directory, not a checkpoint" in refused("train", "pneumoniamnist-transfer", "--backbone-checkpoint",
+                                                         str(export), *data)
+    assert "is not a PyTorch checkpoint" in refused("train", "pneumoniamnist-transfer", "--backbone-checkpoint",
+                                                    str(export / "model.onnx"), *data)
+    state_dict = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, state_dict)
+    assert "for transfer models" in refused("train", "pneumoniamnist", "--backbone-checkpoint", str(state_dict), *data)
+    assert "cannot be scored on chestmnist" in refused("evaluate", str(export), "--dataset", "chestmnist", *data)
 
 
 def test_calibrate_publishes_a_calibrated_next_version(fixture_data, tmp_path):

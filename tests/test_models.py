@@ -39,6 +39,22 @@ def test_transfer_from_a_local_torchvision_state_dict(tmp_path):
     assert build_model(dataset_spec("pneumoniamnist"), cfg)(torch.zeros(1, 28, 28, dtype=torch.uint8)).shape == (1, 2)
 
 
+def test_a_state_dict_of_another_architecture_is_a_clear_error(tmp_path):
+    path = tmp_path / "mobilenet.pth"
+    torch.save(TORCHVISION_BACKBONES["mobilenet_v3_small"].build(weights=None).state_dict(), path)
+    cfg = TrainConfig(name="t", dataset="pneumoniamnist", arch="transfer", backbone="resnet18",
+                      backbone_checkpoint=str(path))
+    with pytest.raises(ValueError, match="is not a resnet18 state dict"):
+        build_model(dataset_spec("pneumoniamnist"), cfg)
+
+
+def test_a_3d_model_is_refused_as_the_backbone_of_a_2d_one():
+    volumes = build_model(dataset_spec("organmnist3d"), TrainConfig(name="v", dataset="organmnist3d", widths=[8, 16]))
+    cfg = TrainConfig(name="t", dataset="pneumoniamnist", arch="transfer", backbone="checkpoint")
+    with pytest.raises(ValueError, match="3D model; transfer backbones are 2D"):
+        build_model(dataset_spec("pneumoniamnist"), cfg, volumes)
+
+
 def test_highpass_removes_a_colour_cast_and_keeps_detail():
     cfg = TrainConfig(name="t", dataset="retinamnist", widths=[8, 16], highpass=1.5)
     pre = build_model(dataset_spec("retinamnist"), cfg).preprocess

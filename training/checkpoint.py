@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,35 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         torch.save(state, f)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    if not Path(path).exists():
+def read_file(path: Path) -> Any:
+    """What ``torch.save`` wrote to ``path``, loaded safely; a clear error for a directory (an export's version
+    directory) or a file that is not one (an export's ``model.onnx``)."""
+    path = Path(path)
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a checkpoint: training writes runs/<name>/checkpoint.pt "
+                         "(an export's model.onnx holds no PyTorch weights to train from)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({first[:160]})") from None
+
+
+def is_training_checkpoint(value: Any) -> bool:
+    """Whether a loaded file is a checkpoint of this project's training (not, e.g., a torchvision state dict)."""
+    return isinstance(value, dict) and "config" in value
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint this project's training wrote."""
+    ckpt = read_file(path)
+    if not is_training_checkpoint(ckpt):
+        raise ValueError(f"{path} is not a checkpoint of this project's training (it has no 'config'); a "
+                         "torchvision state dict is a backbone for its architecture: --set backbone=resnet18 "
+                         f"--set backbone_checkpoint={path}")
+    return ckpt
 
 
 @dataclass

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="leave after N epochs of this invocation (time-sliced jobs); continue later with --resume")
-    p.add_argument("--backbone-checkpoint", help="transfer models: a local checkpoint for the backbone")
+    p.add_argument("--backbone-checkpoint", help="transfer models: the backbone's weights, from a checkpoint of "
+                   "this project's training (runs/<name>/checkpoint.pt: its features are reused) or a torchvision "
+                   "state dict for the config's torchvision backbone (no download)")
     p.add_argument("--freeze", action="store_true", help="transfer models: train the head only (linear probe)")
     p.add_argument("--export", action="store_true", help="export the trained model to the model repository")
     p.add_argument("--model-dir", type=Path, default=DEFAULT_REPO, help="model repository for --export")
@@ -147,13 +149,20 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> None:
     if args.command == "train":
         overrides = overrides_from(args)
-        if args.backbone_checkpoint:
-            overrides.update(backbone="checkpoint", backbone_checkpoint=args.backbone_checkpoint)
+        if args.backbone_checkpoint:  # checked now, before any data is loaded
+            from training.checkpoint import is_training_checkpoint, read_file
+
+            overrides["backbone_checkpoint"] = args.backbone_checkpoint
+            if is_training_checkpoint(read_file(Path(args.backbone_checkpoint))):
+                overrides["backbone"] = "checkpoint"  # else a state dict for the config's torchvision backbone
         if args.freeze:
             overrides["freeze"] = True
         from training.recipes import resolve_config
 
         cfg = resolve_config(args.config, overrides, recipe=args.recipe)
+        if args.backbone_checkpoint and cfg.arch != "transfer":
+            raise ValueError(f"--backbone-checkpoint is for transfer models; {cfg.name} has arch {cfg.arch!r} "
+                             "(--set arch=transfer makes it one)")
         from training.train import CHECKPOINT, train
 
         result = train(cfg, args.run_dir or DEFAULT_RUNS / cfg.name, args.data_dir, args.download, args.resume,

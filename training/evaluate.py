@@ -16,7 +16,7 @@ import torch
 from torchmetrics import functional as tmf
 
 from training.calibration import probabilities
-from training.data import Batches, Split
+from training.data import Batches, DatasetSpec, Split
 
 
 @torch.no_grad()
@@ -99,6 +99,16 @@ def full_metrics(task: str, probs: torch.Tensor, labels: torch.Tensor, label_nam
     return metrics
 
 
+def check_fits(data: DatasetSpec, trained_on: DatasetSpec, path: Path) -> None:
+    """A ``ValueError`` unless a model trained on ``trained_on`` can be scored on ``data``: the same image shape,
+    task kind and number of outputs (scoring a 14-label model on a binary dataset gave numbers, not an error)."""
+    wanted = (data.image_shape, data.task, data.num_outputs)
+    if (trained_on.image_shape, trained_on.task, trained_on.num_outputs) != wanted:
+        raise ValueError(f"{path} was trained on {trained_on.flag} ({trained_on.task}, {trained_on.num_outputs} "
+                         f"outputs, images {list(trained_on.image_shape)}) and cannot be scored on {data.flag} "
+                         f"({data.task}, {data.num_outputs} outputs, images {list(data.image_shape)})")
+
+
 def evaluate_path(path: Path, split: str = "test", dataset: str | None = None, data_dir: Path | None = None,
                   download: bool = True) -> dict[str, Any]:
     """Metrics of a checkpoint (``.pt``) or an exported model (``.onnx`` or its version directory)."""
@@ -114,11 +124,14 @@ def evaluate_path(path: Path, split: str = "test", dataset: str | None = None, d
         if dataset is None and card is None:
             raise ValueError(f"{path} has no model.json beside it: pass --dataset")
         spec = dataset_spec(dataset or card.dataset["name"], card.dataset["size"] if card else 28)
+        if card is not None:
+            check_fits(spec, dataset_spec(card.dataset["name"], card.dataset["size"]), path)
         data = load_split(spec, split, data_dir, download)
         probs = torch.from_numpy(predict_onnx(path, data.images.numpy()))
     else:
         model, cfg, _ = load_model(path)
         spec = dataset_spec(dataset or cfg.dataset, cfg.size)
+        check_fits(spec, dataset_spec(cfg.dataset, cfg.size), path)
         data = load_split(spec, split, data_dir, download)
         probs = predict_torch(model, data.images, spec.task.startswith("multi-label"))
     return {"model": str(path), "dataset": spec.flag, "split": split, "task": spec.task,

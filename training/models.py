@@ -190,6 +190,8 @@ def build_model(spec: DatasetSpec, cfg: TrainConfig, backbone_source: Classifier
             raise ValueError("backbone 'checkpoint' needs --backbone-checkpoint: a cnnserve checkpoint file")
         if not isinstance(backbone_source, Classifier):
             raise ValueError("an ensemble checkpoint cannot be a backbone: use one of its members' checkpoints")
+        if backbone_source.preprocess.layout == "NDHW":
+            raise ValueError("the backbone checkpoint is a 3D model; transfer backbones are 2D")
         src = backbone_source.preprocess
         mean, std = tuple(src.mean.flatten().tolist()), tuple(src.std.flatten().tolist())
         pre = Preprocess(spec.layout, mean, std, out_channels=len(mean), out_size=cfg.input_size,
@@ -201,7 +203,11 @@ def build_model(spec: DatasetSpec, cfg: TrainConfig, backbone_source: Classifier
     bb = TORCHVISION_BACKBONES[cfg.backbone]
     if cfg.backbone_checkpoint:  # a local torchvision state dict: no download
         model = bb.build(weights=None)
-        model.load_state_dict(torch.load(cfg.backbone_checkpoint, map_location="cpu", weights_only=True))
+        try:
+            model.load_state_dict(torch.load(cfg.backbone_checkpoint, map_location="cpu", weights_only=True))
+        except RuntimeError as exc:  # keys or shapes of another architecture
+            raise ValueError(f"{cfg.backbone_checkpoint} is not a {cfg.backbone} state dict: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
     else:  # ImageNet weights through torchvision's weights API, cached in TORCH_HOME
         model = bb.build(weights=bb.weights if cfg.pretrained else None)
     pre = Preprocess(spec.layout, IMAGENET_MEAN, IMAGENET_STD, out_channels=3, out_size=cfg.input_size or 64,
