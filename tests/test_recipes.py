@@ -14,7 +14,7 @@ def test_every_flag_derives_a_config_at_every_size_from_metadata_alone(flag):
     for size in available_sizes(flag):
         cfg = derive_config(flag, size)  # no data dir: only the packages' metadata
         assert (cfg.dataset, cfg.size) == (flag, size) and cfg.name == (f"{flag}-cnn" if size == 28 else
-                                                                        f"{flag}-{size}-cnn")
+                                                                        f"{flag}-cnn-{size}")
     cfg, n_train = derive_config(flag), official_split_sizes(flag)["train"]
     steps = cfg.epochs * (n_train // cfg.batch_size)
     is_3d = flag.endswith("3d")
@@ -35,7 +35,13 @@ def test_a_yaml_replaces_the_recipe_and_another_size_gets_its_own_name():
     assert resolve_config("breastmnist") == derive_config("breastmnist")
     assert resolve_config("pneumoniamnist", {"size": 64}).name == "pneumoniamnist-cnn-64"
     bigger = resolve_config("breastmnist", {"size": 128, "epochs": 2, "augment.hflip": True})
-    assert (bigger.name, bigger.size, bigger.epochs, bigger.augment.hflip) == ("breastmnist-128-cnn", 128, 2, True)
+    assert (bigger.name, bigger.size, bigger.epochs, bigger.augment.hflip) == ("breastmnist-cnn-128", 128, 2, True)
+    # a name never claims a model the config is not: another architecture or dataset is in it
+    assert resolve_config("breastmnist", {"arch": "transfer"}).name == "breastmnist-transfer"
+    assert resolve_config("breastmnist", {"arch": "transfer", "size": 64}).name == "breastmnist-transfer-64"
+    assert resolve_config("pneumoniamnist-transfer", {"dataset": "dermamnist"}).name == \
+        "pneumoniamnist-transfer-dermamnist"
+    assert resolve_config("pneumoniamnist-transfer", {"dataset": "dermamnist", "name": "d"}).name == "d"
     with pytest.raises(ValueError, match=r"available at sizes \[28, 64\], not 128"):
         resolve_config("organmnist3d", {"size": 128})
 

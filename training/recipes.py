@@ -67,7 +67,7 @@ def derive_config(flag: str, size: int = 28, candidate: str = "ema-nll") -> Trai
     batch_size = next(b for limit, b in recipe.batch_sizes if n_train <= limit)
     low, high = recipe.epochs
     epochs = min(high, max(low, math.ceil(recipe.steps * batch_size / n_train)))
-    name = f"{flag}-cnn" if size == 28 else f"{flag}-{size}-cnn"
+    name = f"{flag}-cnn" if size == 28 else f"{flag}-cnn-{size}"  # the size last, as a YAML config's gets it
     return TrainConfig.from_dict({**recipe.config, **CANDIDATES[candidate], "name": name, "dataset": flag,
                                   "size": size, "epochs": epochs, "batch_size": batch_size})
 
@@ -95,15 +95,21 @@ def resolve_config(name: str, overrides: dict[str, Any] | None = None, recipe: b
         return _sized(TrainConfig.load(CONFIG_DIR / f"{name}.yaml"), overrides)
     if name in dataset_flags():
         base = derive_config(name, overrides.pop("size", 28))
+        arch = overrides.get("arch", base.arch)
+        if arch != base.arch and "name" not in overrides:  # a transfer model is not the next version of the CNN
+            overrides["name"] = base.name.replace(f"-{base.arch}", f"-{arch}", 1)
         return TrainConfig.from_dict(with_overrides(base.to_dict(), overrides))
     raise ValueError(f"unknown config or dataset {name!r}; datasets: {', '.join(dataset_flags())}; "
                      f"configs: {', '.join(config_names())}")
 
 
 def _sized(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    size = overrides.get("size", cfg.size)
-    if size != cfg.size and "name" not in overrides:
-        overrides = {**overrides, "name": f"{cfg.name}-{size}"}
+    """A YAML config with ``overrides``; trained on another dataset or size than its own, it gets them in its
+    name (unless ``overrides`` names it), so that it never publishes over the model the YAML is for."""
+    dataset, size = overrides.get("dataset", cfg.dataset), overrides.get("size", cfg.size)
+    if "name" not in overrides:
+        name = cfg.name + (f"-{dataset}" if dataset != cfg.dataset else "") + (f"-{size}" if size != cfg.size else "")
+        overrides = {**overrides, "name": name}
     cfg = TrainConfig.from_dict(with_overrides(cfg.to_dict(), overrides))
     dataset_spec(cfg.dataset, cfg.size)  # an unavailable size fails here, not after loading data
     return cfg
