@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "state dict for the config's torchvision backbone (no download)")
     p.add_argument("--freeze", action="store_true", help="transfer models: train the head only (linear probe)")
     p.add_argument("--export", action="store_true", help="export the trained model to the model repository")
-    p.add_argument("--model-dir", type=Path, default=DEFAULT_REPO, help="model repository for --export")
+    p.add_argument("--model-dir", type=Path, help=f"model repository for --export (default {DEFAULT_REPO}, env "
+                   "CNNSERVE_MODEL_DIR)")
     _add_train_args(p)
     _add_data_args(p)
 
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "train":
+        if args.model_dir and not args.export:  # it was ignored: a run that was meant to publish published nothing
+            raise ValueError("--model-dir is where --export publishes: add --export")
         overrides = overrides_from(args)
         if args.backbone_checkpoint:  # checked now, before any data is loaded
             from training.checkpoint import is_training_checkpoint, read_file
@@ -170,8 +173,8 @@ def run(args: argparse.Namespace) -> None:
         if args.export and result.metrics:
             from training.export import export_checkpoint
 
-            path = export_checkpoint(result.run_dir / CHECKPOINT, args.model_dir, cfg.name, args.data_dir,
-                                     args.download, command=command_line())
+            path = export_checkpoint(result.run_dir / CHECKPOINT, args.model_dir or DEFAULT_REPO, cfg.name,
+                                     args.data_dir, args.download, command=command_line())
             print(f"exported {path}")
     elif args.command == "evaluate":
         from training.evaluate import evaluate_path
