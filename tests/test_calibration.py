@@ -13,7 +13,7 @@ import torch
 from serving.model_card import file_sha256, read_card
 from tests.conftest import EXPORTS
 from tests.test_train import tiny
-from training.calibration import calibration_metrics, fit_temperature, probabilities
+from training.calibration import at_search_limit, calibration_metrics, fit_temperature, probabilities
 from training.data import dataset_spec
 from training.export import calibrate_version, export_onnx, fold_temperature
 from training.models import build_model
@@ -43,6 +43,15 @@ def test_fit_gives_each_label_of_a_multi_label_head_its_own_temperature():
     labels = torch.bernoulli(torch.sigmoid(logits / true_temperatures), generator=gen).long()
     fitted = fit_temperature(logits, labels, multi_label=True)
     torch.testing.assert_close(fitted, true_temperatures, rtol=0.08, atol=0)
+
+
+def test_a_temperature_that_stopped_at_the_search_limit_is_named():
+    gen = torch.Generator().manual_seed(2)
+    logits = 3 * torch.randn(5_000, 2, generator=gen)
+    informative = torch.bernoulli(torch.sigmoid(logits[:, :1]), generator=gen)
+    noise = torch.bernoulli(torch.full((5_000, 1), 0.5), generator=gen)  # a label the logits know nothing about
+    fitted = fit_temperature(logits, torch.cat([informative, noise], 1).long(), multi_label=True)
+    assert at_search_limit(fitted) == [1] and fitted[1] == pytest.approx(20, rel=1e-3)
 
 
 def test_metrics_match_a_hand_computed_example():

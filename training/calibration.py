@@ -88,13 +88,21 @@ def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, task: str,
     return {"ece": float(ece), "nll": float(nll), "brier": float(brier)}
 
 
+def at_search_limit(temperature: torch.Tensor) -> list[int]:
+    """Which temperatures (their indices) stopped at the search's limit, 0.05 or 20: the val NLL had no minimum
+    inside, e.g. a head (or label) that has learned nothing, whose best probability is the base rate (T -> inf).
+    Such a temperature is a bound, not a fit; the card says so."""
+    limits = [1 / beta for beta in INVERSE_TEMPERATURE_BOUNDS]
+    return [i for i, t in enumerate(temperature.tolist()) if any(abs(t - limit) <= 1e-3 * limit for limit in limits)]
+
+
 def calibration_report(temperature: torch.Tensor, task: str,
                        splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """The model card's ``calibration`` section: the temperature(s), how they were fitted and what they do.
 
     ``splits`` maps a split name to (logits, labels); the val split is the one ``temperature`` was fitted on."""
     report: dict = {"method": METHOD, "temperature": [round(float(t), 6) for t in temperature],
-                    "fitted_on": "val", "metrics": METRICS}
+                    "fitted_on": "val", "metrics": METRICS, "at_search_limit": at_search_limit(temperature)}
     for name, (logits, labels) in splits.items():
         report[name] = {"n": len(labels), "before": calibration_metrics(logits, labels, task),
                         "after": calibration_metrics(logits, labels, task, temperature)}
