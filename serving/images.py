@@ -38,7 +38,8 @@ from serving.errors import InvalidInput, PayloadTooLarge, UnprocessableInput, Un
 from serving.model_card import ModelCard
 
 NPY_MAGIC = b"\x93NUMPY"
-SUPPORTED = "PNG, JPEG, BMP, TIFF (2D models) or .npy (any model)"
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "MPO")  # Pillow's names; MPO: a JPEG with its previews
+SUPPORTED = "PNG, JPEG, BMP, TIFF, GIF, WebP (2D models) or .npy (any model)"
 RANGE_SCALED = {"I": "32-bit integer", "F": "floating-point"}  # greyscale modes without a fixed bit depth
 PLAIN = 16  # a card background this close to black or white: training images on a plain black/white surround
 OPPOSITE_BORDER = 0.9  # share of an upload's border pixels on the other side of mid-grey that means "inverted"
@@ -93,7 +94,7 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
     if width * height > max_pixels:
         raise PayloadTooLarge(f"{upload} is {width}x{height} = {width * height} pixels, over the limit of "
                               f"{max_pixels} (decompression-bomb guard)")
-    if image.format not in ("PNG", "JPEG", "BMP", "TIFF", "MPO"):
+    if image.format not in FORMATS:
         raise UnsupportedMediaType(f"{upload}: {image.format} images are not accepted ({SUPPORTED})")
     frames = getattr(image, "n_frames", 1) if image.format != "MPO" else 1  # MPO: a photo and its previews
     if frames > 1:

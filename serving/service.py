@@ -286,7 +286,8 @@ class CnnServe:
 
     @bentoml.api(route="/classify")
     async def classify(self, images: list[Path], model: str = "", version: str | int = "", top_k: TopK = 1) -> dict:
-        """Classify uploaded images (PNG, JPEG, BMP, TIFF; .npy for 3D volumes), converted to the model's input."""
+        """Classify uploaded images (PNG, JPEG, BMP, TIFF, GIF, WebP; .npy for 3D volumes), converted to the model's
+        input."""
         try:
             loaded = self.dataplane.model(model, version)
             if not images:

@@ -133,7 +133,7 @@ def test_bentoml_http_door_rejects_30_bad_requests(server):
         ("no files", lambda: httpx.post(classify, data={"model": "mnist-cnn"})),
         ("classify unknown model", lambda: httpx.post(classify, files=[("images", ("a.png", good_png, "image/png"))],
                                                       data={"model": "nope"})),
-        ("GIF not accepted", lambda: httpx.post(classify, files=[("images", ("a.gif", _gif(image), "image/gif"))],
+        ("ICO not accepted", lambda: httpx.post(classify, files=[("images", ("a.ico", _ico(image), "image/x-icon"))],
                                                 data={"model": "mnist-cnn"})),
         ("npy wrong dtype", lambda: httpx.post(classify, files=[("images", ("v.npy", npy(image.astype(np.float32)),
                                                                             "application/x-npy"))],
@@ -190,9 +190,9 @@ def _png_digit() -> bytes:
     return buf.getvalue()
 
 
-def _gif(array: np.ndarray) -> bytes:
+def _ico(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "GIF")
+    Image.fromarray(array).save(buf, "ICO")
     return buf.getvalue()
 
 

@@ -76,6 +76,21 @@ def test_exif_orientation_is_applied(fmt, orientation):
     assert notes == [f"turned upright by EXIF orientation {orientation}"]
 
 
+@pytest.mark.parametrize(("fmt", "options"), [("GIF", {}), ("WEBP", {"lossless": True})])
+def test_gif_and_webp_give_what_the_same_picture_gives_as_png(fmt, options):
+    image, notes = decode(encode(Image.fromarray(GREY), fmt, **options))
+    assert np.array_equal(image, reference(GREY, GREY_CARD)) and notes in ([], ["converted P to L"],
+                                                                           ["converted RGB to L"])
+
+
+def test_a_gif_drawing_with_a_transparent_background_keeps_its_strokes():
+    # the palette's transparent index (GIF's only transparency) under black strokes, for a model trained on black
+    strokes = Image.fromarray(np.where(digit() > 0, 1, 0).astype(np.uint8), "P")
+    strokes.putpalette([255, 255, 255, 0, 0, 0])  # index 0: the (transparent) canvas, index 1: black ink
+    image, notes = decode(encode(strokes, "GIF", transparency=0))
+    assert np.array_equal(image > 0, digit() > 0) and notes[-1].startswith("inverted: ")
+
+
 def test_exif_orientation_turns_before_resizing():
     stored = np.ascontiguousarray(np.rot90(GREY[:, :20], 1))  # 28 wide, 20 high as stored; 20 x 28 upright
     exif = Image.Exif()
@@ -294,6 +309,8 @@ def frames(fmt: str, count: int) -> bytes:
     pytest.param(b"\x93NUMPY\x01\x00\x10\x00{'descr': (((   \n", UnprocessableInput, id="npy header not a dict"),
     pytest.param(frames("TIFF", 2), UnsupportedMediaType, id="multi-page TIFF"),
     pytest.param(frames("PNG", 3), UnsupportedMediaType, id="animated PNG"),
+    pytest.param(frames("GIF", 2), UnsupportedMediaType, id="animated GIF"),
+    pytest.param(frames("WEBP", 2), UnsupportedMediaType, id="animated WebP"),
 ])
 def test_corrupt_or_ambiguous_files_are_client_errors(data, error):
     """What an outside probe found answered 500 (or a silent first frame): each a 4xx naming the upload."""
@@ -305,7 +322,7 @@ def test_corrupt_or_ambiguous_files_are_client_errors(data, error):
 @pytest.mark.parametrize(("data", "model", "error"), [
     pytest.param(b"", GREY_CARD, InvalidInput, id="empty"),
     pytest.param(b"hello world", GREY_CARD, UnsupportedMediaType, id="not an image"),
-    pytest.param(encode(Image.fromarray(GREY), "GIF"), GREY_CARD, UnsupportedMediaType, id="GIF"),
+    pytest.param(encode(Image.fromarray(GREY), "ICO"), GREY_CARD, UnsupportedMediaType, id="ICO"),
     pytest.param(encode(Image.fromarray(NOISE))[:500], GREY_CARD, UnprocessableInput, id="truncated"),
     pytest.param(bomb_png(), GREY_CARD, PayloadTooLarge, id="too many pixels"),
     pytest.param(encode(Image.fromarray(np.full((28, 28), np.nan, np.float32)), "TIFF"), GREY_CARD, InvalidInput,
