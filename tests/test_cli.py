@@ -102,6 +102,7 @@ def test_backbones_and_evaluations_that_cannot_work_are_one_clear_error(tmp_path
     torch.save({"conv.weight": torch.zeros(1)}, state_dict)
     assert "for transfer models" in refused("train", "pneumoniamnist", "--backbone-checkpoint", str(state_dict), *data)
     assert "add --export" in refused("train", "pneumoniamnist", "--model-dir", str(tmp_path / "repo"), *data)
+    assert "under their names: --set size" in refused("pipeline", "--set", "size=64", *data)
     assert "cannot be scored on chestmnist" in refused("evaluate", str(export), "--dataset", "chestmnist", *data)
 
 

@@ -36,14 +36,23 @@ def test_a_yaml_replaces_the_recipe_and_another_size_gets_its_own_name():
     assert resolve_config("pneumoniamnist", {"size": 64}).name == "pneumoniamnist-cnn-64"
     bigger = resolve_config("breastmnist", {"size": 128, "epochs": 2, "augment.hflip": True})
     assert (bigger.name, bigger.size, bigger.epochs, bigger.augment.hflip) == ("breastmnist-cnn-128", 128, 2, True)
-    # a name never claims a model the config is not: another architecture or dataset is in it
-    assert resolve_config("breastmnist", {"arch": "transfer"}).name == "breastmnist-transfer"
-    assert resolve_config("breastmnist", {"arch": "transfer", "size": 64}).name == "breastmnist-transfer-64"
-    assert resolve_config("pneumoniamnist-transfer", {"dataset": "dermamnist"}).name == \
-        "pneumoniamnist-transfer-dermamnist"
-    assert resolve_config("pneumoniamnist-transfer", {"dataset": "dermamnist", "name": "d"}).name == "d"
-    with pytest.raises(ValueError, match=r"available at sizes \[28, 64\], not 128"):
+    with pytest.raises(ValueError, match=r"128; choose from 28, 64"):
         resolve_config("organmnist3d", {"size": 128})
+
+
+@pytest.mark.parametrize(("config", "overrides", "recipe", "name"), [
+    ("breastmnist", {"arch": "transfer"}, False, "breastmnist-transfer"),  # not the next breastmnist-cnn
+    ("breastmnist", {"arch": "transfer", "size": 64}, False, "breastmnist-transfer-64"),
+    ("breastmnist", {"dataset": "dermamnist"}, False, "breastmnist-cnn-dermamnist"),
+    ("mnist", {"arch": "transfer", "backbone": "resnet18"}, False, "mnist-cnn-transfer"),  # a shipped YAML
+    ("pneumoniamnist", {"arch": "transfer"}, False, "pneumoniamnist-cnn-transfer"),  # not the shipped transfer model
+    ("pneumoniamnist-transfer", {"dataset": "dermamnist"}, False, "pneumoniamnist-transfer-dermamnist"),
+    ("pneumoniamnist-transfer", {"dataset": "dermamnist", "name": "d"}, False, "d"),  # a given name wins
+    ("pneumoniamnist", {"size": 64}, True, "pneumoniamnist-cnn-recipe-64"),  # the size last
+    ("pneumoniamnist", {"arch": "transfer"}, True, "pneumoniamnist-transfer-recipe"),
+])
+def test_a_name_never_claims_a_model_the_config_is_not(config, overrides, recipe, name):
+    assert resolve_config(config, overrides, recipe=recipe).name == name
 
 
 def test_recipe_trains_the_generic_recipe_where_a_tuned_yaml_exists_under_its_own_name():

@@ -13,8 +13,15 @@ from training.export import export_checkpoint
 from training.shipped import SHIPPED
 from training.train import CHECKPOINT, train
 
+# what makes a model another model: the pipeline publishes under the shipped names, so it cannot take these
+IDENTITY_KEYS = ("name", "dataset", "size", "arch")
+
 
 def run_pipeline(args: argparse.Namespace, overrides: dict[str, Any], command: str) -> list[Path]:
+    changed = sorted(set(overrides) & set(IDENTITY_KEYS))
+    if changed:
+        raise ValueError(f"the pipeline trains the shipped models under their names: --set {', '.join(changed)} "
+                         "would publish another model as them; use `python -m training train CONFIG --set ...`")
     published = []
     for model in SHIPPED:
         name = model.name

@@ -67,52 +67,53 @@ def derive_config(flag: str, size: int = 28, candidate: str = "ema-nll") -> Trai
     batch_size = next(b for limit, b in recipe.batch_sizes if n_train <= limit)
     low, high = recipe.epochs
     epochs = min(high, max(low, math.ceil(recipe.steps * batch_size / n_train)))
-    name = f"{flag}-cnn" if size == 28 else f"{flag}-cnn-{size}"  # the size last, as a YAML config's gets it
+    name = f"{flag}-cnn" if size == 28 else f"{flag}-cnn-{size}"  # as model_name has it
     return TrainConfig.from_dict({**recipe.config, **CANDIDATES[candidate], "name": name, "dataset": flag,
                                   "size": size, "epochs": epochs, "batch_size": batch_size})
 
 
 def resolve_config(name: str, overrides: dict[str, Any] | None = None, recipe: bool = False) -> TrainConfig:
     """The config ``name`` stands for, with ``overrides``: a YAML file path, a YAML in ``training/configs/``,
-    or a dataset flag (its derived recipe). ``overrides["size"]`` picks the image size; a YAML config trained
-    at another size than its own gets the size in its name, so it never publishes over the 28-pixel model.
+    or a dataset flag (its derived recipe). ``overrides["size"]`` picks the image size. Unless ``overrides``
+    names it, the config is named for what it trains (``model_name``), so that it never publishes as the next
+    version of another model.
 
     ``recipe``: the generic recipe of the dataset flag ``name`` even where a YAML of that name exists; it is
     then named ``<flag>-cnn-recipe`` so that it never publishes over the tuned model."""
     overrides = dict(overrides or {})
-    if recipe:
-        if name not in dataset_flags():
-            raise ValueError(f"--recipe takes a dataset flag, not {name!r}; datasets: {', '.join(dataset_flags())}")
-        base = derive_config(name, overrides.pop("size", 28))
-        renamed = {"name": f"{base.name}-recipe"} if name in config_names() else {}
-        return TrainConfig.from_dict(with_overrides(base.to_dict(), {**renamed, **overrides}))
+    if recipe and name not in dataset_flags():
+        raise ValueError(f"--recipe takes a dataset flag, not {name!r}; datasets: {', '.join(dataset_flags())}")
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
+    derived = recipe or (name in dataset_flags() and name not in config_names())
+    if derived:
+        base = derive_config(name)  # the size changes only the name: the training length comes from the split
+    elif path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
-        return _sized(TrainConfig.load(path), overrides)
-    if name in config_names():
-        return _sized(TrainConfig.load(CONFIG_DIR / f"{name}.yaml"), overrides)
-    if name in dataset_flags():
-        base = derive_config(name, overrides.pop("size", 28))
-        arch = overrides.get("arch", base.arch)
-        if arch != base.arch and "name" not in overrides:  # a transfer model is not the next version of the CNN
-            overrides["name"] = base.name.replace(f"-{base.arch}", f"-{arch}", 1)
-        return TrainConfig.from_dict(with_overrides(base.to_dict(), overrides))
-    raise ValueError(f"unknown config or dataset {name!r}; datasets: {', '.join(dataset_flags())}; "
-                     f"configs: {', '.join(config_names())}")
-
-
-def _sized(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """A YAML config with ``overrides``; trained on another dataset or size than its own, it gets them in its
-    name (unless ``overrides`` names it), so that it never publishes over the model the YAML is for."""
-    dataset, size = overrides.get("dataset", cfg.dataset), overrides.get("size", cfg.size)
-    if "name" not in overrides:
-        name = cfg.name + (f"-{dataset}" if dataset != cfg.dataset else "") + (f"-{size}" if size != cfg.size else "")
-        overrides = {**overrides, "name": name}
-    cfg = TrainConfig.from_dict(with_overrides(cfg.to_dict(), overrides))
+        base = TrainConfig.load(path)
+    elif name in config_names():
+        base = TrainConfig.load(CONFIG_DIR / f"{name}.yaml")
+    else:
+        raise ValueError(f"unknown config or dataset {name!r}; datasets: {', '.join(dataset_flags())}; "
+                         f"configs: {', '.join(config_names())}")
+    tag = "recipe" if derived and name in config_names() else ""
+    named = {"name": model_name(base, overrides, derived, tag), **overrides}
+    cfg = TrainConfig.from_dict(with_overrides(base.to_dict(), named))
     dataset_spec(cfg.dataset, cfg.size)  # an unavailable size fails here, not after loading data
     return cfg
+
+
+def model_name(base: TrainConfig, overrides: dict[str, Any], derived: bool, tag: str = "") -> str:
+    """What ``base`` with ``overrides`` is called: a derived recipe ``<dataset>-<arch>``, a YAML config its own name
+    and the architecture if the overrides change it; then the dataset if they change it, ``tag``, and the size
+    last if it is not the base's: ``breastmnist-transfer``, ``breastmnist-cnn-64``, ``mnist-cnn-transfer``,
+    ``pneumoniamnist-transfer-dermamnist``, ``pneumoniamnist-cnn-recipe-64``."""
+    arch, dataset = overrides.get("arch", base.arch), overrides.get("dataset", base.dataset)
+    size = overrides.get("size", base.size)
+    parts = [base.dataset, arch] if derived else [base.name, *([arch] if arch != base.arch else [])]
+    parts += [*([dataset] if dataset != base.dataset else []), *([tag] if tag else []),
+              *([str(size)] if size != base.size else [])]
+    return "-".join(parts)
 
 
 def dataset_table(data_dir: Path) -> str:
