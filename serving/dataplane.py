@@ -68,12 +68,13 @@ class DataPlane:
         self.inferring = 0  # inference requests in ``infer`` now, all doors and models
         self.on_scan: Callable[[ScanResult], Awaitable[None]] | None = None  # drains what a load/unload dropped
 
-    def check_loop_lag(self, door: str) -> None:
-        """``LoopLag.check``, while other inference requests are in progress: a lag that the worker's own last
-        request caused (a large JSON body parsed, a 3D volume run) with nothing else in progress is no backlog, and
-        refusing a lone client's next request would protect nobody (an outside probe: one client sending 64³
-        volumes one at a time was refused 503 after a request)."""
-        if self.inferring:
+    def check_loop_lag(self, door: str, others: int = 0) -> None:
+        """``LoopLag.check``, while other inference requests are in progress: in ``infer`` (any door), or ``others``
+        that the door counts from before that (HTTP: admitted on their headers, their bodies still coming or being
+        parsed). A lag that the worker's own last request caused (a large JSON body parsed, a 3D volume run) with
+        nothing else in progress is no backlog, and refusing a lone client's next request would protect nobody (an
+        outside probe: one client sending 64³ volumes one at a time was refused 503 after a request)."""
+        if self.inferring or others:
             self.loop_lag.check(door)
 
     # --- lookup ------------------------------------------------------------------------------------------

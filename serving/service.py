@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from serving.asgi import (
     BodyLimit,
+    InFlight,
     JsonErrors,
     MountRoots,
     accept_queue,
@@ -159,7 +160,7 @@ class CnnServe:
     def _refuse_early(self, target: bytes) -> None:
         """Raise ``Overloaded`` for an HTTP inference request, as soon as its headers are in, when this worker's
         event loop is behind or the model the path names would refuse it anyway (queue bound or budget)."""
-        self.dataplane.check_loop_lag("http")
+        self.dataplane.check_loop_lag("http", others=InFlight.count)
         check_admission(self.dataplane, target)
 
     async def _poll_repository(self) -> None:
