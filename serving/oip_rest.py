@@ -51,6 +51,9 @@ REFUSED_TYPES = ("multipart/", "image/")
 # the list of input tensors, then the first "shape" key in it, followed by a list: numbers in "data" cannot look
 # like this, so it is the declared shape (request and output parameters may come first and have a "shape" too)
 INPUTS_KEY = re.compile(rb'"inputs"\s*:\s*\[')
+# headers at most this long are parsed before their image count is checked (the parse costs under a millisecond),
+# so that the pattern's rare misreadings (a tensor parameter called "shape" before the tensor's own) refuse nothing
+PRESCAN_BYTES = 1 << 16
 SHAPE_PATTERN = re.compile(rb'"shape"\s*:\s*\[\s*(\d+)')
 # a JSON true / false literal as an array element, after "[" or "," (a parameter's follows a ":")
 BOOLEAN_ELEMENT = re.compile(rb"[\[,]\s*$")
@@ -310,7 +313,8 @@ def decoded_body(coding: str | None, body: bytes, limit: int) -> bytes:
 
 def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[dict[str, Any], bytes]:
     """(JSON header, binary tail) of an infer request (``headers``: its headers, names in lower case); a JSON
-    header whose declared batch is over ``max_images`` is refused before it is parsed (see ``declared_batch``)."""
+    header over ``PRESCAN_BYTES`` whose declared batch is over ``max_images`` is refused before it is parsed (see
+    ``declared_batch``)."""
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith(REFUSED_TYPES):
         raise UnsupportedMediaType(f"content type {content_type!r} is not an inference request: send a JSON body "
@@ -325,7 +329,7 @@ def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[d
                                f"got {length_text!r}")
         n = int(length_text)
         header_bytes, binary = body[:n], body[n:]
-    declared = declared_batch(header_bytes)
+    declared = declared_batch(header_bytes) if len(header_bytes) > PRESCAN_BYTES else None
     if declared is not None and declared > max_images:
         check_image_count(declared, max_images)
     try:

@@ -252,7 +252,7 @@ def test_the_oip_timeout_parameter_is_a_deadline_on_both_doors_and_0_means_none(
 
 def test_an_oversize_json_batch_is_refused_from_its_declared_shape_before_parsing(server):
     body = (b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [' + str(MAX_IMAGES + 1).encode()
-            + b', 28, 28], "data": [0, 0, 0, this is not JSON')  # parsing it would answer 400 instead
+            + b', 28, 28], "data": [' + b"0, " * 40_000 + b'this is not JSON')  # parsing it would answer 400
     r = httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", content=body,
                    headers={"content-type": "application/json"})
     assert r.status_code == 413 and "over the limit" in r.json()["error"]

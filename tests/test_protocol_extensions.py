@@ -346,9 +346,11 @@ def test_requests_as_other_clients_build_them_are_answered(server):
         r = httpx.post(infer, content=body, headers={"content-type": content_type})
         assert r.status_code == 200, (content_type, r.text)
     # a parameter called "shape" before the inputs was read as the declared batch (413 "batch of 5000 images")
-    for extra in ({"parameters": {"shape": [5000]}}, {"outputs": [{"name": "probs", "parameters": {"shape": [9999]}}]}):
-        r = httpx.post(infer, content=json.dumps({**extra, "inputs": [tensor]}), headers={"content-type": JSON})
-        assert r.status_code == 200, (extra, r.text)
+    for body in ({"parameters": {"shape": [5000]}, "inputs": [tensor]},
+                 {"outputs": [{"name": "probs", "parameters": {"shape": [9999]}}], "inputs": [tensor]},
+                 {"inputs": [{"parameters": {"shape": [5000]}, **tensor}]}):  # a tensor's own, before its shape
+        r = httpx.post(infer, content=json.dumps(body), headers={"content-type": JSON})
+        assert r.status_code == 200, (body, r.text)
     # kserve's client writes "data": null beside binary data: no data, not "both data and binary_data_size"
     for images in (1, 0):
         header = json.dumps({"inputs": [{**tensor, "shape": [images, 28, 28], "data": None,
