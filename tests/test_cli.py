@@ -96,11 +96,17 @@ def test_backbones_and_evaluations_that_cannot_work_are_one_clear_error(tmp_path
     export = EXPORTS / "mnist-cnn" / "1"
     assert "is a directory, not a checkpoint" in refused("train", "pneumoniamnist-transfer", "--backbone-checkpoint",
                                                          str(export), *data)
+    assert "is an ONNX export, not a checkpoint" in refused("train", "pneumoniamnist-transfer",
+                                                            "--backbone-checkpoint", str(export / "model.onnx"), *data)
+    (tmp_path / "model.pt").write_bytes((export / "model.onnx").read_bytes()[:4096])  # no file torch.save wrote
     assert "is not a PyTorch checkpoint" in refused("train", "pneumoniamnist-transfer", "--backbone-checkpoint",
-                                                    str(export / "model.onnx"), *data)
+                                                    str(tmp_path / "model.pt"), *data)
     state_dict = tmp_path / "weights.pt"
     torch.save({"conv.weight": torch.zeros(1)}, state_dict)
     assert "for transfer models" in refused("train", "pneumoniamnist", "--backbone-checkpoint", str(state_dict), *data)
+    # a state dict of another architecture: said before the (here missing) data is looked for
+    assert "is not a resnet18 state dict" in refused("train", "pneumoniamnist-transfer", "--backbone-checkpoint",
+                                                     str(state_dict), *data)
     assert "add --export" in refused("train", "pneumoniamnist", "--model-dir", str(tmp_path / "repo"), *data)
     assert "under their names: --set size" in refused("pipeline", "--set", "size=64", *data)
     assert "cannot be scored on chestmnist" in refused("evaluate", str(export), "--dataset", "chestmnist", *data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,22 @@ def read_file(path: Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a checkpoint: training writes runs/<name>/checkpoint.pt "
-                         "(an export's model.onnx holds no PyTorch weights to train from)")
+    if path.is_dir() or path.suffix == ".onnx":
+        raise ValueError(f"{path} is {'a directory' if path.is_dir() else 'an ONNX export'}, not a checkpoint: "
+                         "training writes runs/<name>/checkpoint.pt (an export holds no PyTorch weights to train "
+                         "from)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:  # unreadable: permissions, an I/O error
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({first[:160]})") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours parts of its messages
+        if "Weights only load failed" in text and "Unsupported operand" not in text:  # e.g. torch.save(model)
+            raise ValueError(f"{path} holds pickled Python objects, not a checkpoint or a state dict (save "
+                             "model.state_dict() instead of the model)") from None
+        reason = "not a file torch.save wrote" if "Weights only load failed" in text or not text else \
+            text.splitlines()[0][:160]
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({reason})") from None
 
 
 def is_training_checkpoint(value: Any) -> bool:

@@ -166,7 +166,14 @@ def run(args: argparse.Namespace) -> None:
         if args.backbone_checkpoint and cfg.arch != "transfer":
             raise ValueError(f"--backbone-checkpoint is for transfer models; {cfg.name} has arch {cfg.arch!r} "
                              "(--set arch=transfer makes it one)")
-        from training.train import CHECKPOINT, train
+        from training.train import CHECKPOINT, build_classifier, train
+
+        if cfg.arch == "transfer" and cfg.backbone_checkpoint:  # a backbone that cannot work fails before the data
+            import torch
+
+            from training.data import dataset_spec
+
+            build_classifier(cfg, dataset_spec(cfg.dataset, cfg.size), torch.device("cpu"))
 
         result = train(cfg, args.run_dir or DEFAULT_RUNS / cfg.name, args.data_dir, args.download, args.resume,
                        args.device, args.quiet, stop_after=args.stop_after)

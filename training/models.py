@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +175,21 @@ def dataset_stats(spec: DatasetSpec) -> tuple[tuple[float, ...], tuple[float, ..
     return (0.5,) * c, (0.25,) * c
 
 
+def load_state_dict(model: nn.Module, state: Any, source: str, arch: str) -> None:
+    """``model.load_state_dict(state)``, or a ``ValueError`` that says how ``state`` differs from ``arch``'s."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source} is not a state dict (a mapping of parameter names to tensors)")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        def some(keys: list[str]) -> str:
+            return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        raise ValueError(f"{source} is not a {arch} state dict: missing {some(missing)}, unexpected "
+                         f"{some(unexpected)}, other shapes {some(wrong)}")
+    model.load_state_dict(state)
+
+
 def build_model(spec: DatasetSpec, cfg: TrainConfig, backbone_source: Classifier | None = None) -> Classifier:
     """Build an untrained model. ``backbone_source``: the trained model whose features a
     ``backbone: checkpoint`` transfer model reuses (see ``training.checkpoint.load_model``)."""
@@ -202,12 +219,10 @@ def build_model(spec: DatasetSpec, cfg: TrainConfig, backbone_source: Classifier
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {BACKBONES}")
     bb = TORCHVISION_BACKBONES[cfg.backbone]
     if cfg.backbone_checkpoint:  # a local torchvision state dict: no download
+        from training.checkpoint import read_file  # (that module imports this one)
+
         model = bb.build(weights=None)
-        try:
-            model.load_state_dict(torch.load(cfg.backbone_checkpoint, map_location="cpu", weights_only=True))
-        except RuntimeError as exc:  # keys or shapes of another architecture
-            raise ValueError(f"{cfg.backbone_checkpoint} is not a {cfg.backbone} state dict: "
-                             f"{str(exc).splitlines()[0][:200]}") from None
+        load_state_dict(model, read_file(Path(cfg.backbone_checkpoint)), cfg.backbone_checkpoint, cfg.backbone)
     else:  # ImageNet weights through torchvision's weights API, cached in TORCH_HOME
         model = bb.build(weights=bb.weights if cfg.pretrained else None)
     pre = Preprocess(spec.layout, IMAGENET_MEAN, IMAGENET_STD, out_channels=3, out_size=cfg.input_size or 64,
