@@ -624,5 +624,5 @@ def quiet_client_errors() -> None:
     propagate to the root as well, which wrote each of them twice."""
     logging.getLogger(BENTOML_HTTP_LOGGER).addFilter(ClientErrorsQuietly())
     uvicorn_log = logging.getLogger("uvicorn.error")
-    if uvicorn_log.handlers:
-        uvicorn_log.propagate = False
+    if uvicorn_log.handlers and set(uvicorn_log.handlers) <= set(logging.getLogger().handlers):
+        uvicorn_log.propagate = False  # only where the root would write the same record again

@@ -105,7 +105,8 @@ class DataPlane:
 
     def model_ready(self, name: str, version: int | str | None = None) -> bool:
         """Whether that model (version) serves; ``ModelNotFound`` when the repository has no such model,
-        ``InvalidInput`` for a request that names none or a version that is not a number."""
+        ``InvalidInput`` for a version that is not a number, or for no name while the server has not exactly one
+        model (with one, no name means that one, as on every route)."""
         try:
             self.model(name, version)
         except ModelNotReady:

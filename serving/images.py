@@ -195,6 +195,10 @@ def _flatten_transparency(image: Image.Image, background: int, notes: list[str])
     with_alpha = image.convert(base + "A")
     alpha = with_alpha.getchannel("A")
     if alpha.getextrema()[0] == 255:
+        if "A" not in image.getbands():  # a transparent colour (palette index, colour key) that no pixel has
+            notes.append(f"ignored the transparent colour of {image.mode}: no pixel has it")
+            image.info.pop("transparency", None)
+            return image
         notes.append(f"dropped the alpha of {image.mode}: no pixel is transparent")
         return with_alpha.convert(base)
     surround, reason = _surround(with_alpha, background)

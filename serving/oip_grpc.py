@@ -231,9 +231,10 @@ class GrpcServer:
         _add_tolerant_servicer(InferenceServicer(dataplane), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        services = (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(services, self.server)
+        if settings.grpc_reflection:
+            services = (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(services, self.server)
         self.server.add_insecure_port(self.address)
 
     async def start(self) -> None:

@@ -42,6 +42,7 @@ class Settings:
     # gRPC connections are closed (after a grace for calls in flight) at this age, so that long-lived channels
     # spread again over workers and pods; clients reconnect on their own
     grpc_max_connection_age_s: float = 30.0
+    grpc_reflection: bool = True  # gRPC server reflection (grpcurl list / describe without the .proto files)
     shutdown_drain_s: float = 5.0  # SIGTERM: not ready, but serving on, for this long before shutting down
     poll_interval_s: float = 2.0  # model repository re-scan for new versions (0 = off)
     # OpenTelemetry spans for the inference paths too; off: BentoML's tracing middleware halves HTTP throughput

@@ -234,6 +234,14 @@ def test_palette_transparency_is_composited():
     assert notes == ["composited P on white (transparent colour)"]
 
 
+def test_a_transparent_colour_no_pixel_has_is_ignored_and_said_so():
+    picture = palette_picture()
+    unused = 255  # the quantised picture's 64 colours use indices 0..63
+    image, notes = decode(encode(picture, transparency=unused), GREY_CARD)
+    assert np.array_equal(image, reference(np.asarray(picture.convert("RGB")), GREY_CARD))
+    assert notes == ["ignored the transparent colour of P: no pixel has it", "converted P to L"]
+
+
 def test_greyscale_transparent_colour_is_composited():
     picture = GREY.copy()
     picture[20:, 20:] = 1  # the transparent value (absent from GREY)

@@ -280,11 +280,12 @@ def test_a_chunked_oversize_body_is_refused_without_reading_it_all(server, path)
     assert sent < total / 2, f"the server read {sent} bytes of a body over the {MAX_BYTES}-byte limit"
 
 
-def test_a_declared_oversize_body_ends_its_connection(server):
+@pytest.mark.parametrize("path", ["/v2/models/mnist-cnn/infer", "/predict"])
+def test_a_declared_oversize_body_ends_its_connection(server, path):
     # without Connection: close uvicorn kept the connection and waited for the declared bytes, so the client's
     # next request on it was read as part of the refused body and never answered
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
-        s.sendall(f"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_BYTES + 1}\r\n"
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_BYTES + 1}\r\n"
                   "Content-Type: application/json\r\n\r\n".encode())
         reply = b""
         while part := s.recv(65536):  # ends when the server closes the connection (a timeout fails the test)

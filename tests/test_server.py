@@ -186,6 +186,40 @@ def test_grpc_reflection_lets_a_client_without_the_protos_call_the_service(serve
         assert call(request, timeout=10).ready is True
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_reflection_follows_its_setting(enabled):
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from serving.oip_grpc import GrpcServer
+    from serving.settings import Settings
+    from tests.server import free_port
+
+    class Ready:  # all GrpcServer asks of the data plane before any inference call
+        def ready(self) -> bool:
+            return True
+
+    async def listed() -> list[str] | str:
+        port = free_port()
+        server = GrpcServer(Ready(), Settings(grpc_port=port, grpc_reflection=enabled))
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+                await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+                try:
+                    reply = await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+                await call.done_writing()
+                return [s.name for s in reply.list_services_response.service]
+        finally:
+            await server.stop(0)
+
+    answer = asyncio.run(listed())
+    assert ("inference.GRPCInferenceService" in answer) if enabled else answer == "UNIMPLEMENTED", answer
+
+
 def test_http_config_for_perf_analyzer_and_versions(server):
     config = httpx.get(f"{server.url}/v2/models/mnist-cnn/config").json()
     assert config["max_batch_size"] == 64 and config["input"][0]["data_type"] == "TYPE_UINT8"

@@ -135,15 +135,16 @@ def head_nodes(model: onnx.ModelProto) -> list[str]:
     itself, the temperature, the softmax / sigmoid, an ensemble's mean. Quantised, they put the logits and the
     probabilities themselves on uint8 grids (an outside probe: 13 distinct values over 624 test images, every
     row summing to 254/255); they cost next to nothing to keep in float."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    feeds_weighted: dict[int, bool] = {}  # id(node) -> a weighted layer is downstream of it
-    for node in reversed(model.graph.node):  # ONNX graphs list nodes in topological order
-        feeds_weighted[id(node)] = any(after.op_type in WEIGHTED_OPS or feeds_weighted.get(id(after), False)
-                                       for name in node.output for after in consumers.get(name, []))
-    return [node.name for node in model.graph.node if not feeds_weighted[id(node)]]
+    nodes = list(model.graph.node)  # in topological order, as ONNX requires
+    feeds_weighted: set[str] = set()  # tensors with a weighted layer downstream of them
+    head = []
+    for node in reversed(nodes):
+        downstream = bool(feeds_weighted.intersection(node.output))
+        if not downstream:
+            head.append(node)
+        if downstream or node.op_type in WEIGHTED_OPS:
+            feeds_weighted.update(node.input)
+    return [node.name for node in head if node.name]
 
 
 def ort_images_per_second(path: Path, images: np.ndarray, batch: int = 64, repeats: int = 20) -> float:
