@@ -85,6 +85,16 @@ def refused(*args: str) -> str:
     return done.stderr
 
 
+def test_a_reader_that_goes_away_is_not_an_error():
+    # `python -m training datasets | head -1`: the pipe is closed before the command writes
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.Popen([sys.executable, "-m", "training", "datasets"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done.stdout.close()
+    stderr = done.stderr.read().decode()
+    assert done.wait(120) == 0 and "BrokenPipeError" not in stderr, stderr[-2000:]
+
+
 def test_missing_data_offline_is_one_clear_error(tmp_path):
     assert "pneumoniamnist.npz not found" in refused("train", "pneumoniamnist", "--data-dir", str(tmp_path),
                                                      "--no-download")

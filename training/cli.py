@@ -141,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
+        sys.stdout.flush()  # here, where a reader gone is caught, not at exit
     except (FileNotFoundError, ValueError) as exc:  # missing data or checkpoint, bad config: no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`datasets | head`): what it wanted it has
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
     return 0
 
 
