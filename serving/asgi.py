@@ -27,6 +27,9 @@ from serving.metrics import observe_shed
 BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs errors of its HTTP APIs
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 class MountRoots:
     """Serve a mounted app's bare path (``GET /v2``, which perf_analyzer asks for) as its root (``/v2/``)
     instead of answering with a redirect."""
@@ -38,6 +41,37 @@ class MountRoots:
         if scope["type"] == "http" and scope["path"] in self.paths:
             scope = {**scope, "path": scope["path"] + "/", "raw_path": scope["path"].encode() + b"/"}
         await self.app(scope, receive, send)
+
+
+class JsonBodies:
+    """The JSON routes at ``paths`` (``/predict``) read their body as JSON, as the OIP infer endpoint does: whatever
+    content type came with it but a multipart form (curl ``-d`` sends ``application/x-www-form-urlencoded``, which
+    BentoML parsed as a form: "instances: Field required"), and after a UTF-8 byte-order mark (files saved by
+    Windows tools start with one; BentoML's parser refused it as invalid JSON)."""
+
+    def __init__(self, app: Any, paths: tuple[str, ...]) -> None:
+        self.app, self.paths = app, paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        headers = scope.get("headers") or []
+        if not dict(headers).get(b"content-type", b"").lower().startswith(b"multipart/"):
+            headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
+        first = True
+
+        async def without_bom() -> dict:
+            nonlocal first
+            message = await receive()
+            if first and message["type"] == "http.request":
+                first = False
+                body = message.get("body", b"")
+                if body.startswith(UTF8_BOM):
+                    message = {**message, "body": body[len(UTF8_BOM):]}
+            return message
+
+        await self.app({**scope, "headers": headers}, without_bom, send)
 
 
 class BodyLimit:

@@ -29,6 +29,7 @@ from starlette.routing import Route
 from serving.asgi import (
     BodyLimit,
     InFlight,
+    JsonBodies,
     JsonErrors,
     MountRoots,
     accept_queue,
@@ -343,3 +344,4 @@ CnnServe.add_asgi_middleware(BodyLimit, limit=SETTINGS.max_request_bytes)
 CnnServe.add_asgi_middleware(JsonErrors)
 CnnServe.add_asgi_middleware(MountRoots, paths=("/v2", "/models"))
 CnnServe.add_asgi_middleware(InferFastLane, endpoint=oip_app.state.infer_endpoint)
+CnnServe.add_asgi_middleware(JsonBodies, paths=("/predict",))  # inside the fast lane: /v2 infer never meets it

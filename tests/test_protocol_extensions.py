@@ -345,6 +345,12 @@ def test_requests_as_other_clients_build_them_are_answered(server):
     for content_type in ("application/x-www-form-urlencoded", "text/plain;charset=UTF-8"):
         r = httpx.post(infer, content=body, headers={"content-type": content_type})
         assert r.status_code == 200, (content_type, r.text)
+    # /predict alike: curl -d's form-urlencoded was parsed as a form ("instances: Field required"), a BOM refused
+    predict = json.dumps({"model": "mnist-cnn", "instances": [[0] * 28] * 28}).encode()
+    for content, content_type in ((predict, "application/x-www-form-urlencoded"),
+                                  (b"\xef\xbb\xbf" + predict, "application/json")):
+        r = httpx.post(f"{server.url}/predict", content=content, headers={"content-type": content_type})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 1, (content_type, r.text)
     # a parameter called "shape" before the inputs was read as the declared batch (413 "batch of 5000 images")
     for body in ({"parameters": {"shape": [5000]}, "inputs": [tensor]},
                  {"outputs": [{"name": "probs", "parameters": {"shape": [9999]}}], "inputs": [tensor]},
