@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,16 +93,21 @@ def providers_for(device: str) -> list[str]:
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
-    """(size, mtime in ns) of ``path``, None when it cannot be read."""
+    """(size, mtime in ns, inode) of ``path``, None when it cannot be read; the inode tells a file replaced by
+    another of the same size and time (a version directory swapped in with ``mv``)."""
     try:
         stat = path.stat()
     except OSError:
         return None
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
-def fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
-    """What the files of a version directory look like now (name, size, mtime): a change means try again."""
+VERSION_NAME = re.compile(r"[1-9][0-9]*", re.ASCII)
+
+
+def fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """What the files of a version directory look like now (name, size, mtime, inode): a change means load
+    again (a failed version: try again; a served one: its files were replaced)."""
     return tuple((name, *stamp) for name in (CARD_FILE, MODEL_FILE) if (stamp := _stamp(path / name)))
 
 
@@ -111,7 +117,7 @@ class _Seen:
 
     status: VersionStatus
     fingerprint: tuple
-    failures: int = 0  # consecutive failed loads of this very fingerprint
+    failures: int = 0  # consecutive failed loads of this very fingerprint (of a served version: its replacement's)
 
 
 @dataclass
@@ -142,6 +148,7 @@ class ModelRepository:
         self._providers = providers_for(settings.device)
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._seen: dict[tuple[str, int], _Seen] = {}
+        self._ignored: set[Path] = set()  # entries that are not version directories, logged once
         self._unloaded: set[str] = set()  # models taken out of service by unload(), whatever is on disk
         self._unloaded_stamp: tuple[int, int] | None = None  # the shared unloaded file as last read
         # files shared by the workers of one server (children of one BentoML arbiter); not kept across restarts
@@ -180,15 +187,25 @@ class ModelRepository:
             for (name, version), path in sorted(on_disk.items()):
                 now = fingerprint(path)
                 before = seen.get((name, version))
-                if before is not None and (before.status.ready or (before.fingerprint == now and name not in retry
-                                                                   and before.status.state == FAILED)):
+                if before is not None and before.fingerprint == now and (
+                        (before.status.ready and not before.failures)
+                        or (name not in retry and before.status.state == FAILED)):
                     continue
+                # a served version whose files changed (replaced in place, or its directory swapped): what is on
+                # disk is what every worker serves, a worker restarted later included, so it is loaded again
+                served = models.get(name, {}).get(version) if before is not None and before.status.ready else None
                 try:
                     loaded = self._load(path, name, version)
                 except Exception as exc:  # any failure: that version is not ready, the rest serve
                     reason = str(exc) or type(exc).__name__
                     failures = before.failures + 1 if before is not None and before.fingerprint == now else 1
                     state = FAILED if not self.scanned or failures >= 2 else PENDING
+                    if served is not None and state == PENDING:  # maybe half rewritten: the old files serve on
+                        seen[(name, version)] = _Seen(before.status, now, failures)
+                        result.changes.append(f"pending replacement of {name}/{version} (will retry: {reason})")
+                        continue
+                    if served is not None:
+                        result.removed.append(models[name].pop(version))
                     seen[(name, version)] = _Seen(VersionStatus(name, version, False, reason, state=state), now,
                                                   failures)
                     if state == FAILED:
@@ -197,11 +214,16 @@ class ModelRepository:
                     elif before is None:
                         result.changes.append(f"pending {name}/{version} (will retry: {reason})")
                     continue
+                if served is not None:
+                    result.removed.append(served)
+                    log.warning("model repository: %s/%s files changed on disk: loaded again", name, version)
+                    result.changes.append(f"reloaded {name}/{version} (its files changed)")
                 models.setdefault(name, {})[version] = loaded
                 seen[(name, version)] = _Seen(VersionStatus(name, version, True, loaded.device_note or "",
                                                             loaded.providers), now)
                 log.debug("loaded %s/%s on %s", name, version, loaded.providers[0])  # INFO: the scan's change line
-                result.changes.append(f"loaded {name}/{version}")
+                if served is None:
+                    result.changes.append(f"loaded {name}/{version}")
             result.changes += self._fallbacks(self._models, models)
             # readers (the event loop, while this runs in a thread) see a model that is being unloaded or loaded
             # as served or as unloaded at every moment, never as not found: the unloaded set grows before the
@@ -233,16 +255,30 @@ class ModelRepository:
         return changes
 
     def _versions_on_disk(self) -> dict[tuple[str, int], Path]:
+        """The version directories: named by a positive whole number in ASCII digits without leading zeros (so
+        ``²`` or ``03`` beside ``3`` cannot break or confuse a scan); other entries are ignored, each logged once."""
         if not self.root.is_dir():
             return {}
         found = {}
         for model_dir in self.root.iterdir():
             if not model_dir.is_dir() or model_dir.name.startswith("."):
                 continue
-            for version_dir in model_dir.iterdir():
-                if version_dir.is_dir() and version_dir.name.isdigit():
+            try:
+                entries = list(model_dir.iterdir())
+            except OSError as exc:  # unreadable: its versions are not on disk as far as this scan can tell
+                self._ignore(model_dir, f"cannot be read ({exc.strerror or exc})")
+                continue
+            for version_dir in entries:
+                if version_dir.is_dir() and VERSION_NAME.fullmatch(version_dir.name):
                     found[(model_dir.name, int(version_dir.name))] = version_dir
+                elif not version_dir.name.startswith("."):
+                    self._ignore(version_dir, "is not a version directory (a positive whole number, e.g. 3)")
         return found
+
+    def _ignore(self, path: Path, why: str) -> None:
+        if path not in self._ignored:
+            self._ignored.add(path)
+            log.warning("model repository: ignoring %s: it %s", path, why)
 
     def _read_unloaded(self) -> set[str]:
         self._unloaded_stamp = _stamp(self.unloaded_file)

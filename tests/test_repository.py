@@ -125,3 +125,38 @@ def test_a_model_being_unloaded_or_loaded_is_never_reported_not_found(tmp_path):
         worker.join()
     assert repo.get("mnist-cnn").version == 1
     repo.close()
+
+
+def test_a_served_version_whose_files_change_is_loaded_again_or_dropped(tmp_path):
+    # a fault probe: files replaced under a served version were never looked at again, so a worker restarted
+    # later served the new files and the others the old ones under the same version
+    copy_version(EXPORTS / "mnist-cnn" / "1", tmp_path / "mnist-cnn" / "1")
+    copy_version(EXPORTS / "mnist-cnn" / "1", tmp_path / "mnist-cnn" / "2")
+    repo = ModelRepository(Settings(model_dir=tmp_path, device="cpu"))
+    repo.scan()
+    served = repo.get("mnist-cnn", 2)
+    copy_version(EXPORTS / "mnist-cnn" / "2", tmp_path / "mnist-cnn" / "2")  # other weights, a true card
+    result = repo.scan()
+    assert result.changes == ["reloaded mnist-cnn/2 (its files changed)"] and result.removed == [served]
+    assert repo.get("mnist-cnn", 2).card.sha256 == file_sha256(tmp_path / "mnist-cnn" / "2" / "model.onnx")
+    assert repo.scan().changes == []  # and not again while they stay as they are
+    served = repo.get("mnist-cnn", 2)
+    (tmp_path / "mnist-cnn" / "2" / "model.onnx").write_bytes(b"half written")  # maybe still being copied
+    assert repo.scan().changes[0].startswith("pending replacement of mnist-cnn/2")
+    assert repo.get("mnist-cnn", 2) is served  # the loaded files serve on meanwhile
+    result = repo.scan()  # the same broken files a poll later: judged, and the old model goes
+    assert result.changes[0] == "failed mnist-cnn/2" and result.removed == [served]
+    assert repo.get("mnist-cnn").version == 1
+    repo.close()
+
+
+def test_only_whole_numbers_name_versions_and_nothing_else_breaks_a_scan(tmp_path):
+    # "²".isdigit() is True but int("²") raises: every scan failed, and a worker starting crash-looped
+    copy_version(EXPORTS / "mnist-cnn" / "1", tmp_path / "mnist-cnn" / "3")
+    for odd in ("²", "03", "-1", "1.0", "latest"):
+        (tmp_path / "mnist-cnn" / odd).mkdir()
+    (tmp_path / "mnist-cnn" / "4").write_text("a file, not a directory")
+    repo = ModelRepository(Settings(model_dir=tmp_path, device="cpu"))
+    assert repo.scan().changes == ["loaded mnist-cnn/3"]
+    assert [(s.name, s.version) for s in repo.statuses()] == [("mnist-cnn", 3)]
+    repo.close()
