@@ -150,7 +150,8 @@ class ModelRepository:
         self._seen: dict[tuple[str, int], _Seen] = {}
         self._ignored: set[Path] = set()  # entries that are not version directories, logged once
         self._unloaded: set[str] = set()  # models taken out of service by unload(), whatever is on disk
-        self._unloaded_stamp: tuple[int, int] | None = None  # the shared unloaded file as last read
+        self._unloaded_stamp: tuple[int, int, int] | None = None  # the shared unloaded file as last read
+        self._loads_applied: dict[str, int] = {}  # each model's shared load count as this worker last applied it
         # files shared by the workers of one server (children of one BentoML arbiter); not kept across restarts
         self.shared_dir = server_dir()
         self.unloaded_file = self.shared_dir / "unloaded.json"
@@ -174,7 +175,10 @@ class ModelRepository:
         tried again whenever its files change. Versions present at the first scan are judged at once."""
         with self._lock:
             result = ScanResult()
-            unloaded = self._read_unloaded()
+            unloaded, loads = self._read_unloaded()
+            # a load() answered by any worker retries the model's failed versions in every worker
+            retry = set(retry) | {n for n, count in loads.items() if count > self._loads_applied.get(n, 0)}
+            self._loads_applied = loads
             on_disk = {key: path for key, path in self._versions_on_disk().items() if key[0] not in unloaded}
             models = {name: dict(versions) for name, versions in self._models.items()}
             seen = dict(self._seen)
@@ -280,21 +284,25 @@ class ModelRepository:
             self._ignored.add(path)
             log.warning("model repository: ignoring %s: it %s", path, why)
 
-    def _read_unloaded(self) -> set[str]:
+    def _read_unloaded(self) -> tuple[set[str], dict[str, int]]:
+        """The shared state of load / unload: (the models unloaded, how many times each model was loaded). The
+        counts reach the other workers however soon a load follows an unload (a set alone was back as it was by
+        the time their pollers read it, so they never retried the model's failed versions)."""
         self._unloaded_stamp = _stamp(self.unloaded_file)
         try:
-            return set(json.loads(self.unloaded_file.read_text()))
-        except (OSError, ValueError):
-            return set()
+            shared = json.loads(self.unloaded_file.read_text())
+            return set(shared["unloaded"]), {name: int(n) for name, n in shared["loads"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return set(), {}
 
     def unloaded_changed(self) -> bool:
-        """Whether a worker changed the shared unloaded set since this one last read it (one ``stat``)."""
+        """Whether a worker changed the shared load / unload state since this one last read it (one ``stat``)."""
         return _stamp(self.unloaded_file) != self._unloaded_stamp
 
-    def _set_unloaded(self, names: set[str]) -> None:
-        """Share ``names`` as the unloaded set; this worker applies it at its scan, with the models it loads."""
+    def _set_unloaded(self, names: set[str], loads: dict[str, int]) -> None:
+        """Share the unloaded set and the load counts; this worker applies them at its scan."""
         self.unloaded_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.unloaded_file, sorted(names))
+        write_json_atomic(self.unloaded_file, {"unloaded": sorted(names), "loads": loads})
 
     def _model_names_on_disk(self) -> set[str]:
         if not self.root.is_dir():
@@ -356,7 +364,8 @@ class ModelRepository:
         ``unloaded_file``, which their pollers watch: ``unloaded_changed``)."""
         if name not in self._model_names_on_disk() and name not in self._models:
             raise ModelNotFound(f"model {name!r} not found in the repository")
-        self._set_unloaded(self._read_unloaded() | {name})
+        unloaded, loads = self._read_unloaded()
+        self._set_unloaded(unloaded | {name}, loads)
         self._served.discard(name)
         return self.scan()
 
@@ -364,8 +373,9 @@ class ModelRepository:
         """Serve ``name`` again (after ``unload``) and try its failed versions again, files changed or not."""
         if name not in self._model_names_on_disk():
             raise ModelNotFound(f"model {name!r} not found in the repository")
-        self._set_unloaded(self._read_unloaded() - {name})
-        result = self.scan(retry={name})
+        unloaded, loads = self._read_unloaded()
+        self._set_unloaded(unloaded - {name}, {**loads, name: loads.get(name, 0) + 1})
+        result = self.scan()  # retries its failed versions: its load count went up
         if name not in self._models:
             reasons = "; ".join(f"{s.version}: {s.reason}" for s in self.statuses() if s.name == name) or "no versions"
             raise ModelNotReady(f"model {name} did not load: {reasons}")

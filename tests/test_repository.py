@@ -3,6 +3,7 @@
 import contextlib
 import json
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -160,3 +161,33 @@ def test_only_whole_numbers_name_versions_and_nothing_else_breaks_a_scan(tmp_pat
     assert repo.scan().changes == ["loaded mnist-cnn/3"]
     assert [(s.name, s.version) for s in repo.statuses()] == [("mnist-cnn", 3)]
     repo.close()
+
+
+def test_a_load_retries_failed_versions_in_every_worker_however_soon_it_follows_an_unload(tmp_path, monkeypatch):
+    # the shared state was the unloaded set alone: an unload and a load back to back left it as it was by the time
+    # the other worker's poller read it, so only the answering worker retried the model's failed versions
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # this test's own shared files
+    (tmp_path / "tmp").mkdir()
+    copy_version(EXPORTS / "mnist-cnn" / "1", tmp_path / "repo" / "mnist-cnn" / "1")
+    copy_version(EXPORTS / "mnist-cnn" / "1", tmp_path / "repo" / "mnist-cnn" / "2")
+    settings = Settings(model_dir=tmp_path / "repo", device="cpu")
+    answering, other = ModelRepository(settings), ModelRepository(settings, worker_slot=1)
+    answering.scan()
+    load, attempts = other._load, []
+
+    def fails_once(path, name, version):  # a read that failed once in this worker (say, a flaky mount)
+        attempts.append(version)
+        if attempts.count(2) == 1 and version == 2:
+            raise OSError("read failed")
+        return load(path, name, version)
+
+    monkeypatch.setattr(other, "_load", fails_once)
+    other.scan()
+    assert other.get("mnist-cnn").version == 1  # version 2 failed here, unchanged files are not tried again
+    answering.unload("mnist-cnn")
+    answering.load("mnist-cnn")
+    assert other.unloaded_changed()
+    other.scan()  # what its poller does when the shared file changes
+    assert other.get("mnist-cnn").version == 2
+    answering.close()
+    other.close()
