@@ -110,10 +110,9 @@ def model_name(base: TrainConfig, overrides: dict[str, Any], derived: bool, tag:
     ``pneumoniamnist-transfer-dermamnist``, ``pneumoniamnist-cnn-recipe-64``."""
     arch, dataset = overrides.get("arch", base.arch), overrides.get("dataset", base.dataset)
     size = overrides.get("size", base.size)
-    parts = [base.dataset, arch] if derived else [base.name, *([arch] if arch != base.arch else [])]
-    parts += [*([dataset] if dataset != base.dataset else []), *([tag] if tag else []),
-              *([str(size)] if size != base.size else [])]
-    return "-".join(parts)
+    parts = [base.dataset, arch] if derived else [base.name, arch if arch != base.arch else ""]
+    parts += [dataset if dataset != base.dataset else "", tag, str(size) if size != base.size else ""]
+    return "-".join(part for part in parts if part)
 
 
 def dataset_table(data_dir: Path) -> str:
