@@ -8,9 +8,10 @@ worker's model repository and batchers; several workers share the port through S
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -29,6 +30,10 @@ from serving.oip import check_outputs, decode_input, output_tensor, timeout_dead
 from serving.settings import Settings
 
 log = logging.getLogger("cnnserve.grpc")
+
+# requests of one ModelStreamInfer stream in progress at once (they batch with each other); past it the stream is
+# not read, which bounds what one stream can hold in memory like the server's limit on concurrent calls does
+STREAM_WINDOW = 64
 
 
 class _Undecodable:
@@ -103,6 +108,58 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_guard
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[Any],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's bidirectional stream (tritonclient's ``start_stream`` / ``async_stream_infer``,
+        perf_analyzer ``--streaming``): each request is answered by one response, in the order the answers
+        are ready, carrying the request's ``id``; a request that fails is answered by its ``error_message``
+        and the stream goes on. Up to ``STREAM_WINDOW`` requests of a stream are in progress at once, so that
+        they batch with each other; past that the stream is not read (HTTP/2 flow control holds the client).
+        When the client goes away its requests still queued are dropped, never computed."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        in_progress: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any) -> None:
+            try:
+                if isinstance(request, _Undecodable):
+                    raise InvalidInput(request.reason)
+                response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+            except ServingError as exc:
+                log_refusal(exc, "oip-grpc")
+                response = _stream_error(request, exc.message)
+            except Exception as exc:  # a defect: answer it on the stream, which serves on
+                log.exception("stream request failed")
+                response = _stream_error(request, f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                window.release()
+            answers.put_nowait(response)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await window.acquire()
+                    task = asyncio.create_task(answer(request))
+                    in_progress.add(task)
+                    task.add_done_callback(in_progress.discard)
+                while in_progress:
+                    await asyncio.wait(set(in_progress))
+            finally:
+                answers.put_nowait(None)  # the end of the answers, also when reading failed
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader  # a failure to read the stream ends the call with its error
+        finally:
+            for task in (reader, *in_progress):
+                task.cancel()
+
+    async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        """One infer request of either method, answered or refused with a ``ServingError``."""
         self.dataplane.check_loop_lag("oip-grpc")
         model = self.dataplane.model(request.model_name, request.model_version)
         max_images = self.dataplane.settings.max_images_per_request
@@ -130,7 +187,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id,
                                      outputs=[out], raw_output_contents=[output.raw()])
 
-
     @_guard
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         stats = self.dataplane.statistics(request.name, request.version)
@@ -154,6 +210,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                     context: Any) -> pb.RepositoryModelUnloadResponse:
         await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _stream_error(request: Any, message: str) -> pb.ModelStreamInferResponse:
+    """A stream's answer to a request that failed: the message, and the request's id and model when it has them."""
+    if isinstance(request, _Undecodable):
+        return pb.ModelStreamInferResponse(error_message=message)
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(
+        id=request.id, model_name=request.model_name, model_version=request.model_version))
 
 
 def _parameter(message: Any, name: str) -> Any:

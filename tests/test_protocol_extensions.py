@@ -367,3 +367,60 @@ def test_requests_as_other_clients_build_them_are_answered(server):
             assert r.status_code == 200, r.text
         else:
             assert r.status_code == 400 and "at least one image" in r.json()["error"], r.text
+
+
+def test_stream_infer_answers_each_request_by_id_and_errors_without_ending_the_stream(server):
+    """Triton's ModelStreamInfer as tritonclient streams it: every request gets its own answer carrying its id,
+    the same probabilities as a unary call; a bad request is an error on the stream, which goes on serving."""
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    rng = np.random.default_rng(7)
+    images = {str(i): rng.integers(0, 256, (1 + i % 3, 28, 28), dtype=np.uint8) for i in range(40)}
+    answers: dict[str, np.ndarray] = {}
+    errors: list[str] = []
+    done = threading.Event()
+
+    def on_answer(result, error) -> None:
+        if error is not None:
+            errors.append(error.message())
+        else:
+            answers[result.get_response().id] = result.as_numpy("probs")
+        if len(answers) + len(errors) == len(images) + 2:
+            done.set()
+
+    def infer_input(batch: np.ndarray, datatype: str = "UINT8") -> grpcclient.InferInput:
+        tensor = grpcclient.InferInput("images", list(batch.shape), datatype)
+        tensor.set_data_from_numpy(batch if datatype == "UINT8" else batch.astype(np.float32))
+        return tensor
+
+    client.start_stream(callback=on_answer)
+    try:
+        ids = list(images)
+        for request_id in ids[:20]:
+            client.async_stream_infer("mnist-cnn", [infer_input(images[request_id])], request_id=request_id)
+        client.async_stream_infer("mnist-cnn", [infer_input(images["0"], "FP32")], request_id="wrong-type")
+        client.async_stream_infer("no-such-model", [infer_input(images["0"])], request_id="no-model")
+        for request_id in ids[20:]:
+            client.async_stream_infer("mnist-cnn", [infer_input(images[request_id])], request_id=request_id)
+        assert done.wait(30), f"{len(answers)} answers and {len(errors)} errors of {len(images) + 2}"
+    finally:
+        client.stop_stream()
+    assert sorted(answers) == sorted(images)
+    for request_id in ("0", "17", "39"):
+        unary = client.infer("mnist-cnn", [infer_input(images[request_id])]).as_numpy("probs")
+        np.testing.assert_allclose(answers[request_id], unary, rtol=1e-5, atol=1e-6)
+    assert len(errors) == 2 and any("FP32" in e for e in errors) and any("no-such-model" in e for e in errors), errors
+
+
+def test_stream_infer_answers_an_undecodable_message_on_the_stream(server):
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")  # raw bytes both ways
+        good = pb.ModelInferRequest(model_name="mnist-cnn", id="good", raw_input_contents=[bytes(784)],
+                                    inputs=[pb.ModelInferRequest.InferInputTensor(
+                                        name="images", datatype="UINT8", shape=[1, 28, 28])])
+        responses = [pb.ModelStreamInferResponse.FromString(r)
+                     for r in stream(iter([b"\x0a\x02\xff\xfe", good.SerializeToString()]), timeout=30)]
+    assert len(responses) == 2
+    [bad] = [r for r in responses if r.error_message]
+    [answer] = [r.infer_response for r in responses if not r.error_message]
+    assert "protobuf" in bad.error_message and answer.id == "good" and answer.outputs[0].shape == [1, 10]
+    assert "Traceback" not in server.log.read_text()
