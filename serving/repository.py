@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,6 +141,18 @@ def _check_graph_against_card(session: ort.InferenceSession, card: ModelCard) ->
                         f"{card.probs.shape} ({len(card.labels)} labels): a graph and a card of different models?")
 
 
+def _check_regular_files(path: Path) -> None:
+    """A version's files present must be regular files (symbolic links to them too): reading a FIFO, a socket or a
+    device such as /dev/zero would block or never end, holding every later scan of this worker with it."""
+    for name in (CARD_FILE, MODEL_FILE):
+        try:
+            mode = (path / name).stat().st_mode
+        except OSError:
+            continue  # missing: reported by the reads that need it
+        if not stat.S_ISREG(mode):
+            raise CardError(f"{path / name} is not a regular file (a pipe, socket or device is never read)")
+
+
 class ModelRepository:
     def __init__(self, settings: Settings, worker_slot: int = 0) -> None:
         """``worker_slot``: this worker's place among the server's workers (0-based), on the ``BusyBoard``."""
@@ -164,6 +177,7 @@ class ModelRepository:
         self._lock = threading.Lock()  # serialises scans; readers never take it
         self.device_note: str | None = None
         self.scanned = False
+        self._root_missing = False  # the root could not be listed at the last scan (logged once)
 
     # --- loading -----------------------------------------------------------------------------------------
     def scan(self, retry: set[str] | frozenset[str] = frozenset()) -> ScanResult:
@@ -179,7 +193,10 @@ class ModelRepository:
             # a load() answered by any worker retries the model's failed versions in every worker
             retry = set(retry) | {n for n, count in loads.items() if count > self._loads_applied.get(n, 0)}
             self._loads_applied = loads
-            on_disk = {key: path for key, path in self._versions_on_disk().items() if key[0] not in unloaded}
+            listing = self._versions_on_disk()
+            if listing is None:  # the root is gone for now (renamed, unmounted): what was on disk is taken as is
+                listing = {key: None for key in self._seen}
+            on_disk = {key: path for key, path in listing.items() if key[0] not in unloaded}
             models = {name: dict(versions) for name, versions in self._models.items()}
             seen = dict(self._seen)
             for key in sorted(set(seen) - set(on_disk)):
@@ -189,6 +206,8 @@ class ModelRepository:
                     result.removed.append(dropped)
                 result.changes.append(f"removed {key[0]}/{key[1]}")
             for (name, version), path in sorted(on_disk.items()):
+                if path is None:
+                    continue
                 now = fingerprint(path)
                 before = seen.get((name, version))
                 if before is not None and before.fingerprint == now and (
@@ -258,13 +277,28 @@ class ModelRepository:
                 self.fallbacks.pop(name, None)
         return changes
 
-    def _versions_on_disk(self) -> dict[tuple[str, int], Path]:
+    def _versions_on_disk(self) -> dict[tuple[str, int], Path] | None:
         """The version directories: named by a positive whole number in ASCII digits without leading zeros (so
-        ``²`` or ``03`` beside ``3`` cannot break or confuse a scan); other entries are ignored, each logged once."""
-        if not self.root.is_dir():
-            return {}
+        ``²`` or ``03`` beside ``3`` cannot break or confuse a scan); other entries are ignored, each logged once.
+
+        None when the root itself cannot be listed after the first scan: a repository renamed away for a moment
+        (swapped with ``mv``), an unmounted volume or a lost permission would otherwise unload every model at
+        once; what is served serves on, and the next scan that can list the root applies what changed."""
+        try:
+            model_dirs = list(self.root.iterdir())
+        except OSError as exc:
+            if not self.scanned:
+                return {}  # at start: nothing to keep, not ready
+            if not self._root_missing:
+                log.error("model repository: %s cannot be listed (%s): the %d models loaded serve on until it can",
+                          self.root, exc.strerror or exc, len(self._models))
+            self._root_missing = True
+            return None
+        if self._root_missing:
+            log.warning("model repository: %s can be listed again", self.root)
+            self._root_missing = False
         found = {}
-        for model_dir in self.root.iterdir():
+        for model_dir in model_dirs:
             if not model_dir.is_dir() or model_dir.name.startswith("."):
                 continue
             try:
@@ -305,11 +339,13 @@ class ModelRepository:
         write_json_atomic(self.unloaded_file, {"unloaded": sorted(names), "loads": loads})
 
     def _model_names_on_disk(self) -> set[str]:
-        if not self.root.is_dir():
+        try:
+            return {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        except OSError:
             return set()
-        return {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
 
     def _load(self, path: Path, name: str, version: int) -> LoadedModel:
+        _check_regular_files(path)
         card = read_card(path / CARD_FILE)
         if (card.name, card.version) != (name, version):
             raise CardError(f"card says {card.name}/{card.version} but lives in {name}/{version}")

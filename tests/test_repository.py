@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -191,3 +192,40 @@ def test_a_load_retries_failed_versions_in_every_worker_however_soon_it_follows_
     assert other.get("mnist-cnn").version == 2
     answering.close()
     other.close()
+
+
+def test_a_repository_renamed_away_for_a_while_unloads_nothing(tmp_path):
+    # swapping a whole repository with two renames left no root for a moment, and a scan then unloaded every model
+    root = tmp_path / "repo"
+    copy_version(EXPORTS / "mnist-cnn" / "1", root / "mnist-cnn" / "1")
+    copy_version(EXPORTS / "pneumoniamnist-cnn" / "1", root / "pneumoniamnist-cnn" / "1")
+    repo = ModelRepository(Settings(model_dir=root, device="cpu"))
+    repo.scan()
+    served = repo.get("mnist-cnn")
+    root.rename(tmp_path / "elsewhere")
+    assert repo.scan().changes == [] and repo.get("mnist-cnn") is served and repo.ready
+    assert repo.unload("pneumoniamnist-cnn").changes == ["removed pneumoniamnist-cnn/1"]  # unloads still apply
+    (tmp_path / "elsewhere").rename(root)
+    assert repo.scan().changes == [] and repo.get("mnist-cnn") is served  # the same files: nothing to do
+    shutil.rmtree(root / "mnist-cnn")  # a root that can be listed says what is gone
+    assert repo.scan().changes == ["removed mnist-cnn/1"]
+    repo.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_pipe_or_device_in_place_of_a_model_file_fails_that_version_without_blocking_scans(tmp_path):
+    copy_version(EXPORTS / "mnist-cnn" / "1", tmp_path / "mnist-cnn" / "1")
+    copy_version(EXPORTS / "mnist-cnn" / "1", tmp_path / "mnist-cnn" / "2", files=("model.json",))
+    os.mkfifo(tmp_path / "mnist-cnn" / "2" / "model.onnx")  # opening it for reading waits for a writer
+    (tmp_path / "mnist-cnn" / "3").mkdir()
+    copy_version(EXPORTS / "mnist-cnn" / "1", tmp_path / "mnist-cnn" / "3", files=("model.onnx",))
+    (tmp_path / "mnist-cnn" / "3" / "model.json").symlink_to("/dev/zero")  # never ends
+    repo = ModelRepository(Settings(model_dir=tmp_path, device="cpu"))
+    done = threading.Event()
+    threading.Thread(target=lambda: (repo.scan(), done.set()), daemon=True).start()
+    assert done.wait(20), "the scan blocked on a pipe or a device"
+    assert repo.get("mnist-cnn").version == 1
+    for version in (2, 3):
+        with pytest.raises(ModelNotReady, match="is not a regular file"):
+            repo.get("mnist-cnn", version)
+    repo.close()
