@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from serving.dataplane import SERVER_NAME, DataPlane
-from serving.errors import InvalidInput, ServingError, log_refusal
+from serving.errors import InvalidInput, Overloaded, ServingError, log_refusal
 from serving.model_card import PROBS_NAME
 from serving.oip import check_outputs, decode_input, output_tensor, timeout_deadline
 from serving.settings import Settings
@@ -114,28 +114,44 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's bidirectional stream (tritonclient's ``start_stream`` / ``async_stream_infer``,
         perf_analyzer ``--streaming``): each request is answered by one response, in the order the answers
-        are ready, carrying the request's ``id``; a request that fails is answered by its ``error_message``
-        and the stream goes on. Up to ``STREAM_WINDOW`` requests of a stream are in progress at once, so that
-        they batch with each other; past that the stream is not read (HTTP/2 flow control holds the client).
-        When the client goes away its requests still queued are dropped, never computed."""
+        are ready, carrying the request's ``id`` and ``triton_final_response``; a request that fails is answered
+        by its ``error_message`` and the stream goes on.
+
+        Up to ``STREAM_WINDOW`` requests of a stream are read and not yet answered at once (they batch with each
+        other); past that the stream is not read, and HTTP/2 flow control holds the client, also one that sends
+        and never reads. A stream is paced to what the model admits: a request refused for overload while
+        requests of its own stream are in progress waits for one of them to end and tries again (a stream is
+        never refused for its own backlog; one with nothing in progress is: others overload the server). When
+        the client goes away, its requests still queued are dropped, never computed."""
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         in_progress: set[asyncio.Task[None]] = set()
+        running, ended = 0, asyncio.Condition()  # requests of this stream past admission, and a signal as one ends
 
         async def answer(request: Any) -> None:
-            try:
-                if isinstance(request, _Undecodable):
-                    raise InvalidInput(request.reason)
-                response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
-            except ServingError as exc:
-                log_refusal(exc, "oip-grpc")
-                response = _stream_error(request, exc.message)
-            except Exception as exc:  # a defect: answer it on the stream, which serves on
-                log.exception("stream request failed")
-                response = _stream_error(request, f"internal error: {type(exc).__name__}: {exc}")
-            finally:
-                window.release()
-            answers.put_nowait(response)
+            nonlocal running
+            while True:
+                running += 1
+                try:
+                    if isinstance(request, _Undecodable):
+                        raise InvalidInput(request.reason)
+                    response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+                except ServingError as exc:
+                    if isinstance(exc, Overloaded) and running > 1:  # behind its own stream: wait, then again
+                        running -= 1
+                        async with ended:
+                            await ended.wait()
+                        continue
+                    log_refusal(exc, "oip-grpc")
+                    response = _stream_error(request, exc.message)
+                except Exception as exc:  # a defect: answer it on the stream, which serves on
+                    log.exception("stream request failed")
+                    response = _stream_error(request, f"internal error: {type(exc).__name__}: {exc}")
+                running -= 1
+                async with ended:
+                    ended.notify_all()
+                answers.put_nowait(response)
+                return
 
         async def read() -> None:
             try:
@@ -152,7 +168,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (response := await answers.get()) is not None:
+                response.infer_response.parameters["triton_final_response"].bool_param = True
                 yield response
+                window.release()  # sent: room for one more request of this stream
             await reader  # a failure to read the stream ends the call with its error
         finally:
             for task in (reader, *in_progress):
@@ -288,8 +306,9 @@ class GrpcServer:
             ("grpc.so_reuseport", 1),
         ]
         if settings.grpc_max_connection_age_s > 0:
-            options += [("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000)),
-                        ("grpc.max_connection_age_grace_ms", int(settings.request_timeout_s * 1000))]
+            # no grace limit (grpc's default): calls in flight on an aged connection run to their end, streams
+            # included, while new calls go to a new connection (a 60 s grace cut every stream at about 90 s)
+            options += [("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000))]
         self.server = grpc.aio.server(options=options,
                                       maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs or None)
         _add_tolerant_servicer(InferenceServicer(dataplane), self.server)

@@ -383,7 +383,9 @@ def test_stream_infer_answers_each_request_by_id_and_errors_without_ending_the_s
         if error is not None:
             errors.append(error.message())
         else:
-            answers[result.get_response().id] = result.as_numpy("probs")
+            response = result.get_response()
+            assert response.parameters["triton_final_response"].bool_param  # what Triton's clients wait for
+            answers[response.id] = result.as_numpy("probs")
         if len(answers) + len(errors) == len(images) + 2:
             done.set()
 
@@ -424,3 +426,51 @@ def test_stream_infer_answers_an_undecodable_message_on_the_stream(server):
     [answer] = [r.infer_response for r in responses if not r.error_message]
     assert "protobuf" in bad.error_message and answer.id == "good" and answer.outputs[0].shape == [1, 10]
     assert "Traceback" not in server.log.read_text()
+
+
+def test_a_stream_is_paced_to_what_the_model_admits_never_refused_for_its_own_backlog(server):
+    """An outside probe: one stream sending 200 requests of 32 images at once had 188 refused as overloaded (its
+    own 64 requests in progress were more than the queue budget admits)."""
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    batch = np.random.default_rng(3).integers(0, 256, (32, 28, 28), dtype=np.uint8)
+    tensor = grpcclient.InferInput("images", list(batch.shape), "UINT8")
+    tensor.set_data_from_numpy(batch)
+    outcomes: list[str | None] = []
+    done = threading.Event()
+
+    def on_answer(result, error) -> None:
+        outcomes.append(None if error is None else error.message())
+        if len(outcomes) == 150:
+            done.set()
+
+    client.start_stream(callback=on_answer)
+    try:
+        for i in range(150):
+            client.async_stream_infer("mnist-cnn", [tensor], request_id=str(i))
+        assert done.wait(120), f"{len(outcomes)} of 150 answered"
+    finally:
+        client.stop_stream()
+    refused = [o for o in outcomes if o is not None]
+    assert not refused, f"{len(refused)} of 150 refused, e.g. {refused[0]}"
+
+
+def test_a_stream_outlives_its_connections_age(repo, tmp_path):
+    """The connection age re-spreads channels; a stream on an aged connection runs to its end (a grace of the
+    request timeout cut every stream at about 90 s, its requests in flight unanswered)."""
+    srv = start_server(repo, tmp_path / "server.log", workers=1, grpc_max_connection_age_s=1, request_timeout_s=2)
+    request = pb.ModelInferRequest(model_name="mnist-cnn", raw_input_contents=[bytes(784)], inputs=[
+        pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 28, 28])])
+
+    def slowly():
+        for i in range(10):
+            time.sleep(0.5)
+            request.id = str(i)
+            yield request
+
+    try:
+        with grpc.insecure_channel(srv.grpc_address) as channel:
+            answers = list(pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(slowly(), timeout=60))
+    finally:
+        srv.stop()
+    assert [a.infer_response.id for a in answers] == [str(i) for i in range(10)]
+    assert not any(a.error_message for a in answers)
