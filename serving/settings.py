@@ -39,8 +39,8 @@ class Settings:
     header_timeout_s: float = 10.0  # HTTP: 408 and close when a request's headers are not complete by then (0 = off)
     max_concurrency: int = 128  # HTTP inference requests in progress per worker, past it 429 (0 = no limit)
     grpc_max_concurrent_rpcs: int = 256  # gRPC calls in progress per worker, past it RESOURCE_EXHAUSTED (0 = none)
-    # gRPC connections are closed (after a grace for calls in flight) at this age, so that long-lived channels
-    # spread again over workers and pods; clients reconnect on their own
+    # gRPC connections take no new calls past this age (calls in flight and streams run to their end), so that
+    # long-lived channels spread again over workers and pods; clients reconnect on their own
     grpc_max_connection_age_s: float = 30.0
     grpc_reflection: bool = True  # gRPC server reflection (grpcurl list / describe without the .proto files)
     shutdown_drain_s: float = 5.0  # SIGTERM: not ready, but serving on, for this long before shutting down
