@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from bentoml.exceptions import BadInput
 from pydantic import ValidationError
@@ -298,9 +299,15 @@ def install_multipart_field_check() -> bool:
     return True
 
 
-_408_BODY = json.dumps({"error": "the request headers did not arrive in time"}).encode()
-REQUEST_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                       b"content-length: %d\r\n\r\n%s" % (len(_408_BODY), _408_BODY))
+def _closing_answer(status: bytes, message: str) -> bytes:
+    """A whole HTTP response that ends its connection: a JSON error written straight to the transport."""
+    body = json.dumps({"error": message}).encode()
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, len(body), body))
+
+
+REQUEST_TIMEOUT_408 = _closing_answer(b"408 Request Timeout", "the request headers did not arrive in time")
+BODY_STALLED_408 = _closing_answer(b"408 Request Timeout", "the request body stopped arriving")
 
 
 class _HeldHead:
@@ -363,59 +370,98 @@ def install_single_write_responses() -> bool:
     return True
 
 
-def install_header_timeout(timeout_s: float) -> bool:
-    """Close a connection whose request headers are not complete ``timeout_s`` after it opened or after the
-    request's first byte, with HTTP 408: a client trickling header bytes (slowloris) otherwise holds a
-    connection for as long as it keeps sending, as uvicorn arms no timer until a request is complete (its
-    keep-alive timer restarts on every byte).
+def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
+    """Limits on reading a request, which uvicorn does not set (its httptools protocol arms no timer until a
+    request is complete, and buffers headers of any size):
 
-    uvicorn has no setting for this, so it wraps four methods of its httptools protocol class (the one BentoML's
-    uvicorn uses when httptools is installed, as the ``serve`` extra does); ``tests/test_bad_input.py`` checks
-    it on the real server. Returns False where that class is missing (nothing installed)."""
+    * headers not complete ``timeout_s`` after the connection opened or after the request's first byte: 408 and
+      close (a client trickling header bytes, slowloris, held a connection for as long as it kept sending);
+    * a body with no new bytes for ``timeout_s``: 408 and close, unless its answer has begun (a stalled upload
+      held its in-flight slot, one of ``CNNSERVE_MAX_CONCURRENCY``, until the request timeout; a slow one that
+      keeps sending goes on); armed only when a read leaves the body incomplete, so most requests pay nothing;
+    * request line and headers over ``max_header_bytes`` (0: no limit) and still incomplete: 431 and close (a
+      64 MB header was buffered whole and answered); counted per read, so the cut comes within one read of it.
+
+    It wraps methods of uvicorn's httptools protocol class (the one BentoML's uvicorn uses when httptools is
+    installed, as the ``serve`` extra does); ``tests/test_bad_input.py`` checks it on the real server. Returns
+    False where that class is missing (nothing installed)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return False
-    if timeout_s <= 0 or getattr(HttpToolsProtocol, "_cnnserve_header_timeout", False):
+    if getattr(HttpToolsProtocol, "_cnnserve_read_limits", False):
         return False
-    made, begin, complete, lost = (HttpToolsProtocol.connection_made, HttpToolsProtocol.on_message_begin,
-                                   HttpToolsProtocol.on_headers_complete, HttpToolsProtocol.connection_lost)
+    too_large = _closing_answer(b"431 Request Header Fields Too Large",
+                                f"the request line and headers are over {max_header_bytes} bytes "
+                                "(CNNSERVE_MAX_HEADER_BYTES)")
+    made, begin, complete, finished, lost, received = (
+        HttpToolsProtocol.connection_made, HttpToolsProtocol.on_message_begin, HttpToolsProtocol.on_headers_complete,
+        HttpToolsProtocol.on_message_complete, HttpToolsProtocol.connection_lost, HttpToolsProtocol.data_received)
 
-    def arm(protocol: Any) -> None:
-        if getattr(protocol, "_header_timer", None) is None:
-            protocol._header_timer = protocol.loop.call_later(timeout_s, expire, protocol)
+    def arm(protocol: Any, answer: bytes) -> None:
+        disarm(protocol)
+        if timeout_s > 0:
+            protocol._read_timer = protocol.loop.call_later(timeout_s, expire, protocol, answer)
 
     def disarm(protocol: Any) -> None:
-        timer = getattr(protocol, "_header_timer", None)
+        timer = getattr(protocol, "_read_timer", None)
         if timer is not None:
             timer.cancel()
-            protocol._header_timer = None
+            protocol._read_timer = None
 
-    def expire(protocol: Any) -> None:
-        protocol._header_timer = None
-        if not protocol.transport.is_closing():
-            protocol.transport.write(REQUEST_TIMEOUT_408)
+    def expire(protocol: Any, answer: bytes) -> None:
+        protocol._read_timer = None
+        if protocol.flow.read_paused:  # the app has not taken what came: the wait is the server's, not the client's
+            arm(protocol, answer)
+            return
+        cycle = protocol.cycle if protocol._reading == "body" else None
+        if not protocol.transport.is_closing() and (cycle is None or not cycle.response_started):
+            protocol.transport.write(answer)
             protocol.transport.close()
 
     def connection_made(self: Any, transport: Any) -> None:
         made(self, transport)
-        arm(self)
+        self._reading, self._head_bytes = "head", 0
+        arm(self, REQUEST_TIMEOUT_408)
 
     def on_message_begin(self: Any) -> None:
         begin(self)
-        arm(self)
+        if self._reading != "head":  # a keep-alive connection's next request (its first began at connect)
+            self._reading, self._head_bytes = "head", 0
+            arm(self, REQUEST_TIMEOUT_408)
 
     def on_headers_complete(self: Any) -> None:
+        self._reading = "body"
         disarm(self)
         complete(self)
+
+    def on_message_complete(self: Any) -> None:
+        self._reading = "idle"
+        disarm(self)
+        finished(self)
+
+    def data_received(self: Any, data: bytes) -> None:
+        reading = self._reading
+        if reading == "head":
+            self._head_bytes += len(data)
+        received(self, data)
+        if self._reading == "head":
+            if max_header_bytes and self._head_bytes > max_header_bytes and not self.transport.is_closing():
+                disarm(self)
+                self.transport.write(too_large)
+                self.transport.close()
+        elif self._reading == "body":
+            arm(self, BODY_STALLED_408)
 
     def connection_lost(self: Any, exc: Exception | None) -> None:
         disarm(self)
         lost(self, exc)
 
     HttpToolsProtocol.connection_made, HttpToolsProtocol.on_message_begin = connection_made, on_message_begin
-    HttpToolsProtocol.on_headers_complete, HttpToolsProtocol.connection_lost = on_headers_complete, connection_lost
-    HttpToolsProtocol._cnnserve_header_timeout = True
+    HttpToolsProtocol.on_headers_complete = on_headers_complete
+    HttpToolsProtocol.on_message_complete = on_message_complete
+    HttpToolsProtocol.data_received, HttpToolsProtocol.connection_lost = data_received, connection_lost
+    HttpToolsProtocol._cnnserve_read_limits = True
     return True
 
 
@@ -425,7 +471,7 @@ def install_connection_balance(opened: Callable[[object], None], closed: Callabl
     connection (``client``: the peer address, as the ASGI scope gives it), and ask ``hand_back(client)`` when a
     request's headers are in: True ends the connection after this response, with ``Connection: close`` (uvicorn's
     own way of ending keep-alive connections at shutdown), so the client reconnects, usually to another worker
-    (``serving.connections``). Wraps three methods of that class, as ``install_header_timeout`` does;
+    (``serving.connections``). Wraps three methods of that class, as ``install_read_limits`` does;
     ``tests/test_server.py`` checks the effect on the real server. Installing again replaces the callbacks.
     Returns False where that class is missing."""
     try:
@@ -541,6 +587,15 @@ ADMITTED = "cnnserve.admitted"
 SHEDDABLE = re.compile(rb"/(?:v2/models/[^?]*/infer|classify|predict)(?:\?.*)?")
 
 
+def _sheddable(target: bytes) -> bool:
+    """Whether a POST to ``target`` (path and query, as sent) is an inference request, its path percent-decoded as
+    the router decodes it (``/v2/models/m/%69nfer`` skipped the header-time checks and was answered)."""
+    if SHEDDABLE.fullmatch(target):
+        return True
+    path = target.partition(b"?")[0]
+    return b"%" in path and SHEDDABLE.fullmatch(unquote_to_bytes(path)) is not None
+
+
 class InFlight:
     """This worker's admitted inference requests in progress (``install_load_shedding``), against ``limit``."""
 
@@ -580,7 +635,7 @@ def install_load_shedding(check: Callable[[bytes], None], max_in_flight: int = 0
     given, may return the ASGI app to run an admitted request instead of the server's (None: the server's).
 
     Like uvicorn's own ``limit_concurrency``, it swaps the ASGI app of the one request, inside uvicorn's httptools
-    protocol (``install_header_timeout`` wraps the same class); ``tests/test_overload.py`` checks it on the real
+    protocol (``install_read_limits`` wraps the same class); ``tests/test_overload.py`` checks it on the real
     server. Installing again replaces ``check`` and the limit. Returns False where that class is missing."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -594,7 +649,7 @@ def install_load_shedding(check: Callable[[bytes], None], max_in_flight: int = 0
     complete = HttpToolsProtocol.on_headers_complete
 
     def on_headers_complete(self: Any) -> None:
-        if self.parser.get_method() != b"POST" or not SHEDDABLE.fullmatch(self.url):
+        if self.parser.get_method() != b"POST" or not _sheddable(self.url):
             complete(self)
             return
         try:

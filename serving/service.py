@@ -34,9 +34,9 @@ from serving.asgi import (
     MountRoots,
     accept_queue,
     install_connection_balance,
-    install_header_timeout,
     install_load_shedding,
     install_multipart_field_check,
+    install_read_limits,
     install_request_timeout,
     install_single_write_responses,
     listening_sockets,
@@ -76,8 +76,8 @@ def traffic_config(settings: Settings) -> dict:
     return config
 
 
-if SETTINGS.header_timeout_s > 0 and not install_header_timeout(SETTINGS.header_timeout_s):
-    log.warning("uvicorn's httptools protocol was not found: no header-read timeout (install the serve extra)")
+if not install_read_limits(SETTINGS.header_timeout_s, SETTINGS.max_header_bytes):
+    log.warning("uvicorn's httptools protocol was not found: no header or body read limits (install the serve extra)")
 if not install_request_timeout():
     log.warning("BentoML's TimeoutMiddleware was not found: HTTP requests keep BentoML's own timeout handling")
 if not install_multipart_field_check():

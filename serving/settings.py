@@ -36,7 +36,10 @@ class Settings:
     version_drain_s: float = 10.0  # a removed or unloaded version finishes its queued requests within this
     strict_readiness: bool = False  # ready only while every model in the repository has a version serving
     request_timeout_s: float = 60.0  # HTTP: 504 when a response has not started by then
-    header_timeout_s: float = 10.0  # HTTP: 408 and close when a request's headers are not complete by then (0 = off)
+    # HTTP: 408 and close when a request's headers are not complete by then, or its body stops arriving for this
+    # long (0 = off)
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 64 * 1024  # HTTP: 431 and close past this much request line and headers (0 = no limit)
     max_concurrency: int = 128  # HTTP inference requests in progress per worker, past it 429 (0 = no limit)
     grpc_max_concurrent_rpcs: int = 256  # gRPC calls in progress per worker, past it RESOURCE_EXHAUSTED (0 = none)
     # gRPC connections take no new calls past this age (calls in flight and streams run to their end), so that

@@ -3,6 +3,7 @@ message, then a good request is answered right, and no worker restarted."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -387,6 +388,51 @@ def test_headers_trickled_slower_than_the_header_timeout_get_408_and_a_closed_co
         assert client.get(f"{server.url}/v2/health/live").status_code == 200
         time.sleep(HEADER_TIMEOUT_S + 0.5)
         assert client.get(f"{server.url}/v2/health/live").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v2/models/mnist-cnn/infer", "/classify", "/predict"])
+def test_a_body_that_stops_arriving_gets_408_and_a_closed_connection(server, path):
+    """A stalled upload held its slot of CNNSERVE_MAX_CONCURRENCY until the request timeout (60 s), then got 504."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=HEADER_TIMEOUT_S + 5) as stalled:
+        stalled.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        "Content-Length: 1000\r\n\r\n".encode() + b'{"inputs": [')
+        answer = stalled.recv(65536)
+        assert stalled.recv(1) == b""  # closed
+    elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert "stopped arriving" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert HEADER_TIMEOUT_S - 0.2 < elapsed < HEADER_TIMEOUT_S + 3
+
+
+def test_a_slow_body_that_keeps_coming_is_answered(server):
+    body = json.dumps(infer_json([{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8",
+                                   "data": GOOD.ravel().tolist()}])).encode()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as slow:
+        slow.sendall(f"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode())
+        pieces = 4
+        for i in range(pieces):  # the whole body takes longer than the timeout, no gap does
+            time.sleep(HEADER_TIMEOUT_S * 0.6)
+            slow.sendall(body[i * len(body) // pieces:(i + 1) * len(body) // pieces])
+        answer = slow.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_request_headers_over_the_limit_get_431_and_a_closed_connection(server):
+    """httptools buffers headers of any size: a 64 MB header was read whole (worker +115 MB) and answered."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as big:
+        big.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        answer = b""
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            for _ in range(64):  # 1 MiB in all, or less once the server has answered and closed
+                big.sendall(b"a" * 16384)
+        with contextlib.suppress(ConnectionResetError):
+            answer = big.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert "CNNSERVE_MAX_HEADER_BYTES" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    fine = httpx.get(f"{server.url}/v2/health/live", headers={"X-Big": "a" * 30000})  # under the limit
+    assert fine.status_code == 200
 
 
 def test_a_client_gone_halfway_through_its_body_is_answered_nothing_and_logged_without_a_traceback(server):

@@ -95,8 +95,10 @@ def test_past_the_concurrency_limit_a_request_is_refused_on_its_headers_and_ende
         repo, tmp_path):
     """``CNNSERVE_MAX_CONCURRENCY`` counts admitted inference requests from their headers: with the limit's worth
     waiting for their bodies, the next is refused (429, before its body) by this count, not by BentoML's
-    middleware after its whole stack; once the waiting clients go, their requests end and free their slots."""
-    srv = start_server(repo, tmp_path / "server.log", workers=1, max_concurrency=2, poll_interval_s=0)
+    middleware after its whole stack (a percent-encoded path too); once the waiting clients go, or their bodies
+    stop arriving for the header timeout (408), their requests end and free their slots."""
+    srv = start_server(repo, tmp_path / "server.log", workers=1, max_concurrency=2, poll_interval_s=0,
+                       header_timeout_s=3)
     header = json.dumps({"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8",
                                      "parameters": {"binary_data_size": 784}}]}).encode()
     head = (f"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
@@ -106,15 +108,19 @@ def test_past_the_concurrency_limit_a_request_is_refused_on_its_headers_and_ende
         for s in waiting:
             s.sendall(head.encode())  # admitted on its headers; its request waits for the body
         time.sleep(0.5)
-        with socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) as s:
-            s.sendall(head.encode())
-            answer = s.recv(65536)
-        assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
-        assert b"retry-after" in answer.lower() and b"2 inference requests in progress" in answer, answer
+        for path in ("/v2/models/mnist-cnn/infer", "/v2/models/mnist-cnn/%69nfer"):  # the same route, encoded
+            with socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) as s:
+                s.sendall(head.replace("/v2/models/mnist-cnn/infer", path).encode())
+                answer = s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 429"), (path, answer[:200])
+            assert b"retry-after" in answer.lower() and b"2 inference requests in progress" in answer, answer
         metrics = httpx.get(f"{srv.url}/metrics").text
-        assert 'cnnserve_shed_requests_total{door="http",reason="concurrency"} 1.0' in metrics
-        for s in waiting:
-            s.close()
+        assert 'cnnserve_shed_requests_total{door="http",reason="concurrency"} 2.0' in metrics
+        waiting[0].close()
+        waiting[1].settimeout(10)
+        answer = waiting[1].recv(65536)  # its body never came: cut off at the header timeout
+        assert answer.startswith(b"HTTP/1.1 408") and b"body stopped arriving" in answer, answer[:300]
+        waiting[1].close()
         deadline = time.monotonic() + 10
         while (status := binary_infer(srv.url, BIG[:1]).status_code) != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
