@@ -239,6 +239,14 @@ class DynamicBatcher:
         if self._accepting:
             self._check_queue(min(count, self.max_batch_size), time.monotonic())
 
+    def has_room(self, count: int = 1) -> bool:
+        """Whether ``check_admission(count)`` would pass now, counting nothing: a client pacing itself (a gRPC
+        stream with requests of its own in progress) waits while this is False instead of being refused."""
+        queue_full = self.max_queue_images and self._queued_images + min(count, self.max_batch_size) > \
+            self.max_queue_images
+        over_budget = self.queue_budget_s and self._estimate(0, time.monotonic()) > self.queue_budget_s
+        return not (queue_full or over_budget)
+
     def _admit(self, count: int, deadline: float | None, now: float, budget: bool = True) -> None:
         if not self._accepting:
             raise ModelNotReady(self._closed_reason)

@@ -215,6 +215,7 @@ class DataPlane:
             out = await model.batcher.infer(images, deadline, admitted)
         except ServingError as exc:
             observe_request(model.name, door, exc.outcome, time.perf_counter() - t0)
+            exc.counted = True
             raise
         except Exception:
             observe_request(model.name, door, "error", time.perf_counter() - t0)
@@ -223,6 +224,16 @@ class DataPlane:
             self.inferring -= 1
         observe_request(model.name, door, "ok", time.perf_counter() - t0, len(images))
         return out
+
+
+def count_refusal(exc: ServingError, door: str) -> None:
+    """Count an inference request refused before ``DataPlane.infer`` took it (its protocol or data wrong, its model
+    unknown or not ready) in ``cnnserve_requests_total``, under the model label "" (a name the client chose would
+    grow the label set without bound); what ``infer`` refused is counted already. Only one in five bad requests
+    was counted before (an outside probe)."""
+    if not exc.counted:
+        observe_request("", door, exc.outcome, 0.0)
+        exc.counted = True
 
 
 def _triton_stats(name: str, version: int, stats: dict[str, Any]) -> dict[str, Any]:

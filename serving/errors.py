@@ -26,6 +26,7 @@ class ServingError(Exception):
     # the outcome it counts as in cnnserve_requests_total: "invalid" (the request is wrong) or "rejected" (the
     # server could not take it now: overload, a deadline, a model not ready; a retry may succeed)
     outcome = "invalid"
+    counted = False  # already in cnnserve_requests_total (``DataPlane.infer`` counts what it refuses)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from serving.dataplane import SERVER_NAME, DataPlane
+from serving.dataplane import SERVER_NAME, DataPlane, count_refusal
 from serving.errors import InvalidInput, Overloaded, ServingError, log_refusal
 from serving.model_card import PROBS_NAME
 from serving.oip import check_outputs, decode_input, output_tensor, timeout_deadline
@@ -108,7 +108,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_guard
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self._infer(request, context)
+        try:
+            return await self._infer(request, context)
+        except ServingError as exc:
+            count_refusal(exc, "oip-grpc")
+            raise
 
     async def ModelStreamInfer(self, requests: AsyncIterator[Any],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -119,10 +123,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         Up to ``STREAM_WINDOW`` requests of a stream are read and not yet answered at once (they batch with each
         other); past that the stream is not read, and HTTP/2 flow control holds the client, also one that sends
-        and never reads. A stream is paced to what the model admits: a request refused for overload while
-        requests of its own stream are in progress waits for one of them to end and tries again (a stream is
-        never refused for its own backlog; one with nothing in progress is: others overload the server). When
-        the client goes away, its requests still queued are dropped, never computed."""
+        and never reads. A stream is paced to what the model admits: while requests of its own are in progress
+        and the model has no room (``DynamicBatcher.has_room``, which counts nothing), a request waits for one of
+        them to end, and one refused for overload all the same tries again the same way (a stream is never
+        refused for its own backlog; one with nothing in progress is: others overload the server). When the
+        client goes away, its requests still queued are dropped, never computed."""
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         in_progress: set[asyncio.Task[None]] = set()
@@ -131,18 +136,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def answer(request: Any) -> None:
             nonlocal running
             while True:
+                while running and not self._has_room(request):  # its own requests ahead fill the budget: wait
+                    async with ended:
+                        await ended.wait()
                 running += 1
                 try:
                     if isinstance(request, _Undecodable):
                         raise InvalidInput(request.reason)
                     response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
                 except ServingError as exc:
-                    if isinstance(exc, Overloaded) and running > 1:  # behind its own stream: wait, then again
+                    if isinstance(exc, Overloaded) and running > 1:  # refused all the same (the loop's lag): again
                         running -= 1
                         async with ended:
                             await ended.wait()
                         continue
                     log_refusal(exc, "oip-grpc")
+                    count_refusal(exc, "oip-grpc")
                     response = _stream_error(request, exc.message)
                 except Exception as exc:  # a defect: answer it on the stream, which serves on
                     log.exception("stream request failed")
@@ -175,6 +184,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             for task in (reader, *in_progress):
                 task.cancel()
+
+    def _has_room(self, request: Any) -> bool:
+        """Whether the model that ``request`` names has room for one more request now (True when it names none
+        that serves: ``_infer`` answers that)."""
+        try:
+            return self.dataplane.model(request.model_name, request.model_version).batcher.has_room()
+        except (ServingError, AttributeError):  # no such model; an undecodable request
+            return True
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         """One infer request of either method, answered or refused with a ``ServingError``."""

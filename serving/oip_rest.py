@@ -25,7 +25,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.asgi import ADMITTED, RequestTimeout
-from serving.dataplane import DataPlane, check_image_count
+from serving.dataplane import DataPlane, check_image_count, count_refusal
 from serving.errors import (
     BodyTooLarge,
     InvalidInput,
@@ -166,6 +166,7 @@ class InferEndpoint:
             headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(content)), *extra]
         except ServingError as exc:
             log_refusal(exc, "oip-rest")
+            count_refusal(exc, "oip-rest")
             status, headers, content = http_error_answer(exc)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
@@ -240,6 +241,7 @@ def check_admission(dp: DataPlane, target: bytes) -> None:
         model.batcher.check_admission()
     except Overloaded as exc:
         observe_request(model.name, "oip-rest", exc.outcome, 0.0)
+        exc.counted = True
         raise
 
 

@@ -44,7 +44,7 @@ from serving.asgi import (
     stop_listening,
 )
 from serving.connections import ConnectionShare
-from serving.dataplane import DataPlane, check_image_count, label_predictions
+from serving.dataplane import DataPlane, check_image_count, count_refusal, label_predictions
 from serving.errors import InvalidInput, ServingError
 from serving.images import decode_upload
 from serving.oip_grpc import GrpcServer
@@ -300,6 +300,7 @@ class CnnServe:
                          for p in images])
             probs = await self.dataplane.infer(loaded, np.stack([image for image, _ in decoded]), "classify")
         except ServingError as exc:
+            count_refusal(exc, "classify")
             return error_response(exc, "classify")
         results = label_predictions(loaded.card, probs, top_k)
         for index, (result, (_, notes)) in enumerate(zip(results, decoded, strict=True)):
@@ -319,6 +320,7 @@ class CnnServe:
                 array = array[None]
             probs = await self.dataplane.infer(loaded, array, "predict")
         except ServingError as exc:
+            count_refusal(exc, "predict")
             return error_response(exc, "predict")
         return {"model": loaded.name, "version": str(loaded.version),
                 "predictions": [dict(p, probs=row.tolist()) for p, row in

@@ -443,6 +443,7 @@ def test_a_stream_is_paced_to_what_the_model_admits_never_refused_for_its_own_ba
         if len(outcomes) == 150:
             done.set()
 
+    rejected_before = rejected_on_grpc(server.url)
     client.start_stream(callback=on_answer)
     try:
         for i in range(150):
@@ -452,6 +453,13 @@ def test_a_stream_is_paced_to_what_the_model_admits_never_refused_for_its_own_ba
         client.stop_stream()
     refused = [o for o in outcomes if o is not None]
     assert not refused, f"{len(refused)} of 150 refused, e.g. {refused[0]}"
+    assert rejected_on_grpc(server.url) == rejected_before  # it waited for room: nothing was refused, or counted
+
+
+def rejected_on_grpc(url: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+               if line.startswith("cnnserve_requests_total{") and 'door="oip-grpc"' in line
+               and 'outcome="rejected"' in line)
 
 
 def test_a_stream_outlives_its_connections_age(repo, tmp_path):
@@ -474,3 +482,30 @@ def test_a_stream_outlives_its_connections_age(repo, tmp_path):
         srv.stop()
     assert [a.infer_response.id for a in answers] == [str(i) for i in range(10)]
     assert not any(a.error_message for a in answers)
+
+
+def refused_without_a_model(url: str) -> dict[str, float]:
+    """``cnnserve_requests_total`` of requests refused before a model took them (label model=""), by door."""
+    counts: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("cnnserve_requests_total{") and 'model=""' in line and 'outcome="invalid"' in line:
+            door = re.search(r'door="([^"]+)"', line)[1]
+            counts[door] = counts.get(door, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_every_refused_inference_request_is_counted_on_its_door(server):
+    """An outside probe: one in five bad requests reached cnnserve_requests_total (only those DataPlane.infer saw)."""
+    before = refused_without_a_model(server.url)
+    wrong = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]}
+    assert httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", json=wrong).status_code == 400
+    assert httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", content=b"{not json").status_code == 400
+    assert httpx.post(f"{server.url}/predict", json={"model": "mnist-cnn", "instances": [[True, 2]]}).status_code == 400
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    tensor = grpcclient.InferInput("images", [1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 28, 28), np.float32))
+    with pytest.raises(InferenceServerException):
+        client.infer("mnist-cnn", [tensor])
+    after = refused_without_a_model(server.url)
+    gained = {door: after.get(door, 0.0) - before.get(door, 0.0) for door in after}
+    assert gained.get("oip-rest") == 2 and gained.get("predict") == 1 and gained.get("oip-grpc") == 1, gained
