@@ -411,13 +411,23 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
 
     def expire(protocol: Any, answer: bytes) -> None:
         protocol._read_timer = None
-        if protocol.flow.read_paused:  # the app has not taken what came: the wait is the server's, not the client's
-            arm(protocol, answer)
+        cycle = protocol.cycle  # in "head": the connection's previous request's, if any
+        if protocol.transport.is_closing():
             return
-        cycle = protocol.cycle if protocol._reading == "body" else None
-        if not protocol.transport.is_closing() and (cycle is None or not cycle.response_started):
-            protocol.transport.write(answer)
-            protocol.transport.close()
+        answering = cycle is not None and not cycle.response_complete  # a pipelined request's answer to come
+        if protocol._reading == "body":
+            if protocol.flow.read_paused or cycle.waiting_for_100_continue:
+                arm(protocol, answer)  # the app has not taken what came, or not asked for it: the server waits
+                return
+            if cycle.response_complete:  # answered before its body came (a refusal on its headers)
+                protocol.transport.close()
+                return
+            answering = cycle.response_started
+        if answering:  # its bytes must not go into another answer: the connection ends after that one
+            cycle.keep_alive = False
+            return
+        protocol.transport.write(answer)
+        protocol.transport.close()
 
     def connection_made(self: Any, transport: Any) -> None:
         made(self, transport)
@@ -448,8 +458,12 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
         if self._reading == "head":
             if max_header_bytes and self._head_bytes > max_header_bytes and not self.transport.is_closing():
                 disarm(self)
-                self.transport.write(too_large)
-                self.transport.close()
+                if self.cycle is not None and not self.cycle.response_complete:  # a pipelined request's answer
+                    self.cycle.keep_alive = False  # is going out: end the connection after it, read no more
+                    self.flow.pause_reading()
+                else:
+                    self.transport.write(too_large)
+                    self.transport.close()
         elif self._reading == "body":
             arm(self, BODY_STALLED_408)
 

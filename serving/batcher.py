@@ -240,12 +240,10 @@ class DynamicBatcher:
             self._check_queue(min(count, self.max_batch_size), time.monotonic())
 
     def has_room(self, count: int = 1) -> bool:
-        """Whether ``check_admission(count)`` would pass now, counting nothing: a client pacing itself (a gRPC
-        stream with requests of its own in progress) waits while this is False instead of being refused."""
-        queue_full = self.max_queue_images and self._queued_images + min(count, self.max_batch_size) > \
-            self.max_queue_images
-        over_budget = self.queue_budget_s and self._estimate(0, time.monotonic()) > self.queue_budget_s
-        return not (queue_full or over_budget)
+        """Whether a request of ``count`` images would pass the queue bound and budget now, counting nothing: a
+        client pacing itself (a gRPC stream with requests of its own in progress) waits while this is False
+        instead of being refused."""
+        return self._accepting and self._queue_refusal(min(count, self.max_batch_size), time.monotonic()) is None
 
     def _admit(self, count: int, deadline: float | None, now: float, budget: bool = True) -> None:
         if not self._accepting:
@@ -260,18 +258,25 @@ class DynamicBatcher:
 
     def _check_queue(self, first: int, now: float, budget: bool = True) -> None:
         """The bound on queued images and (``budget``) the budget on the estimated wait, for a first chunk of
-        ``first`` images."""
-        if self.max_queue_images and self._queued_images + first > self.max_queue_images:
+        ``first`` images: raise the refusal, counted."""
+        refusal = self._queue_refusal(first, now, budget)
+        if refusal is not None:
             self._rejected += 1
-            raise Overloaded(f"model {self.name} is overloaded: {self._queued_images} images are queued, "
-                             f"the limit is {self.max_queue_images}", self._retry_after_s(now))
+            raise refusal
+
+    def _queue_refusal(self, first: int, now: float, budget: bool = True) -> Overloaded | None:
+        """The ``Overloaded`` that the queue bound or (``budget``) the wait budget gives a first chunk of ``first``
+        images now, or None."""
+        if self.max_queue_images and self._queued_images + first > self.max_queue_images:
+            return Overloaded(f"model {self.name} is overloaded: {self._queued_images} images are queued, "
+                              f"the limit is {self.max_queue_images}", self._retry_after_s(now))
         if not budget or not self.queue_budget_s:
-            return
+            return None
         wait = self._estimate(0, now)
         if wait > self.queue_budget_s:
-            self._rejected += 1
-            raise Overloaded(f"model {self.name} is overloaded: the estimated queue wait is {wait:.3f} s, "
-                             f"the budget is {self.queue_budget_s} s", self._retry_after_s(now))
+            return Overloaded(f"model {self.name} is overloaded: the estimated queue wait is {wait:.3f} s, "
+                              f"the budget is {self.queue_budget_s} s", self._retry_after_s(now))
+        return None
 
     def _enqueue(self, images: np.ndarray, deadline: float | None) -> _Pending:
         if self._closed:  # a later chunk of a split request, after close()

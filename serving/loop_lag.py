@@ -85,12 +85,19 @@ class LoopLag:
             return 0.0
         return now - self._late_since
 
-    def check(self, door: str) -> None:
-        """Raise ``Overloaded`` (counted per ``door`` in the metrics) when the loop has been more than ``limit_s``
-        behind for ``window_s``."""
+    def shedding(self) -> bool:
+        """Whether ``check`` would refuse now: the loop has been more than ``limit_s`` behind for ``window_s``."""
         late_for = self.late_for_s()
-        if late_for and late_for >= self.window_s:
+        return bool(late_for) and late_for >= self.window_s
+
+    def check(self, door: str) -> None:
+        """Raise ``Overloaded`` (counted per ``door`` in ``cnnserve_shed_requests_total``, and so marked counted)
+        when the loop has been more than ``limit_s`` behind for ``window_s``."""
+        if self.shedding():
+            late_for = self.late_for_s()
             observe_shed(door, "loop_lag")
-            raise Overloaded(f"server overloaded: its event loop is {1000 * self.behind_s():.0f} ms behind and has "
+            exc = Overloaded(f"server overloaded: its event loop is {1000 * self.behind_s():.0f} ms behind and has "
                              f"been over {1000 * self.limit_s:.0f} ms behind for {1000 * late_for:.0f} ms; retry "
                              "later", RETRY_AFTER_S)
+            exc.counted = True
+            raise exc

@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from serving.dataplane import SERVER_NAME, DataPlane, count_refusal
-from serving.errors import InvalidInput, Overloaded, ServingError, log_refusal
+from serving.errors import InvalidInput, ServingError, log_refusal
 from serving.model_card import PROBS_NAME
 from serving.oip import check_outputs, decode_input, output_tensor, timeout_deadline
 from serving.settings import Settings
@@ -67,6 +67,8 @@ def _guard(method: Callable[..., Any]) -> Callable[..., Any]:
             return await method(self, request, context)
         except ServingError as exc:
             log_refusal(exc, "oip-grpc")
+            if method.__name__ == "ModelInfer":  # an inference request: counted in cnnserve_requests_total
+                count_refusal(exc, "oip-grpc")
             await context.abort(exc.grpc_code, exc.message)
 
     wrapper.__name__ = method.__name__
@@ -108,11 +110,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_guard
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        try:
-            return await self._infer(request, context)
-        except ServingError as exc:
-            count_refusal(exc, "oip-grpc")
-            raise
+        return await self._infer(request, context)
 
     async def ModelStreamInfer(self, requests: AsyncIterator[Any],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -124,10 +122,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         Up to ``STREAM_WINDOW`` requests of a stream are read and not yet answered at once (they batch with each
         other); past that the stream is not read, and HTTP/2 flow control holds the client, also one that sends
         and never reads. A stream is paced to what the model admits: while requests of its own are in progress
-        and the model has no room (``DynamicBatcher.has_room``, which counts nothing), a request waits for one of
-        them to end, and one refused for overload all the same tries again the same way (a stream is never
-        refused for its own backlog; one with nothing in progress is: others overload the server). When the
-        client goes away, its requests still queued are dropped, never computed."""
+        and the model has no room (``_has_room``, which counts nothing), a request waits for one of them to end
+        before it is admitted, so a stream is never refused for its own backlog; one with nothing in progress is
+        refused like any request (others overload the server). When the client goes away, its requests still
+        queued are dropped, never computed."""
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         in_progress: set[asyncio.Task[None]] = set()
@@ -135,8 +133,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: Any) -> None:
             nonlocal running
-            while True:
-                while running and not self._has_room(request):  # its own requests ahead fill the budget: wait
+            response = None
+            try:
+                while running and not self._has_room(request):  # its own requests ahead fill the model: wait
                     async with ended:
                         await ended.wait()
                 running += 1
@@ -145,22 +144,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         raise InvalidInput(request.reason)
                     response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
                 except ServingError as exc:
-                    if isinstance(exc, Overloaded) and running > 1:  # refused all the same (the loop's lag): again
-                        running -= 1
-                        async with ended:
-                            await ended.wait()
-                        continue
                     log_refusal(exc, "oip-grpc")
                     count_refusal(exc, "oip-grpc")
                     response = _stream_error(request, exc.message)
                 except Exception as exc:  # a defect: answer it on the stream, which serves on
                     log.exception("stream request failed")
                     response = _stream_error(request, f"internal error: {type(exc).__name__}: {exc}")
-                running -= 1
-                async with ended:
-                    ended.notify_all()
-                answers.put_nowait(response)
-                return
+                finally:
+                    running -= 1
+                    async with ended:
+                        ended.notify()  # one request ended: room for about one more
+            finally:
+                if response is not None:  # None: cancelled with the stream
+                    answers.put_nowait(response)
 
         async def read() -> None:
             try:
@@ -186,12 +182,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     def _has_room(self, request: Any) -> bool:
-        """Whether the model that ``request`` names has room for one more request now (True when it names none
-        that serves: ``_infer`` answers that)."""
+        """Whether ``request`` would be admitted now as far as load goes: the worker's event loop is not shedding
+        and its model's queue has room for its images (True when it names no model that serves, or cannot be
+        read: ``_infer`` answers that)."""
+        if self.dataplane.loop_lag.shedding():
+            return False
         try:
-            return self.dataplane.model(request.model_name, request.model_version).batcher.has_room()
+            model = self.dataplane.model(request.model_name, request.model_version)
+            shape = request.inputs[0].shape if len(request.inputs) == 1 else ()
         except (ServingError, AttributeError):  # no such model; an undecodable request
             return True
+        return model.batcher.has_room(shape[0] if shape and shape[0] > 0 else 1)
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         """One infer request of either method, answered or refused with a ``ServingError``."""

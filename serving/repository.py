@@ -194,7 +194,7 @@ class ModelRepository:
             retry = set(retry) | {n for n, count in loads.items() if count > self._loads_applied.get(n, 0)}
             self._loads_applied = loads
             listing = self._versions_on_disk()
-            if listing is None:  # the root is gone for now (renamed, unmounted): what was on disk is taken as is
+            if listing is None:  # the root cannot be listed for now: what was on disk is taken as is
                 listing = {key: None for key in self._seen}
             on_disk = {key: path for key, path in listing.items() if key[0] not in unloaded}
             models = {name: dict(versions) for name, versions in self._models.items()}
@@ -282,8 +282,9 @@ class ModelRepository:
         ``²`` or ``03`` beside ``3`` cannot break or confuse a scan); other entries are ignored, each logged once.
 
         None when the root itself cannot be listed after the first scan: a repository renamed away for a moment
-        (swapped with ``mv``), an unmounted volume or a lost permission would otherwise unload every model at
-        once; what is served serves on, and the next scan that can list the root applies what changed."""
+        (swapped with ``mv``), a root directory gone with its volume or a lost permission would otherwise unload
+        every model at once; what is served serves on, and the next scan that can list the root applies what
+        changed. (A volume unmounted under a root that stays, empty, lists fine: its models are removed.)"""
         try:
             model_dirs = list(self.root.iterdir())
         except OSError as exc:

@@ -76,7 +76,8 @@ def traffic_config(settings: Settings) -> dict:
     return config
 
 
-if not install_read_limits(SETTINGS.header_timeout_s, SETTINGS.max_header_bytes):
+if (SETTINGS.header_timeout_s > 0 or SETTINGS.max_header_bytes > 0) and \
+        not install_read_limits(SETTINGS.header_timeout_s, SETTINGS.max_header_bytes):
     log.warning("uvicorn's httptools protocol was not found: no header or body read limits (install the serve extra)")
 if not install_request_timeout():
     log.warning("BentoML's TimeoutMiddleware was not found: HTTP requests keep BentoML's own timeout handling")

@@ -114,8 +114,13 @@ def test_past_the_concurrency_limit_a_request_is_refused_on_its_headers_and_ende
                 answer = s.recv(65536)
             assert answer.startswith(b"HTTP/1.1 429"), (path, answer[:200])
             assert b"retry-after" in answer.lower() and b"2 inference requests in progress" in answer, answer
+        with socket.create_connection(("127.0.0.1", srv.http_port), timeout=10) as s:  # refused, then its body stalls
+            s.sendall(head.encode() + b"{")
+            answer = s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+            assert s.recv(1) == b""  # closed at the timeout (it was kept open with no timer at all)
         metrics = httpx.get(f"{srv.url}/metrics").text
-        assert 'cnnserve_shed_requests_total{door="http",reason="concurrency"} 2.0' in metrics
+        assert 'cnnserve_shed_requests_total{door="http",reason="concurrency"} 3.0' in metrics
         waiting[0].close()
         waiting[1].settimeout(10)
         answer = waiting[1].recv(65536)  # its body never came: cut off at the header timeout
