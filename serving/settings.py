@@ -41,7 +41,7 @@ class Settings:
     header_timeout_s: float = 10.0
     max_header_bytes: int = 64 * 1024  # HTTP: 431 and close past this much request line and headers (0 = no limit)
     max_concurrency: int = 128  # HTTP inference requests in progress per worker, past it 429 (0 = no limit)
-    grpc_max_concurrent_rpcs: int = 256  # gRPC calls in progress per worker, past it RESOURCE_EXHAUSTED (0 = none)
+    grpc_max_concurrent_rpcs: int = 128  # gRPC calls in progress per worker, past it RESOURCE_EXHAUSTED (0 = none)
     # gRPC connections take no new calls past this age (calls in flight and streams run to their end), so that
     # long-lived channels spread again over workers and pods; clients reconnect on their own
     grpc_max_connection_age_s: float = 30.0
