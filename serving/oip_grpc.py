@@ -120,12 +120,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         by its ``error_message`` and the stream goes on.
 
         Up to ``STREAM_WINDOW`` requests of a stream are read and not yet answered at once (they batch with each
-        other); past that the stream is not read, and HTTP/2 flow control holds the client, also one that sends
-        and never reads. A stream is paced to what the model admits: while requests of its own are in progress
-        and the model has no room (``_has_room``, which counts nothing), a request waits for one of them to end
-        before it is admitted, so a stream is never refused for its own backlog; one with nothing in progress is
-        refused like any request (others overload the server). When the client goes away, its requests still
-        queued are dropped, never computed."""
+        other); past that the stream is not read, and HTTP/2 flow control holds the client; a slot is freed when
+        its answer is sent, so a client that never reads is held once gRPC's flow-control window is full.
+
+        A stream is paced to what the model admits: while requests of its own are in progress and the model has no
+        room (``_has_room``, which counts nothing), a request waits for one of them to end before it is admitted,
+        so a stream is never refused for its own backlog; one with nothing in progress is refused like any
+        request (others overload the server). When the client goes away, its requests still queued are dropped,
+        never computed."""
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         in_progress: set[asyncio.Task[None]] = set()
