@@ -53,7 +53,8 @@ def test_overlay_renders_everything_the_deployment_needs(overlay):
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert container["readinessProbe"]["grpc"]["port"] == 8001
+    # not the gRPC probe: grpc refuses a health check like any call once the worker's call limit is reached
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     gpu = container["resources"]["limits"].get("nvidia.com/gpu")
     assert (gpu == 1) == (overlay == "gpu")
