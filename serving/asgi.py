@@ -451,8 +451,7 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
         finished(self)
 
     def data_received(self: Any, data: bytes) -> None:
-        reading = self._reading
-        if reading == "head":
+        if self._reading == "head":
             self._head_bytes += len(data)
         received(self, data)
         if self._reading == "head":

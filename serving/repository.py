@@ -93,7 +93,7 @@ def providers_for(device: str) -> list[str]:
     raise DeviceError(f"CNNSERVE_DEVICE must be auto, cpu or cuda, not {device!r}")
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def _stamp(path: Path) -> tuple[int, int, int] | None:
     """(size, mtime in ns, inode) of ``path``, None when it cannot be read; the inode tells a file replaced by
     another of the same size and time (a version directory swapped in with ``mv``)."""
     try:
