@@ -22,7 +22,7 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "export", "calibrate", "pipeline"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "export", "calibrate", "quantize", "pipeline"])
 def test_every_subcommand_explains_itself(command):
     out = run(command, "--help").stdout
     assert "--data-dir" in out and "usage: python -m training " + command in out
@@ -71,6 +71,7 @@ def test_pipeline_trains_and_publishes_the_three_models(fixture_data, tmp_path):
     for name in SHIPPED_NAMES:
         card = read_card(tmp_path / "repo" / name / "1" / "model.json")
         assert card.name == name
+        assert (card.quantization is not None) == (name == "mnist-cnn")  # served int8, as exports/ ships it
     transfer = read_card(tmp_path / "repo" / "pneumoniamnist-transfer" / "1" / "model.json")
     assert "mnist-cnn" in transfer.training["notes"] and transfer.training["config"]["backbone"] == "checkpoint"
 

@@ -1,6 +1,7 @@
 """Export contract: raw uint8 in, probs out, parity with PyTorch, true cards, atomic never-overwriting versions."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -9,11 +10,13 @@ import pytest
 import torch
 
 from serving.model_card import file_sha256, read_card
+from tests.conftest import EXPORTS
 from tests.test_train import tiny
 from training.calibration import probabilities
 from training.checkpoint import load_model
 from training.config import TrainConfig
-from training.export import ExportError, check_parity, export_checkpoint
+from training.evaluate import evaluate_path
+from training.export import ExportError, check_parity, export_checkpoint, quantize_version
 from training.recipes import derive_config
 from training.train import CHECKPOINT, train
 
@@ -59,8 +62,6 @@ def test_export_writes_onnx_and_a_true_card(trained, fixture_data, tmp_path, fla
     props = {p.key: p.value for p in onnx.load(str(path / "model.onnx")).metadata_props}
     assert props["cnnserve.name"] == f"{flag}-cnn" and json.loads(props["cnnserve.labels"]) == card.labels
     # the card's test metrics are what the exported model scores
-    from training.evaluate import evaluate_path
-
     again = evaluate_path(path, "test", data_dir=fixture_data, download=False)
     assert again["acc"] == pytest.approx(card.metrics["test"]["acc"], abs=1e-9)
 
@@ -112,7 +113,8 @@ def test_int8_quantization_reports_its_effect(trained, fixture_data, tmp_path):
                              quantize="int8")
     card = read_card(path / "model.json")
     q = card.quantization
-    assert q is not None and {"fp32_test", "int8_test", "acc_change", "auc_change", "speedup_batch64_cpu"} <= set(q)
+    assert q is not None and {"fp32_test", "int8_test", "acc_change", "auc_change", "speedup_batch1_cpu",
+                              "speedup_batch64_cpu"} <= set(q)
     assert "96 calibration images" in q["method"]  # the fixture's whole train split (under the 512 cap)
     assert card.metrics["test"]["acc"] == q["int8_test"]["acc"]
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path / "model.onnx")).graph.node)
@@ -148,3 +150,29 @@ def test_a_multi_label_ensemble_exports_the_mean_of_its_members(fixture_data, tm
     # one temperature per label, on the ensemble's mean (not on each member)
     temperature = torch.tensor(card.calibration["temperature"])
     np.testing.assert_allclose(probs, torch.sigmoid(torch.logit(expected) / temperature).numpy(), atol=1e-5)
+
+
+def test_quantize_publishes_an_int8_next_version_that_keeps_the_calibration(fixture_data, tmp_path):
+    source = tmp_path / "mnist-cnn" / "2"
+    shutil.copytree(EXPORTS / "mnist-cnn" / "2", source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    path = quantize_version(source, fixture_data, download=False, command="python -m training quantize x")
+    assert path == tmp_path / "mnist-cnn" / "3"
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    card, old = read_card(path / "model.json"), read_card(source / "model.json")
+    assert card.sha256 == file_sha256(path / "model.onnx") and card.training["command"].endswith("quantize x")
+    assert card.training["quantized_from"]["sha256"] == old.sha256
+    assert card.training["calibrated_from"] == old.training["calibrated_from"]  # the lineage is kept
+    assert card.quantization["fp32_test"]["acc"] == old.metrics["test"]["acc"]
+    assert card.calibration["temperature"] == old.calibration["temperature"]
+    assert card.calibration["test"] != old.calibration["test"]  # re-measured, on the fixture's test split
+    again = evaluate_path(path, "test", data_dir=fixture_data, download=False)
+    assert again["acc"] == pytest.approx(card.metrics["test"]["acc"], abs=1e-9)
+    images = np.random.default_rng(0).integers(0, 256, size=(16, 28, 28), dtype=np.uint8)
+    session = ort.InferenceSession(str(path / "model.onnx"))
+    probs, logits = session.run(["probs", "logits"], {"images": images})
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(logits) / card.calibration["temperature"][0],
+                                                    1).numpy(), atol=1e-5)
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path / "model.onnx")).graph.node)
+    with pytest.raises(ValueError, match="quantised already"):
+        quantize_version(path, fixture_data, download=False)

@@ -47,7 +47,7 @@ def run_pipeline(args: argparse.Namespace, overrides: dict[str, Any], command: s
         if not result.metrics:  # a non-zero DDP rank: rank 0 evaluates and publishes
             continue
         path = export_checkpoint(result.run_dir / CHECKPOINT, args.model_dir, name, args.data_dir, args.download,
-                                 command=command, notes=notes)
+                                 model.quantize, command=command, notes=notes)
         print(f"[{name}] exported {path}")
         published.append(path)
     return published
