@@ -1,7 +1,9 @@
 """Export contract: raw uint8 in, probs out, parity with PyTorch, true cards, atomic never-overwriting versions."""
 
 import json
+import os
 import shutil
+import stat
 
 import numpy as np
 import onnx
@@ -98,6 +100,17 @@ def test_versions_increase_and_are_never_overwritten(trained, fixture_data, tmp_
     assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+def test_a_published_version_is_readable_by_other_users(trained, fixture_data, tmp_path):
+    # a server running as another user than the training job must be able to list and read it
+    umask = os.umask(0o022)
+    try:
+        path = export_checkpoint(trained["pneumoniamnist"], tmp_path, data_dir=fixture_data, download=False)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {0o644}
+
+
 def test_parity_failure_is_loud(trained, fixture_data, tmp_path):
     model, _, _ = load_model(trained["retinamnist"])
     path = export_checkpoint(trained["retinamnist"], tmp_path, data_dir=fixture_data, download=False)
@@ -116,6 +129,7 @@ def test_int8_quantization_reports_its_effect(trained, fixture_data, tmp_path):
     assert q is not None and {"fp32_test", "int8_test", "acc_change", "auc_change", "speedup_batch1_cpu",
                               "speedup_batch64_cpu"} <= set(q)
     assert "96 calibration images" in q["method"]  # the fixture's whole train split (under the 512 cap)
+    assert 0.5 < q["test_decisions_same_as_fp32"] <= 1 and 0 < q["test_max_abs_prob_diff"] < 1
     assert card.metrics["test"]["acc"] == q["int8_test"]["acc"]
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path / "model.onnx")).graph.node)
 

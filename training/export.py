@@ -16,8 +16,8 @@ import datetime as dt
 import os
 import shutil
 import subprocess
-import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -350,9 +350,12 @@ def _calibration_section(onnx_path: Path, temperature: torch.Tensor, spec: Datas
 
 @contextlib.contextmanager
 def _staging(model_root: Path) -> Iterator[Path]:
-    """A temporary directory inside ``model_root``, removed on the way out unless published."""
+    """A temporary directory inside ``model_root``, removed on the way out unless published. Made by ``mkdir``,
+    whose permissions follow the umask, not ``tempfile.mkdtemp``'s owner-only 0700: the directory becomes the
+    published version, which a server running as another user must be able to read."""
     model_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=model_root, prefix=".staging-"))
+    staging = model_root / f".staging-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     try:
         yield staging
     finally:
@@ -400,9 +403,13 @@ def _quantize_in_place(onnx_path: Path, train: Any, test: Any, spec: DatasetSpec
     rng = np.random.default_rng(0)
     calibration = train.images.numpy()[rng.choice(len(train), size=min(512, len(train)), replace=False)]
     quantize_int8(onnx_path, int8_path, calibration)
-    probs = predict_onnx(int8_path, test.images.numpy())
-    int8_metrics = headline_metrics(spec.task, torch.from_numpy(probs), test.labels)
     images = test.images.numpy()
+    probs, fp32_probs = predict_onnx(int8_path, images), predict_onnx(onnx_path, images)
+    int8_metrics = headline_metrics(spec.task, torch.from_numpy(probs), test.labels)
+    if spec.task.startswith("multi-label"):  # a decision per label: over 0.5 or not
+        agree = float(((probs > 0.5) == (fp32_probs > 0.5)).mean())
+    else:
+        agree = float((probs.argmax(1) == fp32_probs.argmax(1)).mean())
     speedup = {f"speedup_batch{batch}_cpu": round(ort_images_per_second(int8_path, images, batch, repeats)
                                                   / ort_images_per_second(onnx_path, images, batch, repeats), 3)
                for batch, repeats in ((1, 500), (64, 20))}
@@ -411,5 +418,7 @@ def _quantize_in_place(onnx_path: Path, train: Any, test: Any, spec: DatasetSpec
                       "classifier layer and the head after it (temperature, softmax / sigmoid) kept in float",
             "fp32_test": fp32_metrics, "int8_test": int8_metrics,
             "acc_change": int8_metrics["acc"] - fp32_metrics["acc"],
-            "auc_change": int8_metrics["auc"] - fp32_metrics["auc"], **speedup}
+            "auc_change": int8_metrics["auc"] - fp32_metrics["auc"],
+            "test_decisions_same_as_fp32": agree, "test_max_abs_prob_diff": float(np.abs(probs - fp32_probs).max()),
+            **speedup}
     return info, int8_metrics
