@@ -374,8 +374,10 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
     """Limits on reading a request, which uvicorn does not set (its httptools protocol arms no timer until a
     request is complete, and buffers headers of any size):
 
-    * headers not complete ``timeout_s`` after the connection opened or after the request's first byte: 408 and
-      close (a client trickling header bytes, slowloris, held a connection for as long as it kept sending);
+    * headers not complete ``timeout_s`` after the request's first byte: 408 and close (a client trickling header
+      bytes, slowloris, held a connection for as long as it kept sending); a new connection that has sent nothing
+      yet is closed silently after uvicorn's keep-alive timeout, as an idle keep-alive connection is (a 408 there
+      reached pools and load balancers that open connections ahead of use as the answer to their next request);
     * a body with no new bytes for ``timeout_s``: 408 and close, unless its answer has begun (a stalled upload
       held its in-flight slot, one of ``CNNSERVE_MAX_CONCURRENCY``, until the request timeout; a slow one that
       keeps sending goes on); armed only when a read leaves the body incomplete, so most requests pay nothing;
@@ -398,10 +400,10 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
         HttpToolsProtocol.connection_made, HttpToolsProtocol.on_message_begin, HttpToolsProtocol.on_headers_complete,
         HttpToolsProtocol.on_message_complete, HttpToolsProtocol.connection_lost, HttpToolsProtocol.data_received)
 
-    def arm(protocol: Any, answer: bytes) -> None:
+    def arm(protocol: Any, answer: bytes, delay: float = timeout_s) -> None:
         disarm(protocol)
-        if timeout_s > 0:
-            protocol._read_timer = protocol.loop.call_later(timeout_s, expire, protocol, answer)
+        if delay > 0:
+            protocol._read_timer = protocol.loop.call_later(delay, expire, protocol, answer)
 
     def disarm(protocol: Any) -> None:
         timer = getattr(protocol, "_read_timer", None)
@@ -413,6 +415,9 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
         protocol._read_timer = None
         cycle = protocol.cycle  # in "head": the connection's previous request's, if any
         if protocol.transport.is_closing():
+            return
+        if protocol._reading == "new":  # not a byte since it opened: closed as an idle keep-alive connection is
+            protocol.transport.close()
             return
         answering = cycle is not None and not cycle.response_complete  # a pipelined request's answer to come
         if protocol._reading == "body":
@@ -431,14 +436,13 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
 
     def connection_made(self: Any, transport: Any) -> None:
         made(self, transport)
+        self._reading, self._head_bytes = "new", 0
+        arm(self, b"", getattr(self, "timeout_keep_alive", 5))
+
+    def on_message_begin(self: Any) -> None:  # a request's first byte
+        begin(self)
         self._reading, self._head_bytes = "head", 0
         arm(self, REQUEST_TIMEOUT_408)
-
-    def on_message_begin(self: Any) -> None:
-        begin(self)
-        if self._reading != "head":  # a keep-alive connection's next request (its first began at connect)
-            self._reading, self._head_bytes = "head", 0
-            arm(self, REQUEST_TIMEOUT_408)
 
     def on_headers_complete(self: Any) -> None:
         self._reading = "body"
@@ -451,10 +455,13 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
         finished(self)
 
     def data_received(self: Any, data: bytes) -> None:
-        if self._reading == "head":
+        counted = self._reading == "head"
+        if counted:
             self._head_bytes += len(data)
         received(self, data)
         if self._reading == "head":
+            if not counted:  # the request began in this read
+                self._head_bytes += len(data)
             if max_header_bytes and self._head_bytes > max_header_bytes and not self.transport.is_closing():
                 disarm(self)
                 if self.cycle is not None and not self.cycle.response_complete:  # a pipelined request's answer

@@ -390,6 +390,16 @@ def test_headers_trickled_slower_than_the_header_timeout_get_408_and_a_closed_co
         assert client.get(f"{server.url}/v2/health/live").status_code == 200
 
 
+def test_a_new_connection_idle_past_the_header_timeout_is_still_served(server):
+    """Pools and load balancers open connections ahead of use: one that has sent nothing yet is idle, not slow, and
+    its first request (sent after the header timeout) is answered, not met by a 408 written while it waited."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as early:
+        time.sleep(HEADER_TIMEOUT_S + 0.5)
+        early.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = early.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
 @pytest.mark.parametrize("path", ["/v2/models/mnist-cnn/infer", "/classify", "/predict"])
 def test_a_body_that_stops_arriving_gets_408_and_a_closed_connection(server, path):
     """A stalled upload held its slot of CNNSERVE_MAX_CONCURRENCY until the request timeout (60 s), then got 504."""
