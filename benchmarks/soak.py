@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -39,6 +40,13 @@ from benchmarks.publish import write_results
 GOALS = {"errors": 0, "rss_growth_last_8_min": 0.05, "p99_vs_first_minute": 2.0}
 
 
+def even_mix_capacity(door_capacities: Iterable[float]) -> float:
+    """Requests/s of a load split evenly over doors of these capacities (each measured alone): a request on a door of
+    capacity c takes 1 / c of the server's second, so n doors at r / n each fill it when r = n / sum(1 / c)."""
+    capacities = list(door_capacities)
+    return len(capacities) / sum(1 / c for c in capacities)
+
+
 async def soak(service: Service, minutes: int, fraction: float) -> dict:
     images, http_port = sample_images(), service.http_port
 
@@ -57,7 +65,7 @@ async def soak(service: Service, minutes: int, fraction: float) -> dict:
     for door in ("http-binary", "http-json", "grpc"):
         await alone(door, 2)
         doors[door] = await alone(door, 10)
-    capacity = len(doors) / sum(1 / c for c in doors.values())
+    capacity = even_mix_capacity(doors.values())
     rate = fraction * capacity / 3  # per door
     rows, generator = [], psutil.Process()
     for minute in range(1, minutes + 1):

@@ -28,3 +28,10 @@ def test_each_load_starts_with_the_garbage_of_the_last_one_collected():
     assert cycle() is not None  # nothing has collected it yet
     with collector_paused():
         assert cycle() is None
+
+
+def test_the_soak_offers_a_fraction_of_what_an_even_mix_of_its_doors_can_take():
+    from benchmarks.soak import even_mix_capacity
+
+    assert even_mix_capacity([6000, 3000, 2000]) == pytest.approx(3000)  # 1/6 + 1/3 + 1/2 of a second at 1,000 each
+    assert even_mix_capacity([5000, 5000]) == pytest.approx(5000)
