@@ -44,6 +44,8 @@ def even_mix_capacity(door_capacities: Iterable[float]) -> float:
     """Requests/s of a load split evenly over doors of these capacities (each measured alone): a request on a door of
     capacity c takes 1 / c of the server's second, so n doors at r / n each fill it when r = n / sum(1 / c)."""
     capacities = list(door_capacities)
+    if min(capacities) <= 0:
+        raise ValueError(f"a door answered nothing in its capacity run ({capacities}): see the server log")
     return len(capacities) / sum(1 / c for c in capacities)
 
 

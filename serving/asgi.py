@@ -376,8 +376,9 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
 
     * headers not complete ``timeout_s`` after the request's first byte: 408 and close (a client trickling header
       bytes, slowloris, held a connection for as long as it kept sending); a new connection that has sent nothing
-      yet is closed silently after uvicorn's keep-alive timeout, as an idle keep-alive connection is (a 408 there
-      reached pools and load balancers that open connections ahead of use as the answer to their next request);
+      yet is closed silently after uvicorn's keep-alive timeout (``timeout_s`` where that is 0), as an idle keep-alive
+      connection is (a 408 there reached pools and load balancers that open connections ahead of use as the answer
+      to their next request);
     * a body with no new bytes for ``timeout_s``: 408 and close, unless its answer has begun (a stalled upload
       held its in-flight slot, one of ``CNNSERVE_MAX_CONCURRENCY``, until the request timeout; a slow one that
       keeps sending goes on); armed only when a read leaves the body incomplete, so most requests pay nothing;
@@ -436,8 +437,8 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
 
     def connection_made(self: Any, transport: Any) -> None:
         made(self, transport)
-        self._reading, self._head_bytes = "new", 0
-        arm(self, b"", getattr(self, "timeout_keep_alive", 5))
+        self._reading, self._head_bytes, self._completed = "new", 0, 0
+        arm(self, b"", getattr(self, "timeout_keep_alive", 0) or timeout_s)
 
     def on_message_begin(self: Any) -> None:  # a request's first byte
         begin(self)
@@ -451,17 +452,18 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
 
     def on_message_complete(self: Any) -> None:
         self._reading = "idle"
+        self._completed += 1
         disarm(self)
         finished(self)
 
     def data_received(self: Any, data: bytes) -> None:
-        counted = self._reading == "head"
-        if counted:
+        began, completed = self._reading, self._completed
+        if began == "head":
             self._head_bytes += len(data)
         received(self, data)
         if self._reading == "head":
-            if not counted:  # the request began in this read
-                self._head_bytes += len(data)
+            if began in ("new", "idle") and self._completed == completed:  # the request began this read, and
+                self._head_bytes += len(data)  # nothing of an earlier one's came with it
             if max_header_bytes and self._head_bytes > max_header_bytes and not self.transport.is_closing():
                 disarm(self)
                 if self.cycle is not None and not self.cycle.response_complete:  # a pipelined request's answer

@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import io
 import json
+import re
 import socket
 import struct
 import time
@@ -20,7 +21,8 @@ from PIL import Image
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from tests.server import HEADER_TIMEOUT_S, MAX_BYTES, MAX_IMAGES, png
+from tests.conftest import EXPORTS
+from tests.server import HEADER_TIMEOUT_S, MAX_BYTES, MAX_IMAGES, png, start_server
 
 GOOD = np.zeros((1, 28, 28), np.uint8)
 
@@ -443,6 +445,31 @@ def test_request_headers_over_the_limit_get_431_and_a_closed_connection(server):
     assert "CNNSERVE_MAX_HEADER_BYTES" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
     fine = httpx.get(f"{server.url}/v2/health/live", headers={"X-Big": "a" * 30000})  # under the limit
     assert fine.status_code == 200
+
+
+def test_a_large_body_pipelined_with_the_next_request_is_not_counted_as_its_headers(tmp_path):
+    """The header-size limit counts a request's head only: a 100 KB body and the next request arriving in one write
+    are two answered requests, not a 431 after the first (a limit under the size of the read that carries both, the
+    next one's head unfinished)."""
+    srv = start_server(EXPORTS, tmp_path / "server.log", workers=1, max_header_bytes=16384, poll_interval_s=0)
+    body = json.dumps(infer_json([{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8",
+                                   "data": GOOD.ravel().tolist()}])).encode() + b" " * 100_000
+    first = (f"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    try:
+        with socket.create_connection(("127.0.0.1", srv.http_port), timeout=10) as client:
+            client.sendall(first + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # the next head, unfinished
+            time.sleep(0.3)
+            client.sendall(b"\r\n")
+            answers = b""
+            while answers.count(b"HTTP/1.1 ") < 2:
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                answers += chunk
+    finally:
+        srv.stop()
+    assert re.findall(rb"HTTP/1\.1 (\d+)", answers) == [b"200"] * 2, answers[:600]
 
 
 def test_a_client_gone_halfway_through_its_body_is_answered_nothing_and_logged_without_a_traceback(server):

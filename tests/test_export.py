@@ -14,10 +14,11 @@ import torch
 from serving.model_card import file_sha256, read_card
 from tests.conftest import EXPORTS
 from tests.test_train import tiny
-from training.calibration import probabilities
+from training.calibration import calibration_report, probabilities
 from training.checkpoint import load_model
 from training.config import TrainConfig
-from training.evaluate import evaluate_path
+from training.data import dataset_spec, load_split
+from training.evaluate import evaluate_path, predict_onnx
 from training.export import ExportError, check_parity, export_checkpoint, quantize_version
 from training.recipes import derive_config
 from training.train import CHECKPOINT, train
@@ -177,11 +178,21 @@ def test_quantize_publishes_an_int8_next_version_that_keeps_the_calibration(fixt
     assert card.sha256 == file_sha256(path / "model.onnx") and card.training["command"].endswith("quantize x")
     assert card.training["quantized_from"]["sha256"] == old.sha256
     assert card.training["calibrated_from"] == old.training["calibrated_from"]  # the lineage is kept
-    assert card.quantization["fp32_test"]["acc"] == old.metrics["test"]["acc"]
-    assert card.calibration["temperature"] == old.calibration["temperature"]
-    assert card.calibration["test"] != old.calibration["test"]  # re-measured, on the fixture's test split
+    assert set(card.metrics) == {"test"}  # the source's parity with PyTorch describes the float network
     again = evaluate_path(path, "test", data_dir=fixture_data, download=False)
     assert again["acc"] == pytest.approx(card.metrics["test"]["acc"], abs=1e-9)
+    float_acc = evaluate_path(source, "test", data_dir=fixture_data, download=False)["acc"]  # the same split
+    assert card.quantization["fp32_test"]["acc"] == pytest.approx(float_acc, abs=1e-9)
+    assert card.quantization["fp32_test"]["n"] == card.metrics["test"]["n"]
+    # the source's temperature, its calibration measured on this file's logits
+    temperature = torch.tensor(old.calibration["temperature"])
+    assert card.calibration["temperature"] == old.calibration["temperature"]
+    spec = dataset_spec("mnist", 28)
+    splits = {name: (torch.from_numpy(predict_onnx(path / "model.onnx", split.images.numpy(), output="logits")),
+                     split.labels)
+              for name, split in ((n, load_split(spec, n, fixture_data, False)) for n in ("val", "test"))}
+    expected = calibration_report(temperature, card.task, splits)
+    assert (card.calibration["val"], card.calibration["test"]) == (expected["val"], expected["test"])
     images = np.random.default_rng(0).integers(0, 256, size=(16, 28, 28), dtype=np.uint8)
     session = ort.InferenceSession(str(path / "model.onnx"))
     probs, logits = session.run(["probs", "logits"], {"images": images})

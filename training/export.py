@@ -203,7 +203,7 @@ def export_checkpoint(
         quantization = None
         if quantize == "int8":
             quantization, metrics = _quantize_in_place(onnx_path, load_split(spec, "train", data_dir, download),
-                                                        test, spec, metrics)
+                                                        test, spec)
         elif quantize is not None:
             raise ValueError(f"unknown quantization {quantize!r}; only int8 is supported")
         return _publish(staging, dict(
@@ -257,8 +257,9 @@ def quantize_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, downl
     training images, the classifier layer and the head after it kept in float).
 
     The card keeps the source's calibration temperature and re-measures everything the weights change: the
-    test metrics (and their change in ``quantization``), the calibration before / after on val and test, the
-    speed-up. ``version_dir`` itself is left untouched."""
+    test metrics, beside the source's on the same split (``quantization``), the calibration before / after on
+    val and test, the speed-up. The source's ONNX-vs-PyTorch parity and best val score describe the float network
+    and are left out (its card keeps them). ``version_dir`` itself is left untouched."""
     source, card, spec = _exported_version(version_dir)
     if card.quantization is not None:
         raise ValueError(f"{version_dir} is quantised already ({card.quantization['method']})")
@@ -266,14 +267,15 @@ def quantize_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, downl
     with _staging(Path(version_dir).parent) as staging:
         onnx_path = staging / "model.onnx"
         shutil.copyfile(source, onnx_path)
-        quantization, metrics = _quantize_in_place(onnx_path, train, test, spec, card.metrics["test"])
+        quantization, metrics = _quantize_in_place(onnx_path, train, test, spec)
         calibration = None
         if card.calibration is not None:
             temperature = torch.tensor(card.calibration["temperature"])
-            calibration = _calibration_section(onnx_path, temperature, spec, val, test)
+            calibration = {**_calibration_section(onnx_path, temperature, spec, val, test),
+                           "fitted_on": f"val, on the float logits of version {card.version} (kept when quantised)"}
         return _publish(staging, _derived_card_fields(
             card, command, "quantized_from",
-            metrics={**card.metrics, "test": {**metrics, "n": len(test)}},
+            metrics={"test": {**metrics, "n": len(test)}},
             quantization=quantization, calibration=calibration,
         ))
 
@@ -397,8 +399,10 @@ def _add_metadata(path: Path, props: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def _quantize_in_place(onnx_path: Path, train: Any, test: Any, spec: DatasetSpec,
-                       fp32_metrics: dict[str, float]) -> tuple[dict[str, Any], dict[str, float]]:
+def _quantize_in_place(onnx_path: Path, train: Any, test: Any, spec: DatasetSpec
+                       ) -> tuple[dict[str, Any], dict[str, float]]:
+    """Replace the float model at ``onnx_path`` by its int8 version; -> the card's ``quantization`` section (both
+    models scored on ``test``) and the int8 model's test metrics."""
     int8_path = onnx_path.with_name("model.int8.onnx")
     rng = np.random.default_rng(0)
     calibration = train.images.numpy()[rng.choice(len(train), size=min(512, len(train)), replace=False)]
@@ -406,6 +410,7 @@ def _quantize_in_place(onnx_path: Path, train: Any, test: Any, spec: DatasetSpec
     images = test.images.numpy()
     probs, fp32_probs = predict_onnx(int8_path, images), predict_onnx(onnx_path, images)
     int8_metrics = headline_metrics(spec.task, torch.from_numpy(probs), test.labels)
+    fp32_metrics = {**headline_metrics(spec.task, torch.from_numpy(fp32_probs), test.labels), "n": len(test)}
     if spec.task.startswith("multi-label"):  # a decision per label: over 0.5 or not
         agree = float(((probs > 0.5) == (fp32_probs > 0.5)).mean())
     else:
