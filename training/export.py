@@ -41,7 +41,7 @@ from serving.model_card import (
 from training.calibration import calibration_report, fit_temperature, probabilities
 from training.checkpoint import load_model
 from training.data import DEFAULT_DATA_DIR, DatasetSpec, Split, dataset_spec, load_split
-from training.evaluate import headline_metrics, predict_logits, predict_onnx
+from training.evaluate import headline_metrics, predict_logits, predict_onnx, predicted_labels
 from training.models import Classifier, Ensemble
 
 OPSET = 18
@@ -411,10 +411,8 @@ def _quantize_in_place(onnx_path: Path, train: Any, test: Any, spec: DatasetSpec
     probs, fp32_probs = predict_onnx(int8_path, images), predict_onnx(onnx_path, images)
     int8_metrics = headline_metrics(spec.task, torch.from_numpy(probs), test.labels)
     fp32_metrics = {**headline_metrics(spec.task, torch.from_numpy(fp32_probs), test.labels), "n": len(test)}
-    if spec.task.startswith("multi-label"):  # a decision per label: over 0.5 or not
-        agree = float(((probs > 0.5) == (fp32_probs > 0.5)).mean())
-    else:
-        agree = float((probs.argmax(1) == fp32_probs.argmax(1)).mean())
+    decided = [predicted_labels(spec.task, torch.from_numpy(p)) for p in (probs, fp32_probs)]
+    agree = (decided[0] == decided[1]).float().mean().item()  # multi-label: per label
     speedup = {f"speedup_batch{batch}_cpu": round(ort_images_per_second(int8_path, images, batch, repeats)
                                                   / ort_images_per_second(onnx_path, images, batch, repeats), 3)
                for batch, repeats in ((1, 500), (64, 20))}
