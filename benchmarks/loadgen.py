@@ -18,13 +18,18 @@ import gc
 import json
 import os
 import re
+import resource
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import grpc
 import httpx
@@ -327,6 +332,76 @@ class GrpcLoad:
         for channel in self.channels:
             channel.close()
         return list(self.samples)
+
+
+NATIVE_SOURCE = ROOT / "benchmarks" / "native" / "openloop.c"
+NATIVE_BINARY = ROOT / "benchmarks" / "native" / "build" / "openloop"
+GRPC_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
+REFUSED_GRPC = {grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
+GRPC_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def native_generator() -> Path:
+    """``benchmarks/native/openloop``, built with the C compiler if missing or older than its source (it needs
+    libnghttp2: ``apt-get install gcc libnghttp2-dev``)."""
+    if NATIVE_BINARY.exists() and NATIVE_BINARY.stat().st_mtime >= NATIVE_SOURCE.stat().st_mtime:
+        return NATIVE_BINARY
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("the native load generator needs a C compiler (apt-get install gcc libnghttp2-dev), "
+                           "or run with --generator python")
+    NATIVE_BINARY.parent.mkdir(parents=True, exist_ok=True)
+    built = NATIVE_BINARY.with_suffix(".tmp")
+    result = subprocess.run([compiler, "-O2", "-o", str(built), str(NATIVE_SOURCE), "-lnghttp2"],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"building {NATIVE_SOURCE.name} failed (it needs libnghttp2-dev: apt-get install "
+                           f"libnghttp2-dev), or run with --generator python:\n{result.stderr[-2000:]}")
+    built.replace(NATIVE_BINARY)
+    return NATIVE_BINARY
+
+
+class NativeLoad:
+    """Open-loop load from ``benchmarks/native/openloop.c``: the same schedule and rules as ``HttpLoad`` (HTTP/1.1
+    keep-alive connections, one request at a time each) and ``GrpcLoad`` (unary calls spread over ``connections``
+    HTTP/2 connections), at a few microseconds of CPU per request instead of 30 (HTTP) or 140 (gRPC): on cores
+    shared with the server, a Python generator at twice the capacity takes a share the server then lacks, and
+    falls behind on gRPC. Blocking: run it in a thread or process of its own."""
+
+    def __init__(self, door: str, port: int, images: np.ndarray, connections: int, binary: bool = True) -> None:
+        self.door, self.port, self.connections = door, port, connections
+        if door == "grpc":
+            tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=list(images.shape))
+            self.request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor],
+                                                raw_input_contents=[images.tobytes()]).SerializeToString()
+        else:
+            self.request = http_request(port, binary, images)
+        self.cpu_s = 0.0  # the generator's CPU seconds in the last run
+
+    def open_loop(self, rate: float, seconds: float) -> list[Sample]:
+        binary = native_generator()
+        with tempfile.NamedTemporaryFile(suffix=".bin") as request:
+            request.write(self.request)
+            request.flush()
+            cmd = [str(binary), self.door, "127.0.0.1", str(self.port), repr(rate), repr(seconds),
+                   str(self.connections), request.name] + ([GRPC_INFER_PATH] if self.door == "grpc" else [])
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return [self._sample(line) for line in result.stdout.splitlines()]
+
+    def _sample(self, line: str) -> Sample:
+        due, sent, done, code, message = line.split("\t", 4)
+        due_s, code_n = float(due), int(code)
+        if code_n < 0:
+            outcome = f"error {message}"
+        elif self.door == "grpc":
+            outcome = "ok" if code_n == 0 else "rejected" if code_n in REFUSED_GRPC else f"grpc {GRPC_NAMES[code_n]}"
+        else:
+            outcome = http_outcome(code_n)
+        reason = refusal_reason(unquote(message)) if outcome == "rejected" else ""
+        return Sample(self.door, due_s, float(done) - due_s, outcome, float(sent) - due_s, reason)
 
 
 async def probe(url: str, period_s: float, seconds: float) -> list[float]:

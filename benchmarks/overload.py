@@ -5,10 +5,12 @@ and gRPC, against the service as `make serve` runs it (one worker per core, defa
 
 Per door: capacity = answered requests/s of 16 closed-loop clients; then ``factor`` x capacity (or ``--rate``)
 open loop for ``seconds`` while ``/readyz`` is probed every 100 ms and a light client (20 req/s) keeps sending
-through the burst and 5 s past it. The load comes from generators with no per-request task or timer
-(``loadgen.HttpLoad``: at most ``--connections`` keep-alive connections, as wrk2 keeps a fixed set;
-``loadgen.GrpcLoad``: grpcio futures over 4 channels), and the burst from a process of its own, so that the
-probe and the light client measure the server and not the generator's own backlog.
+through the burst and 5 s past it. The burst comes from ``benchmarks/native/openloop.c`` (``--generator native``,
+the default: a few microseconds of CPU per request, built with gcc and libnghttp2 on first use) or from the
+Python generators (``--generator python``: ``loadgen.HttpLoad``, at most ``--connections`` keep-alive connections
+as wrk2 keeps a fixed set; ``loadgen.GrpcLoad``, grpcio futures over 4 channels), from a process of its own, so
+that the probe and the light client measure the server and not the generator's own backlog. The capacity run, the
+light client and the probe are Python.
 Reported beside the goals of the issue: answered p99 <= 250 ms, rejections answered in <= 10 ms (p99),
 goodput >= 90 % of capacity, worker RSS growth <= 20 %, /readyz p99 <= 50 ms, latency back to normal <= 1 s
 after the burst. Writes benchmarks/results/overload.{json,md}.
@@ -32,6 +34,7 @@ import httpx
 from benchmarks.loadgen import (
     GrpcLoad,
     HttpLoad,
+    NativeLoad,
     Sample,
     Service,
     collector_paused,
@@ -61,10 +64,17 @@ def light_load(kind: str, service: Service, seconds: float) -> Awaitable[list[Sa
     return http_load(service.http_port, 4).open_loop(LIGHT_RATE, seconds)
 
 
+GRPC_CONNECTIONS = 4
+
+
 def burst(kind: str, http_port: int, grpc_port: int, connections: int, rate: float, seconds: float,
-          binary: bool = True) -> tuple[list[Sample], float]:
+          binary: bool = True, generator: str = "native") -> tuple[list[Sample], float]:
     """The open-loop burst, run in a process of its own (its clock, ``time.monotonic()``, is this one's loop time);
-    returns its samples and the CPU seconds the process spent sending them."""
+    returns its samples and the CPU seconds the generator spent sending them."""
+    if generator == "native":
+        port, count = (grpc_port, GRPC_CONNECTIONS) if kind == "grpc" else (http_port, connections)
+        load = NativeLoad(kind, port, sample_images(), count, binary)
+        return load.open_loop(rate, seconds), load.cpu_s
     with collector_paused():
         cpu = time.process_time()
         if kind == "grpc":
@@ -99,9 +109,9 @@ def recovery_s(light: list[Sample], burst_end: float, normal_s: float) -> float:
 
 
 async def measure(kind: str, service: Service, seconds: float, factor: float, connections: int,
-                  rate: float | None = None, binary: bool = True) -> dict:
+                  rate: float | None = None, binary: bool = True, generator: str = "native") -> dict:
     """``rate``: offered requests/s, in place of ``factor`` x the measured capacity; ``binary``: OIP REST binary
-    tensors (else JSON) for the capacity run and the burst."""
+    tensors (else JSON) for the capacity run and the burst; ``generator``: the burst's (``burst``)."""
     loop = asyncio.get_running_loop()
     if kind == "http":
         await http_load(service.http_port, 16, binary).closed_loop(2)  # warm-up
@@ -124,7 +134,7 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
         pool.submit(int).result()  # the process started before the clock does
         start, server_cpu, lag_before = loop.time(), service.server.cpu_seconds(), loop_lag_buckets(service.url)
         sent = loop.run_in_executor(pool, burst, kind, service.http_port, service.grpc_port, connections, offered,
-                                    seconds, binary)
+                                    seconds, binary, generator)
         burst_server_cpu: list[float] = []  # the server's CPU seconds when the burst's last answer is in
         lag_after: list[asyncio.Future[dict[float, float]]] = []  # scraped off the loop: the light client goes on
         sent.add_done_callback(lambda _: (burst_server_cpu.append(service.server.cpu_seconds() - server_cpu),
@@ -142,7 +152,7 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
         elif s.outcome != "ok":
             errors[s.outcome] = errors.get(s.outcome, 0) + 1
     result = {
-        "door": kind, "capacity_per_s": round(capacity), "offered_per_s": round(offered),
+        "door": kind, "generator": generator, "capacity_per_s": round(capacity), "offered_per_s": round(offered),
         "connections": connections if kind == "http" else None,
         "sent": len(burst_samples), "answered": len(ok), "rejected": len(rejected),
         "rejected_by": rejected_by, "errors": errors,
@@ -195,16 +205,23 @@ def lag_cell(row: dict) -> str:
     return "" if lag is None else f"≤ {lag:g}"
 
 
+GENERATORS = {
+    "native": "the burst comes from `benchmarks/native/openloop.c` (C; HTTP/1.1 over at most {} keep-alive "
+              "connections; gRPC: unary calls over 4 HTTP/2 connections, libnghttp2), run from a process of its own",
+    "python": "the burst comes from a Python process of its own (HTTP: asyncio protocol over at most {} keep-alive "
+              "connections; gRPC: grpcio futures over 4 channels)",
+}
+
+
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Overload: open loop at a multiple of capacity",
         "",
         f"`{command('benchmarks.overload')}`: the service as `make serve` runs it (2 workers, default settings "
         "unless the command sets some), mnist-cnn, single-image requests (HTTP: "
-        f"OIP REST {'JSON' if args.json else 'binary'}); the burst comes from a Python process of its own (HTTP: "
-        f"asyncio protocol over at most {args.connections} keep-alive connections; gRPC: grpcio futures over 4 "
-        "channels), the light client and the /readyz probe from another, all on the same 2 cores as the server. "
-        "Capacity: 16 closed-loop clients of the same generator. Goals from the issue in brackets; each cell says "
+        f"OIP REST {'JSON' if args.json else 'binary'}); {GENERATORS[args.generator].format(args.connections)}, "
+        "the light client and the /readyz probe from another process, all on the same 2 cores as the server. "
+        "Capacity: 16 closed-loop clients of the Python generators. Goals from the issue in brackets; each cell says "
         "whether it is met. *Generator late*: how long after its due time the burst's p99 request went out; when "
         "it is large the generator, not the server, set the pace. *Cores*: CPU of the server's processes and of "
         "the load generator, in cores, in the capacity run and in the burst: what the generator takes at twice "
@@ -242,6 +259,10 @@ def main() -> None:
                         help="HTTP keep-alive connections of the burst at most (a request due while all are busy "
                              "waits for one; its latency counts from when it was due)")
     parser.add_argument("--json", action="store_true", help="HTTP: OIP REST JSON tensors instead of binary")
+    parser.add_argument("--generator", choices=sorted(GENERATORS), default="native",
+                        help="the burst's generator: native (benchmarks/native/openloop.c, built on first use; "
+                             "needs gcc and libnghttp2-dev) or python (benchmarks/loadgen.py; heavier: 30 us (HTTP) "
+                             "and 140 us (gRPC) of CPU per request on the server's cores)")
     parser.add_argument("--results-name", default="overload", help="stem of the results files")
     args = parser.parse_args()
     rows = []
@@ -250,7 +271,7 @@ def main() -> None:
             service = Service.start(Path(tmp) / "server.log")
             try:
                 rows.append(asyncio.run(measure(kind, service, args.seconds, args.factor, args.connections,
-                                                args.rate, not args.json)))
+                                                args.rate, not args.json, args.generator)))
             finally:
                 service.stop()
     print(write_results(args.results_name, {"goals": GOALS, "rows": rows, "seconds": args.seconds,
