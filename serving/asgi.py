@@ -22,6 +22,7 @@ from bentoml.exceptions import BadInput
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
+from serving.accepting import Acceptor
 from serving.errors import BodyTooLarge, Overloaded, ServingError, TooManyRequests, http_error_answer, log_refusal
 from serving.metrics import observe_shed
 
@@ -524,6 +525,51 @@ def install_connection_balance(opened: Callable[[object], None], closed: Callabl
     HttpToolsProtocol.connection_lost = connection_lost
     HttpToolsProtocol._cnnserve_connection_balance = True
     return True
+
+
+def install_batch_accept() -> bool:
+    """Under uvloop, accept every connection waiting on the HTTP listener at each turn of the loop
+    (``serving.accepting``), not one: started by the first connection uvicorn's httptools protocol makes in this
+    process, with that protocol's own factory arguments and the listener that connection came from. Returns False
+    where that class is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return False
+    if getattr(HttpToolsProtocol, "_cnnserve_batch_accept", False):
+        return True
+    made = HttpToolsProtocol.connection_made
+
+    def connection_made(self: Any, transport: Any) -> None:
+        made(self, transport)
+        if HttpToolsProtocol._cnnserve_acceptor is None:
+            HttpToolsProtocol._cnnserve_acceptor = _start_acceptor(self, transport)
+
+    HttpToolsProtocol.connection_made = connection_made
+    HttpToolsProtocol._cnnserve_acceptor = None
+    HttpToolsProtocol._cnnserve_batch_accept = True
+    return True
+
+
+def _start_acceptor(protocol: Any, transport: Any) -> Acceptor | bool:
+    """An ``Acceptor`` on the listener ``transport``'s connection came in on, making protocols like ``protocol``;
+    False (tried: not again) under another loop than uvloop (asyncio's accepts a batch itself) or where the
+    listener is not found."""
+    loop = asyncio.get_running_loop()
+    port = (transport.get_extra_info("sockname") or (None, None))[1]
+    if not type(loop).__module__.startswith("uvloop") or port is None:
+        return False
+    listeners = _listeners(keep_ports=set())
+    mine = [sock for sock in listeners if sock.getsockname()[1] == port]
+    for sock in listeners:
+        if sock not in mine[:1]:
+            sock.close()
+    if not mine:
+        return False
+    kind, config, state, app_state = type(protocol), protocol.config, protocol.server_state, protocol.app_state
+    acceptor = Acceptor(mine[0], lambda: kind(config=config, server_state=state, app_state=app_state))
+    acceptor.start()
+    return acceptor
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from serving.asgi import (
     JsonErrors,
     MountRoots,
     accept_queue,
+    install_batch_accept,
     install_connection_balance,
     install_load_shedding,
     install_multipart_field_check,
@@ -133,6 +134,9 @@ class CnnServe:
             log.warning("uvicorn's httptools protocol was not found: HTTP connections are not spread over workers "
                         "nor closed while draining")
             self.connections = None
+        if not install_batch_accept():
+            log.warning("uvicorn's httptools protocol was not found: new HTTP connections are accepted one per turn "
+                        "of the event loop")
         quiet_client_errors()
         self.grpc: GrpcServer | None = None
         self._poller: asyncio.Task[None] | None = None
