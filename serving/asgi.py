@@ -260,13 +260,16 @@ def _shortened(filename: str) -> str:
     return head.decode(errors="ignore") + suffix
 
 
-def install_multipart_field_check() -> bool:
+def install_multipart_field_check(max_files: int) -> bool:
     """Refuse, with 400 and a message naming the field, a multipart upload that puts a file where the API takes
     a value (``curl -F image=@x.png`` for ``images``, ``-F model=@x.png``): BentoML's multipart parser reads
     such a part as JSON bytes, and one that is not UTF-8 raised out of it as a 500 with a traceback. Also a plain
     value where the API takes files (``-F images=<x.png``): BentoML took it for a URL to download (a 500 when it
     was not one, a fetch from the server when it was). A file name too long for a temporary file's name (a 500)
-    is shortened.
+    is shortened. A body that is not a readable form (no boundary, a part header without a colon, Starlette's
+    1,000-field limit) is a 400 that says so, and one with more than ``max_files`` files a 413 (Starlette's own
+    400s for these left BentoML's wrapper as 500s with a traceback, and its 1,000-file limit refused uploads the
+    service's image limit allows).
 
     Wraps ``MultipartSerde.parse_request`` in BentoML's private serde module; Starlette caches the parsed form
     on the request, so the check costs no second parse. ``tests/test_bad_input.py`` sends such uploads to the
@@ -274,14 +277,24 @@ def install_multipart_field_check() -> bool:
     try:
         from _bentoml_impl.serde import MultipartSerde
         from starlette.datastructures import UploadFile
+        from starlette.exceptions import HTTPException
     except ImportError:
         return False
+    MultipartSerde._cnnserve_max_files = max_files
     if getattr(MultipartSerde, "_cnnserve_field_check", False):
         return True
     parse_request = MultipartSerde.parse_request
 
     async def checked_parse_request(self: Any, request: Any, cls: Any) -> Any:
-        form = await request.form()
+        limit = MultipartSerde._cnnserve_max_files
+        try:  # one file over the limit still parses, for the API's own 413 on the count
+            form = await request.form(max_files=limit + 1)
+        except HTTPException as exc:  # Starlette's 400 for a body it cannot read as a form
+            if "Too many files" in str(exc.detail):
+                raise BadInput(f"more than {limit} files uploaded: the limit is {limit} images per request "
+                               "(CNNSERVE_MAX_IMAGES_PER_REQUEST)",
+                               error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+            raise BadInput(f"the multipart body is not a readable form: {exc.detail}") from None
         files = sorted(cls.multipart_fields)
         for name, value in form.multi_items():
             if isinstance(value, UploadFile) and name not in cls.multipart_fields:

@@ -529,3 +529,27 @@ def test_the_messages_say_what_to_fix(server):
     with pytest.raises(grpc.RpcError) as refused:
         stub.ModelMetadata(pb.ModelMetadataRequest(name="mnist-cnn", version="abc"))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unreadable_multipart_bodies_and_too_many_files_are_4xx_not_500(server):
+    # Starlette's own 400s for these (no boundary, a part header without a colon, over 1,000 fields or files) left
+    # BentoML's wrapper as 500s with a traceback; its 1,000-file limit also sat below the service's image limit
+    classify = f"{server.url}/classify"
+    part = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nmnist-cnn\r\n--b--\r\n'
+    headless = b"--b\r\nthis line has no colon\r\n\r\nmnist-cnn\r\n--b--\r\n"
+    unreadable = [
+        ("no boundary", httpx.post(classify, content=part, headers={"Content-Type": "multipart/form-data"})),
+        ("part header without a colon", httpx.post(classify, content=headless,
+                                                   headers={"Content-Type": "multipart/form-data; boundary=b"})),
+        ("1,001 plain fields", httpx.post(classify, files=[("images", ("a.png", _png_digit(), "image/png"))],
+                                          data={"model": "mnist-cnn", **{f"f{i}": "x" for i in range(1001)}})),
+    ]
+    for what, response in unreadable:
+        assert_client_error(response, what)
+        assert response.status_code == 400 and "not a readable form" in response.json()["error"], response.text
+    for count in (MAX_IMAGES + 1, 1001):  # the API's own count, and one the form parser refuses on its own
+        response = httpx.post(classify, files=[("images", (f"{i}.png", _png_digit(), "image/png"))
+                                               for i in range(count)], data={"model": "mnist-cnn"})
+        assert response.status_code == 413 and f"{MAX_IMAGES}" in response.json()["error"], response.text
+    r = httpx.post(classify, files=[("images", ("a.png", _png_digit(), "image/png"))], data={"model": "mnist-cnn"})
+    assert r.status_code == 200
