@@ -17,6 +17,8 @@ Every step that changes pixels adds a note (the reply's ``converted`` list), in 
    for a drawing on a transparent canvas (90 % of the border transparent) whose strokes are dark (light) like a
    black (white) card background, as black strokes on an HTML canvas are for MNIST, on white (black) instead, so
    that they do not vanish (step 5 then inverts them). An alpha channel with no transparent pixel is dropped.
+   A card that does not record its background (written before cards did) gets black, and steps 5 and 6 skip it:
+   what its training images sat on is not known (version 1 of the X-ray models inverted light-bordered X-rays).
 4. Colour: to L for NHW models, RGB for NHWC; other colour spaces (CMYK, YCbCr) go through RGB first.
    Pillow's formulas (RGB -> L is ITU-R 601-2 luma); embedded ICC profiles are not applied.
 5. Polarity: when the card's training images sit on black (or white) and at least 90 % of the upload's border is
@@ -170,12 +172,13 @@ def _to_8_bits(image: Image.Image, upload: str, notes: list[str]) -> Image.Image
     return Image.fromarray(np.dstack(channels) if len(channels) > 1 else channels[0])
 
 
-def _plain_background(background: int) -> bool:
-    """Whether training images of this background grey level sit on black or white (MNIST), not on a picture."""
-    return background <= PLAIN or background >= 255 - PLAIN
+def _plain_background(background: int | None) -> bool:
+    """Whether training images of this background grey level sit on black or white (MNIST), not on a picture
+    (False where the card does not say)."""
+    return background is not None and (background <= PLAIN or background >= 255 - PLAIN)
 
 
-def _match_polarity(image: Image.Image, background: int, notes: list[str]) -> Image.Image:
+def _match_polarity(image: Image.Image, background: int | None, notes: list[str]) -> Image.Image:
     """Inverted when the model's training images sit on black (or white) and the upload's border is almost all on
     the other side of mid-grey: a dark digit on white paper, as people write them, for a model trained on light
     digits on black (mnist-cnn answered such digits with confident nonsense: accuracy 0.99 -> 0.12)."""
@@ -190,7 +193,7 @@ def _match_polarity(image: Image.Image, background: int, notes: list[str]) -> Im
     return ImageOps.invert(image)
 
 
-def _level_background(image: Image.Image, background: int, notes: list[str]) -> Image.Image:
+def _level_background(image: Image.Image, background: int | None, notes: list[str]) -> Image.Image:
     """For a card whose training images sit on black (or white): an upload on a plain border of another grey
     level (paper that is not pure white, once inverted; a dark-grey screen) stretched so that its border goes to
     the card's level and its strongest strokes to the other end, every channel alike; other uploads unchanged."""
@@ -216,10 +219,11 @@ def _border(pixels: np.ndarray) -> np.ndarray:
     return np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]]).astype(int)
 
 
-def _flatten_transparency(image: Image.Image, background: int, notes: list[str]) -> Image.Image:
+def _flatten_transparency(image: Image.Image, background: int | None, notes: list[str]) -> Image.Image:
     """Composite transparent pixels on a grey level (``_surround``): RGB(A)/P(A) -> RGB, L(A) -> L."""
     if not image.has_transparency_data:
         return image
+    background = 0 if background is None else background
     base = "L" if image.mode in ("1", "L", "LA", "La") else "RGB"
     with_alpha = image.convert(base + "A")
     alpha = with_alpha.getchannel("A")

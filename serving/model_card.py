@@ -66,8 +66,9 @@ class ModelCard:
     batching: BatchingSpec = field(default_factory=BatchingSpec)
     quantization: dict[str, Any] | None = None
     # grey level 0..255 around the training images (median of their border pixels): the service composites
-    # transparent upload pixels on it. Optional: cards written before it existed mean 0 (black)
-    input_background: int = 0
+    # transparent upload pixels on it, and inverts or levels uploads for a black or white one (serving.images).
+    # None: not recorded (cards written before it existed): uploads are composited on black, never inverted
+    input_background: int | None = None
     # temperature scaling folded into the graph: temperature(s), method, ECE / NLL / Brier before and after on
     # val and test (see training.calibration); None for models exported before calibration existed
     calibration: dict[str, Any] | None = None
@@ -86,8 +87,9 @@ class ModelCard:
             raise CardError(f"outputs must include {PROBS_NAME!r}")
         if self.probs.shape != [len(self.labels)]:
             raise CardError(f"{PROBS_NAME} shape {self.probs.shape} != number of labels {len(self.labels)}")
-        if not isinstance(self.input_background, int) or not 0 <= self.input_background <= 255:
-            raise CardError(f"input_background must be a grey level 0..255, got {self.input_background!r}")
+        background = self.input_background
+        if background is not None and (not isinstance(background, int) or not 0 <= background <= 255):
+            raise CardError(f"input_background must be a grey level 0..255, got {background!r}")
         if self.version < 1:
             raise CardError(f"version must be a positive integer, got {self.version}")
 
