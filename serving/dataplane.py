@@ -86,7 +86,7 @@ class DataPlane:
                 names = ", ".join(m.name for m in loaded) or "none loaded"
                 raise InvalidInput(f"'model' is required: one of {names}")
             return loaded[0]
-        return self.repository.get(name, version or None)
+        return self.repository.get(name, version)
 
     # --- health ------------------------------------------------------------------------------------------
     def ready(self) -> bool:

@@ -48,8 +48,11 @@ def decode_input(model: LoadedModel, name: str, datatype: str, shape: Any, max_i
 def check_outputs(outputs: list[tuple[Any, Any]]) -> int:
     """Check the requested outputs, each (name, its ``classification`` parameter or None); -> how many top classes
     the classification extension asks for (0: the probabilities themselves)."""
-    count = 0
+    count, seen = 0, set()
     for name, classification in outputs:
+        if name in seen:  # merged, the last would win and the other be dropped unsaid (Triton refuses it too)
+            raise InvalidInput(f"output {name!r} is requested twice: name each output once")
+        seen.add(name)
         if name not in SERVED_OUTPUTS:
             raise InvalidInput(f"unknown output {name!r}; this service returns {list(SERVED_OUTPUTS)}")
         if classification is not None:

@@ -434,7 +434,9 @@ class ModelRepository:
         try:
             v = int(version)
         except (TypeError, ValueError):
-            raise InvalidInput(f"model version must be a positive integer, got {version!r}") from None
+            v = 0
+        if v < 1 or isinstance(version, bool):  # 0 and -1 mean "latest" to some servers: here, one rule everywhere
+            raise InvalidInput(f"model version must be a positive integer (or none, for the latest), got {version!r}")
         if not versions or v not in versions:
             self._raise_missing(name, v, unloaded or name in self._unloaded)
         return versions[v]

@@ -553,3 +553,33 @@ def test_unreadable_multipart_bodies_and_too_many_files_are_4xx_not_500(server):
         assert response.status_code == 413 and f"{MAX_IMAGES}" in response.json()["error"], response.text
     r = httpx.post(classify, files=[("images", ("a.png", _png_digit(), "image/png"))], data={"model": "mnist-cnn"})
     assert r.status_code == 200
+
+
+def test_version_zero_or_negative_duplicate_outputs_and_fields_twice_are_refused_on_every_door(server):
+    # an outside probe: version 0 meant "latest" on /predict and /classify and "not found" on /v2 and gRPC; an
+    # output asked for twice was merged (the last won); a form field given twice was taken from its last value
+    digit, url = GOOD[0], server.url
+    for version in (0, "0", -1):
+        r = httpx.post(f"{url}/predict", json={"instances": digit.tolist(), "model": "mnist-cnn", "version": version})
+        assert r.status_code == 400 and "positive integer" in r.json()["error"], (version, r.text)
+    r = httpx.post(f"{url}/classify", files=[("images", ("a.png", png(digit), "image/png"))],
+                   data={"model": "mnist-cnn", "version": "0"})
+    assert r.status_code == 400 and "positive integer" in r.json()["error"], r.text
+    r = httpx.post(f"{url}/v2/models/mnist-cnn/versions/0/infer", json=infer_json([tensor(data=digit.tolist())]))
+    assert r.status_code == 400 and "positive integer" in r.json()["error"], r.text
+    twice = [{"name": "probs"}, {"name": "probs", "parameters": {"classification": 2}}]
+    r = httpx.post(f"{url}/v2/models/mnist-cnn/infer", json=infer_json([tensor(data=digit.tolist())], outputs=twice))
+    assert r.status_code == 400 and "requested twice" in r.json()["error"], r.text
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc_address))
+    image = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 28, 28])
+    for version, outputs in (("0", []), ("-1", []), ("", ["probs", "probs"])):
+        request = pb.ModelInferRequest(model_name="mnist-cnn", model_version=version, inputs=[image],
+                                       raw_input_contents=[digit.tobytes()],
+                                       outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=o)
+                                                for o in outputs])
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (version, refused.value.details())
+    r = httpx.post(f"{url}/classify", files=[("images", ("a.png", png(digit), "image/png"))],
+                   data={"model": ["mnist-cnn", "pneumoniamnist-cnn"]})
+    assert r.status_code == 400 and "'model' is given 2 times" in r.json()["error"], r.text
