@@ -34,6 +34,7 @@ Every step that changes pixels adds a note (the reply's ``converted`` list), in 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from tokenize import TokenError
 
@@ -110,13 +111,16 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
         raise UnsupportedMediaType(f"{upload} holds {frames} images (a multi-page {image.format} or an animation), "
                                    "and which one to classify is not clear: send each as a file of its own")
     reduced_16_bit = _is_16_bit_colour(image)
+    stored_orientation = _stored_orientation(image)  # TIFF's decoder applies it in load() and drops the tag
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise UnprocessableInput(f"{upload} is truncated or corrupt ({image.format}): {exc}") from None
     source_mode, notes = image.mode, []
     try:
-        image = _upright(image, notes)
+        if isinstance(stored_orientation, Exception):
+            raise stored_orientation
+        image = _upright(image, stored_orientation, notes)
         if reduced_16_bit:
             notes.append(f"reduced 16-bit {image.mode} to 8 bits (high byte of each value)")
         image = _to_8_bits(image, upload, notes)
@@ -124,7 +128,7 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
         image = _to_mode(image, "RGB" if card.layout == "NHWC" else "L", notes)
         image = _match_polarity(image, card.input_background, notes)
         image = _level_background(image, card.input_background, notes)
-    except (ValueError, SyntaxError, OSError) as exc:  # no conversion for this mode (e.g. LAB), a malformed EXIF
+    except (ValueError, SyntaxError, OSError, struct.error) as exc:  # no conversion (e.g. LAB), a malformed EXIF
         raise UnprocessableInput(f"{upload}: cannot convert its {source_mode} pixels: {exc}") from None
     target = (card.input.shape[1], card.input.shape[0])  # PIL size is (width, height)
     if image.size != target:
@@ -142,12 +146,25 @@ def _is_16_bit_colour(image: Image.Image) -> bool:
     return ";16" in str(rawmode)
 
 
-def _upright(image: Image.Image, notes: list[str]) -> Image.Image:
+def _stored_orientation(image: Image.Image) -> int | Exception:
+    """The EXIF orientation as stored, before decoding (1 where there is none), or why it cannot be read (reported
+    after the decoder has had its say on a truncated file)."""
+    try:
+        return image.getexif().get(ExifTags.Base.Orientation, 1)
+    except (SyntaxError, OSError, ValueError, struct.error) as exc:
+        return exc
+
+
+def _upright(image: Image.Image, stored_orientation: int, notes: list[str]) -> Image.Image:
+    """Turned upright by its EXIF orientation (2-8; 1 is upright, others are invalid and ignored); one the decoder
+    already applied while loading (Pillow does for TIFF, and drops the tag) is only noted."""
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    if orientation not in range(2, 9):  # 1 is upright; other values are invalid and ignored
-        return image
-    notes.append(f"turned upright by EXIF orientation {orientation}")
-    return ImageOps.exif_transpose(image)
+    if orientation in range(2, 9):
+        notes.append(f"turned upright by EXIF orientation {orientation}")
+        return ImageOps.exif_transpose(image)
+    if stored_orientation in range(2, 9):
+        notes.append(f"turned upright by EXIF orientation {stored_orientation}")
+    return image
 
 
 def _to_8_bits(image: Image.Image, upload: str, notes: list[str]) -> Image.Image:
