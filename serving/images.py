@@ -47,6 +47,9 @@ from serving.model_card import ModelCard
 NPY_MAGIC = b"\x93NUMPY"
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "MPO")  # Pillow's names; MPO: a JPEG with its previews
 SUPPORTED = "PNG, JPEG, BMP, TIFF, GIF, WebP (2D models) or .npy (any model)"
+# the first bytes of the formats read here (WebP: RIFF....WEBP, checked as RIFF)
+MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP",
+         b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "WebP"}
 RANGE_SCALED = {"I": "32-bit integer", "F": "floating-point"}  # greyscale modes without a fixed bit depth
 PLAIN = 16  # a card background this close to black or white: training images on a plain black/white surround
 OPPOSITE_BORDER = 0.9  # share of an upload's border pixels on the other side of mid-grey that means "inverted"
@@ -95,6 +98,9 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))  # reads the header only: nothing decoded yet
     except UnidentifiedImageError:
+        kind = next((name for magic, name in MAGIC.items() if data.startswith(magic)), None)
+        if kind is not None:  # one of ours by its signature, which no decoder could open: damaged, not foreign
+            raise UnprocessableInput(f"{upload} is a corrupt {kind} file (its header does not read)") from None
         raise UnsupportedMediaType(f"{upload} is not an image this service reads ({SUPPORTED})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge(f"{upload}: image dimensions are over the decoder's safety limit") from None

@@ -378,6 +378,11 @@ def test_corrupt_or_ambiguous_files_are_client_errors(data, error):
     assert "'scan.png'" in caught.value.message
 
 
+def bad_header_crc(png_bytes: bytes) -> bytes:
+    """``png_bytes`` with its IHDR chunk's CRC flipped (bytes 29-32: signature 8, length 4, type 4, data 13)."""
+    return png_bytes[:29] + bytes(b ^ 0xFF for b in png_bytes[29:33]) + png_bytes[33:]
+
+
 @pytest.mark.parametrize(("data", "model", "error"), [
     pytest.param(b"", GREY_CARD, InvalidInput, id="empty"),
     pytest.param(b"hello world", GREY_CARD, UnsupportedMediaType, id="not an image"),
@@ -389,6 +394,10 @@ def test_corrupt_or_ambiguous_files_are_client_errors(data, error):
     pytest.param(encode(Image.fromarray(GREY)), ModelCard.from_dict({**GREY_CARD.to_dict(), "layout": "NDHW", "input": {
         "name": "images", "datatype": "UINT8", "shape": [28, 28, 28]}}), UnsupportedMediaType, id="image for 3D"),
     pytest.param(b"\x93NUMPY garbage", GREY_CARD, UnprocessableInput, id="corrupt npy"),
+    # a PNG whose header chunk's checksum is wrong: no decoder opens it, and it is a damaged PNG (422), not a
+    # foreign format (415), as an outside probe had it answered
+    pytest.param(bad_header_crc(encode(Image.fromarray(GREY))), GREY_CARD, UnprocessableInput, id="PNG bad CRC"),
+    pytest.param(b"\xff\xd8\xff" + b"\x00" * 40, GREY_CARD, UnprocessableInput, id="JPEG signature only"),
 ])
 def test_errors_name_the_upload(data, model, error):
     with pytest.raises(error) as caught:
