@@ -4,6 +4,7 @@ smaller protocol details (per-output binary_data, gRPC contents, upload names, v
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import re
@@ -305,6 +306,14 @@ def test_compressed_requests_are_decoded_as_tritons_clients_send_them(server):
     r = httpx.post(f"{server.url}/v2/models/mnist-cnn/infer", content=bomb,
                    headers={"content-encoding": "deflate", "content-type": "application/json"})
     assert r.status_code == 413 and "decodes to more than" in r.json()["error"]
+    # gzip is a series of members (RFC 1952): an outside probe's two-member body was read to its first member's end
+    # ("malformed JSON"), while garbage after one member was ignored
+    raw, url = json.dumps(body).encode(), f"{server.url}/v2/models/mnist-cnn/infer"
+    headers = {"content-encoding": "gzip", "content-type": "application/json"}
+    r = httpx.post(url, content=gzip.compress(raw[:100]) + gzip.compress(raw[100:]), headers=headers)
+    assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "probs", r.text
+    r = httpx.post(url, content=gzip.compress(raw) + b"garbage", headers=headers)
+    assert r.status_code == 400 and "after the end of its compressed data" in r.json()["error"], r.text
 
 
 def test_a_lone_surrogate_id_is_echoed_and_boolean_parameters_are_booleans(server):
