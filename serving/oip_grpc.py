@@ -325,6 +325,10 @@ class GrpcServer:
             ("grpc.max_send_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 1),
         ]
+        if settings.grpc_max_pending_calls > 0:
+            # calls wait here before anything of the service sees them, unbounded by its admission control
+            options += [("grpc.server.max_pending_requests", settings.grpc_max_pending_calls),
+                        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.grpc_max_pending_calls)]
         if settings.grpc_max_connection_age_s > 0:
             # no grace limit (grpc's default): calls in flight on an aged connection run to their end, streams
             # included, while new calls go to a new connection (a 60 s grace cut every stream at about 90 s)
