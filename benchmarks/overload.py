@@ -159,6 +159,8 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
         "goodput_per_s": round(len(ok) / seconds), "goodput_fraction": round(len(ok) / seconds / capacity, 3),
         "answered_p50_ms": percentile_ms(ok, 50), "answered_p99_ms": percentile_ms(ok, 99),
         "rejected_p50_ms": percentile_ms(rejected, 50), "rejected_p99_ms": percentile_ms(rejected, 99),
+        "errors_p99_ms": percentile_ms([s.latency_s for s in burst_samples if s.outcome not in ("ok", "rejected")],
+                                       99),
         "readyz_p99_ms": percentile_ms(readyz, 99), "readyz_max_ms": percentile_ms(readyz, 100),
         # the server's own view: how late the workers' event loops ran during the burst (what a request or a probe
         # waits on the server before it is looked at; the rest of the latencies above is the clients' own lag)

@@ -60,6 +60,7 @@ typedef struct Connection {
 static Record *records;
 static long total, issued, next_pending;  /* requests due so far: [0, issued); sent: all below next_pending
                                                  but those in the retry list */
+static long opened, closed_by_server, lost;  /* connections: for the summary on stderr */
 static long *retry;  /* grpc: calls a closing connection did not take, to send again */
 static long retry_count;
 static Connection *connections;
@@ -181,7 +182,10 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8
 static int on_frame(nghttp2_session *s, const nghttp2_frame *frame, void *user) {
     (void)s;
     Connection *c = user;
-    if (frame->hd.type == NGHTTP2_GOAWAY) c->draining = 1;  /* no new calls here; it closes when idle */
+    if (frame->hd.type == NGHTTP2_GOAWAY && !c->draining) {  /* no new calls here; it closes when idle */
+        c->draining = 1;
+        closed_by_server++;
+    }
     return 0;
 }
 
@@ -230,6 +234,7 @@ static void start_session(Connection *c) {
 
 static void close_connection(Connection *c, const char *why) {
     if (c->fd < 0) return;
+    if (!strcmp(why, "connection lost")) lost++;
     epoll_ctl(epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     c->fd = -1;
@@ -256,6 +261,7 @@ static void close_connection(Connection *c, const char *why) {
 static void open_connection(Connection *c) {
     c->fd = open_socket();
     if (c->fd < 0) return;
+    opened++;
     c->connected = 0;
     c->in_flight = grpc_mode ? 0 : -1;
     c->used = c->out_off = 0;
@@ -391,7 +397,10 @@ static void read_http(Connection *c) {
         c->in_flight = -1;
         memmove(c->buffer, c->buffer + head + body, c->used - head - body);
         c->used -= head + body;
-        if (closing) close_connection(c, "connection lost");
+        if (closing) {
+            closed_by_server++;
+            close_connection(c, "connection lost");
+        }
         return;
     }
 }
@@ -497,6 +506,8 @@ int main(int argc, char **argv) {
             if (c->fd >= 0) on_event(c, events[k].events);
         }
     }
+    fprintf(stderr, "openloop: %ld requests, %ld connections opened, %ld ended by the server (Connection: close or "
+            "GOAWAY), %ld lost\n", total, opened, closed_by_server, lost - closed_by_server);
     for (long i = 0; i < total; i++) {
         Record *r = &records[i];
         printf("%.6f\t%.6f\t%.6f\t%d\t%s\n", r->due, r->sent ? r->sent : r->done, r->done, r->code, r->message);
