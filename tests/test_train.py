@@ -53,6 +53,17 @@ def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(fixture_data
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
+def test_resume_refuses_a_checkpoint_of_another_config(fixture_data, tmp_path):
+    # an outside probe: another task's run resumed silently (its weights scored as this task's, rc 0), and more
+    # epochs broke the restored schedule's step count with a bare torch error
+    train(tiny("pneumoniamnist", epochs=1), tmp_path, fixture_data, download=False, quiet=True, report=False)
+    for other, named in ((tiny("breastmnist", epochs=1), "dataset 'pneumoniamnist' -> 'breastmnist'"),
+                         (tiny("pneumoniamnist", epochs=2), "epochs 1 -> 2")):
+        with pytest.raises(ValueError, match="--resume: .* was trained with another config") as refused:
+            train(other, tmp_path, fixture_data, download=False, resume=True, quiet=True, report=False)
+        assert named in str(refused.value)
+
+
 def test_nll_selection_keeps_the_epoch_with_the_lowest_value():
     progress, model = Progress(), torch.nn.Linear(1, 1)
     chosen = [progress.record({}, nll, model, lower_is_better=True) for nll in (0.5, 0.3, 0.4)]

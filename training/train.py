@@ -214,6 +214,10 @@ def train(
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
     log(f"[{cfg.name}] device: {dev} ({where})" + (f", {world} processes" if world > 1 else ""))
 
+    ckpt_path = run_dir / CHECKPOINT
+    checkpoint = read_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if checkpoint is not None:
+        check_same_config(ckpt_path, checkpoint, cfg)
     spec = dataset_spec(cfg.dataset, cfg.size)
     train_split = load_split(spec, "train", data_dir, download).subset(cfg.train_limit)
     val_split = load_split(spec, "val", data_dir, download)
@@ -231,10 +235,9 @@ def train(
     selected = ema.module if ema is not None else model  # what is validated, selected and exported
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / CHECKPOINT
     progress = Progress()
-    if resume and ckpt_path.exists():
-        progress = restore_training(read_checkpoint(ckpt_path), model, optimizer, scheduler, dev, ema)
+    if checkpoint is not None:
+        progress = restore_training(checkpoint, model, optimizer, scheduler, dev, ema)
         log(f"[{cfg.name}] resumed from {ckpt_path} after epoch {progress.epochs_done}")
     elif is_main:
         _write_config(run_dir, cfg)
@@ -329,6 +332,19 @@ def _train_ensemble(cfg: TrainConfig, run_dir: Path, data_dir: Path, download: b
                         for k, m in enumerate(member_metrics)]}
     metrics = evaluate_and_report(model, cfg, spec, run_dir, state["history"], info, data_dir, download, dev, report)
     return RunResult(run_dir, metrics, state["epoch"] + 1)
+
+
+def check_same_config(ckpt_path: Path, checkpoint: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to resume ``checkpoint`` under another config than its own (ValueError naming what differs): its
+    weights, optimizer and schedule belong to that config (another task's weights were scored as this one's, or
+    the schedule's step count broke when the epochs changed)."""
+    saved = TrainConfig.from_dict(checkpoint["config"]).to_dict()
+    wanted = cfg.to_dict()
+    differ = [f"{key} {saved.get(key)!r} -> {wanted.get(key)!r}" for key in sorted(set(saved) | set(wanted))
+              if saved.get(key) != wanted.get(key)]
+    if differ:
+        raise ValueError(f"--resume: {ckpt_path} was trained with another config ({'; '.join(differ)}): resume it "
+                         "with its own options (its config.yaml), or train into another --run-dir")
 
 
 def same_config(run_dir: Path, cfg: TrainConfig) -> bool:
