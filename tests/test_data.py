@@ -1,3 +1,5 @@
+import shutil
+
 import medmnist
 import pytest
 import torch
@@ -51,6 +53,19 @@ def test_multilabel_labels_keep_their_label_axis(fixture_data):
 def test_size_64_files_are_found(fixture_data):
     split = load_split(dataset_spec("pneumoniamnist", 64), "test", fixture_data, download=False)
     assert tuple(split.images.shape[1:]) == (64, 64)
+
+
+@pytest.mark.parametrize("source, name, flag, size", [
+    ("pneumoniamnist.npz", "pneumoniamnist_64.npz", "pneumoniamnist", 64),  # 28-pixel data under the 64 name
+    ("retinamnist.npz", "pneumoniamnist.npz", "pneumoniamnist", 28),  # RGB data under a grey dataset's name
+])
+def test_a_file_whose_images_do_not_fit_its_name_is_refused(fixture_data, tmp_path, source, name, flag, size):
+    # an outside probe: 28-pixel data saved as pathmnist_64.npz trained (rc 0, a summary claiming 64x64) and the
+    # export then failed on the ONNX input size, naming neither the file nor the cause
+    (tmp_path / "medmnist").mkdir()
+    shutil.copy(fixture_data / "medmnist" / source, tmp_path / "medmnist" / name)
+    with pytest.raises(ValueError, match=f"{name}: its train images are"):
+        load_split(dataset_spec(flag, size), "train", tmp_path, download=False)
 
 
 def test_mnist_from_gz_in_a_read_only_dir_and_val_carved_from_train(fixture_data, tmp_path):

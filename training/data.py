@@ -155,11 +155,22 @@ def _load_medmnist(spec: DatasetSpec, split: str, data_dir: Path, download: bool
     cls = getattr(medmnist, info["python_class"])
     # download only when the file is missing: the package's md5 check would re-fetch local fixtures
     ds = cls(split=split, root=str(root), size=spec.size, download=not path.exists())
+    _check_shape(path, split, ds.imgs, spec)
     images = torch.from_numpy(np.ascontiguousarray(ds.imgs))
     labels = torch.from_numpy(ds.labels.astype(np.int64))
     if spec.task != "multi-label, binary-class":
         labels = labels.reshape(-1)
     return Split(images, labels)
+
+
+def _check_shape(path: Path, split: str, images: np.ndarray, spec: DatasetSpec) -> None:
+    """Refuse a file whose images are not what its name promises (a 28-pixel file saved under the 64-pixel name
+    trained without a word, and export then failed on the ONNX input size): local files skip medmnist's md5 check,
+    so this is the guard left."""
+    expected = (spec.size,) * (3 if spec.is_3d else 2) + ((3,) if spec.n_channels == 3 else ())
+    if tuple(images.shape[1:]) != expected:
+        raise ValueError(f"{path}: its {split} images are {list(images.shape[1:])}, but {spec.flag} at size "
+                         f"{spec.size} has {list(expected)}: the file is not {path.name} (another size or dataset?)")
 
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
