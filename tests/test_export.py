@@ -201,3 +201,17 @@ def test_quantize_publishes_an_int8_next_version_that_keeps_the_calibration(fixt
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path / "model.onnx")).graph.node)
     with pytest.raises(ValueError, match="quantised already"):
         quantize_version(path, fixture_data, download=False)
+
+
+def test_the_cards_commit_is_this_checkouts_whatever_the_working_directory(tmp_path, monkeypatch):
+    # an outside probe: run from another git repository, the card recorded that repository's commit
+    import subprocess
+
+    from training.export import git_commit
+
+    here = git_commit()
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=x", "-c", "user.email=x@y", "commit", "-q",
+                    "--allow-empty", "-m", "other"], check=True)
+    monkeypatch.chdir(tmp_path)
+    assert git_commit() == here

@@ -161,10 +161,14 @@ def ort_images_per_second(path: Path, images: np.ndarray, batch: int = 64, repea
 
 
 def git_commit() -> str:
+    """The commit of the checkout this code runs from ("-dirty" with uncommitted changes; "unknown" outside one),
+    whatever the working directory (an outside probe's cards recorded an unrelated repository's commit)."""
+    here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=here).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+                               text=True, check=True, cwd=here).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
