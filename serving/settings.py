@@ -45,7 +45,7 @@ class Settings:
     # gRPC calls that arrived but the worker's event loop has not taken up yet (grpc core's backlog, where no
     # admission control reaches): past this many grpc refuses new ones at random, past twice as many all of them,
     # with CANCELLED (0: grpc's own 1000 and 3000, seconds of calls at this door's rate)
-    grpc_max_pending_calls: int = 64
+    grpc_max_pending_calls: int = 128
     # gRPC connections take no new calls past this age (calls in flight and streams run to their end), so that
     # long-lived channels spread again over workers and pods; clients reconnect on their own
     grpc_max_connection_age_s: float = 30.0
