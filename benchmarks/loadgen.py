@@ -379,11 +379,19 @@ class NativeLoad:
         self.cpu_s = 0.0  # the generator's CPU seconds in the last run
 
     def open_loop(self, rate: float, seconds: float) -> list[Sample]:
+        return self._run(repr(rate), seconds)
+
+    def closed_loop(self, clients: int, seconds: float) -> list[Sample]:
+        """``clients`` requests out at any time (HTTP: on that many connections), each answer followed at once by
+        the next request."""
+        return self._run(f"closed:{clients}", seconds)
+
+    def _run(self, rate: str, seconds: float) -> list[Sample]:
         binary = native_generator()
         with tempfile.NamedTemporaryFile(suffix=".bin") as request:
             request.write(self.request)
             request.flush()
-            cmd = [str(binary), self.door, "127.0.0.1", str(self.port), repr(rate), repr(seconds),
+            cmd = [str(binary), self.door, "127.0.0.1", str(self.port), rate, repr(seconds),
                    str(self.connections), request.name] + ([GRPC_INFER_PATH] if self.door == "grpc" else [])
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             result = subprocess.run(cmd, capture_output=True, text=True, check=True)

@@ -5,7 +5,8 @@
  *   openloop http|grpc HOST PORT RATE SECONDS CONNECTIONS REQUEST_FILE [GRPC_PATH]
  *
  * Request i is due at start + i / RATE whatever the server does, and its latency counts from then (no coordinated
- * omission). http: REQUEST_FILE holds one whole HTTP/1.1 request (head and body), sent as is on at most
+ * omission). RATE "closed:N" is a closed loop instead: N requests out at any time, each answer followed at once
+ * by the next request, for SECONDS (what the server answers so is its capacity). http: REQUEST_FILE holds one whole HTTP/1.1 request (head and body), sent as is on at most
  * CONNECTIONS keep-alive connections, one request at a time each; a request due while all are busy waits for the
  * next free one. grpc: REQUEST_FILE holds one serialized protobuf message, sent as a unary call to GRPC_PATH
  * (h2c, libnghttp2) as a new stream on one of CONNECTIONS connections in turn; a connection the server ends
@@ -60,6 +61,7 @@ typedef struct Connection {
 static Record *records;
 static long total, issued, next_pending;  /* requests due so far: [0, issued); sent: all below next_pending
                                                  but those in the retry list */
+static long closed_n, completed;  /* closed loop: requests kept out, and answered so far */
 static long opened, closed_by_server, lost;  /* connections: for the summary on stderr */
 static long *retry;  /* grpc: calls a closing connection did not take, to send again */
 static long retry_count;
@@ -79,6 +81,7 @@ static double now_s(void) {
 static void finish(long i, int code, const char *message, size_t length) {
     Record *r = &records[i];
     if (r->code != -2) return;
+    completed++;
     r->done = now_s();
     r->code = code;
     if (length > MESSAGE_MAX) length = MESSAGE_MAX;
@@ -456,11 +459,12 @@ int main(int argc, char **argv) {
     grpc_mode = !strcmp(argv[1], "grpc");
     host = argv[2];
     port = atoi(argv[3]);
-    double rate = atof(argv[4]), seconds = atof(argv[5]);
+    if (!strncmp(argv[4], "closed:", 7)) closed_n = atol(argv[4] + 7);
+    double rate = closed_n ? 0 : atof(argv[4]), seconds = atof(argv[5]);
     connection_count = atoi(argv[6]);
     grpc_path = grpc_mode ? argv[8] : NULL;
     FILE *file = fopen(argv[7], "rb");
-    if (!file || rate <= 0 || seconds <= 0 || connection_count <= 0) {
+    if (!file || (rate <= 0 && closed_n <= 0) || seconds <= 0 || connection_count <= 0) {
         fprintf(stderr, "openloop: bad arguments or unreadable %s\n", argv[7]);
         return 2;
     }
@@ -471,7 +475,7 @@ int main(int argc, char **argv) {
     if (fread(request, 1, request_size, file) != request_size) return 2;
     fclose(file);
 
-    total = (long)(rate * seconds);
+    total = closed_n ? (long)(seconds * 200000) + closed_n : (long)(rate * seconds);  /* closed: room enough */
     records = calloc((size_t)total, sizeof *records);
     retry = calloc((size_t)total, sizeof *retry);
     connections = calloc((size_t)connection_count, sizeof *connections);
@@ -482,33 +486,41 @@ int main(int argc, char **argv) {
     }
     double start = now_s();
     for (long i = 0; i < total; i++) {
-        records[i].due = start + i / rate;
+        records[i].due = closed_n ? 0 : start + i / rate;
         records[i].code = -2;
     }
     struct epoll_event events[256];
-    long finished = 0;
+    long finished = 0, limit = total;  /* requests to wait for: all of them, or (closed loop) those issued */
     for (;;) {
         double now = now_s();
-        long due = (long)((now - start) * rate) + 1;
-        issued = due < total ? due : total;
+        int sending = closed_n ? now < start + seconds : issued < total;
+        if (closed_n) {
+            long target = completed + closed_n < total ? completed + closed_n : total;
+            for (; sending && issued < target; issued++) records[issued].due = now;
+            limit = issued;
+        } else {
+            long due = (long)((now - start) * rate) + 1;
+            issued = due < total ? due : total;
+        }
         expire(now);
         dispatch();
-        while (finished < total && records[finished].code != -2) finished++;
-        if (finished == total) {
+        while (finished < limit && records[finished].code != -2) finished++;
+        if (!sending && finished == limit) {
             int all = 1;  /* later records may be done while an earlier one is still out */
-            for (long i = 0; i < total && all; i++) all = records[i].code != -2;
+            for (long i = 0; i < limit && all; i++) all = records[i].code != -2;
             if (all) break;
         }
-        /* the next requests fall due within the millisecond: they go out together (late by up to 1 ms) */
-        int n = epoll_wait(epoll_fd, events, 256, issued < total ? 1 : 10);
+        /* open loop: the next requests fall due within the millisecond, and go out together (late by up to 1 ms);
+         * closed loop: an answer is followed at once, as the loop comes round before it waits again */
+        int n = epoll_wait(epoll_fd, events, 256, sending ? 1 : 10);
         for (int k = 0; k < n; k++) {
             Connection *c = events[k].data.ptr;
             if (c->fd >= 0) on_event(c, events[k].events);
         }
     }
     fprintf(stderr, "openloop: %ld requests, %ld connections opened, %ld ended by the server (Connection: close or "
-            "GOAWAY), %ld lost\n", total, opened, closed_by_server, lost - closed_by_server);
-    for (long i = 0; i < total; i++) {
+            "GOAWAY), %ld lost\n", limit, opened, closed_by_server, lost - closed_by_server);
+    for (long i = 0; i < limit; i++) {
         Record *r = &records[i];
         printf("%.6f\t%.6f\t%.6f\t%d\t%s\n", r->due, r->sent ? r->sent : r->done, r->done, r->code, r->message);
     }
