@@ -31,6 +31,8 @@ def test_inference_paths_skip_tracing_unless_asked():
 def test_the_grpc_backlog_limit_reaches_grpc_core(monkeypatch):
     # calls wait in grpc core's backlog before the event loop (and any admission check) sees them: grpc's own
     # limits (1000 / 3000) held them for seconds at twice the capacity (benchmarks/results/overload.md)
+    import asyncio
+
     import grpc
 
     from serving.oip_grpc import GrpcServer
@@ -38,9 +40,12 @@ def test_the_grpc_backlog_limit_reaches_grpc_core(monkeypatch):
     created = {}
     real_server = grpc.aio.server
     monkeypatch.setattr(grpc.aio, "server", lambda **kw: created.update(kw) or real_server(**kw))
-    GrpcServer(None, Settings(grpc_max_pending_calls=64))
-    options = dict(created["options"])
-    assert options["grpc.server.max_pending_requests"] == 64
-    assert options["grpc.server.max_pending_requests_hard_limit"] == 128
-    GrpcServer(None, Settings(grpc_max_pending_calls=0))
-    assert "grpc.server.max_pending_requests" not in dict(created["options"])
+
+    async def options(pending: int) -> dict:  # grpc.aio's server wants a running loop
+        GrpcServer(None, Settings(grpc_max_pending_calls=pending))
+        return dict(created["options"])
+
+    bounded = asyncio.run(options(64))
+    assert bounded["grpc.server.max_pending_requests"] == 64
+    assert bounded["grpc.server.max_pending_requests_hard_limit"] == 128
+    assert "grpc.server.max_pending_requests" not in asyncio.run(options(0))

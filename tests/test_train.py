@@ -59,7 +59,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(fixture_data, tmp_path):
     train(tiny("pneumoniamnist", epochs=1), tmp_path, fixture_data, download=False, quiet=True, report=False)
     for other, named in ((tiny("breastmnist", epochs=1), "dataset 'pneumoniamnist' -> 'breastmnist'"),
                          (tiny("pneumoniamnist", epochs=2), "epochs 1 -> 2")):
-        with pytest.raises(ValueError, match="--resume: .* was trained with another config") as refused:
+        with pytest.raises(ValueError, match=r"--resume: .* was trained with another config") as refused:
             train(other, tmp_path, fixture_data, download=False, resume=True, quiet=True, report=False)
         assert named in str(refused.value)
 
