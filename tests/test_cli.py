@@ -131,3 +131,24 @@ def test_calibrate_publishes_a_calibrated_next_version(fixture_data, tmp_path):
     assert "exported" in out.stdout and (tmp_path / "report" / "reliability_diagram.png").exists()
     card = read_card(model / "2" / "model.json")
     assert card.training["command"].startswith("python -m training calibrate ") and card.calibration["temperature"]
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_mid_export_leaves_nothing_half_written(tmp_path, monkeypatch, capsys, signum):
+    # an outside probe: SIGTERM (what Kubernetes sends a Job's pod) during export left .staging-* directories in
+    # the model repository; Ctrl-C cleaned up but printed a traceback
+    import signal
+    import time
+
+    from training import cli, export
+
+    def run(args):
+        with export._staging(tmp_path / "model"):
+            os.kill(os.getpid(), getattr(signal, signum))
+            time.sleep(5)  # the signal arrives before this ends
+
+    monkeypatch.setattr(cli, "run", run)
+    assert cli.main(["datasets"]) == 128 + getattr(signal, signum)
+    assert not list((tmp_path / "model").iterdir())
+    assert f"stopped by {signum}" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is not cli._stop  # the handler is the process's again

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -148,16 +149,33 @@ def command_line() -> str:
     return shlex.join(["python", "-m", "training", *sys.argv[1:]])
 
 
+class Stopped(Exception):
+    """SIGTERM (Kubernetes stopping the Job's pod) or Ctrl-C: unwound like an error, so that what is half-written
+    (an export's staging directory) is removed on the way out."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _stop)  # its default would end the process where it stands
     try:
         run(args)
         sys.stdout.flush()  # here, where a reader gone is caught, not at exit
     except (FileNotFoundError, ValueError) as exc:  # missing data or checkpoint, bad config: no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (Stopped, KeyboardInterrupt) as exc:
+        why = str(exc) if isinstance(exc, Stopped) else "SIGINT"
+        print(f"stopped by {why}: nothing half-written is left; a training run continues with --resume",
+              file=sys.stderr)
+        return 128 + signal.Signals[why].value
     except BrokenPipeError:  # the reader went away (`datasets | head`): what it wanted it has
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
