@@ -154,3 +154,12 @@ def test_short_real_mnist_training_reaches_97_percent(real_data, tmp_path):
     cfg = TrainConfig.load("mnist", {"epochs": 1, "train_limit": 12000, "widths": [16, 32, 64]})
     result = train(cfg, tmp_path, real_data, download=False, quiet=True, report=False)
     assert result.metrics["acc"] >= 0.97, result.metrics["acc"]
+
+
+def test_a_batch_larger_than_the_training_split_is_a_clear_error(fixture_data, tmp_path):
+    # an outside probe: torch's "Expected positive integer total_steps, but got 0" (one-cycle) or a
+    # ZeroDivisionError (cosine, constant), after the run dir was started
+    for schedule in ("onecycle", "cosine"):
+        with pytest.raises(ValueError, match="batch size 512 is larger than the training split"):
+            train(tiny("pneumoniamnist", batch_size=512, schedule=schedule), tmp_path, fixture_data, download=False,
+                  quiet=True, report=False)

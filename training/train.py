@@ -228,6 +228,11 @@ def train(
     optimizer = make_optimizer(cfg, model)
     batches = Batches(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, device=dev, rank=rank,
                       world_size=world, drop_last=True)
+    if len(batches) == 0:  # every batch dropped as incomplete: the schedule would have no step at all
+        per_process = f" shared by {world} processes" if world > 1 else ""
+        raise ValueError(f"batch size {cfg.batch_size} is larger than the training split ({len(train_split)} "
+                         f"images{' after train_limit' if cfg.train_limit else ''}{per_process}): lower "
+                         "--batch-size")
     scheduler = make_scheduler(cfg, optimizer, len(batches))
     loss_fn = make_loss(spec.task, cfg.label_smoothing)
     augment = BatchAugment(cfg.augment)
