@@ -23,7 +23,15 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from serving.accepting import Acceptor
-from serving.errors import BodyTooLarge, Overloaded, ServingError, TooManyRequests, http_error_answer, log_refusal
+from serving.errors import (
+    BodyTooLarge,
+    Overloaded,
+    ServingError,
+    TooManyRequests,
+    UnsupportedMediaType,
+    http_error_answer,
+    log_refusal,
+)
 from serving.metrics import observe_shed
 
 BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs errors of its HTTP APIs
@@ -59,7 +67,13 @@ class JsonBodies:
             await self.app(scope, receive, send)
             return
         headers = scope.get("headers") or []
-        if not dict(headers).get(b"content-type", b"").lower().startswith(b"multipart/"):
+        content_type = dict(headers).get(b"content-type", b"").lower()
+        if content_type.startswith(b"image/"):  # a picture sent as the body, as to an upload endpoint
+            await send_error(send, UnsupportedMediaType(
+                f"{scope['path']} takes JSON ({{\"instances\": [...]}}); image files go to /classify, as "
+                "multipart/form-data in its 'images' field (curl -F images=@digit.png)"))
+            return
+        if not content_type.startswith(b"multipart/"):
             headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
         first = True
 
@@ -302,7 +316,8 @@ def install_multipart_field_check(max_files: int) -> bool:
                 raise BadInput(f"multipart field {name!r} is given {plain.count(name)} times: give it once")
         for name, value in form.multi_items():
             if isinstance(value, UploadFile) and name not in cls.multipart_fields:
-                where = f"files go in {' or '.join(repr(f) for f in files)}" if files else "this API takes no files"
+                where = (f"files go in {' or '.join(repr(f) for f in files)}" if files
+                         else "this API takes no files (image files go to /classify)")
                 raise BadInput(f"multipart field {name!r} holds a file ({value.filename!r}), but {name!r} is not a "
                                f"file field: {where}; other fields are plain values")
             if not isinstance(value, UploadFile) and name in cls.multipart_fields:

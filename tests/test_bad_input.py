@@ -583,3 +583,13 @@ def test_version_zero_or_negative_duplicate_outputs_and_fields_twice_are_refused
     r = httpx.post(f"{url}/classify", files=[("images", ("a.png", png(digit), "image/png"))],
                    data={"model": ["mnist-cnn", "pneumoniamnist-cnn"]})
     assert r.status_code == 400 and "'model' is given 2 times" in r.json()["error"], r.text
+
+
+def test_an_image_sent_to_predict_is_pointed_at_classify(server):
+    # an outside probe: a PNG body to /predict got "Invalid JSON", a multipart file "this API takes no files",
+    # where the OIP route says where images go
+    picture = png(GOOD[0])
+    r = httpx.post(f"{server.url}/predict", content=picture, headers={"Content-Type": "image/png"})
+    assert r.status_code == 415 and "/classify" in r.json()["error"], r.text
+    r = httpx.post(f"{server.url}/predict", files=[("image", ("a.png", picture, "image/png"))])
+    assert r.status_code == 400 and "/classify" in r.json()["error"], r.text
