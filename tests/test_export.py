@@ -203,6 +203,21 @@ def test_quantize_publishes_an_int8_next_version_that_keeps_the_calibration(fixt
         quantize_version(path, fixture_data, download=False)
 
 
+def test_quantize_does_not_publish_an_int8_network_slower_than_its_source(fixture_data, tmp_path, monkeypatch):
+    # an outside probe: a 3D model's int8 version measured 0.75x at batch 64 was published, and became the default
+    import training.export
+
+    source = tmp_path / "mnist-cnn" / "2"
+    shutil.copytree(EXPORTS / "mnist-cnn" / "2", source)
+    monkeypatch.setattr(training.export, "ort_images_per_second",
+                        lambda path, images, batch, repeats: 500.0 if "int8" in str(path) else 1000.0)
+    with pytest.raises(ValueError, match="ran slower than version 2"):
+        quantize_version(source, fixture_data, download=False)
+    assert sorted(p.name for p in source.parent.iterdir()) == ["2"]  # nothing published, nothing half-written
+    path = quantize_version(source, fixture_data, download=False, allow_slower=True)
+    assert read_card(path / "model.json").quantization["speedup_batch64_cpu"] == 0.5
+
+
 def test_the_cards_commit_is_this_checkouts_whatever_the_working_directory(tmp_path, monkeypatch):
     # an outside probe: run from another git repository, the card recorded that repository's commit
     import subprocess

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "next version. The card re-measures the test metrics, the calibration and the "
                                    "CPU speed-up; the source version is left untouched.")
     p.add_argument("version_dir", type=Path, help="an exported version, e.g. exports/mnist-cnn/2")
+    p.add_argument("--allow-slower", action="store_true",
+                   help="publish the int8 network even when it runs slower than the source at batch 1 and 64")
     _add_data_args(p)
 
     p = sub.add_parser("datasets", help="list the dataset flags: task, shape, split sizes, sizes, local files",
@@ -233,7 +235,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "quantize":
         from training.export import quantize_version
 
-        path = quantize_version(args.version_dir, args.data_dir, args.download, command_line())
+        path = quantize_version(args.version_dir, args.data_dir, args.download, command_line(), args.allow_slower)
         print(f"exported {path}")
     elif args.command == "datasets":
         from training.recipes import dataset_table

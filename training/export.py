@@ -256,14 +256,16 @@ def calibrate_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, down
 
 
 def quantize_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, download: bool = True,
-                     command: str = "") -> Path:
+                     command: str = "", allow_slower: bool = False) -> Path:
     """Publish the next version of an exported model as a static int8 network (``quantize_int8``: calibrated on
     training images, the classifier layer and the head after it kept in float).
 
     The card keeps the source's calibration temperature and re-measures everything the weights change: the
     test metrics, beside the source's on the same split (``quantization``), the calibration before / after on
     val and test, the speed-up. The source's ONNX-vs-PyTorch parity and best val score describe the float network
-    and are left out (its card keeps them). ``version_dir`` itself is left untouched."""
+    and are left out (its card keeps them). ``version_dir`` itself is left untouched. An int8 network measured
+    slower than the float one at batch 1 and at batch 64 is not published (the latest version is what the service
+    serves by default) unless ``allow_slower``."""
     source, card, spec = _exported_version(version_dir)
     if card.quantization is not None:
         raise ValueError(f"{version_dir} is quantised already ({card.quantization['method']})")
@@ -272,6 +274,12 @@ def quantize_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, downl
         onnx_path = staging / "model.onnx"
         shutil.copyfile(source, onnx_path)
         quantization, metrics = _quantize_in_place(onnx_path, train, test, spec)
+        slower = {k: v for k, v in quantization.items() if k.startswith("speedup_")}
+        if not allow_slower and all(v < 1 for v in slower.values()):
+            raise ValueError(f"the int8 network ran slower than version {card.version} on this CPU ({slower}; "
+                             "onnxruntime's int8 kernels do not cover every layer, 3D convolutions for one): not "
+                             "published, as the latest version is what the service serves; --allow-slower "
+                             "publishes it anyway")
         calibration = None
         if card.calibration is not None:
             temperature = torch.tensor(card.calibration["temperature"])
