@@ -116,15 +116,16 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
     tensors (else JSON) for the capacity run and the burst; ``generator``: the burst's (``burst``)."""
     loop = asyncio.get_running_loop()
     native = NativeLoad(kind, service.grpc_port if kind == "grpc" else service.http_port, sample_images(),
-                        GRPC_CONNECTIONS if kind == "grpc" else CAPACITY_CLIENTS, binary)
-    if generator == "native":
+                        GRPC_CONNECTIONS if kind == "grpc" else CAPACITY_CLIENTS, binary) \
+        if generator == "native" else None
+    if native is not None:
         await asyncio.to_thread(native.closed_loop, CAPACITY_CLIENTS, 2)  # warm-up
     elif kind == "http":
         await http_load(service.http_port, CAPACITY_CLIENTS, binary).closed_loop(2)
     else:
         await asyncio.to_thread(GrpcLoad(service.grpc_port, sample_images()).closed_loop, CAPACITY_CLIENTS, 2)
     server_cpu, generator_cpu, t0 = service.server.cpu_seconds(), time.process_time(), loop.time()
-    if generator == "native":
+    if native is not None:
         measured = await asyncio.to_thread(native.closed_loop, CAPACITY_CLIENTS, 10)
         generator_cpu -= native.cpu_s  # its CPU is a child's: counted below as this process's
     elif kind == "http":

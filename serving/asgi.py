@@ -12,6 +12,7 @@ import re
 import socket
 import stat
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -310,10 +311,10 @@ def install_multipart_field_check(max_files: int) -> bool:
                                error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
             raise BadInput(f"the multipart body is not a readable form: {exc.detail}") from None
         files = sorted(cls.multipart_fields)
-        plain = [name for name, value in form.multi_items() if not isinstance(value, UploadFile)]
-        for name in plain:
-            if plain.count(name) > 1:  # which one to take is a guess (Starlette's: the last)
-                raise BadInput(f"multipart field {name!r} is given {plain.count(name)} times: give it once")
+        plain = Counter(name for name, value in form.multi_items() if not isinstance(value, UploadFile))
+        for name, times in plain.items():
+            if times > 1:  # which one to take is a guess (Starlette's: the last)
+                raise BadInput(f"multipart field {name!r} is given {times} times: give it once")
         for name, value in form.multi_items():
             if isinstance(value, UploadFile) and name not in cls.multipart_fields:
                 where = (f"files go in {' or '.join(repr(f) for f in files)}" if files

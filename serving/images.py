@@ -222,12 +222,13 @@ def _level_background(image: Image.Image, background: int | None, notes: list[st
     the card's level and its strongest strokes to the other end, every channel alike; other uploads unchanged."""
     if not _plain_background(background):
         return image
-    border = _border(np.asarray(image.convert("L")))
+    grey = np.asarray(image.convert("L"))
+    border = _border(grey)
     level = float(np.median(border))
     if abs(level - background) <= LEVEL_TOLERANCE or (abs(border - level) <= PLAIN_BORDER).mean() < OPPOSITE_BORDER:
         return image
     far = 255 if background < 128 else 0  # the strokes' end of the scale
-    ink = float(np.percentile(np.asarray(image.convert("L")), 99 if far == 255 else 1))
+    ink = float(np.percentile(grey, 99 if far == 255 else 1))
     if abs(ink - level) < MIN_CONTRAST:
         return image
     pixels = np.asarray(image, dtype=np.float64)

@@ -84,11 +84,16 @@ def test_the_native_generator_sends_on_schedule_and_reads_every_answer(tmp_path)
         loop_box["port"], loop_box["loop"] = server.sockets[0].getsockname()[1], loop
         ready.set()
         loop.run_forever()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
 
-    threading.Thread(target=serve, daemon=True).start()
+    serving = threading.Thread(target=serve, daemon=True)
+    serving.start()
     ready.wait(5)
     samples = NativeLoad("http", loop_box["port"], sample_images(), connections=4).open_loop(400, 0.5)
     loop_box["loop"].call_soon_threadsafe(loop_box["loop"].stop)
+    serving.join(5)
     assert len(samples) == 200 == len(answered)
     outcomes = [s.outcome for s in samples]
     assert outcomes.count("ok") == outcomes.count("rejected") == 100
