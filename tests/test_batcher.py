@@ -446,6 +446,31 @@ def test_requests_arriving_together_are_batched_not_run_inline_one_by_one(model)
     run(main())
 
 
+def test_after_requests_overlap_a_lone_looking_request_queues_for_a_while(model, monkeypatch):
+    """Under load, gRPC calls reach the batcher one by one: each looked alone, ran on the event loop and held the
+    next ones back. Once two requests were in the batcher together, requests queue (and batch) for the hold."""
+    monkeypatch.setattr("serving.batcher.OVERLAP_HOLD_S", 0.2)
+    threads = []
+    model_run = model.__call__
+
+    def recording(images: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread())
+        return model_run(images)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(recording, 8, inline_max_images=8)
+        await batcher.infer(rows(0, 1))
+        assert threads[-1] is threading.current_thread()  # alone: inline
+        await asyncio.gather(batcher.infer(rows(10, 1)), batcher.infer(rows(20, 1)))  # two at once
+        np.testing.assert_array_equal(await batcher.infer(rows(30, 1)), rows(30, 1) * 2)
+        assert threads[-1] is not threading.current_thread(), "ran inline right after requests overlapped"
+        await asyncio.sleep(0.25)
+        await batcher.infer(rows(40, 1))
+        assert threads[-1] is threading.current_thread(), "still queued after the hold"
+
+    run(main())
+
+
 class Board:
     """A BusyBoard stand-in: whether the other workers are idle, and what this worker marked."""
 
