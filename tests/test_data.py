@@ -1,11 +1,13 @@
 import shutil
 
 import medmnist
+import numpy as np
 import pytest
 import torch
 
 from training.data import (
     Batches,
+    DataCorruptError,
     DataNotFoundError,
     Split,
     dataset_spec,
@@ -82,6 +84,23 @@ def test_missing_data_offline_names_the_file(tmp_path):
         load_split(dataset_spec("pneumoniamnist"), "train", tmp_path, download=False)
     with pytest.raises(DataNotFoundError, match="MNIST not found"):
         load_split(dataset_spec("mnist"), "train", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "no test arrays"])
+def test_an_unreadable_npz_is_named_with_what_to_do(tmp_path, damage):
+    path = tmp_path / "medmnist" / "pneumoniamnist.npz"
+    path.parent.mkdir()
+    arrays = {f"{s}_{k}": np.zeros((4, 28, 28) if k == "images" else (4, 1), np.uint8)
+              for s in ("train", "val") for k in ("images", "labels")}
+    np.savez(path, **arrays)
+    if damage == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    expected = r"pneumoniamnist\.npz is not a readable MedMNIST npz.*--download.*md5"
+    with pytest.raises(DataCorruptError, match=expected) as err:
+        load_split(dataset_spec("pneumoniamnist"), "test", tmp_path, download=False)
+    assert "allow_pickle" not in str(err.value)
 
 
 def test_batches_are_deterministic_per_epoch_and_shard_disjointly():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import shutil
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ SPLITS = ("train", "val", "test")
 
 class DataNotFoundError(FileNotFoundError):
     """A dataset file is missing and downloading is off (or failed)."""
+
+
+class DataCorruptError(ValueError):
+    """A dataset file is there but is not what its name says (truncated, another format, arrays missing)."""
 
 
 @dataclass(frozen=True)
@@ -153,14 +158,34 @@ def _load_medmnist(spec: DatasetSpec, split: str, data_dir: Path, download: bool
             )
         root.mkdir(parents=True, exist_ok=True)
     cls = getattr(medmnist, info["python_class"])
-    # download only when the file is missing: the package's md5 check would re-fetch local fixtures
-    ds = cls(split=split, root=str(root), size=spec.size, download=not path.exists())
+    existed = path.exists()
+    try:  # download only when the file is missing: the package's md5 check would re-fetch local fixtures
+        ds = cls(split=split, root=str(root), size=spec.size, download=not existed)
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        if not existed:
+            raise
+        raise DataCorruptError(
+            f"{path} is not a readable MedMNIST npz: {_unreadable_reason(exc, split)}. Delete it and download it "
+            f"again (--download), or fetch {info[f'url{suffix}']} (md5 {info[f'MD5{suffix}']}) into {root}/"
+        ) from exc
     _check_shape(path, split, ds.imgs, spec)
     images = torch.from_numpy(np.ascontiguousarray(ds.imgs))
     labels = torch.from_numpy(ds.labels.astype(np.int64))
     if spec.task != "multi-label, binary-class":
         labels = labels.reshape(-1)
     return Split(images, labels)
+
+
+def _unreadable_reason(exc: BaseException, split: str) -> str:
+    """Why ``np.load`` or the medmnist class could not read a file, in words (numpy's own message for a file that
+    is not an archive suggests loading it with ``allow_pickle``, which would run whatever it holds)."""
+    if isinstance(exc, zipfile.BadZipFile | EOFError):
+        return f"it is not a complete zip archive, truncated or another format ({exc})"
+    if isinstance(exc, KeyError):
+        return f"it has no {split}_images / {split}_labels arrays ({exc})"
+    if isinstance(exc, ValueError) and "pickle" in str(exc):
+        return "it is not an npz archive (numpy would have to unpickle it, which is never done)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _check_shape(path: Path, split: str, images: np.ndarray, spec: DatasetSpec) -> None:
