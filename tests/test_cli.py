@@ -74,6 +74,9 @@ def test_pipeline_trains_and_publishes_the_three_models(fixture_data, tmp_path):
         assert (card.quantization is not None) == (name == "mnist-cnn")  # served int8, as exports/ ships it
     transfer = read_card(tmp_path / "repo" / "pneumoniamnist-transfer" / "1" / "model.json")
     assert "mnist-cnn" in transfer.training["notes"] and transfer.training["config"]["backbone"] == "checkpoint"
+    # its weights came from that file, not from ImageNet, and the card names the file wherever it is read
+    assert transfer.training["config"]["pretrained"] is False
+    assert os.path.isabs(transfer.training["config"]["backbone_checkpoint"])
 
 
 def refused(*args: str) -> str:
