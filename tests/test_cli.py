@@ -55,6 +55,9 @@ def test_train_export_evaluate(fixture_data, tmp_path):
     run("export", str(tmp_path / "run" / "checkpoint.pt"), "--name", "again", "--model-dir", str(tmp_path / "repo"),
         *data[:-1])
     assert (tmp_path / "repo" / "again" / "1" / "model.onnx").exists()
+    twice = run("export", str(tmp_path / "run" / "checkpoint.pt"), "--name", "again", "--model-dir",
+                str(tmp_path / "repo"), *data[:-1])
+    assert "was exported already as again version(s) 1" in twice.stderr
 
 
 def test_stop_after_then_resume(fixture_data, tmp_path):

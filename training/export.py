@@ -16,6 +16,7 @@ import datetime as dt
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -181,6 +182,20 @@ def next_version(model_root: Path) -> int:
     return max(versions, default=0) + 1
 
 
+def _exported_from(model_root: Path, checkpoint_sha256: str, quantize: str | None) -> list[int]:
+    """The versions under ``model_root`` exported from the checkpoint file with this sha256 (quantized alike)."""
+    found = []
+    for card_path in model_root.glob("*/model.json") if model_root.is_dir() else ():
+        try:
+            card = read_card(card_path)
+        except (OSError, ValueError):  # not this command's business: the service reports unreadable cards
+            continue
+        if (card.training.get("checkpoint_sha256") == checkpoint_sha256
+                and (card.quantization is None) == (quantize is None)):
+            found.append(card.version)
+    return sorted(found)
+
+
 def export_checkpoint(
     checkpoint: Path,
     repo_dir: Path,
@@ -196,6 +211,11 @@ def export_checkpoint(
     model, cfg, ckpt = load_model(checkpoint)
     spec = dataset_spec(cfg.dataset, cfg.size)
     multi_label = spec.task.startswith("multi-label")
+    checkpoint_sha256 = file_sha256(checkpoint)
+    twins = _exported_from(repo_dir / (name or cfg.name), checkpoint_sha256, quantize)
+    if twins:  # allowed (a new opset, a rebuilt card), but the new version duplicates them and becomes the default
+        print(f"warning: {checkpoint} was exported already as {name or cfg.name} version(s) "
+              f"{', '.join(map(str, twins))}; the new version is the same network", file=sys.stderr)
     val, test = (load_split(spec, s, data_dir, download) for s in ("val", "test"))
     temperature = fit_temperature(predict_logits(model, val.images), val.labels, multi_label)
     with _staging(repo_dir / (name or cfg.name)) as staging:
@@ -220,7 +240,8 @@ def export_checkpoint(
             metrics={"test": {**metrics, "n": len(test)}, "parity": parity,
                      "best_val": {cfg.select_metric: ckpt["best_metric"]}},
             training={"command": command, "git_commit": git_commit(), "created_utc": _now(),
-                      "epochs_run": ckpt["epoch"] + 1, "config": cfg.to_dict(), "notes": notes},
+                      "epochs_run": ckpt["epoch"] + 1, "config": cfg.to_dict(), "notes": notes,
+                      "checkpoint_sha256": checkpoint_sha256},
             batching=BatchingSpec(), quantization=quantization,
             input_background=border_grey_level(load_split(spec, "train", data_dir, download).images.numpy()),
             calibration=_calibration_section(onnx_path, temperature, spec, val, test),
