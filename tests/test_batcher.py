@@ -413,13 +413,19 @@ def test_stats_count_what_was_sent(model):
 
 
 # --- a lone request runs inline (serving/batcher.py, "A lone request") -------------------------------------
-def test_a_lone_request_runs_on_the_event_loop_thread_and_is_counted(model):
-    threads = []
-    model_run = model.__call__
+def thread_recording(model: FakeModel) -> tuple[Callable[[np.ndarray], np.ndarray], list[threading.Thread]]:
+    """``model`` as a run function that also records the thread each run ran on."""
+    threads: list[threading.Thread] = []
 
     def recording(images: np.ndarray) -> np.ndarray:
         threads.append(threading.current_thread())
-        return model_run(images)
+        return model(images)
+
+    return recording, threads
+
+
+def test_a_lone_request_runs_on_the_event_loop_thread_and_is_counted(model):
+    recording, threads = thread_recording(model)
 
     async def main() -> None:
         batcher = DynamicBatcher(recording, 8, inline_max_images=4)
@@ -450,12 +456,7 @@ def test_after_requests_overlap_a_lone_looking_request_queues_for_a_while(model,
     """Under load, gRPC calls reach the batcher one by one: each looked alone, ran on the event loop and held the
     next ones back. Once two requests were in the batcher together, requests queue (and batch) for the hold."""
     monkeypatch.setattr("serving.batcher.OVERLAP_HOLD_S", 0.2)
-    threads = []
-    model_run = model.__call__
-
-    def recording(images: np.ndarray) -> np.ndarray:
-        threads.append(threading.current_thread())
-        return model_run(images)
+    recording, threads = thread_recording(model)
 
     async def main() -> None:
         batcher = DynamicBatcher(recording, 8, inline_max_images=8)
