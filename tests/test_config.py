@@ -58,3 +58,10 @@ def test_the_backbone_choices_are_the_backbones_models_builds():
     from training.models import TORCHVISION_BACKBONES
 
     assert set(BACKBONES) == {*TORCHVISION_BACKBONES, CHECKPOINT_BACKBONE}
+
+
+def test_a_backbone_from_a_file_is_never_recorded_as_pretrained():
+    # however the file is named (--backbone-checkpoint, --set, a YAML), no ImageNet weights are fetched for it
+    base = {"name": "t", "dataset": "pneumoniamnist", "arch": "transfer"}
+    assert TrainConfig.from_dict(base).pretrained is True
+    assert TrainConfig.from_dict({**base, "backbone_checkpoint": "/w/resnet18.pt"}).pretrained is False

@@ -189,10 +189,8 @@ def run(args: argparse.Namespace) -> None:
         if args.backbone_checkpoint:  # checked now, before any data is loaded
             from training.checkpoint import is_training_checkpoint, read_file
 
-            # the weights come from the file (an absolute path, so the card still names it elsewhere): no ImageNet
-            # weights are fetched, and the card must not say they were
+            # an absolute path, so that the card still names the file wherever it is read
             overrides["backbone_checkpoint"] = str(Path(args.backbone_checkpoint).resolve())
-            overrides["pretrained"] = False
             if is_training_checkpoint(read_file(Path(args.backbone_checkpoint))):
                 overrides["backbone"] = "checkpoint"  # else a state dict for the config's torchvision backbone
         if args.freeze:

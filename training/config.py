@@ -97,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"unknown augment keys: {sorted(unknown)}; known: {known_augment}")
         data["augment"] = Augment(**augment)
         cfg = cls(**data)
+        if cfg.backbone_checkpoint:  # the weights come from that file: no ImageNet weights are fetched, and the
+            cfg.pretrained = False  # card must not say they were (however the file was named: flag, --set, YAML)
         cfg.validate()
         if cfg.ensemble_variants and cfg.ensemble < 2:
             raise ValueError("ensemble_variants needs ensemble: N with N >= 2 (the members to spread them over)")
