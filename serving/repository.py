@@ -374,8 +374,7 @@ class ModelRepository:
     def _session(self, onnx_path: Path, threads: int, spin: bool = True) -> ort.InferenceSession:
         """``spin=False``: onnxruntime's pool threads sleep as soon as a run is done instead of spinning for the
         next one (the wide session runs one lone request at a time: spinning between them took a core from the
-        client and the event loop; perf_analyzer -i http at 1 client, alternating: p50 380 / 395 against 460 / 475
-        µs)."""
+        client and the event loop: serving/README.md, "A lone request")."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
