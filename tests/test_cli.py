@@ -158,3 +158,27 @@ def test_a_stop_signal_mid_export_leaves_nothing_half_written(tmp_path, monkeypa
     assert not list((tmp_path / "model").iterdir())
     assert f"stopped by {signum}" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is not cli._stop  # the handler is the process's again
+
+
+def test_a_command_ends_the_process_group_it_ran_in(monkeypatch, capsys):
+    # a torchrun rank that exited with gloo's threads alive aborted once in CI (SIGABRT), and torchrun stopped the
+    # other rank: every command now destroys the group on its way out
+    import socket
+
+    import torch.distributed as dist
+
+    from training.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        assert main(["shipped"]) == 0
+        left_alive = dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert not left_alive

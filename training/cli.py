@@ -178,7 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _end_distributed()
     return 0
+
+
+def _end_distributed() -> None:
+    """Destroy torchrun's process group if a command made one (torch is not imported for the others): a rank that
+    left with gloo's threads still alive could abort at exit ("terminate called without an active exception",
+    SIGABRT; seen once in CI), and torchrun then stopped the other ranks."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run(args: argparse.Namespace) -> None:
