@@ -47,6 +47,7 @@ from serving.asgi import (
 from serving.connections import ConnectionShare
 from serving.dataplane import DataPlane, check_image_count, count_refusal, label_predictions
 from serving.errors import InvalidInput, ServingError
+from serving.health import HealthServer
 from serving.images import decode_upload
 from serving.oip_grpc import GrpcServer
 from serving.oip_rest import InferFastLane, check_admission, create_app, error_response, infer_lane
@@ -139,6 +140,7 @@ class CnnServe:
                         "of the event loop")
         quiet_client_errors()
         self.grpc: GrpcServer | None = None
+        self.health: HealthServer | None = None
         self._poller: asyncio.Task[None] | None = None
         self._stats_publisher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # drains and the shutdown sequence, running
@@ -153,6 +155,10 @@ class CnnServe:
         if self.settings.grpc_port:
             self.grpc = GrpcServer(self.dataplane, self.settings)
             await self.grpc.start()
+        if self.settings.health_port:
+            self.health = HealthServer(self.settings.health_host, self.settings.health_port,
+                                       self.dataplane.readiness, self.settings.liveness_stall_s)
+            self.health.start()
         if self.settings.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll_repository())
         self._stats_publisher = asyncio.get_running_loop().create_task(self._publish_statistics())
@@ -284,6 +290,8 @@ class CnnServe:
             self._stats_publisher.cancel()
         if self.grpc:
             await self.grpc.stop()
+        if self.health:
+            self.health.stop()
         if self.connections:
             self.connections.close()
         self.repository.close()

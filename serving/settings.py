@@ -50,6 +50,11 @@ class Settings:
     # long-lived channels spread again over workers and pods; clients reconnect on their own
     grpc_max_connection_age_s: float = 30.0
     grpc_reflection: bool = True  # gRPC server reflection (grpcurl list / describe without the .proto files)
+    # /readyz and /livez answered by a thread of each worker on this port, off the event loop, so that probes
+    # stay fast under overload (serving/health.py; 0 = off: probe the HTTP port)
+    health_host: str = "127.0.0.1"
+    health_port: int = 0
+    liveness_stall_s: float = 10.0  # the health port's /livez fails once the event loop has not run for this long
     shutdown_drain_s: float = 5.0  # SIGTERM: not ready, but serving on, for this long before shutting down
     poll_interval_s: float = 2.0  # model repository re-scan for new versions (0 = off)
     # OpenTelemetry spans for the inference paths too; off: BentoML's tracing middleware halves HTTP throughput

@@ -54,8 +54,12 @@ def test_overlay_renders_everything_the_deployment_needs(overlay):
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     # not the gRPC probe: grpc refuses a health check like any call once the worker's call limit is reached
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    # and on the probe port, answered off the event loop (serving/health.py), which the config turns on
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
+    health_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "health")
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and "CNNSERVE_HEALTH_PORT" in d.get("data", {}))
+    assert config["data"]["CNNSERVE_HEALTH_PORT"] == str(health_port)
     gpu = container["resources"]["limits"].get("nvidia.com/gpu")
     assert (gpu == 1) == (overlay == "gpu")
     assert container["image"].endswith("-gpu" if overlay == "gpu" else "-cpu")

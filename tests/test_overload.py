@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.server import MAX_BYTES, MAX_IMAGES, start_server
+from tests.server import MAX_BYTES, MAX_IMAGES, free_port, start_server
 
 BIG = np.zeros((64, 28, 28), np.uint8)
 
@@ -352,8 +352,13 @@ def test_removing_the_serving_version_under_load_strands_no_request(repo, tmp_pa
 
 
 def test_sigterm_reports_not_ready_first_and_serves_on_for_the_drain_period(repo, tmp_path):
-    srv = start_server(repo, tmp_path / "server.log", workers=1, shutdown_drain_s=3, poll_interval_s=0)
+    health_port = free_port()
+    probe = f"http://127.0.0.1:{health_port}"
+    srv = start_server(repo, tmp_path / "server.log", workers=1, shutdown_drain_s=3, poll_interval_s=0,
+                       health_port=health_port)
     try:
+        assert httpx.get(f"{probe}/readyz").json() == {"ready": True}  # the probe port, off the event loop
+        assert httpx.get(f"{probe}/livez").status_code == 200
         assert "connection" not in binary_infer(srv.url, np.zeros((1, 28, 28), np.uint8)).headers  # kept alive
         os.kill(srv.process.pid, signal.SIGTERM)  # as Kubernetes does: to the container's first process only
         deadline = time.monotonic() + 2
@@ -368,6 +373,8 @@ def test_sigterm_reports_not_ready_first_and_serves_on_for_the_drain_period(repo
         # and its connection ends with it: no idle keep-alive connection is left for the shutdown to cut
         assert r.headers.get("connection") == "close"
         assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 503
+        assert httpx.get(f"{probe}/readyz").status_code == 503
+        assert httpx.get(f"{probe}/livez").status_code == 200  # draining, not dead
         srv.process.wait(30)  # and then it exits on its own
     finally:
         srv.stop()

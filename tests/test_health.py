@@ -1,0 +1,66 @@
+"""The probe port (``serving.health``): answered off the event loop, liveness from the loop's heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from serving.health import HealthServer
+
+
+@pytest.fixture
+def health() -> Iterator[tuple[HealthServer, asyncio.AbstractEventLoop, dict]]:
+    """A HealthServer on a free port, its heartbeat on an event loop running in a thread of its own."""
+    state = {"ready": True}
+    server = HealthServer("127.0.0.1", 0, lambda: dict(state), stall_s=0.3)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(lambda: (server.start(), started.set()))
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(5)
+    yield server, loop, state
+    loop.call_soon_threadsafe(server.stop)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def get(server: HealthServer, path: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{server.port}{path}", timeout=2)
+
+
+def test_readiness_follows_the_worker_and_says_why_not(health):
+    server, _, state = health
+    assert get(server, "/readyz").status_code == 200
+    assert get(server, "/v2/health/ready").json() == {"ready": True}
+    state.update(ready=False, not_ready={"mnist-cnn/3": "sha256 mismatch"})
+    r = get(server, "/readyz")
+    assert r.status_code == 503 and r.json()["not_ready"] == {"mnist-cnn/3": "sha256 mismatch"}
+    r = get(server, "/metrics")
+    assert r.status_code == 404 and "/readyz" in r.json()["error"]
+
+
+def test_probes_are_answered_while_the_event_loop_is_blocked_and_liveness_sees_the_stall(health):
+    server, loop, _ = health
+    assert get(server, "/livez").status_code == 200
+    blocked = threading.Event()
+    loop.call_soon_threadsafe(lambda: (blocked.set(), time.sleep(1.0)))  # a callback that holds the loop 1 s
+    assert blocked.wait(2)
+    t0 = time.monotonic()
+    assert get(server, "/readyz").status_code == 200  # not queued behind the loop
+    assert time.monotonic() - t0 < 0.3
+    time.sleep(0.5)  # past stall_s (0.3) without a heartbeat
+    r = get(server, "/livez")
+    assert r.status_code == 503 and "event loop has not run" in r.json()["error"]
+    time.sleep(1.0)  # the loop runs again: so does its heartbeat
+    assert get(server, "/livez").status_code == 200
