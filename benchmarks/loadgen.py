@@ -58,21 +58,24 @@ class Sample:
 
 @dataclass
 class Service:
-    """``bentoml serve`` of this repository's service, as ``make serve`` starts it."""
+    """``bentoml serve`` of this repository's service, as ``make serve`` starts it, with the probe port on as the
+    Kubernetes manifests set it (``CNNSERVE_HEALTH_PORT``)."""
 
     http_port: int
     grpc_port: int
+    health_port: int
     server: Process
 
     @classmethod
     def start(cls, log: Path, **settings: str) -> Service:
-        http_port, grpc_port = free_port(), free_port()
+        http_port, grpc_port, health_port = free_port(), free_port(), free_port()
         env = {"CNNSERVE_MODEL_DIR": str(ROOT / "exports"), "CNNSERVE_GRPC_PORT": str(grpc_port),
+               "CNNSERVE_HEALTH_PORT": str(health_port),
                "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(log.parent / "bentoml"),
                **{f"CNNSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
         cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:CnnServe", "--host", "127.0.0.1",
                "--port", str(http_port), "--timeout-keep-alive", "75", "--timeout-graceful-shutdown", "20"]
-        return cls(http_port, grpc_port, Process(cmd, env, f"http://127.0.0.1:{http_port}/readyz", log))
+        return cls(http_port, grpc_port, health_port, Process(cmd, env, f"http://127.0.0.1:{http_port}/readyz", log))
 
     @property
     def url(self) -> str:
@@ -379,14 +382,19 @@ class NativeLoad:
         self.cpu_s = 0.0  # the generator's CPU seconds in the last run
 
     def open_loop(self, rate: float, seconds: float) -> list[Sample]:
+        return native_samples(self.door, self.open_loop_output(rate, seconds))
+
+    def open_loop_output(self, rate: float, seconds: float) -> str:
+        """``open_loop``'s samples as the generator wrote them (``native_samples`` reads them): a process that
+        measures something else meanwhile can put off the parse (1-2 s of a core after a 30 s burst)."""
         return self._run(repr(rate), seconds)
 
     def closed_loop(self, clients: int, seconds: float) -> list[Sample]:
         """``clients`` requests out at any time (HTTP: on that many connections), each answer followed at once by
         the next request."""
-        return self._run(f"closed:{clients}", seconds)
+        return native_samples(self.door, self._run(f"closed:{clients}", seconds))
 
-    def _run(self, rate: str, seconds: float) -> list[Sample]:
+    def _run(self, rate: str, seconds: float) -> str:
         binary = native_generator()
         with tempfile.NamedTemporaryFile(suffix=".bin") as request:
             request.write(self.request)
@@ -397,19 +405,25 @@ class NativeLoad:
             result = subprocess.run(cmd, capture_output=True, text=True, check=True)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        return [self._sample(line) for line in result.stdout.splitlines()]
+        return result.stdout
 
-    def _sample(self, line: str) -> Sample:
-        due, sent, done, code, message = line.split("\t", 4)
-        due_s, code_n = float(due), int(code)
-        if code_n < 0:
-            outcome = f"error {message}"
-        elif self.door == "grpc":
-            outcome = "ok" if code_n == 0 else "rejected" if code_n in REFUSED_GRPC else f"grpc {GRPC_NAMES[code_n]}"
-        else:
-            outcome = http_outcome(code_n)
-        reason = refusal_reason(unquote(message)) if outcome == "rejected" else ""
-        return Sample(self.door, due_s, float(done) - due_s, outcome, float(sent) - due_s, reason)
+
+def native_samples(door: str, output: str) -> list[Sample]:
+    """The samples in the native generator's output (a line per request: due, sent, done, status, message)."""
+    return [_native_sample(door, line) for line in output.splitlines()]
+
+
+def _native_sample(door: str, line: str) -> Sample:
+    due, sent, done, code, message = line.split("\t", 4)
+    due_s, code_n = float(due), int(code)
+    if code_n < 0:
+        outcome = f"error {message}"
+    elif door == "grpc":
+        outcome = "ok" if code_n == 0 else "rejected" if code_n in REFUSED_GRPC else f"grpc {GRPC_NAMES[code_n]}"
+    else:
+        outcome = http_outcome(code_n)
+    reason = refusal_reason(unquote(message)) if outcome == "rejected" else ""
+    return Sample(door, due_s, float(done) - due_s, outcome, float(sent) - due_s, reason)
 
 
 async def probe(url: str, period_s: float, seconds: float) -> list[float]:
