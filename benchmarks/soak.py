@@ -3,13 +3,19 @@
     python -m benchmarks.soak [--minutes 10] [--fraction 0.7]
 
 Capacity is measured first, door by door: 16 closed-loop clients for 10 s on each of OIP REST binary, OIP REST
-JSON and gRPC; the capacity of the even mix the soak offers is then 3 / (sum of 1 / each door's capacity), since
+JSON and gRPC, from the load generator of the run; the capacity of the even mix the soak offers is then 3 / (sum
+of 1 / each door's capacity), since
 a third of the load on each door costs a third of a second of each door's capacity per second. (16 clients
 spread over the three doors at once overstated it: the cheaper HTTP doors answered more than their third, so a
 soak at 70 % of that ran the gRPC door, the dearest, near its limit.) Then ``fraction`` x capacity, open loop,
 split evenly over the three doors, for ``minutes``. Per minute: requests,
 errors, p50 / p99 latency and the workers' RSS. Goals from the issue: 0 errors; RSS flat after warm-up
 (<= 5 % growth over the last 8 minutes); each minute's p99 within 2x the first minute's.
+The load comes from ``benchmarks/native/openloop.c`` (``--generator native``, the default: one process per door and
+minute, a few microseconds of CPU per request; HTTP keep-alive connections, gRPC over 4 HTTP/2 connections) or from
+the Python generators in this process (``--generator python``: 0.37 cores at 2,826 requests/s, on the cores the
+server needs; with them the soak's p99 was 24-164 ms a minute, rising over the run, where a scratch run of the
+native generator at 3,000 requests/s of binary and gRPC requests measured 4-8 ms, flat over 7 minutes).
 Writes benchmarks/results/soak.{json,md}.
 """
 
@@ -27,6 +33,7 @@ import psutil
 from benchmarks.loadgen import (
     GrpcLoad,
     HttpLoad,
+    NativeLoad,
     Sample,
     Service,
     collector_paused,
@@ -49,43 +56,59 @@ def even_mix_capacity(door_capacities: Iterable[float]) -> float:
     return len(capacities) / sum(1 / c for c in capacities)
 
 
-async def soak(service: Service, minutes: int, fraction: float) -> dict:
+DOORS = ("http-binary", "http-json", "grpc")
+HTTP_CONNECTIONS = 256  # per HTTP door in the soak: more than it ever has requests out
+
+
+async def soak(service: Service, minutes: int, fraction: float, generator: str = "native") -> dict:
     images, http_port = sample_images(), service.http_port
 
-    def http(binary: bool, name: str, connections: int) -> HttpLoad:
-        return HttpLoad(http_port, http_request(http_port, binary, images), name, connections)
+    async def run(door: str, load: str, seconds: float, rate: float = 0.0) -> tuple[list[Sample], float]:
+        """One door's samples under ``load`` ("closed": 16 closed-loop clients; "open": ``rate`` per second), and
+        the CPU seconds of a native generator (0 for the Python ones, whose CPU is this process's)."""
+        connections = 16 if load == "closed" else HTTP_CONNECTIONS
+        if generator == "native":
+            native = (NativeLoad("grpc", service.grpc_port, images, 4) if door == "grpc" else
+                      NativeLoad("http", http_port, images, connections, binary=door == "http-binary"))
+            start = native.closed_loop if load == "closed" else native.open_loop
+            samples = await asyncio.to_thread(start, 16 if load == "closed" else rate, seconds)
+            return samples, native.cpu_s
+        if door == "grpc":
+            grpc_load = GrpcLoad(service.grpc_port, images)
+            if load == "closed":
+                return await asyncio.to_thread(grpc_load.closed_loop, 16, seconds), 0.0
+            return await asyncio.to_thread(grpc_load.open_loop, rate, seconds), 0.0
+        http_load = HttpLoad(http_port, http_request(http_port, door == "http-binary", images), door, connections)
+        return await (http_load.closed_loop(seconds) if load == "closed" else http_load.open_loop(rate, seconds)), 0.0
 
     async def alone(door: str, seconds: float) -> float:
         """Answers per second of 16 closed-loop clients on one door."""
-        if door == "grpc":
-            samples = await asyncio.to_thread(GrpcLoad(service.grpc_port, images).closed_loop, 16, seconds)
-        else:
-            samples = await http(door == "http-binary", door, 16).closed_loop(seconds)
+        samples, _ = await run(door, "closed", seconds)
         return sum(s.outcome == "ok" for s in samples) / seconds
 
     doors = {}
-    for door in ("http-binary", "http-json", "grpc"):
+    for door in DOORS:
         await alone(door, 2)
         doors[door] = await alone(door, 10)
     capacity = even_mix_capacity(doors.values())
     rate = fraction * capacity / 3  # per door
-    rows, generator = [], psutil.Process()
+    rows, this_process = [], psutil.Process()
     for minute in range(1, minutes + 1):
         with collector_paused():
-            server_cpu, generator_cpu, start = service.server.cpu_seconds(), cpu_seconds(generator), time.monotonic()
-            parts = await asyncio.gather(http(True, "http-binary", 256).open_loop(rate, 60),
-                                         http(False, "http-json", 256).open_loop(rate, 60),
-                                         asyncio.to_thread(GrpcLoad(service.grpc_port, images).open_loop, rate, 60))
+            server_cpu, own_cpu, start = service.server.cpu_seconds(), cpu_seconds(this_process), time.monotonic()
+            parts = await asyncio.gather(*(run(door, "open", 60, rate) for door in DOORS))
             elapsed = time.monotonic() - start
             server_cores = round((service.server.cpu_seconds() - server_cpu) / elapsed, 2)
-            generator_cores = round((cpu_seconds(generator) - generator_cpu) / elapsed, 2)
-        samples: list[Sample] = [s for part in parts for s in part]
+            native_cpu = sum(cpu for _, cpu in parts)
+            generator_cores = round((cpu_seconds(this_process) - own_cpu + native_cpu) / elapsed, 2)
+        samples: list[Sample] = [s for part, _ in parts for s in part]
         ok = [s.latency_s for s in samples if s.outcome == "ok"]
         kinds: dict[str, int] = {}
-        for s in samples:
-            if s.outcome != "ok":
-                kind = f"{s.door} {s.outcome}" + (f" ({s.reason})" if s.reason else "")
-                kinds[kind] = kinds.get(kind, 0) + 1
+        for door, (part, _) in zip(DOORS, parts, strict=True):
+            for s in part:
+                if s.outcome != "ok":
+                    kind = f"{door} {s.outcome}" + (f" ({s.reason})" if s.reason else "")
+                    kinds[kind] = kinds.get(kind, 0) + 1
         rows.append({"minute": minute, "requests": len(samples), "errors": len(samples) - len(ok), "error_kinds": kinds,
                      "p50_ms": percentile_ms(ok, 50), "p99_ms": percentile_ms(ok, 99),
                      "rss_mb": round(service.worker_rss_mb(), 1),
@@ -121,7 +144,11 @@ def markdown(result: dict, totals: dict, args: argparse.Namespace) -> str:
         + ", ".join(f"{door} {c}/s" for door, c in result["door_capacity_per_s"].items())
         + f"; 3 / the sum of their inverses), offered "
         f"{result['offered_per_s']}/s open loop, split evenly "
-        "over OIP REST binary, OIP REST JSON and gRPC; the load generator shares the 2 cores (its CPU and the "
+        "over OIP REST binary, OIP REST JSON and gRPC; "
+        + ("the load from `benchmarks/native/openloop.c`, a process per door and minute (HTTP: 256 keep-alive "
+           "connections per door; gRPC: 4 HTTP/2 connections)" if args.generator == "native" else
+           "the load from the Python generators (`benchmarks/loadgen.py`) in the benchmark's process")
+        + "; the load generator shares the 2 cores (its CPU and the "
         "server's, in cores, are in the table: closed-loop clients batch more, so a fraction of their capacity "
         "costs the server more CPU than that fraction; *late*: how long after its due time the p99 request went "
         "out).",
@@ -150,12 +177,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=int, default=10)
     parser.add_argument("--fraction", type=float, default=0.7, help="offered load as a fraction of capacity")
+    parser.add_argument("--generator", choices=["native", "python"], default="native",
+                        help="the load's generator: native (benchmarks/native/openloop.c, built on first use; needs "
+                             "gcc and libnghttp2-dev) or python (benchmarks/loadgen.py, in this process; heavier)")
     parser.add_argument("--results-name", default="soak", help="stem of the results files")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         service = Service.start(Path(tmp) / "server.log")
         try:
-            result = asyncio.run(soak(service, args.minutes, args.fraction))
+            result = asyncio.run(soak(service, args.minutes, args.fraction, args.generator))
         finally:
             service.stop()
     totals = summary(result)

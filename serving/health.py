@@ -62,13 +62,15 @@ class HealthServer:
         self._heartbeat()
         log.info("health probes on http://%s:%d (/readyz, /livez)", self.host, self.port)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Stop the heartbeat and the server (its thread polls for the stop every half second: waited for off the
+        event loop)."""
         if self._timer is not None:
             self._timer.cancel()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+            server, self._server = self._server, None
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
 
     def _heartbeat(self) -> None:
         self._beat = time.monotonic()

@@ -291,7 +291,7 @@ class CnnServe:
         if self.grpc:
             await self.grpc.stop()
         if self.health:
-            self.health.stop()
+            await self.health.stop()
         if self.connections:
             self.connections.close()
         self.repository.close()

@@ -30,7 +30,7 @@ def health() -> Iterator[tuple[HealthServer, asyncio.AbstractEventLoop, dict]]:
     thread.start()
     assert started.wait(5)
     yield server, loop, state
-    loop.call_soon_threadsafe(server.stop)
+    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make container-test: build Dockerfile.serve, run it on 127.0.0.1 with a read-only root filesystem,
-# wait for /readyz, classify over HTTP and gRPC, check the user is not root, report the size, clean up.
+# wait for /readyz, check the probe port, classify over HTTP and gRPC, check the user is not root, report the size, clean up.
 #
 # Environment: those of lib.sh (CONTAINER_ENGINE, PIP_CA_FILE, KEEP_IMAGE), BASE_IMAGE (build arg),
 # PYTHON (a Python with tritonclient[grpc] and pillow, default .venv/bin/python).
@@ -12,6 +12,7 @@ TAG=${IMAGE_TAG:-localhost/cnnserve-serve:container-test}
 NAME=cnnserve-container-test-$$
 HTTP_PORT=$($PYTHON -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 GRPC_PORT=$($PYTHON -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PROBE_PORT=$($PYTHON -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
 build_args=(-f Dockerfile.serve)
 [ -n "${BASE_IMAGE:-}" ] && build_args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
@@ -27,13 +28,16 @@ build_image "$TAG" /tmp/cnnserve-container-build.log "${build_args[@]}"
 
 echo "== run (read-only root filesystem, tmpfs on /tmp)"
 $ENGINE run -d --name "$NAME" --read-only --tmpfs /tmp \
-  -p "127.0.0.1:$HTTP_PORT:3000" -p "127.0.0.1:$GRPC_PORT:8001" "$TAG" >/dev/null
+  -p "127.0.0.1:$HTTP_PORT:3000" -p "127.0.0.1:$GRPC_PORT:8001" -p "127.0.0.1:$PROBE_PORT:8002" "$TAG" >/dev/null
 for _ in $(seq 1 120); do
   if curl -fsS "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null 2>&1; then break; fi
   sleep 1
 done
 curl -fsS "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null || { $ENGINE logs "$NAME" | tail -40; exit 1; }
 echo "   ready after $(( $(date +%s) - start )) s since the build started"
+# the probe port the image's HEALTHCHECK and the manifests use
+curl -fsS "http://127.0.0.1:$PROBE_PORT/readyz" >/dev/null && curl -fsS "http://127.0.0.1:$PROBE_PORT/livez" >/dev/null \
+  || { echo "the probe port (8002) does not answer"; exit 1; }
 
 echo "== classify over HTTP and gRPC"
 HTTP_PORT=$HTTP_PORT GRPC_PORT=$GRPC_PORT $PYTHON - <<'PY'
