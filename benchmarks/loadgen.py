@@ -18,7 +18,6 @@ import gc
 import json
 import os
 import re
-import resource
 import shlex
 import shutil
 import subprocess
@@ -401,11 +400,19 @@ class NativeLoad:
             request.flush()
             cmd = [str(binary), self.door, "127.0.0.1", str(self.port), rate, repr(seconds),
                    str(self.connections), request.name] + ([GRPC_INFER_PATH] if self.door == "grpc" else [])
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            result = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        return result.stdout
+            with tempfile.TemporaryFile() as errors:
+                process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True)
+                output = process.stdout.read()
+                process.stdout.close()
+                # its own CPU (RUSAGE_CHILDREN would add every child of this process that ended meanwhile,
+                # other doors' generators running beside this one included)
+                _, status, usage = os.wait4(process.pid, 0)
+                process.returncode = os.waitstatus_to_exitcode(status)
+                if process.returncode:
+                    errors.seek(0)
+                    raise subprocess.CalledProcessError(process.returncode, cmd, output, errors.read())
+        self.cpu_s = usage.ru_utime + usage.ru_stime
+        return output
 
 
 def native_samples(door: str, output: str) -> list[Sample]:

@@ -10,14 +10,17 @@ only the GIL, which the loop hands over at least every switch interval (5 ms) an
 - ``GET /readyz`` (and ``/v2/health/ready``): 200 ``{"ready": true}`` when the worker serves (``ready()``: the
   first scan is done, a model serves, strict readiness if set, not draining at shutdown), else 503 with the body
   ``readiness()`` gives (the versions that are not ready and why).
-- ``GET /livez`` (and ``/v2/health/live``): 200 while the worker's event loop runs: a heartbeat on the loop every
-  ``HEARTBEAT_S``; when it is older than ``stall_s`` the loop is stuck (a deadlock, a callback that never
-  returns), and the answer is 503, so that the liveness probe restarts the pod. A busy loop still beats: an
-  overloaded worker is not restarted for being busy, which a liveness probe that queued behind inference on the
-  HTTP port could do (it timed out there under overload).
+- ``GET /livez`` (and ``/v2/health/live``): 200 while every worker's event loop runs. Each worker's loop stamps a
+  heartbeat every ``HEARTBEAT_S`` into its slot of a small file all workers map (``serving.shared_slots``); when
+  any worker's is older than ``stall_s`` that loop is stuck (a deadlock, a callback that never returns), and the
+  answer is 503 naming it, whichever worker the probe reached, so that the liveness probe restarts the pod. A busy
+  loop still beats: an overloaded worker is not restarted for being busy, which a liveness probe that queued
+  behind inference on the HTTP port could do (it timed out there under overload). A worker that has not started
+  its heartbeat yet, or has stopped it on its way out, is not judged.
 
 Every worker binds the port with ``SO_REUSEPORT``, as the gRPC port is shared: a probe reaches one worker, as
-it does on the HTTP port.
+it does on the HTTP port. Each answer ends its connection (kubelet opens one per probe), so a client cannot hold
+one of the server's threads between probes.
 """
 
 from __future__ import annotations
@@ -25,17 +28,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+from serving.shared_slots import map_slots
 
 log = logging.getLogger("cnnserve.health")
 HEARTBEAT_S = 0.5  # how often the event loop stamps its heartbeat
 READ_TIMEOUT_S = 2.0  # a probe connection that sends nothing for this long is closed
 READY_PATHS = {"/readyz", "/v2/health/ready"}
 LIVE_PATHS = {"/livez", "/v2/health/live"}
+BEAT = struct.Struct("d")  # a worker's slot: time.monotonic() of its loop's last heartbeat, 0 = not judged
 
 
 class _Server(ThreadingHTTPServer):
@@ -46,17 +54,22 @@ class _Server(ThreadingHTTPServer):
 class HealthServer:
     """The probe port of one worker: ``start`` on its event loop, ``stop`` at shutdown."""
 
-    def __init__(self, host: str, port: int, readiness: Callable[[], dict[str, Any]],
-                 stall_s: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, readiness: Callable[[], dict[str, Any]], beats: Path,
+                 workers: int = 1, slot: int = 0, stall_s: float = 10.0) -> None:
+        """``beats``: the heartbeat file the server's ``workers`` share; ``slot``: this worker's place in it."""
         self.host, self.port, self.stall_s = host, port, stall_s
         self._readiness = readiness
-        self._beat = time.monotonic()
+        self._beats, self._workers, self._slot = map_slots(beats, workers, slot, BEAT.size), workers, slot
         self._timer: asyncio.TimerHandle | None = None
         self._server: _Server | None = None
 
     def start(self) -> None:
         """Bind the port, answer probes from a daemon thread, and start the heartbeat on the running loop."""
-        self._server = _Server((self.host, self.port), _handler(self))
+        try:
+            self._server = _Server((self.host, self.port), _handler(self))
+        except OSError as exc:
+            raise RuntimeError(f"CNNSERVE_HEALTH_PORT: cannot listen on {self.host}:{self.port} ({exc.strerror}); "
+                               "free the port, choose another, or set 0 to turn the probe port off") from exc
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, name="cnnserve-health", daemon=True).start()
         self._heartbeat()
@@ -67,13 +80,14 @@ class HealthServer:
         event loop)."""
         if self._timer is not None:
             self._timer.cancel()
+            BEAT.pack_into(self._beats, self._slot * BEAT.size, 0.0)  # on its way out: not judged
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.shutdown)
             server.server_close()
 
     def _heartbeat(self) -> None:
-        self._beat = time.monotonic()
+        BEAT.pack_into(self._beats, self._slot * BEAT.size, time.monotonic())
         self._timer = asyncio.get_running_loop().call_later(HEARTBEAT_S, self._heartbeat)
 
     def ready(self) -> tuple[int, dict[str, Any]]:
@@ -81,10 +95,12 @@ class HealthServer:
         return (200 if body.get("ready") else 503), body
 
     def live(self) -> tuple[int, dict[str, Any]]:
-        silent_s = time.monotonic() - self._beat
-        if silent_s > self.stall_s:
-            return 503, {"live": False, "error": f"the event loop has not run for {silent_s:.1f} s "
-                                                 f"(the limit is {self.stall_s:g} s)"}
+        now = time.monotonic()
+        for worker in range(self._workers):
+            beat = BEAT.unpack_from(self._beats, worker * BEAT.size)[0]
+            if beat and now - beat > self.stall_s:
+                return 503, {"live": False, "error": f"worker {worker + 1}: its event loop has not run for "
+                                                     f"{now - beat:.1f} s (the limit is {self.stall_s:g} s)"}
         return 200, {"live": True}
 
 
@@ -107,12 +123,15 @@ def _handler(health: HealthServer) -> type[BaseHTTPRequestHandler]:
             self.do_GET()
 
         def _answer(self, status: int, body: dict[str, Any]) -> None:
-            data = b"" if self.command == "HEAD" else json.dumps(body).encode()
+            data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            self.close_connection = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # a probe every few seconds per pod: not worth a log line

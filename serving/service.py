@@ -120,7 +120,7 @@ class CnnServe:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        slot = (bentoml.server_context.worker_index or 1) - 1
+        self._slot = slot = (bentoml.server_context.worker_index or 1) - 1
         self.repository = ModelRepository(SETTINGS, worker_slot=slot)
         for change in self.repository.scan().changes:
             log.info("model repository %s: %s", SETTINGS.model_dir, change)
@@ -152,13 +152,14 @@ class CnnServe:
                                                                      self.settings.request_timeout_s)
         if not install_load_shedding(self._refuse_early, self.settings.max_concurrency, lane):
             log.warning("uvicorn's httptools protocol was not found: HTTP requests are refused only after parsing")
+        if self.settings.health_port:  # first: a port that cannot be bound stops the worker before gRPC starts
+            self.health = HealthServer(self.settings.health_host, self.settings.health_port, self.dataplane.readiness,
+                                       self.repository.shared_dir / "heartbeats", self.settings.worker_count,
+                                       self._slot, self.settings.liveness_stall_s)
+            self.health.start()
         if self.settings.grpc_port:
             self.grpc = GrpcServer(self.dataplane, self.settings)
             await self.grpc.start()
-        if self.settings.health_port:
-            self.health = HealthServer(self.settings.health_host, self.settings.health_port,
-                                       self.dataplane.readiness, self.settings.liveness_stall_s)
-            self.health.start()
         if self.settings.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll_repository())
         self._stats_publisher = asyncio.get_running_loop().create_task(self._publish_statistics())
@@ -256,7 +257,9 @@ class CnnServe:
                 # connections completed but not accepted yet would be reset with their requests: wait for the
                 # workers to accept them (the listener keeps taking new ones meanwhile, so not for ever); the last
                 # check and the stop run back to back (a client reconnecting then would be reset after sending)
-                with listening_sockets(keep_ports={self.settings.grpc_port}) as listeners:  # gRPC stops on its own
+                # gRPC stops on its own, and the probe port answers (not ready, live) until the worker exits
+                kept = {self.settings.grpc_port, self.health.port if self.health else 0}
+                with listening_sockets(keep_ports=kept) as listeners:
                     give_up = loop.time() + ACCEPT_QUEUE_WAIT_S
                     while (waiting := accept_queue(listeners)) and loop.time() < give_up:
                         await asyncio.sleep(0.001)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -10,14 +11,15 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from serving.health import HealthServer
+from serving.health import BEAT, HealthServer
+from serving.shared_slots import map_slots
 
 
 @pytest.fixture
-def health() -> Iterator[tuple[HealthServer, asyncio.AbstractEventLoop, dict]]:
-    """A HealthServer on a free port, its heartbeat on an event loop running in a thread of its own."""
+def health(tmp_path) -> Iterator[tuple[HealthServer, asyncio.AbstractEventLoop, dict]]:
+    """A HealthServer on a free port, worker 1 of 2, its heartbeat on an event loop running in a thread of its own."""
     state = {"ready": True}
-    server = HealthServer("127.0.0.1", 0, lambda: dict(state), stall_s=0.3)
+    server = HealthServer("127.0.0.1", 0, lambda: dict(state), tmp_path / "beats", workers=2, slot=0, stall_s=0.3)
     loop = asyncio.new_event_loop()
     started = threading.Event()
 
@@ -48,6 +50,7 @@ def test_readiness_follows_the_worker_and_says_why_not(health):
     assert r.status_code == 503 and r.json()["not_ready"] == {"mnist-cnn/3": "sha256 mismatch"}
     r = get(server, "/metrics")
     assert r.status_code == 404 and "/readyz" in r.json()["error"]
+    assert r.headers["connection"] == "close"  # no client holds a thread between probes
 
 
 def test_probes_are_answered_while_the_event_loop_is_blocked_and_liveness_sees_the_stall(health):
@@ -64,3 +67,23 @@ def test_probes_are_answered_while_the_event_loop_is_blocked_and_liveness_sees_t
     assert r.status_code == 503 and "event loop has not run" in r.json()["error"]
     time.sleep(1.0)  # the loop runs again: so does its heartbeat
     assert get(server, "/livez").status_code == 200
+
+
+def test_liveness_judges_every_worker_that_beats(health, tmp_path):
+    server, _, _ = health
+    other = map_slots(tmp_path / "beats", 2, 1, BEAT.size)  # worker 2's slot, as its own process maps it
+    assert get(server, "/livez").status_code == 200  # worker 2 has not started its heartbeat: not judged
+    BEAT.pack_into(other, BEAT.size, time.monotonic() - 5)  # worker 2's loop stuck for 5 s
+    r = get(server, "/livez")
+    assert r.status_code == 503 and r.json()["error"].startswith("worker 2:")
+    BEAT.pack_into(other, BEAT.size, 0.0)  # worker 2 stopped on its way out
+    assert get(server, "/livez").status_code == 200
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as taken:  # no SO_REUSEPORT: nobody may share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = HealthServer("127.0.0.1", taken.getsockname()[1], dict, tmp_path / "beats")
+        with pytest.raises(RuntimeError, match="CNNSERVE_HEALTH_PORT: cannot listen on"):
+            server.start()

@@ -10,12 +10,14 @@ import select
 import shutil
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -375,6 +377,35 @@ def test_sigterm_reports_not_ready_first_and_serves_on_for_the_drain_period(repo
         assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 503
         assert httpx.get(f"{probe}/readyz").status_code == 503
         assert httpx.get(f"{probe}/livez").status_code == 200  # draining, not dead
+        # past the drain the HTTP listener stops, and uvicorn waits for the requests in flight: one whose body
+        # trickles in keeps the server there while the probe port is checked (it answered nothing, its thread
+        # spinning on the stopped listener, when the drain stopped every listener but gRPC's)
+        trickling = threading.Event()
+        slow = socket.create_connection(("127.0.0.1", srv.http_port))
+        slow.sendall(b"POST /v2/models/mnist-cnn/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 200\r\n\r\n{")
+
+        def trickle() -> None:
+            while not trickling.wait(0.4):  # well inside the test server's 1.5 s body-stall limit
+                slow.sendall(b" ")
+
+        trickler = threading.Thread(target=trickle, daemon=True)
+        trickler.start()
+        try:
+            time.sleep(4.0)  # SIGTERM + 3 s drain + the listener's stop
+            assert srv.process.poll() is None, "the server did not wait for the trickling request"
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{srv.url}/readyz", timeout=2)  # the HTTP listener is stopped ...
+            assert httpx.get(f"{probe}/readyz", timeout=2).status_code == 503  # ... the probe port answers
+            assert httpx.get(f"{probe}/livez", timeout=2).status_code == 200
+            workers = psutil.Process(srv.process.pid).children(recursive=True)
+            before = sum(sum(w.cpu_times()[:2]) for w in workers)
+            time.sleep(1.0)
+            assert sum(sum(w.cpu_times()[:2]) for w in workers) - before < 0.5, "a worker spins while it drains"
+        finally:
+            trickling.set()
+            trickler.join()
+            slow.close()
         srv.process.wait(30)  # and then it exits on its own
     finally:
         srv.stop()
