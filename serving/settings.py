@@ -54,7 +54,7 @@ class Settings:
     # stay fast under overload (serving/health.py; 0 = off: probe the HTTP port)
     health_host: str = "127.0.0.1"
     health_port: int = 0
-    liveness_stall_s: float = 10.0  # the health port's /livez fails once the event loop has not run for this long
+    liveness_stall_s: float = 10.0  # the health port's /livez fails once a worker's loop has not run for this long
     shutdown_drain_s: float = 5.0  # SIGTERM: not ready, but serving on, for this long before shutting down
     poll_interval_s: float = 2.0  # model repository re-scan for new versions (0 = off)
     # OpenTelemetry spans for the inference paths too; off: BentoML's tracing middleware halves HTTP throughput
