@@ -60,6 +60,9 @@ class HealthServer:
         self.host, self.port, self.stall_s = host, port, stall_s
         self._readiness = readiness
         self._beats, self._workers, self._slot = map_slots(beats, workers, slot, BEAT.size), workers, slot
+        # not judged until it beats: a respawned worker's predecessor (killed, crashed) left its last beat here,
+        # which would age past stall_s while this one loads its models
+        BEAT.pack_into(self._beats, slot * BEAT.size, 0.0)
         self._timer: asyncio.TimerHandle | None = None
         self._server: _Server | None = None
 

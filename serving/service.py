@@ -120,8 +120,13 @@ class CnnServe:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self._slot = slot = (bentoml.server_context.worker_index or 1) - 1
+        slot = (bentoml.server_context.worker_index or 1) - 1
         self.repository = ModelRepository(SETTINGS, worker_slot=slot)
+        self.health: HealthServer | None = None  # the probe port, started with the other doors
+        if SETTINGS.health_port:  # before the models load: see HealthServer
+            self.health = HealthServer(SETTINGS.health_host, SETTINGS.health_port, lambda: self.dataplane.readiness(),
+                                       self.repository.shared_dir / "heartbeats", SETTINGS.worker_count, slot,
+                                       SETTINGS.liveness_stall_s)
         for change in self.repository.scan().changes:
             log.info("model repository %s: %s", SETTINGS.model_dir, change)
         self.dataplane = DataPlane(self.repository, SETTINGS, SharedStats(self.repository.shared_dir, slot))
@@ -140,7 +145,6 @@ class CnnServe:
                         "of the event loop")
         quiet_client_errors()
         self.grpc: GrpcServer | None = None
-        self.health: HealthServer | None = None
         self._poller: asyncio.Task[None] | None = None
         self._stats_publisher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # drains and the shutdown sequence, running
@@ -152,10 +156,7 @@ class CnnServe:
                                                                      self.settings.request_timeout_s)
         if not install_load_shedding(self._refuse_early, self.settings.max_concurrency, lane):
             log.warning("uvicorn's httptools protocol was not found: HTTP requests are refused only after parsing")
-        if self.settings.health_port:  # first: a port that cannot be bound stops the worker before gRPC starts
-            self.health = HealthServer(self.settings.health_host, self.settings.health_port, self.dataplane.readiness,
-                                       self.repository.shared_dir / "heartbeats", self.settings.worker_count,
-                                       self._slot, self.settings.liveness_stall_s)
+        if self.health:  # first: a port that cannot be bound stops the worker before gRPC starts
             self.health.start()
         if self.settings.grpc_port:
             self.grpc = GrpcServer(self.dataplane, self.settings)
