@@ -1,5 +1,7 @@
 """A bad config value is one clear error when the config is read, naming the key, the value and what is allowed."""
 
+from pathlib import Path
+
 import pytest
 
 from training.config import BACKBONES, CHECKPOINT_BACKBONE, CONFIG_DIR, TrainConfig
@@ -65,3 +67,6 @@ def test_a_backbone_from_a_file_is_never_recorded_as_pretrained():
     base = {"name": "t", "dataset": "pneumoniamnist", "arch": "transfer"}
     assert TrainConfig.from_dict(base).pretrained is True
     assert TrainConfig.from_dict({**base, "backbone_checkpoint": "/w/resnet18.pt"}).pretrained is False
+    # and the file is named by its absolute path, so the card names it wherever it is read
+    relative = TrainConfig.from_dict({**base, "backbone_checkpoint": "w/r.pt"})
+    assert relative.backbone_checkpoint == str(Path("w/r.pt").resolve())

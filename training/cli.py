@@ -199,8 +199,7 @@ def run(args: argparse.Namespace) -> None:
         if args.backbone_checkpoint:  # checked now, before any data is loaded
             from training.checkpoint import is_training_checkpoint, read_file
 
-            # an absolute path, so that the card still names the file wherever it is read
-            overrides["backbone_checkpoint"] = str(Path(args.backbone_checkpoint).resolve())
+            overrides["backbone_checkpoint"] = args.backbone_checkpoint
             if is_training_checkpoint(read_file(Path(args.backbone_checkpoint))):
                 overrides["backbone"] = "checkpoint"  # else a state dict for the config's torchvision backbone
         if args.freeze:

@@ -97,8 +97,9 @@ class TrainConfig:
             raise ValueError(f"unknown augment keys: {sorted(unknown)}; known: {known_augment}")
         data["augment"] = Augment(**augment)
         cfg = cls(**data)
-        if cfg.backbone_checkpoint:  # the weights come from that file: no ImageNet weights are fetched, and the
-            cfg.pretrained = False  # card must not say they were (however the file was named: flag, --set, YAML)
+        if cfg.backbone_checkpoint:  # however the file was named (flag, --set, YAML, the pipeline):
+            cfg.pretrained = False  # its weights, not ImageNet's, and the card must not say otherwise;
+            cfg.backbone_checkpoint = str(Path(cfg.backbone_checkpoint).resolve())  # named wherever it is read
         cfg.validate()
         if cfg.ensemble_variants and cfg.ensemble < 2:
             raise ValueError("ensemble_variants needs ensemble: N with N >= 2 (the members to spread them over)")

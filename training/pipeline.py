@@ -36,8 +36,7 @@ def run_pipeline(args: argparse.Namespace, overrides: dict[str, Any], command: s
                                             f"backbone, so train {model.backbone_from} first (or pass --backbone "
                                             "resnet18)")
                 # our backbone was trained at 28x28: no resize
-                step_overrides.update(backbone=CHECKPOINT_BACKBONE, backbone_checkpoint=str(source.resolve()),
-                                      input_size=None)
+                step_overrides.update(backbone=CHECKPOINT_BACKBONE, backbone_checkpoint=str(source), input_size=None)
                 notes = (f"Backbone: the features of this project's {model.backbone_from}, trained in the same "
                          "pipeline run (torchvision ImageNet weights cannot be downloaded offline).")
             else:
