@@ -6,9 +6,8 @@ and gRPC, against the service as `make serve` runs it (one worker per core, defa
 Per door: capacity = answered requests/s of 64 closed-loop clients (the burst's generator in closed loop: 16 did
 not keep a slow day's gRPC door busy); then ``factor`` x capacity (or ``--rate``) open loop for ``seconds`` while
 ``/readyz`` is probed every 100 ms (on the HTTP port and on the probe port) and a light client (20 req/s) keeps
-sending through the burst and 5 s past it. The burst comes from
-``benchmarks/native/openloop.c`` (``--generator native``,
-the default: a few microseconds of CPU per request, built with gcc and libnghttp2 on first use) or from the
+sending through the burst and 5 s past it. The burst comes from ``benchmarks/native/openloop.c`` (``--generator
+native``, the default: a few microseconds of CPU per request, built with gcc and libnghttp2 on first use) or from the
 Python generators (``--generator python``: ``loadgen.HttpLoad``, at most ``--connections`` keep-alive connections
 as wrk2 keeps a fixed set; ``loadgen.GrpcLoad``, grpcio futures over 4 channels), from a process of its own, so
 that the probe and the light client measure the server and not the generator's own backlog. The capacity run, the
@@ -252,9 +251,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"`{command('benchmarks.overload')}`: the service as `make serve` runs it (2 workers, default settings "
         "unless the command sets some), mnist-cnn, single-image requests (HTTP: "
         f"OIP REST {'JSON' if args.json else 'binary'}); {GENERATORS[args.generator].format(args.connections)}, "
-        "the light client and the /readyz probes (httpx, keep-alive, every 100 ms: one on the HTTP port, one on the "
-        "probe port that the Kubernetes manifests probe, `CNNSERVE_HEALTH_PORT`) from another process, all on the "
-        "same 2 cores as the server. "
+        "the light client and the /readyz probes (httpx, every 100 ms: one on the HTTP port, keep-alive, one on the "
+        "probe port that the Kubernetes manifests probe, `CNNSERVE_HEALTH_PORT`, which ends each connection, so a "
+        "new one each time, as kubelet's) from another process, all on the same 2 cores as the server. "
         f"Capacity: {CAPACITY_CLIENTS} closed-loop clients of the same generator. Goals from the issue in brackets; "
         "each cell says "
         "whether it is met. *Generator late*: how long after its due time the burst's p99 request went out; when "
