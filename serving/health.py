@@ -94,8 +94,7 @@ class HealthServer:
         self._timer = asyncio.get_running_loop().call_later(HEARTBEAT_S, self._heartbeat)
 
     def ready(self) -> tuple[int, dict[str, Any]]:
-        body = self._readiness()
-        return (200 if body.get("ready") else 503), body
+        return readiness_answer(self._readiness())
 
     def live(self) -> tuple[int, dict[str, Any]]:
         now = time.monotonic()
@@ -105,6 +104,11 @@ class HealthServer:
                 return 503, {"live": False, "error": f"worker {worker + 1}: its event loop has not run for "
                                                      f"{now - beat:.1f} s (the limit is {self.stall_s:g} s)"}
         return 200, {"live": True}
+
+
+def readiness_answer(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The status of a readiness probe's answer with ``body`` (``DataPlane.readiness()``): 200 when ready, else 503."""
+    return (200 if body.get("ready") else 503), body
 
 
 def _handler(health: HealthServer) -> type[BaseHTTPRequestHandler]:

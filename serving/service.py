@@ -37,6 +37,7 @@ from serving.asgi import (
     install_connection_balance,
     install_load_shedding,
     install_multipart_field_check,
+    install_probe_answers,
     install_read_limits,
     install_request_timeout,
     install_single_write_responses,
@@ -47,7 +48,7 @@ from serving.asgi import (
 from serving.connections import ConnectionShare
 from serving.dataplane import DataPlane, check_image_count, count_refusal, label_predictions
 from serving.errors import InvalidInput, ServingError
-from serving.health import HealthServer
+from serving.health import LIVE_PATHS, READY_PATHS, HealthServer, readiness_answer
 from serving.images import decode_upload
 from serving.oip_grpc import GrpcServer
 from serving.oip_rest import InferFastLane, check_admission, create_app, error_response, infer_lane
@@ -143,6 +144,8 @@ class CnnServe:
         if not install_batch_accept():
             log.warning("uvicorn's httptools protocol was not found: new HTTP connections are accepted one per turn "
                         "of the event loop")
+        if not install_probe_answers(self._probe_answer):
+            log.warning("uvicorn's httptools protocol was not found: probes on the HTTP port queue behind inference")
         quiet_client_errors()
         self.grpc: GrpcServer | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -302,6 +305,15 @@ class CnnServe:
 
     def __is_ready__(self) -> bool:
         return self.dataplane.ready()
+
+    def _probe_answer(self, path: str) -> tuple[int, dict] | None:
+        """The HTTP port's answer to a probe at ``path`` (``install_probe_answers``), None for another path:
+        readiness as the probe port gives it, and live (the worker's loop answers)."""
+        if path in READY_PATHS:
+            return readiness_answer(self.dataplane.readiness())
+        if path in LIVE_PATHS:
+            return 200, {"live": True}
+        return None
 
     @bentoml.api(route="/classify")
     async def classify(self, images: list[Path], model: str = "", version: str | int = "", top_k: TopK = 1) -> dict:

@@ -211,3 +211,70 @@ def test_a_streamed_or_bodiless_response_still_sends_its_head():
     assert b"".join(streamed.writes).endswith(b"2\r\ncd\r\n0\r\n\r\n")
     head = respond(True, [START, {"type": "http.response.body", "body": b""}], method="HEAD")
     assert len(head.writes) == 1 and head.writes[0].startswith(b"HTTP/1.1 200")
+
+
+class ConnectionTransport(RecordingTransport):
+    """A connection's transport as uvicorn's protocol uses it: addresses, reading paused or not."""
+
+    def get_extra_info(self, name: str, default=None):
+        return {"sockname": ("127.0.0.1", 3000), "peername": ("127.0.0.1", 40000)}.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def connected(app) -> tuple:
+    """uvicorn's httptools protocol serving ``app`` on a ``ConnectionTransport``, as the service patches it."""
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    config = Config(app, http="httptools", log_config=None)
+    config.load()
+    protocol = HttpToolsProtocol(config, ServerState(), {})
+    transport = ConnectionTransport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+def test_probes_and_refusals_are_written_inside_the_read_that_brought_them_with_no_task():
+    """Under load a turn of the event loop reads hundreds of requests and runs their apps' tasks afterwards; a
+    probe's or a refusal's answer written at once, in the parser's callback, does not wait for them."""
+    from serving.asgi import install_load_shedding, install_probe_answers
+    from serving.errors import Overloaded
+
+    app_calls = []
+
+    async def app(scope, receive, send):  # the server's app: everything that is not answered at once
+        app_calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def refuse(target: bytes) -> None:
+        raise Overloaded("queue full", retry_after_s=2.0)
+
+    assert install_probe_answers(lambda path: (503, {"ready": False}) if path == "/readyz" else None)
+    assert install_load_shedding(refuse)
+
+    async def scenario() -> None:
+        protocol, transport = await connected(app)
+        protocol.data_received(b"GET /readyz?verbose=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        probe = b"".join(transport.writes)  # nothing has run on the loop since the read
+        assert probe.startswith(b"HTTP/1.1 503") and probe.endswith(b'{"ready": false}'), probe
+        protocol.data_received(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\ncontent-length: 4\r\n\r\nbody")
+        refusal = b"".join(transport.writes)[len(probe):]
+        assert refusal.startswith(b"HTTP/1.1 503") and b"retry-after: 2" in refusal, refusal
+        assert refusal.endswith(b'{"error": "queue full"}') and not transport.closed  # the connection goes on
+        assert not protocol.tasks and app_calls == []
+        protocol.data_received(b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")  # not a probe: the app, in its task
+        assert b"".join(transport.writes) == probe + refusal and protocol.tasks
+        await asyncio.sleep(0.01)
+        assert app_calls == ["/v2"] and b"".join(transport.writes).endswith(b"ok")
+
+    asyncio.run(scenario())

@@ -54,8 +54,9 @@ def test_shipped_models_are_ready_with_cards(server):
     r = httpx.get(f"{server.url}/models")
     names = {m["name"] for m in r.json()["models"]}
     assert {"mnist-cnn", "pneumoniamnist-cnn", "pneumoniamnist-transfer"} <= names
-    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert httpx.get(f"{server.url}/readyz").json() == {"ready": True}
     assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
+    assert httpx.head(f"{server.url}/livez").status_code == 200
     assert "binary_tensor_data" in httpx.get(f"{server.url}/v2").json()["extensions"]
 
 
@@ -280,6 +281,7 @@ def test_a_broken_model_is_not_ready_with_a_reason_and_the_others_serve(repo, tm
     srv = start_server(broken_repo, tmp_path / "log", poll_interval_s=0)
     try:
         assert "sha256" in httpx.get(f"{srv.url}/v2/health/ready").json()["not_ready"]["broken/1"]
+        assert "sha256" in httpx.get(f"{srv.url}/readyz").json()["not_ready"]["broken/1"]  # the probes' path too
         r = httpx.get(f"{srv.url}/v2/models/broken/ready")
         assert r.status_code == 503 and "sha256" in r.json()["error"]
         status = {s["name"]: s for s in httpx.get(f"{srv.url}/models").json()["status"]}
