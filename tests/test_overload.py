@@ -167,6 +167,46 @@ def test_requests_past_the_queue_bound_are_refused_on_grpc(small_queue_server):
     assert rejected_count(small_queue_server.url, "oip-grpc") >= len(refused)
 
 
+def test_past_the_grpc_call_limit_inference_is_refused_and_health_checks_are_not(repo, tmp_path):
+    # the limit counts inference calls, whichever intake took them (grpc.aio's or serving.oip_grpc.CallIntake);
+    # grpc's own maximum_concurrent_rpcs counted health checks too, and refused them when inference filled it
+    srv = start_server(repo, tmp_path / "server.log", workers=1, grpc_max_concurrent_rpcs=2, max_queue_images=0,
+                       queue_budget_ms=0, max_queue_wait_ms=0, poll_interval_s=0)
+    try:
+        with ThreadPoolExecutor(1) as pool, grpc.insecure_channel(srv.grpc_address) as channel:
+            flood = pool.submit(grpc_flood, srv.grpc_address)
+            health = health_pb2_grpc.HealthStub(channel)
+            checks = []
+            while not flood.done():
+                checks.append(health.Check(health_pb2.HealthCheckRequest(), timeout=10).status)
+            results = flood.result()
+        refused = [r for r in results if r != "ok"]
+        assert refused and "ok" in results, results[:3]
+        assert all(r.startswith("RESOURCE_EXHAUSTED") and ("Too many requests" in r or "Concurrent RPC" in r)
+                   for r in refused), refused[:3]
+        assert checks and set(checks) == {health_pb2.HealthCheckResponse.SERVING}
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert 'cnnserve_shed_requests_total{door="grpc",reason="concurrency"}' in metrics
+        # an open stream holds a slot for its life, idle or not: two fill this worker
+        request = pb.ModelInferRequest(model_name="mnist-cnn", inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="images", datatype="UINT8", shape=[1, 28, 28])], raw_input_contents=[bytes(784)])
+        with grpc.insecure_channel(srv.grpc_address) as channel:
+            stub, idle = pb_grpc.GRPCInferenceServiceStub(channel), threading.Event()
+            streams = [stub.ModelStreamInfer(iter(idle.wait, True)) for _ in range(2)]
+            time.sleep(1.0)
+            with pytest.raises(grpc.RpcError) as refused_call:
+                stub.ModelInfer(request, timeout=10)
+            assert refused_call.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "streams in progress" in refused_call.value.details()
+            for stream in streams:
+                stream.cancel()
+            time.sleep(0.5)
+            assert stub.ModelInfer(request, timeout=10).model_name == "mnist-cnn"  # the slots are free again
+            idle.set()
+    finally:
+        srv.stop()
+
+
 # floods of 96 requests until one is shed: shedding needs two late timers in a row (a standing backlog), which
 # one flood on a fast or a busy machine does not always make
 ROUNDS = 4

@@ -335,12 +335,15 @@ def test_http_connections_opened_together_spread_over_the_workers(server):
                 self.writer.close()
                 await self.connect()
 
+    clients = [Client() for _ in range(8)]
+
     def held() -> list[int]:
-        return [sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.http_port
+        """The clients' connections each worker holds (not other tests' keep-alive connections to this server)."""
+        ports = {c.writer.get_extra_info("sockname")[1] for c in clients}
+        return [sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.http_port and c.raddr.port in ports
                     for c in w.net_connections("tcp")) for w in workers]
 
     async def main() -> list[int]:
-        clients = [Client() for _ in range(8)]
         await asyncio.gather(*(c.connect() for c in clients))  # together: the first worker to wake takes them all
         deadline = time.monotonic() + 15  # a worker still loading its models accepts nothing yet
         for _ in range(5):  # some rounds first, whatever the spread at the start
