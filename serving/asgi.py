@@ -36,6 +36,7 @@ from serving.errors import (
 )
 from serving.metrics import observe_shed
 
+log = logging.getLogger("cnnserve.asgi")
 BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs errors of its HTTP APIs
 
 
@@ -548,7 +549,7 @@ def install_connection_balance(opened: Callable[[object], None], closed: Callabl
 
     def on_headers_complete(self: Any) -> None:
         complete(self)
-        cycle = self.cycle  # a refusal written at once has gone out, keep-alive: handed back with a later answer
+        cycle = self.cycle  # an answer written at once asked already (_install_answers_at_once)
         if cycle is not None and cycle.keep_alive and not cycle.response_complete and \
                 self._cnnserve_hand_back(self.client):
             self.cycle.keep_alive = False
@@ -761,18 +762,17 @@ def install_load_shedding(check: Callable[[bytes], None], max_in_flight: int = 0
             self._cnnserve_shed_check(self.url)
         except Overloaded as exc:
             log_refusal(exc, "http")
-            app = answer_at_once(*http_error(exc))  # the refusal goes out before the turn's admitted requests run
-        else:
-            self.scope[ADMITTED] = True
-            # counted from now to the end of its app; a pipelined request (queued behind the connection's
-            # current one) is not, nor is one uvicorn's own limit_concurrency answers: their app may never run
-            started = self.cycle is None or self.cycle.response_complete
-            if not started or self.limit_concurrency is not None:
-                complete(self)
-                return
-            InFlight.count += 1
-            app = _counted(self._cnnserve_lane(self.url) or self.app)
-        app, self.app = self.app, app
+            _complete_answering(self, complete, answer_at_once(*http_error(exc)))
+            return
+        self.scope[ADMITTED] = True
+        # counted from now to the end of its app; a pipelined request (queued behind the connection's current one)
+        # is not, nor is one uvicorn's own limit_concurrency answers: their app may never run
+        started = self.cycle is None or self.cycle.response_complete
+        if not started or self.limit_concurrency is not None:
+            complete(self)
+            return
+        InFlight.count += 1
+        app, self.app = self.app, _counted(self._cnnserve_lane(self.url) or self.app)
         try:
             complete(self)
         finally:
@@ -803,15 +803,14 @@ def install_probe_answers(answer: Callable[[str], tuple[int, dict] | None]) -> b
     def on_headers_complete(self: Any) -> None:
         found = None
         if self.parser.get_method() in (b"GET", b"HEAD"):
-            found = self._cnnserve_probe_answer(self.url.partition(b"?")[0].decode("latin-1"))
+            try:
+                found = self._cnnserve_probe_answer(self.url.partition(b"?")[0].decode("latin-1"))
+            except Exception:  # a defect: logged, and the probe goes to the app as before
+                log.exception("the probe answer failed")
         if found is None:
             complete(self)
             return
-        app, self.app = self.app, answer_at_once(*found)
-        try:
-            complete(self)
-        finally:
-            self.app = app
+        _complete_answering(self, complete, answer_at_once(*found))
 
     HttpToolsProtocol.on_headers_complete = on_headers_complete
     _install_answers_at_once(HttpToolsProtocol)
@@ -819,21 +818,53 @@ def install_probe_answers(answer: Callable[[str], tuple[int, dict] | None]) -> b
     return True
 
 
+def _complete_answering(protocol: Any, complete: Callable[[Any], None], app: Callable[..., Any]) -> None:
+    """``complete(protocol)`` (uvicorn's ``on_headers_complete`` and the wrappers inside it) with ``app`` answering
+    this request, at once when uvicorn starts it from here (``_install_answers_at_once``); a pipelined request,
+    queued behind the connection's answer in progress, gets ``app`` in a task of its own when its turn comes."""
+    app, protocol.app = protocol.app, app
+    protocol._cnnserve_answering = True
+    try:
+        complete(protocol)
+    finally:
+        protocol.app, protocol._cnnserve_answering = app, False
+
+
 def _install_answers_at_once(protocol_class: type) -> None:
     """Run the apps ``answer_at_once`` makes inside the parser's callback instead of in a task of their own (uvicorn
     starts each request's app as a task, which runs after every other callback of the turn: under load, after the
-    hundreds of requests the same turn read); a connection whose writes are paused gets a task as before."""
+    hundreds of requests the same turn read). Only for a request started from its own headers callback
+    (``_complete_answering``): a pipelined one is started when the answer before it completes, from inside that
+    answer's last write, and its bytes would go out first. Not where the connection's writes are paused, nor without
+    ``install_single_write_responses`` (then the head's write could pause them, and the body's would wait): a task
+    as before. The connection's hand-back (``install_connection_balance``) is asked before the answer is written.
+    A request that comes in after an answer at once closed the connection (HTTP/1.0, ``Connection: close``) is not
+    started, as uvicorn starts no pipelined request on a closing connection; and a new request cancels the
+    keep-alive timer that an answer at once armed in the same read, which would otherwise close its connection
+    while it runs."""
     if getattr(protocol_class, "_cnnserve_at_once", False):
         return
-    start_task = protocol_class._start_asgi_task
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    start_task, begin = protocol_class._start_asgi_task, protocol_class.on_message_begin
 
     def start_asgi_task(self: Any, cycle: Any, app: Any) -> None:
-        if getattr(app, "answers_at_once", False) and not cycle.flow.write_paused:
+        if self.transport.is_closing():
+            return
+        if getattr(app, "answers_at_once", False) and getattr(self, "_cnnserve_answering", False) and \
+                not cycle.flow.write_paused and getattr(RequestResponseCycle, "_cnnserve_single_write", False):
+            hand_back = getattr(self, "_cnnserve_hand_back", None)
+            if cycle.keep_alive and hand_back is not None and hand_back(self.client):
+                cycle.keep_alive = False
             _run_at_once(cycle.run_asgi(app))
         else:
             start_task(self, cycle, app)
 
-    protocol_class._start_asgi_task = start_asgi_task
+    def on_message_begin(self: Any) -> None:
+        self._unset_keepalive_if_required()
+        begin(self)
+
+    protocol_class._start_asgi_task, protocol_class.on_message_begin = start_asgi_task, on_message_begin
     protocol_class._cnnserve_at_once = True
 
 

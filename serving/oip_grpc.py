@@ -367,13 +367,17 @@ class CallIntake:
     functions (grpcio 1.85): ``available()`` checks their signatures, and the service keeps grpc.aio's intake alone
     where they differ."""
 
-    def __init__(self, server: grpc.aio.Server, method: str, handlers: dict[str, Any], width: int) -> None:
-        """``handlers``: the method handlers by full method name (the method's own applies its limits)."""
+    def __init__(self, server: grpc.aio.Server, method: str, handlers: dict[str, Any],
+                 over_limit: Callable[[], bool], width: int) -> None:
+        """``handlers``: the method handlers by full method name; ``over_limit()``: whether a call is to be refused
+        with RESOURCE_EXHAUSTED before its message is read (grpc.aio's own refusal, as its ``maximum_concurrent_rpcs``
+        gives; calls grpc.aio's intake takes meet the method's own check instead). Server interceptors are not
+        applied to the calls taken here (the service sets none)."""
         from grpc._cython import cygrpc
 
         self._cygrpc, self._core, self._method = cygrpc, server._server, method
         self._resolver = cygrpc._MethodResolver([], handlers)
-        self._width = width
+        self._over_limit, self._width = over_limit, width
         self._intakes: list[asyncio.Task[None]] = []
         self._calls: set[asyncio.Task[None]] = set()
         self.taken = 0  # calls this intake took up
@@ -391,7 +395,7 @@ class CallIntake:
                                                   "loop", "concurrency_exceeded")
                     and args(cygrpc._schedule_rpc_coro) == ("rpc_coro", "rpc_state", "loop", "method_name")
                     and args(type(server._server)._request_registered_call) == ("self", "method")
-                    and hasattr(cygrpc, "_MethodResolver"))
+                    and hasattr(cygrpc, "_MethodResolver") and hasattr(cygrpc, "_RequestCallError"))
         except (ImportError, AttributeError):
             return False
 
@@ -402,16 +406,24 @@ class CallIntake:
 
     async def _take_calls(self, loop: asyncio.AbstractEventLoop) -> None:
         method = self._method.encode()
-        while self._core.is_running():
-            try:
-                rpc_state = await self._core._request_registered_call(method)
-            except self._cygrpc._RequestCallError:  # shutting down: core fails the requests it holds
-                return
-            self.taken += 1
-            handling = self._cygrpc._handle_rpc(self._method, self._resolver, (), rpc_state, loop, False)
-            call = loop.create_task(self._cygrpc._schedule_rpc_coro(handling, rpc_state, loop, self._method))
-            self._calls.add(call)  # the loop keeps a weak reference only
-            call.add_done_callback(self._calls.discard)
+        try:
+            while self._core.is_running():
+                await self._take_one(loop, method)
+        except self._cygrpc._RequestCallError:  # shutting down: core fails the requests it holds
+            pass
+        except Exception:  # a defect: this intake ends, grpc.aio's and the others take the calls
+            log.exception("a gRPC call intake failed")
+
+    async def _take_one(self, loop: asyncio.AbstractEventLoop, method: bytes) -> None:
+        rpc_state = await self._core._request_registered_call(method)
+        self.taken += 1
+        exceeded = self._over_limit()
+        if exceeded:
+            observe_shed("grpc", "concurrency")
+        handling = self._cygrpc._handle_rpc(self._method, self._resolver, (), rpc_state, loop, exceeded)
+        call = loop.create_task(self._cygrpc._schedule_rpc_coro(handling, rpc_state, loop, self._method))
+        self._calls.add(call)  # the loop keeps a weak reference only
+        call.add_done_callback(self._calls.discard)
 
 
 class GrpcServer:
@@ -437,7 +449,8 @@ class GrpcServer:
         handlers = _add_tolerant_servicer(servicer, self.server)
         self.intake: CallIntake | None = None
         if settings.grpc_intake_width > 0 and CallIntake.available(self.server):
-            self.intake = CallIntake(self.server, INFER_METHOD, handlers, settings.grpc_intake_width)
+            self.intake = CallIntake(self.server, INFER_METHOD, handlers, servicer.over_limit,
+                                     settings.grpc_intake_width)
         elif settings.grpc_intake_width > 0:
             log.warning("grpcio %s: its private server functions are not those serving.oip_grpc.CallIntake calls; "
                         "gRPC calls are taken up by grpc.aio alone, one per turn of the event loop", grpc.__version__)

@@ -278,3 +278,50 @@ def test_probes_and_refusals_are_written_inside_the_read_that_brought_them_with_
         assert app_calls == ["/v2"] and b"".join(transport.writes).endswith(b"ok")
 
     asyncio.run(scenario())
+
+
+def test_answers_at_once_keep_their_order_and_their_connection_rules():
+    """A probe pipelined behind an answer in progress goes out after it, not from inside its last write; a request
+    read with an answer at once is not cut by the keep-alive timer that answer armed; nothing is started after an
+    answer at once closed its connection (handed back to spread connections over workers, or while draining)."""
+    from serving.asgi import install_connection_balance, install_probe_answers
+
+    handing_back = False
+    assert install_connection_balance(lambda client: None, lambda client: None, lambda client: handing_back)
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/slow":
+            await asyncio.sleep(0.05)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    assert install_single_write_responses()
+    assert install_probe_answers(lambda path: (200, {"ready": True}) if path == "/readyz" else None)
+    probe = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def scenario() -> None:
+        protocol, transport = await connected(app)
+        protocol.data_received(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + probe)
+        assert transport.writes == []  # the probe waits for the answer before it
+        await asyncio.sleep(0.2)
+        written = b"".join(transport.writes)
+        assert written.index(b"done") < written.index(b'{"ready": true}'), written
+
+        protocol, transport = await connected(app)
+        protocol.data_received(probe + b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b'{"ready": true}' in b"".join(transport.writes)
+        assert protocol.timeout_keep_alive_task is None  # /slow runs: no keep-alive timer may close it meanwhile
+        await asyncio.sleep(0.2)
+        assert b"".join(transport.writes).endswith(b"done") and not transport.closed
+
+        nonlocal handing_back
+        handing_back = True
+        protocol, transport = await connected(app)
+        protocol.data_received(probe + b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"connection: close" in b"".join(transport.writes).lower()
+        assert transport.closed and not protocol.tasks  # closed after the probe: /slow never started
+
+    try:
+        asyncio.run(scenario())
+    finally:  # the patched class is this process's: other tests' connections are not handed back
+        install_connection_balance(lambda client: None, lambda client: None, lambda client: False)

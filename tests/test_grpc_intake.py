@@ -42,7 +42,7 @@ async def serve_and_call(ids: list[str], width: int = 8) -> tuple[CallIntake, li
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     assert CallIntake.available(server), "this grpcio's private functions changed: update serving.oip_grpc.CallIntake"
-    intake = CallIntake(server, INFER_METHOD, handlers.by_name, width)
+    intake = CallIntake(server, INFER_METHOD, handlers.by_name, lambda: False, width)
     await server.start()
     intake.start()
 

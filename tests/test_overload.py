@@ -196,8 +196,8 @@ def test_past_the_grpc_call_limit_inference_is_refused_and_health_checks_are_not
             time.sleep(1.0)
             with pytest.raises(grpc.RpcError) as refused_call:
                 stub.ModelInfer(request, timeout=10)
-            assert refused_call.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "streams in progress" in refused_call.value.details()
+            assert refused_call.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # nothing else is in flight
+            assert any(text in refused_call.value.details() for text in ("streams in progress", "Concurrent RPC"))
             for stream in streams:
                 stream.cancel()
             time.sleep(0.5)
