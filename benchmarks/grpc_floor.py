@@ -3,11 +3,12 @@ answer, no decoding, no onnxruntime) in each of grpcio's server styles, on one c
 
     python -m benchmarks.grpc_floor --perf-analyzer PA/bin/perf_analyzer [--rounds 2]
 
-Styles: ``aio`` (``grpc.aio`` on asyncio's loop), ``aio-uvloop`` (the same on uvloop, as in the service's
-workers), ``sync`` (``grpc.server`` with a thread pool), and ``sync-to-loop`` (the thread-pool server handing
-each call to an asyncio loop in another thread and waiting for it: what a sync gRPC door would need to reach the
-service's batchers). Each style at 1 and 16 clients, the styles alternating, ``--rounds`` times. CPU µs per call
-= 1 s of the server's core ÷ calls/s at 16 clients (the server's core is saturated there). Writes
+Styles: ``aio`` (``grpc.aio`` on asyncio's loop), ``aio-uvloop`` (the same on uvloop), ``aio-uvloop-intake`` (the
+same with the service's call intake, ``serving.oip_grpc.CallIntake``, 16 wide, as in the service's workers),
+``sync`` (``grpc.server`` with a thread pool), and ``sync-to-loop`` (the thread-pool server handing each call to an
+asyncio loop in another thread and waiting for it: what a sync gRPC door would need to reach the service's
+batchers). Each style at 1 and 16 clients, the styles alternating, ``--rounds`` times. CPU µs per call = 1 s of the
+server's core ÷ calls/s at 16 clients (the server's core is saturated there). Writes
 benchmarks/results/grpc_floor.{json,md}.
 """
 
@@ -34,7 +35,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from benchmarks.publish import write_results
 from benchmarks.serving import free_port, pa_env
 
-STYLES = ("aio", "aio-uvloop", "sync", "sync-to-loop")
+STYLES = ("aio", "aio-uvloop", "aio-uvloop-intake", "sync", "sync-to-loop")
 ANSWER = np.zeros((1, 10), np.float32).tobytes()
 TENSOR = pb.ModelMetadataResponse.TensorMetadata
 
@@ -69,21 +70,41 @@ def servicer(infer: object, asynchronous: bool) -> pb_grpc.GRPCInferenceServiceS
     return type("Floor", (pb_grpc.GRPCInferenceServiceServicer,), methods)()
 
 
+class _Handlers:
+    """Stands in for the server in the generated ``add_..._to_server``, to keep the handlers it registers."""
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.by_name = {f"/{service}/{name}": handler for name, handler in handlers.items()}
+
+
 def serve(style: str, port: int) -> None:
     """Run the minimal server of ``style`` on 127.0.0.1:``port`` until killed."""
     address = f"127.0.0.1:{port}"
-    if style in ("aio", "aio-uvloop"):
+    if style.startswith("aio"):
         async def infer(self: object, request: pb.ModelInferRequest, context: object) -> pb.ModelInferResponse:
             return answer(request)
 
         async def main() -> None:
             server = grpc.aio.server()
-            pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer(infer, True), server)
+            floor = servicer(infer, True)
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server(floor, server)
+            intake = None
+            if style == "aio-uvloop-intake":
+                from serving.oip_grpc import INFER_METHOD, CallIntake
+
+                handlers = _Handlers()
+                pb_grpc.add_GRPCInferenceServiceServicer_to_server(floor, handlers)
+                intake = CallIntake(server, INFER_METHOD, handlers.by_name, lambda: False, 16)
             server.add_insecure_port(address)
             await server.start()
+            if intake is not None:
+                intake.start()
             await server.wait_for_termination()
 
-        if style == "aio-uvloop":
+        if style.startswith("aio-uvloop"):
             import uvloop
             uvloop.install()
         asyncio.run(main())

@@ -361,11 +361,10 @@ class CallIntake:
     ``CANCELLED``) while the worker had CPU to spare. Here ``width`` coroutines each keep a request for the next
     call outstanding, so core hands over calls as they arrive and a turn of the loop takes up as many as arrived;
     each call then runs as grpc.aio runs it (``_handle_rpc`` in ``_schedule_rpc_coro``: deadlines, cancellation,
-    status). Scratch, a minimal ModelInfer server on one core, the native generator in closed loop on the other (1,
-    16 and 64 calls in flight, two rounds): 9,141-9,441 calls/s with grpc.aio's intake alone, 11,330-13,338 with 8
-    of these beside it. These are grpc.aio's private
-    functions (grpcio 1.85): ``available()`` checks their signatures, and the service keeps grpc.aio's intake alone
-    where they differ."""
+    status). ``python -m benchmarks.grpc_floor`` (a minimal ModelInfer server on one core, perf_analyzer on the
+    other): 9,007 calls/s at 16 clients with grpc.aio's intake alone on uvloop, 12,421 with 16 of these beside it.
+    These are grpc.aio's private functions (grpcio 1.85): ``available()`` checks their signatures, and the service
+    keeps grpc.aio's intake alone where they differ."""
 
     def __init__(self, server: grpc.aio.Server, method: str, handlers: dict[str, Any],
                  over_limit: Callable[[], bool], width: int) -> None:
