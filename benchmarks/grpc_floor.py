@@ -70,16 +70,6 @@ def servicer(infer: object, asynchronous: bool) -> pb_grpc.GRPCInferenceServiceS
     return type("Floor", (pb_grpc.GRPCInferenceServiceServicer,), methods)()
 
 
-class _Handlers:
-    """Stands in for the server in the generated ``add_..._to_server``, to keep the handlers it registers."""
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        self.by_name = {f"/{service}/{name}": handler for name, handler in handlers.items()}
-
-
 def serve(style: str, port: int) -> None:
     """Run the minimal server of ``style`` on 127.0.0.1:``port`` until killed."""
     address = f"127.0.0.1:{port}"
@@ -89,15 +79,14 @@ def serve(style: str, port: int) -> None:
 
         async def main() -> None:
             server = grpc.aio.server()
-            floor = servicer(infer, True)
-            pb_grpc.add_GRPCInferenceServiceServicer_to_server(floor, server)
             intake = None
-            if style == "aio-uvloop-intake":
-                from serving.oip_grpc import INFER_METHOD, CallIntake
+            if style == "aio-uvloop-intake":  # registered as the service registers its servicer
+                from serving.oip_grpc import INFER_METHOD, CallIntake, add_inference_servicer
 
-                handlers = _Handlers()
-                pb_grpc.add_GRPCInferenceServiceServicer_to_server(floor, handlers)
-                intake = CallIntake(server, INFER_METHOD, handlers.by_name, lambda: False, 16)
+                handlers = add_inference_servicer(servicer(infer, True), server)
+                intake = CallIntake(server, INFER_METHOD, handlers, lambda: False, 16)
+            else:
+                pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer(infer, True), server)
             server.add_insecure_port(address)
             await server.start()
             if intake is not None:

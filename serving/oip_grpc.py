@@ -340,9 +340,9 @@ class _Registration:
         self.service, self.handlers = service, handlers
 
 
-def _add_tolerant_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> dict[str, Any]:
+def add_inference_servicer(servicer: pb_grpc.GRPCInferenceServiceServicer, server: grpc.aio.Server) -> dict[str, Any]:
     """Register ``servicer`` as the generated stubs do, its requests parsed by ``_tolerant``; returns the method
-    handlers by full method name (``/inference.GRPCInferenceService/ModelInfer``)."""
+    handlers by full method name (``/inference.GRPCInferenceService/ModelInfer``), for ``CallIntake``."""
     registration = _Registration()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registration)
     handlers = {name: handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
@@ -445,7 +445,7 @@ class GrpcServer:
             options += [("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000))]
         self.server = grpc.aio.server(options=options)
         servicer = InferenceServicer(dataplane, settings.grpc_max_concurrent_rpcs)
-        handlers = _add_tolerant_servicer(servicer, self.server)
+        handlers = add_inference_servicer(servicer, self.server)
         self.intake: CallIntake | None = None
         if settings.grpc_intake_width > 0 and CallIntake.available(self.server):
             self.intake = CallIntake(self.server, INFER_METHOD, handlers, servicer.over_limit,

@@ -37,6 +37,7 @@ from serving.errors import (
     http_error_answer,
     log_refusal,
 )
+from serving.health import readiness_answer
 from serving.metrics import observe_request
 from serving.model_card import PROBS_NAME
 from serving.oip import OutputTensor, check_outputs, decode_input, output_tensor, timeout_deadline
@@ -89,8 +90,8 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         return JSONResponse({"live": True})
 
     async def ready(request: Request, dp: DataPlane) -> Response:
-        body = dp.readiness()
-        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+        status, body = readiness_answer(dp.readiness())
+        return JSONResponse(body, status_code=status)
 
     async def model_meta(request: Request, dp: DataPlane) -> Response:
         return JSONResponse(dp.model_metadata(*model_args(request)))

@@ -259,6 +259,7 @@ def test_probes_and_refusals_are_written_inside_the_read_that_brought_them_with_
     def refuse(target: bytes) -> None:
         raise Overloaded("queue full", retry_after_s=2.0)
 
+    assert install_single_write_responses()  # answers at once need it, as the service installs it
     assert install_probe_answers(lambda path: (503, {"ready": False}) if path == "/readyz" else None)
     assert install_load_shedding(refuse)
 

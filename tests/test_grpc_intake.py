@@ -10,7 +10,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from serving.oip_grpc import INFER_METHOD, CallIntake
+from serving.oip_grpc import INFER_METHOD, CallIntake, add_inference_servicer
 
 
 class Echo(pb_grpc.GRPCInferenceServiceServicer):
@@ -23,26 +23,14 @@ class Echo(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelInferResponse(id=request.id)
 
 
-class Handlers:
-    """Stands in for the server in the generated ``add_..._to_server``, to keep the handlers it registers."""
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        self.by_name = {f"/{service}/{name}": handler for name, handler in handlers.items()}
-
-
 async def serve_and_call(ids: list[str], width: int = 8) -> tuple[CallIntake, list[str]]:
     """A server with ``Echo`` and an intake ``width`` wide, a concurrent call per id; the intake and each call's
     outcome ("ok", or the status code's name and message) once the server has stopped."""
     server = grpc.aio.server()
-    handlers = Handlers()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), handlers)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
+    handlers = add_inference_servicer(Echo(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     assert CallIntake.available(server), "this grpcio's private functions changed: update serving.oip_grpc.CallIntake"
-    intake = CallIntake(server, INFER_METHOD, handlers.by_name, lambda: False, width)
+    intake = CallIntake(server, INFER_METHOD, handlers, lambda: False, width)
     await server.start()
     intake.start()
 
