@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -762,7 +763,11 @@ def install_load_shedding(check: Callable[[bytes], None], max_in_flight: int = 0
             self._cnnserve_shed_check(self.url)
         except Overloaded as exc:
             log_refusal(exc, "http")
-            _complete_answering(self, complete, answer_at_once(*http_error(exc)))
+            self._cnnserve_refusal = exc  # written by install_refusals_at_once's hook where it applies
+            try:
+                _complete_answering(self, complete, _refusal_app(exc))
+            finally:
+                self._cnnserve_refusal = None
             return
         self.scope[ADMITTED] = True
         # counted from now to the end of its app; a pipelined request (queued behind the connection's current one)
@@ -815,6 +820,92 @@ def install_probe_answers(answer: Callable[[str], tuple[int, dict] | None]) -> b
     HttpToolsProtocol.on_headers_complete = on_headers_complete
     _install_answers_at_once(HttpToolsProtocol)
     HttpToolsProtocol._cnnserve_probe_answers = True
+    return True
+
+
+class _Refused:
+    """Stands in for uvicorn's request-response cycle of a request that ``install_refusals_at_once`` refused: its answer
+    is complete, so uvicorn's parser callbacks discard what comes of its body, and the next request on the
+    connection starts as after any finished answer."""
+
+    response_complete = response_started = True
+    keep_alive = disconnected = waiting_for_100_continue = False
+
+    class message_event:  # what uvicorn's connection_lost sets
+        @staticmethod
+        def set() -> None:
+            pass
+
+
+@functools.lru_cache(maxsize=64)
+def _refusal_tail(status: int, message: str, retry_after: str | None) -> bytes:
+    """A refusal's headers after the server's default ones, and its JSON body (``http_error``'s)."""
+    body = json.dumps({"error": message}).encode()
+    retry = b"retry-after: %s\r\n" % retry_after.encode() if retry_after is not None else b""
+    return b"content-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), retry, body)
+
+
+def _refusal_app(exc: Overloaded) -> Callable[..., Any]:
+    """``answer_at_once`` of ``exc``'s ``http_error``, the same app for the same refusal."""
+    status, body, headers = http_error(exc)
+    return _cached_answer(status, body["error"], tuple(sorted(headers.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_answer(status: int, message: str, headers: tuple[tuple[str, str], ...]) -> Callable[..., Any]:
+    return answer_at_once(status, {"error": message}, dict(headers))
+
+
+def install_refusals_at_once() -> bool:
+    """Let ``install_load_shedding``'s refusals skip uvicorn's request-response cycle: where a refusal applies,
+    write it straight to the connection as one pre-built response and leave the connection as uvicorn leaves it
+    after any answer (keep-alive timer armed, reads resumed). Replaces uvicorn's own ``on_headers_complete`` for
+    the refused request only, so it must be installed before every other wrapper of that method (the others, read
+    limits and connection balance, then do their part for a refusal as for any request). Under open-loop overload
+    the cycle, its ASGI messages and header checks were about half of a refusal's cost on the worker
+    (serving/README.md). Where it does not apply the refusal goes through uvicorn's cycle as before
+    (``_complete_answering``): an answer in progress on the connection (the request is pipelined behind it), writes
+    paused, not keep-alive HTTP/1.1, ``Expect: 100-continue``, a refusal that ends its connection, or a connection
+    the worker hands back (``install_connection_balance``). Returns False where uvicorn's httptools protocol is
+    missing, or when other wrappers were installed first."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+    except ImportError:
+        return False
+    if getattr(HttpToolsProtocol, "_cnnserve_refusals_at_once", False):
+        return True
+    if any(getattr(HttpToolsProtocol, flag, False) for flag in
+           ("_cnnserve_read_limits", "_cnnserve_connection_balance", "_cnnserve_probe_answers",
+            "_cnnserve_load_shedding")):
+        return False
+    complete = HttpToolsProtocol.on_headers_complete
+
+    def refuse(protocol: Any, exc: Overloaded) -> bool:
+        cycle = protocol.cycle
+        if (cycle is not None and not cycle.response_complete) or protocol.flow.write_paused \
+                or protocol.expect_100_continue or protocol.transport.is_closing() \
+                or protocol.parser.get_http_version() != "1.1" or not protocol.parser.should_keep_alive():
+            return False
+        status, body, headers = http_error(exc)
+        if set(headers) - {"Retry-After"}:
+            return False
+        hand_back = getattr(protocol, "_cnnserve_hand_back", None)
+        if hand_back is not None and hand_back(protocol.client):
+            return False
+        protocol.transport.write(b"".join([
+            STATUS_LINE[status], *(b"%s: %s\r\n" % header for header in protocol.server_state.default_headers),
+            _refusal_tail(status, body["error"], headers.get("Retry-After"))]))
+        protocol.cycle = _Refused
+        protocol.on_response_complete()
+        return True
+
+    def on_headers_complete(self: Any) -> None:
+        if self._cnnserve_refusal is None or not refuse(self, self._cnnserve_refusal):
+            complete(self)
+
+    HttpToolsProtocol.on_headers_complete = on_headers_complete
+    HttpToolsProtocol._cnnserve_refusal = None
+    HttpToolsProtocol._cnnserve_refusals_at_once = True
     return True
 
 

@@ -39,6 +39,7 @@ from serving.asgi import (
     install_multipart_field_check,
     install_probe_answers,
     install_read_limits,
+    install_refusals_at_once,
     install_request_timeout,
     install_single_write_responses,
     listening_sockets,
@@ -79,6 +80,8 @@ def traffic_config(settings: Settings) -> dict:
     return config
 
 
+if not install_refusals_at_once():  # first: it stands in for uvicorn's own method, under the other wrappers
+    log.warning("uvicorn's httptools protocol was not found, or was wrapped already: refusals go through its cycle")
 if (SETTINGS.header_timeout_s > 0 or SETTINGS.max_header_bytes > 0) and \
         not install_read_limits(SETTINGS.header_timeout_s, SETTINGS.max_header_bytes):
     log.warning("uvicorn's httptools protocol was not found: no header or body read limits (install the serve extra)")
