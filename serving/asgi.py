@@ -192,7 +192,7 @@ async def _send_error_object(send: Any, start: dict, body: bytes) -> None:
     """Send a JSON error answer, unwrapping ``[{"error": ...}]`` into the object (length header fixed)."""
     parsed = None
     if body.lstrip()[:1] == b"[":  # the service's own errors are objects already: not parsed again
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):
             parsed = json.loads(body)
     if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict) and "error" in parsed[0]:
         body = json.dumps(parsed[0]).encode()
@@ -771,9 +771,10 @@ def install_load_shedding(check: Callable[[bytes], None], max_in_flight: int = 0
             return
         self.scope[ADMITTED] = True
         # counted from now to the end of its app; a pipelined request (queued behind the connection's current one)
-        # is not, nor is one uvicorn's own limit_concurrency answers: their app may never run
+        # is not, nor is one uvicorn's own limit_concurrency answers, nor one read after an answer in the same read
+        # closed the connection: their app may never run
         started = self.cycle is None or self.cycle.response_complete
-        if not started or self.limit_concurrency is not None:
+        if not started or self.limit_concurrency is not None or self.transport.is_closing():  # closing: never runs
             complete(self)
             return
         InFlight.count += 1

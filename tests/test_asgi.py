@@ -414,3 +414,34 @@ def test_a_refusal_on_its_headers_is_written_without_uvicorns_cycle_and_the_conn
     done = subprocess.run([sys.executable, "-c", REFUSALS_AT_ONCE], cwd=Path(__file__).parent.parent,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "refusals at once: ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_request_read_after_its_connection_closed_holds_no_concurrency_slot():
+    """A request that came in the same read as an answer that closed the connection (handed back to spread
+    connections over the workers, or while draining) is never started, and must not keep the slot of
+    ``CNNSERVE_MAX_CONCURRENCY`` it would have taken: each such request lowered the worker's limit for good."""
+    from serving.asgi import InFlight, install_connection_balance, install_load_shedding, install_probe_answers
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    assert install_single_write_responses()
+    assert install_probe_answers(lambda path: (200, {"ready": True}) if path == "/readyz" else None)
+    assert install_load_shedding(lambda target: None, max_in_flight=8)
+    assert install_connection_balance(lambda client: None, lambda client: None, lambda client: True)
+
+    async def scenario() -> None:
+        before = InFlight.count
+        protocol, transport = await connected(app)
+        protocol.data_received(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+                               b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\ncontent-length: 0\r\n\r\n")
+        await asyncio.sleep(0.05)
+        assert transport.closed and b'{"ready": true}' in b"".join(transport.writes) and not protocol.tasks
+        assert InFlight.count == before
+
+    try:
+        asyncio.run(scenario())
+    finally:  # the patched class is this process's: other tests' connections are not handed back
+        InFlight.limit = 0
+        install_connection_balance(lambda client: None, lambda client: None, lambda client: False)
