@@ -10,6 +10,7 @@ same question the same way; errors are ``ServingError``s, which carry their own 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -104,12 +105,13 @@ class DataPlane:
         return body
 
     def model_ready(self, name: str, version: int | str | None = None) -> bool:
-        """Whether that model (version) serves; ``ModelNotFound`` when the repository has no such model,
+        """Whether that model (version) serves: False too when the repository has no such model or version, as
+        Triton's gRPC ``ModelReady`` answers (a client polling readiness gets an answer, not an error);
         ``InvalidInput`` for a version that is not a number, or for no name while the server has not exactly one
         model (with one, no name means that one, as on every route)."""
         try:
             self.model(name, version)
-        except ModelNotReady:
+        except (ModelNotReady, ModelNotFound):
             return False
         return True
 
@@ -217,8 +219,10 @@ class DataPlane:
             observe_request(model.name, door, exc.outcome, time.perf_counter() - t0)
             exc.counted = True
             raise
-        except Exception:
+        except Exception as exc:
             observe_request(model.name, door, "error", time.perf_counter() - t0)
+            with contextlib.suppress(AttributeError):  # count_failure does not count it again
+                exc.counted = True
             raise
         finally:
             self.inferring -= 1
@@ -234,6 +238,13 @@ def count_refusal(exc: ServingError, door: str) -> None:
     if not exc.counted:
         observe_request("", door, exc.outcome, 0.0)
         exc.counted = True
+
+
+def count_failure(exc: BaseException, door: str) -> None:
+    """Count an inference request that failed on a defect (an exception that is not a refusal) as "error" in
+    ``cnnserve_requests_total``, under the model label "", unless ``DataPlane.infer`` counted it already."""
+    if not getattr(exc, "counted", False):
+        observe_request("", door, "error", 0.0)
 
 
 def _triton_stats(name: str, version: int, stats: dict[str, Any]) -> dict[str, Any]:

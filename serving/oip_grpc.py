@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from serving.dataplane import SERVER_NAME, DataPlane, count_refusal
+from serving.dataplane import SERVER_NAME, DataPlane, count_failure, count_refusal
 from serving.errors import InvalidInput, ServingError, TooManyRequests, log_refusal
 from serving.metrics import observe_shed
 from serving.model_card import PROBS_NAME
@@ -73,6 +73,13 @@ def _guard(method: Callable[..., Any]) -> Callable[..., Any]:
             if method.__name__ == "ModelInfer":  # an inference request: counted in cnnserve_requests_total
                 count_refusal(exc, "oip-grpc")
             await context.abort(exc.grpc_code, exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # a defect: logged and counted (grpc would answer UNKNOWN with its repr)
+            log.exception("a gRPC %s call failed", method.__name__)
+            if method.__name__ == "ModelInfer":
+                count_failure(exc, "oip-grpc")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged)")
 
     wrapper.__name__ = method.__name__
     return wrapper

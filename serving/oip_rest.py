@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import zlib
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.asgi import ADMITTED, RequestTimeout
-from serving.dataplane import DataPlane, check_image_count, count_refusal
+from serving.dataplane import DataPlane, check_image_count, count_failure, count_refusal
 from serving.errors import (
     BodyTooLarge,
     InvalidInput,
@@ -43,6 +44,8 @@ from serving.model_card import PROBS_NAME
 from serving.oip import OutputTensor, check_outputs, decode_input, output_tensor, timeout_deadline
 from serving.tensors import reject_booleans
 
+log = logging.getLogger("cnnserve.oip")
+INTERNAL_ERROR = b'{"error": "internal server error (logged)"}'  # a defect's answer: the log has the rest
 HEADER_LENGTH = "Inference-Header-Content-Length"
 HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as an answer's header name
 JSON_TYPE = b"application/json"
@@ -117,6 +120,11 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         return JSONResponse({})
 
     async def unload(request: Request, dp: DataPlane) -> Response:
+        parameters = (await optional_json(request)).get("parameters") or {}  # a body that is not JSON: refused
+        if not isinstance(parameters, dict) or set(parameters) - {"unload_dependents"} or \
+                not isinstance(parameters.get("unload_dependents", False), bool):
+            raise InvalidInput("unload takes one parameter, unload_dependents (true or false; a model here has "
+                               f"no dependents), got {json.dumps(parameters)[:200]}")
         await dp.unload(request.path_params["model"])
         return JSONResponse({})
 
@@ -169,6 +177,11 @@ class InferEndpoint:
             log_refusal(exc, "oip-rest")
             count_refusal(exc, "oip-rest")
             status, headers, content = http_error_answer(exc)
+        except Exception as exc:  # a defect: logged, counted, and answered in JSON as every HTTP error is
+            log.exception("an OIP REST infer request failed")
+            count_failure(exc, "oip-rest")
+            status, content = 500, INTERNAL_ERROR
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
@@ -293,6 +306,8 @@ def json_object(data: bytes, what: str) -> dict[str, Any]:
             value = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidInput(f"malformed JSON {what}: {exc}") from None
+        except RecursionError:  # past orjson's depth limit (1,024) and the interpreter's
+            raise InvalidInput(f"malformed JSON {what}: nested too deeply") from None
     if not isinstance(value, dict):
         raise InvalidInput(f"the {what} must be a JSON object")
     return value
