@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import bentoml
 import numpy as np
 from bentoml import get_current_service  # once: each bentoml.<name> goes through its lazy __getattr__
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -93,7 +93,20 @@ if not install_single_write_responses():
     log.warning("uvicorn's httptools protocol was not found: HTTP responses are written in two sends")
 
 
-TopK = Annotated[int, Field(ge=1, description="how many of the most probable labels to list per image")]
+
+
+def _not_boolean(value: Any) -> Any:
+    """Refuse true / false where a number or a name is meant (pydantic's lax mode reads true as 1: version true
+    served version 1)."""
+    if isinstance(value, bool):
+        raise ValueError("true / false is not a version or a count")
+    return value
+
+
+TopK = Annotated[int, BeforeValidator(_not_boolean),
+                 Field(ge=1, description="how many of the most probable labels to list per image")]
+Version = Annotated[str | int, BeforeValidator(_not_boolean),
+                    Field(description="the model version (a number); empty: the latest")]
 UNLOAD_FOLLOW_S = 0.1  # how often a worker's poller looks whether another worker unloaded or loaded a model
 ACCEPT_QUEUE_WAIT_S = 0.1  # at shutdown, the longest wait for the listener's accept queue to be empty
 LAST_REQUESTS_S = 0.2  # at shutdown, from the listener's stop to uvicorn's: the last connections' requests come in
@@ -319,7 +332,7 @@ class CnnServe:
         return None
 
     @bentoml.api(route="/classify")
-    async def classify(self, images: list[Path], model: str = "", version: str | int = "", top_k: TopK = 1) -> dict:
+    async def classify(self, images: list[Path], model: str = "", version: Version = "", top_k: TopK = 1) -> dict:
         """Classify uploaded images (PNG, JPEG, BMP, TIFF, GIF, WebP; .npy for 3D volumes), converted to the model's
         input."""
         try:
@@ -340,7 +353,7 @@ class CnnServe:
         return {"model": loaded.name, "version": str(loaded.version), "results": results}
 
     @bentoml.api(route="/predict")
-    async def predict(self, instances: list, model: str = "", version: str | int = "", top_k: TopK = 1) -> dict:
+    async def predict(self, instances: list, model: str = "", version: Version = "", top_k: TopK = 1) -> dict:
         """Classify uint8 pixel arrays given as JSON (one image, or a list of images, in the model's layout)."""
         try:
             loaded = self.dataplane.model(model, version)

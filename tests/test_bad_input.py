@@ -585,6 +585,41 @@ def test_version_zero_or_negative_duplicate_outputs_and_fields_twice_are_refused
     assert r.status_code == 400 and "'model' is given 2 times" in r.json()["error"], r.text
 
 
+def test_json_nested_past_the_parsers_depth_is_a_400_on_every_route_not_a_500(server):
+    # an outside probe: 1,025 levels of [ got a 500 (text/plain on /infer) and a RecursionError traceback in the log
+    deep = b"[" * 5000 + b"]" * 5000
+    inner = json.dumps(infer_json([tensor(data="DATA")])).replace('"DATA"', "[" * 1100 + "0" + "]" * 1100)
+    for path, body in (("/v2/models/mnist-cnn/infer", deep), ("/v2/models/mnist-cnn/infer", inner.encode()),
+                       ("/v2/repository/index", deep), ("/v2/repository/models/mnist-cnn/load", deep),
+                       ("/v2/repository/models/mnist-cnn/unload", deep)):
+        r = httpx.post(f"{server.url}{path}", content=body, headers={"content-type": "application/json"})
+        assert_client_error(r, "nested too deeply")
+    assert httpx.get(f"{server.url}/v2/models/mnist-cnn/ready").status_code == 200  # the unload was refused
+    time.sleep(0.2)
+    assert "RecursionError" not in server.log.read_text()
+
+
+def test_unload_reads_its_body_as_load_does(server):
+    # an outside probe: unload ignored its body and unloaded the model on '{', 'xyz' or unknown parameters
+    url = f"{server.url}/v2/repository/models/mnist-cnn/unload"
+    for body in (b"{", b"xyz", b"[1]", b'{"parameters": 5}', b'{"parameters": {"force": true}}',
+                 b'{"parameters": {"unload_dependents": "yes"}}'):
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "error" in r.json(), (body, r.text)
+    assert httpx.get(f"{server.url}/v2/models/mnist-cnn/ready").status_code == 200
+
+
+def test_true_or_false_is_not_a_version_nor_a_count(server):
+    # an outside probe: version true served version 1 (pydantic's lax mode reads true as 1), top_k true listed one
+    digit = GOOD[0]
+    for field, value in (("version", True), ("version", False), ("top_k", True)):
+        r = httpx.post(f"{server.url}/predict", json={"instances": digit.tolist(), "model": "mnist-cnn", field: value})
+        assert r.status_code == 400 and "true / false" in r.text, (field, value, r.text)
+    r = httpx.post(f"{server.url}/classify", files=[("images", ("a.png", png(digit), "image/png"))],
+                   data={"model": "mnist-cnn", "version": "true"})
+    assert r.status_code == 400, r.text
+
+
 def test_an_image_sent_to_predict_is_pointed_at_classify(server):
     # an outside probe: a PNG body to /predict got "Invalid JSON", a multipart file "this API takes no files",
     # where the OIP route says where images go
