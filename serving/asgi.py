@@ -371,6 +371,37 @@ class _HeldHead:
         return getattr(self.transport, name)
 
 
+# an Upgrade header's name, at a line start; found only where the cheap look for its letters found something
+UPGRADE_HEADER = re.compile(rb"(\r\n)(upgrade[ \t]*:)", re.IGNORECASE)
+
+
+def install_upgrades_ignored() -> bool:
+    """Read a request that offers to switch protocols (``Upgrade: h2c``, which curl ``--http2`` and Java's
+    HttpClient send on http:// URLs; a WebSocket handshake) as the plain HTTP/1.1 request it also is, as a server
+    may (RFC 9110, 7.8): the service has no other protocol to switch to. uvicorn's httptools parser stopped at such
+    a request's headers and never passed its body on (an outside probe: ``curl --http2`` infer requests got 400
+    "malformed JSON", ``/classify`` "images Field required"). The header is renamed (``x-ignored-upgrade``) in the
+    bytes of the read before the parser sees them; a read without the letters of "rade" in either case costs two
+    byte searches. One split across two reads is not found and is answered as before. Wraps ``data_received`` of
+    uvicorn's httptools protocol; False where that class is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return False
+    if getattr(HttpToolsProtocol, "_cnnserve_upgrades_ignored", False):
+        return True
+    received = HttpToolsProtocol.data_received
+
+    def data_received(self: Any, data: bytes) -> None:
+        if b"rade" in data or b"RADE" in data:
+            data = UPGRADE_HEADER.sub(rb"\1x-ignored-\2", data)
+        received(self, data)
+
+    HttpToolsProtocol.data_received = data_received
+    HttpToolsProtocol._cnnserve_upgrades_ignored = True
+    return True
+
+
 def install_single_write_responses() -> bool:
     """Send a response's head and its (first) body in one socket write. uvicorn writes the status line and the
     headers when the app sends ``http.response.start``, then the body on ``http.response.body``: two sends, each

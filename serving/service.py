@@ -42,6 +42,7 @@ from serving.asgi import (
     install_refusals_at_once,
     install_request_timeout,
     install_single_write_responses,
+    install_upgrades_ignored,
     listening_sockets,
     quiet_client_errors,
     stop_listening,
@@ -80,6 +81,8 @@ def traffic_config(settings: Settings) -> dict:
     return config
 
 
+if not install_upgrades_ignored():
+    log.warning("uvicorn's httptools protocol was not found: a request offering Upgrade loses its body")
 if not install_refusals_at_once():  # first: it stands in for uvicorn's own method, under the other wrappers
     log.warning("uvicorn's httptools protocol was not found, or was wrapped already: refusals go through its cycle")
 if (SETTINGS.header_timeout_s > 0 or SETTINGS.max_header_bytes > 0) and \

@@ -445,3 +445,35 @@ def test_a_request_read_after_its_connection_closed_holds_no_concurrency_slot():
     finally:  # the patched class is this process's: other tests' connections are not handed back
         InFlight.limit = 0
         install_connection_balance(lambda client: None, lambda client: None, lambda client: False)
+
+
+def test_a_request_offering_an_upgrade_is_served_as_http_1_1_with_its_body():
+    """curl --http2 and Java's HttpClient offer ``Upgrade: h2c`` on http:// URLs; the parser stopped at such a
+    request's headers and the app got no body. Ignored, as RFC 9110 lets a server: the request is served."""
+    from serving.asgi import install_upgrades_ignored
+
+    bodies = []
+
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        bodies.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    assert install_upgrades_ignored()
+
+    async def scenario() -> None:
+        protocol, transport = await connected(app)
+        protocol.data_received(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n"
+                               b"Connection: Upgrade, HTTP2-Settings\r\nUPGRADE: h2c\r\n"
+                               b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\ncontent-length: 5\r\n\r\nhello")
+        await asyncio.sleep(0.05)
+        assert bodies == [b"hello"] and b"".join(transport.writes).startswith(b"HTTP/1.1 200")
+        assert not transport.closed  # and the connection goes on
+
+    asyncio.run(scenario())
