@@ -381,9 +381,11 @@ def install_upgrades_ignored() -> bool:
     may (RFC 9110, 7.8): the service has no other protocol to switch to. uvicorn's httptools parser stopped at such
     a request's headers and never passed its body on (an outside probe: ``curl --http2`` infer requests got 400
     "malformed JSON", ``/classify`` "images Field required"). The header is renamed (``x-ignored-upgrade``) in the
-    bytes of the read before the parser sees them; a read without the letters of "rade" in either case costs two
-    byte searches. One split across two reads is not found and is answered as before. Wraps ``data_received`` of
-    uvicorn's httptools protocol; False where that class is missing."""
+    bytes of the read before the parser sees them, in the request's head only: up to the first blank line, and not
+    in a read that continues a body the app is to get; a read without the letters of "rade" in either case costs two
+    byte searches. A header split across two reads, or in a read that began inside the body before it, is not found
+    and is answered as before. Wraps ``data_received`` of uvicorn's httptools protocol; False where that class is
+    missing."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
@@ -393,8 +395,12 @@ def install_upgrades_ignored() -> bool:
     received = HttpToolsProtocol.data_received
 
     def data_received(self: Any, data: bytes) -> None:
-        if b"rade" in data or b"RADE" in data:
-            data = UPGRADE_HEADER.sub(rb"\1x-ignored-\2", data)
+        cycle = self.cycle  # reading a body the app is to get: its bytes are left as they are
+        if (b"rade" in data or b"RADE" in data) and (cycle is None or cycle.response_complete or not cycle.more_body):
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                end = len(data)
+            data = UPGRADE_HEADER.sub(rb"\1x-ignored-\2", data[:end]) + data[end:]
         received(self, data)
 
     HttpToolsProtocol.data_received = data_received

@@ -475,5 +475,10 @@ def test_a_request_offering_an_upgrade_is_served_as_http_1_1_with_its_body():
         await asyncio.sleep(0.05)
         assert bodies == [b"hello"] and b"".join(transport.writes).startswith(b"HTTP/1.1 200")
         assert not transport.closed  # and the connection goes on
+        body = b"a\r\nUpgrade: h2c\r\n\r\nz"  # a body's bytes are never rewritten, in the head's read or later
+        protocol.data_received(b"POST /x HTTP/1.1\r\nHost: x\r\ncontent-length: %d\r\n\r\n%s" % (2 * len(body), body))
+        protocol.data_received(body)
+        await asyncio.sleep(0.05)
+        assert bodies[1:] == [body + body]
 
     asyncio.run(scenario())
