@@ -529,6 +529,11 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
         self._completed += 1
         disarm(self)
         finished(self)
+        cycle = self.cycle  # answered before its body ended (a refusal on its headers): uvicorn armed the keep-alive
+        if cycle is not None and cycle.response_complete and not self.pipeline and \
+                self.timeout_keep_alive_task is None and not self.transport.is_closing():  # timer then, and a later
+            self.timeout_keep_alive_task = self.loop.call_later(  # read of the body cancelled it: the connection
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)  # stayed open for good once idle
 
     def data_received(self: Any, data: bytes) -> None:
         began, completed = self._reading, self._completed
@@ -809,9 +814,10 @@ def install_load_shedding(check: Callable[[bytes], None], max_in_flight: int = 0
         self.scope[ADMITTED] = True
         # counted from now to the end of its app; a pipelined request (queued behind the connection's current one)
         # is not, nor is one uvicorn's own limit_concurrency answers, nor one read after an answer in the same read
-        # closed the connection: their app may never run
+        # closed the connection, nor an upgrade uvicorn hands to its WebSocket protocol: their app may never run
         started = self.cycle is None or self.cycle.response_complete
-        if not started or self.limit_concurrency is not None or self.transport.is_closing():  # closing: never runs
+        if not started or self.limit_concurrency is not None or self.transport.is_closing() or \
+                self.parser.should_upgrade():  # closing, or switching protocols: its app never runs here
             complete(self)
             return
         InFlight.count += 1
@@ -903,9 +909,9 @@ def install_refusals_at_once() -> bool:
     the cycle, its ASGI messages and header checks were about half of a refusal's cost on the worker
     (serving/README.md). Where it does not apply the refusal goes through uvicorn's cycle as before
     (``_complete_answering``): an answer in progress on the connection (the request is pipelined behind it), writes
-    paused, not keep-alive HTTP/1.1, ``Expect: 100-continue``, a refusal that ends its connection, or a connection
-    the worker hands back (``install_connection_balance``). Returns False where uvicorn's httptools protocol is
-    missing, or when other wrappers were installed first."""
+    paused, not keep-alive HTTP/1.1, ``Expect: 100-continue``, an upgrade request, a refusal that ends its
+    connection, or a connection the worker hands back (``install_connection_balance``). Returns False where
+    uvicorn's httptools protocol is missing, or when other wrappers were installed first."""
     try:
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:
@@ -922,7 +928,8 @@ def install_refusals_at_once() -> bool:
         cycle = protocol.cycle
         if (cycle is not None and not cycle.response_complete) or protocol.flow.write_paused \
                 or protocol.expect_100_continue or protocol.transport.is_closing() \
-                or protocol.parser.get_http_version() != "1.1" or not protocol.parser.should_keep_alive():
+                or protocol.parser.get_http_version() != "1.1" or not protocol.parser.should_keep_alive() \
+                or protocol.parser.should_upgrade():
             return False
         status, body, headers = http_error(exc)
         if set(headers) - {"Retry-After"}:

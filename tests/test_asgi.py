@@ -2,6 +2,7 @@
 stop_listening (the end of a shutdown's drain)."""
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -381,11 +382,19 @@ async def scenario():
     assert b"".join(transport.writes)[len(refusal):].endswith(b"\r\n\r\nok") and cycles == ["/ok"]
     assert not transport.closed
 
-    protocol, transport = await connected(app)  # idle after a refusal: closed at the keep-alive timeout
-    protocol.timeout_keep_alive = 0.3
-    protocol.data_received(head + b"abcdef")
-    await asyncio.sleep(0.5)
-    assert transport.closed and b"".join(transport.writes).count(b"HTTP/1.1") == 1
+    for reads in ([head + b"abcdef"], [head + b"abc", b"def"]):  # idle after a refusal, its body in the same read
+        protocol, transport = await connected(app)  # or a later one: closed at the keep-alive timeout
+        protocol.timeout_keep_alive = 0.3
+        for data in reads:
+            protocol.data_received(data)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert transport.closed and b"".join(transport.writes).count(b"HTTP/1.1") == 1, reads
+
+    protocol, transport = await connected(app)  # an upgrade the header rename missed: uvicorn's own path, no crash
+    protocol.data_received(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nConnection: UpGrAdE\r\n"
+                           b"UpGrAdE: h2c\r\ncontent-length: 0\r\n\r\n")
+    assert cycles[-1] == "/v2/models/m/infer" and b"".join(transport.writes).startswith(b"HTTP/1.1 503")
 
     protocol, transport = await connected(app)  # a refused body that stops: closed at the read timeout, no 408
     protocol.data_received(head + b"abc")
@@ -439,6 +448,13 @@ def test_a_request_read_after_its_connection_closed_holds_no_concurrency_slot():
         await asyncio.sleep(0.05)
         assert transport.closed and b'{"ready": true}' in b"".join(transport.writes) and not protocol.tasks
         assert InFlight.count == before
+        protocol, transport = await connected(app)  # a WebSocket handshake: uvicorn hands it to another protocol
+        with contextlib.suppress(Exception):  # (which the recording transport cannot take)
+            protocol.data_received(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nConnection: UpGrAdE\r\n"
+                                   b"UpGrAdE: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                   b"Sec-WebSocket-Version: 13\r\ncontent-length: 0\r\n\r\n")
+        await asyncio.sleep(0.05)
+        assert InFlight.count == before and not protocol.tasks
 
     try:
         asyncio.run(scenario())
