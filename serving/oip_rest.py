@@ -46,6 +46,7 @@ from serving.tensors import reject_booleans
 
 log = logging.getLogger("cnnserve.oip")
 INTERNAL_ERROR = b'{"error": "internal server error (logged)"}'  # a defect's answer: the log has the rest
+TOO_DEEP = "the JSON is nested too deeply"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as an answer's header name
 JSON_TYPE = b"application/json"
@@ -81,6 +82,8 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
                 return await fn(request, get_dataplane())
             except ServingError as exc:
                 return error_response(exc)
+            except RecursionError:  # a body orjson read, nested deeper than Python walks (see parse_body)
+                return error_response(InvalidInput(TOO_DEEP))
         return endpoint
 
     def model_args(request: Request) -> tuple[str, str | None]:
@@ -124,7 +127,7 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         if not isinstance(parameters, dict) or set(parameters) - {"unload_dependents"} or \
                 not isinstance(parameters.get("unload_dependents", False), bool):
             raise InvalidInput("unload takes one parameter, unload_dependents (true or false; a model here has "
-                               f"no dependents), got {json.dumps(parameters)[:200]}")
+                               "no dependents)")
         await dp.unload(request.path_params["model"])
         return JSONResponse({})
 
@@ -166,8 +169,7 @@ class InferEndpoint:
                 return
             model = dp.model(*named)  # looked up again: a version may have gone while the body came
             body = decoded_body(headers.get("content-encoding"), body, dp.settings.max_request_bytes)
-            header, binary = split_body(headers, body, max_images)
-            images, answer = parse_infer_request(model, header, binary, max_images)
+            images, answer = parse_body(model, headers, body, max_images)
             probs = await dp.infer(model, images, "oip-rest", answer.deadline, scope.get(ADMITTED, False))
             content_type, content, extra = infer_answer(model, answer, output_tensor(probs, answer.classes,
                                                                                      model.card.labels))
@@ -292,6 +294,17 @@ async def optional_json(request: Request) -> dict[str, Any]:
     return json_object(body, "body") if body.strip() else {}
 
 
+def parse_body(model: Any, headers: dict[str, str], body: bytes,
+               max_images: int) -> tuple[np.ndarray, AnswerForm]:
+    """``split_body``, then ``parse_infer_request``. JSON that orjson reads (up to 1,023 levels) may still be nested
+    deeper than Python walks or prints (1,000 frames): the client's error, not a defect."""
+    try:
+        header, binary = split_body(headers, body, max_images)
+        return parse_infer_request(model, header, binary, max_images)
+    except RecursionError:
+        raise InvalidInput(TOO_DEEP) from None
+
+
 def json_object(data: bytes, what: str) -> dict[str, Any]:
     """``data`` parsed as a JSON object, or ``InvalidInput`` saying what was wrong with ``what``.
 
@@ -307,7 +320,7 @@ def json_object(data: bytes, what: str) -> dict[str, Any]:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidInput(f"malformed JSON {what}: {exc}") from None
         except RecursionError:  # past orjson's depth limit (1,024) and the interpreter's
-            raise InvalidInput(f"malformed JSON {what}: nested too deeply") from None
+            raise InvalidInput(f"malformed JSON {what}: {TOO_DEEP}") from None
     if not isinstance(value, dict):
         raise InvalidInput(f"the {what} must be a JSON object")
     return value
