@@ -70,6 +70,36 @@ def test_a_file_whose_images_do_not_fit_its_name_is_refused(fixture_data, tmp_pa
         load_split(dataset_spec(flag, size), "train", tmp_path, download=False)
 
 
+def _altered(array: np.ndarray, change: str) -> np.ndarray:
+    return {"float images": lambda a: a.astype(np.float32) / 255, "label 9": lambda a: np.full_like(a, 9),
+            "label -1": lambda a: a.astype(np.int16) - 1, "labels short": lambda a: a[:-5],
+            "labels one wide": lambda a: a[:, :1], "empty": lambda a: a[:0]}[change](array)
+
+
+@pytest.mark.parametrize("flag, key, change, message", [
+    ("pneumoniamnist", "train_images", "float images", "float32 images; MedMNIST images are uint8"),
+    ("pneumoniamnist", "train_labels", "label 9", "labels from 9 to 9 .*takes integers 0 to 1"),
+    ("retinamnist", "train_labels", "label -1", "labels from -1 to .*takes integers 0 to 4"),
+    ("retinamnist", "train_labels", "labels short", "labels of shape .* for .* images"),
+    ("chestmnist", "train_labels", "labels one wide", r"has \(.*, 14\)"),
+    ("pneumoniamnist", "train_images", "empty", "is empty"),
+])
+def test_a_split_that_cannot_train_is_refused_on_loading_with_the_file_named(fixture_data, tmp_path, flag, key,
+                                                                             change, message):
+    # an outside probe: float images trained to chance (rc 0); a label out of range, a label count short of the
+    # images or multi-label labels one wide failed mid-training with PyTorch's traceback or words; an empty split
+    # after training
+    source = np.load(fixture_data / "medmnist" / f"{flag}.npz")
+    arrays = {k: source[k] for k in source.files}
+    arrays[key] = _altered(arrays[key], change)
+    if change == "empty":
+        arrays["train_labels"] = arrays["train_labels"][:0]
+    (tmp_path / "medmnist").mkdir()
+    np.savez_compressed(tmp_path / "medmnist" / f"{flag}.npz", **arrays)
+    with pytest.raises(DataCorruptError, match=f"{flag}.npz: its train split .*{message}"):
+        load_split(dataset_spec(flag), "train", tmp_path, download=False)
+
+
 def test_mnist_from_gz_in_a_read_only_dir_and_val_carved_from_train(fixture_data, tmp_path):
     spec = dataset_spec("mnist")
     train = load_split(spec, "train", fixture_data, download=False)

@@ -168,7 +168,7 @@ def _load_medmnist(spec: DatasetSpec, split: str, data_dir: Path, download: bool
             f"{path} is not a readable MedMNIST npz: {_unreadable_reason(exc, split)}. Delete it and download it "
             f"again (--download), or fetch {info[f'url{suffix}']} (md5 {info[f'MD5{suffix}']}) into {root}/"
         ) from exc
-    _check_shape(path, split, ds.imgs, spec)
+    _check_arrays(path, split, ds.imgs, ds.labels, spec)
     images = torch.from_numpy(np.ascontiguousarray(ds.imgs))
     labels = torch.from_numpy(ds.labels.astype(np.int64))
     if spec.task != "multi-label, binary-class":
@@ -188,14 +188,30 @@ def _unreadable_reason(exc: BaseException, split: str) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _check_shape(path: Path, split: str, images: np.ndarray, spec: DatasetSpec) -> None:
-    """Refuse a file whose images are not what its name promises (a 28-pixel file saved under the 64-pixel name
-    trained without a word, and export then failed on the ONNX input size): local files skip medmnist's md5 check,
-    so this is the guard left."""
+def _check_arrays(path: Path, split: str, images: np.ndarray, labels: np.ndarray, spec: DatasetSpec) -> None:
+    """Refuse a split that is not what the file's name promises, before any training: local files skip medmnist's
+    md5 check, so this is the guard left. A 28-pixel file saved under the 64-pixel name trained without a word and
+    export then failed on the ONNX input size; float images trained to chance (the models take raw uint8 pixels);
+    a label out of range, a label count that is not the image count, labels of the wrong width for a multi-label
+    task or an empty split failed only once training was under way, in PyTorch's words."""
+    where = f"{path}: its {split} split"
     expected = (spec.size,) * (3 if spec.is_3d else 2) + ((3,) if spec.n_channels == 3 else ())
     if tuple(images.shape[1:]) != expected:
-        raise ValueError(f"{path}: its {split} images are {list(images.shape[1:])}, but {spec.flag} at size "
-                         f"{spec.size} has {list(expected)}: the file is not {path.name} (another size or dataset?)")
+        raise DataCorruptError(f"{path}: its {split} images are {list(images.shape[1:])}, but {spec.flag} at size "
+                               f"{spec.size} has {list(expected)}: the file is not {path.name} (another size or "
+                               "dataset?)")
+    if images.dtype != np.uint8:
+        raise DataCorruptError(f"{where} has {images.dtype} images; MedMNIST images are uint8 pixels 0-255")
+    if len(images) == 0:
+        raise DataCorruptError(f"{where} is empty")
+    width = spec.num_outputs if spec.task == "multi-label, binary-class" else 1
+    if labels.ndim != 2 or labels.shape != (len(images), width):
+        raise DataCorruptError(f"{where} has labels of shape {list(labels.shape)} for {len(images)} images; "
+                               f"{spec.flag} ({spec.task}) has ({len(images)}, {width})")
+    top = 1 if width > 1 else spec.num_outputs - 1
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() > top:
+        raise DataCorruptError(f"{where} has labels from {labels.min()} to {labels.max()} ({labels.dtype}); "
+                               f"{spec.flag} takes integers 0 to {top}")
 
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
