@@ -890,14 +890,14 @@ def _refusal_tail(status: int, message: str, retry_after: str | None) -> bytes:
 
 
 def _refusal_app(exc: Overloaded) -> Callable[..., Any]:
-    """``answer_at_once`` of ``exc``'s ``http_error``, the same app for the same refusal."""
-    status, body, headers = http_error(exc)
-    return _cached_answer(status, body["error"], tuple(sorted(headers.items())))
+    """``answer_at_once`` of ``exc``'s ``http_error``, made only when uvicorn's cycle runs it: where
+    ``install_refusals_at_once`` writes the refusal, the app is never called."""
 
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await answer_at_once(*http_error(exc))(scope, receive, send)
 
-@functools.lru_cache(maxsize=64)
-def _cached_answer(status: int, message: str, headers: tuple[tuple[str, str], ...]) -> Callable[..., Any]:
-    return answer_at_once(status, {"error": message}, dict(headers))
+    app.answers_at_once = True
+    return app
 
 
 def install_refusals_at_once() -> bool:

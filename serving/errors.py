@@ -16,6 +16,7 @@ import grpc
 
 log = logging.getLogger("cnnserve")
 LOG_EVERY_S = 5.0
+INTERNAL_ERROR = "internal server error (logged)"  # a defect's message to the client: the log has the rest
 
 
 class ServingError(Exception):

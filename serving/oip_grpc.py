@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from serving.dataplane import SERVER_NAME, DataPlane, count_failure, count_refusal
-from serving.errors import InvalidInput, ServingError, TooManyRequests, log_refusal
+from serving.errors import INTERNAL_ERROR, InvalidInput, ServingError, TooManyRequests, log_refusal
 from serving.metrics import observe_shed
 from serving.model_card import PROBS_NAME
 from serving.oip import check_outputs, decode_input, output_tensor, timeout_deadline
@@ -79,7 +79,7 @@ def _guard(method: Callable[..., Any]) -> Callable[..., Any]:
             log.exception("a gRPC %s call failed", method.__name__)
             if method.__name__ == "ModelInfer":
                 count_failure(exc, "oip-grpc")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged)")
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
 
     wrapper.__name__ = method.__name__
     return wrapper

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serving.asgi import ADMITTED, RequestTimeout
 from serving.dataplane import DataPlane, check_image_count, count_failure, count_refusal
 from serving.errors import (
+    INTERNAL_ERROR,
     BodyTooLarge,
     InvalidInput,
     Overloaded,
@@ -45,7 +46,6 @@ from serving.oip import OutputTensor, check_outputs, decode_input, output_tensor
 from serving.tensors import reject_booleans
 
 log = logging.getLogger("cnnserve.oip")
-INTERNAL_ERROR = b'{"error": "internal server error (logged)"}'  # a defect's answer: the log has the rest
 TOO_DEEP = "the JSON is nested too deeply"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as an answer's header name
@@ -82,8 +82,6 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
                 return await fn(request, get_dataplane())
             except ServingError as exc:
                 return error_response(exc)
-            except RecursionError:  # a body orjson read, nested deeper than Python walks (see parse_body)
-                return error_response(InvalidInput(TOO_DEEP))
         return endpoint
 
     def model_args(request: Request) -> tuple[str, str | None]:
@@ -182,7 +180,7 @@ class InferEndpoint:
         except Exception as exc:  # a defect: logged, counted, and answered in JSON as every HTTP error is
             log.exception("an OIP REST infer request failed")
             count_failure(exc, "oip-rest")
-            status, content = 500, INTERNAL_ERROR
+            status, content = 500, json.dumps({"error": INTERNAL_ERROR}).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})

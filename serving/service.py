@@ -96,8 +96,6 @@ if not install_single_write_responses():
     log.warning("uvicorn's httptools protocol was not found: HTTP responses are written in two sends")
 
 
-
-
 def _not_boolean(value: Any) -> Any:
     """Refuse true / false where a number or a name is meant (pydantic's lax mode reads true as 1: version true
     served version 1)."""
