@@ -279,7 +279,10 @@ def test_probes_and_refusals_are_written_inside_the_read_that_brought_them_with_
         await asyncio.sleep(0.01)
         assert app_calls == ["/v2"] and b"".join(transport.writes).endswith(b"ok")
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:  # the patched class is this process's: other tests' requests are not refused
+        install_load_shedding(lambda target: None)
 
 
 def test_answers_at_once_keep_their_order_and_their_connection_rules():
