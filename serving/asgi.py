@@ -408,6 +408,84 @@ def install_upgrades_ignored() -> bool:
     return True
 
 
+def install_lazy_keep_alive() -> bool:
+    """Keep one keep-alive timer per connection across its requests, where uvicorn arms one when a response is
+    complete and cancels it at the next read: a ``call_later`` and a cancel per request ("Timers per request" in
+    serving/README.md). A response's end notes when the connection fell idle and arms the timer if none is armed;
+    a request's first byte marks the connection busy, a read of an idle one restarts its idle clock; the timer, when
+    it fires, closes a connection idle for the whole timeout, re-arms itself for the rest if idle for less, and
+    leaves a busy one to its next response's end. A connection still closes ``timeout_keep_alive`` after its last
+    answer or read and never while a request is in progress or its head is arriving (a stray read on an idle
+    connection, such as a blank line, restarts the clock, where uvicorn then armed no timer at all). Replaces
+    uvicorn's httptools ``on_response_complete`` (its steps kept but the cancel: the request count, reads resumed,
+    a pipelined request started), ``timeout_keep_alive_handler`` and ``_unset_keepalive_if_required``; False where
+    that class is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return False
+    if getattr(HttpToolsProtocol, "_cnnserve_lazy_keep_alive", False):
+        return True
+    begin, complete, lost = (HttpToolsProtocol.on_message_begin, HttpToolsProtocol.on_headers_complete,
+                             HttpToolsProtocol.connection_lost)
+
+    def arm(protocol: Any, delay: float) -> None:
+        protocol.timeout_keep_alive_task = protocol.loop.call_later(delay, protocol.timeout_keep_alive_handler)
+
+    def on_response_complete(self: Any) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:  # the next request, read while this one ran, starts now: busy still
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        if self._head_arriving:  # the next request's head is partly read: busy (the header timer watches it)
+            return
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            arm(self, self.timeout_keep_alive)
+
+    def timeout_keep_alive_handler(self: Any) -> None:
+        self.timeout_keep_alive_task = None
+        if self.transport.is_closing() or self._idle_since is None:  # busy: its answer's end arms the timer again
+            return
+        left = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            arm(self, left)
+        else:
+            self.transport.close()
+
+    def unset_keep_alive(self: Any) -> None:  # uvicorn calls this on every read
+        if self._idle_since is not None:
+            self._idle_since = self.loop.time()
+
+    def on_message_begin(self: Any) -> None:
+        begin(self)
+        self._idle_since, self._head_arriving = None, True
+
+    def on_headers_complete(self: Any) -> None:
+        self._head_arriving = False
+        complete(self)
+
+    def connection_lost(self: Any, exc: Exception | None) -> None:
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        lost(self, exc)
+
+    # a new connection: neither idle nor arriving (the read limits' timer, when installed, watches it)
+    HttpToolsProtocol._idle_since, HttpToolsProtocol._head_arriving = None, False
+    HttpToolsProtocol.on_response_complete = on_response_complete
+    HttpToolsProtocol.timeout_keep_alive_handler = timeout_keep_alive_handler
+    HttpToolsProtocol._unset_keepalive_if_required = unset_keep_alive
+    HttpToolsProtocol.on_message_begin, HttpToolsProtocol.on_headers_complete = on_message_begin, on_headers_complete
+    HttpToolsProtocol.connection_lost = connection_lost
+    HttpToolsProtocol._cnnserve_lazy_keep_alive = True
+    return True
+
+
 def install_single_write_responses() -> bool:
     """Send a response's head and its (first) body in one socket write. uvicorn writes the status line and the
     headers when the app sends ``http.response.start``, then the body on ``http.response.body``: two sends, each
@@ -450,8 +528,8 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
 
     * headers not complete ``timeout_s`` after the read that brought the request's first byte: 408 and close (a
       client trickling header bytes, slowloris, held a connection for as long as it kept sending); armed only when
-      that read leaves the headers incomplete, so a request whose headers come in one read pays for no timer (a
-      timer armed and cancelled per request was about 2 % of the HTTP goodput under overload); a new connection
+      that read leaves the headers incomplete, so a request whose headers come in one read pays for no timer
+      ("Timers per request" in serving/README.md); a new connection
       that has sent nothing yet is closed silently after uvicorn's keep-alive timeout (``timeout_s`` where that is
       0), as an idle keep-alive connection is (a 408 there reached pools and load balancers that open connections
       ahead of use as the answer to their next request);
@@ -535,7 +613,8 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
         if cycle is not None and cycle.response_complete and not self.pipeline and \
                 self.timeout_keep_alive_task is None and not self.transport.is_closing():  # timer then, and a later
             self.timeout_keep_alive_task = self.loop.call_later(  # read of the body cancelled it: the connection
-                self.timeout_keep_alive, self.timeout_keep_alive_handler)  # stayed open for good once idle
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)  # stayed open for good once idle (not
+                # with install_lazy_keep_alive, whose timer stays armed while the connection is idle)
 
     def data_received(self: Any, data: bytes) -> None:
         began, completed = self._reading, self._completed
@@ -924,7 +1003,7 @@ def install_refusals_at_once() -> bool:
         return True
     if any(getattr(HttpToolsProtocol, flag, False) for flag in
            ("_cnnserve_read_limits", "_cnnserve_connection_balance", "_cnnserve_probe_answers",
-            "_cnnserve_load_shedding")):
+            "_cnnserve_load_shedding", "_cnnserve_lazy_keep_alive")):
         return False
     complete = HttpToolsProtocol.on_headers_complete
 
@@ -981,7 +1060,7 @@ def _install_answers_at_once(protocol_class: type) -> None:
     A request that comes in after an answer at once closed the connection (HTTP/1.0, ``Connection: close``) is not
     started, as uvicorn starts no pipelined request on a closing connection; and a new request cancels the
     keep-alive timer that an answer at once armed in the same read, which would otherwise close its connection
-    while it runs."""
+    while it runs (with ``install_lazy_keep_alive``, which keeps the timer, the request marks the connection busy)."""
     if getattr(protocol_class, "_cnnserve_at_once", False):
         return
     from uvicorn.protocols.http.httptools_impl import RequestResponseCycle

@@ -35,6 +35,7 @@ from serving.asgi import (
     accept_queue,
     install_batch_accept,
     install_connection_balance,
+    install_lazy_keep_alive,
     install_load_shedding,
     install_multipart_field_check,
     install_probe_answers,
@@ -94,6 +95,8 @@ if not install_multipart_field_check(SETTINGS.max_images_per_request):
     log.warning("BentoML's multipart parser was not found: a file in a value field is not refused up front")
 if not install_single_write_responses():
     log.warning("uvicorn's httptools protocol was not found: HTTP responses are written in two sends")
+if not install_lazy_keep_alive():
+    log.warning("uvicorn's httptools protocol was not found: its keep-alive timer is armed and cancelled per request")
 
 
 def _not_boolean(value: Any) -> Any:

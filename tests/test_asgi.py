@@ -313,11 +313,11 @@ def test_answers_at_once_keep_their_order_and_their_connection_rules():
         assert written.index(b"done") < written.index(b'{"ready": true}'), written
 
         protocol, transport = await connected(app)
+        protocol.timeout_keep_alive = 0.02  # shorter than /slow: the probe's answer must not close it meanwhile
         protocol.data_received(probe + b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         assert b'{"ready": true}' in b"".join(transport.writes)
-        assert protocol.timeout_keep_alive_task is None  # /slow runs: no keep-alive timer may close it meanwhile
-        await asyncio.sleep(0.2)
-        assert b"".join(transport.writes).endswith(b"done") and not transport.closed
+        await asyncio.sleep(0.2)  # (a write after the close would fail the transport's assertion)
+        assert b"".join(transport.writes).endswith(b"done")
 
         nonlocal handing_back
         handing_back = True
@@ -332,13 +332,85 @@ def test_answers_at_once_keep_their_order_and_their_connection_rules():
         install_connection_balance(lambda client: None, lambda client: None, lambda client: False)
 
 
+def test_a_keep_alive_timer_lasts_across_requests_and_closes_only_an_idle_connection():
+    """``install_lazy_keep_alive``: no timer is armed and cancelled per request; an idle connection still closes
+    ``timeout_keep_alive`` after its last answer; neither a request running longer than that nor one whose head is
+    still arriving when the answer before it ends is cut; a lost connection leaves no timer behind."""
+    from serving.asgi import install_lazy_keep_alive
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/slow":
+            await asyncio.sleep(0.3)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    assert install_lazy_keep_alive() and install_single_write_responses()
+    request = b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def answers(transport) -> int:  # (a write after the close would fail the transport's assertion)
+        return b"".join(transport.writes).count(b"\r\n\r\nok")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        armed = []
+        call_later = loop.call_later
+        loop.call_later = lambda delay, *args: armed.append(delay) or call_later(delay, *args)
+        try:
+            protocol, transport = await connected(app)
+            protocol.timeout_keep_alive = 0.2
+            armed.clear()
+            for _ in range(20):  # 20 requests on one connection, over about 0.1 s: one timer in all (and no
+                # header timer: the headers come in one read)
+                protocol.data_received(request)
+                await asyncio.sleep(0.005)
+            assert answers(transport) == 20 and armed.count(0.2) == 1 and set(armed) <= {0.2, 0.005}, armed
+            await asyncio.sleep(0.15)
+            assert not transport.closed  # idle for less than the timeout since the last answer
+            await asyncio.sleep(0.2)
+            assert transport.closed  # and closed once idle for all of it
+        finally:
+            loop.call_later = call_later
+
+        protocol, transport = await connected(app)
+        protocol.timeout_keep_alive = 0.1
+        protocol.data_received(request)
+        await asyncio.sleep(0.01)
+        protocol.data_received(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # runs past the timer's time
+        await asyncio.sleep(0.35)
+        assert answers(transport) == 2 and not transport.closed
+        await asyncio.sleep(0.2)
+        assert transport.closed
+
+        protocol, transport = await connected(app)
+        protocol.timeout_keep_alive = 0.1
+        protocol.data_received(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.01)
+        protocol.data_received(b"GET /slow HTTP/1.1\r\n")  # pipelined; the rest of its head after /slow ends
+        await asyncio.sleep(0.35)
+        protocol.data_received(b"Host: x\r\n\r\n")
+        await asyncio.sleep(0.35)  # the second /slow runs past the timeout counted from the first one's end
+        assert answers(transport) == 2
+
+        protocol, transport = await connected(app)
+        protocol.data_received(request)
+        await asyncio.sleep(0.01)
+        timer = protocol.timeout_keep_alive_task
+        assert timer is not None
+        transport.closed = True
+        protocol.connection_lost(ConnectionResetError())
+        assert timer.cancelled() and protocol.timeout_keep_alive_task is None
+
+    asyncio.run(scenario())
+
+
 REFUSALS_AT_ONCE = r'''
 import asyncio
 
 from uvicorn.protocols.http import httptools_impl
 
-from serving.asgi import (install_connection_balance, install_load_shedding, install_probe_answers,
-                          install_read_limits, install_refusals_at_once, install_single_write_responses)
+from serving.asgi import (install_connection_balance, install_lazy_keep_alive, install_load_shedding,
+                          install_probe_answers, install_read_limits, install_refusals_at_once,
+                          install_single_write_responses)
 from serving.errors import Overloaded
 from tests.test_asgi import connected
 
@@ -367,7 +439,7 @@ async def app(scope, receive, send):
 
 
 assert install_refusals_at_once()  # in serving.service's order: first
-assert install_read_limits(0.5, 0) and install_single_write_responses()
+assert install_read_limits(0.5, 0) and install_single_write_responses() and install_lazy_keep_alive()
 assert install_connection_balance(lambda client: None, lambda client: None, lambda client: False)
 assert install_probe_answers(lambda path: None) and install_load_shedding(refuse)
 
