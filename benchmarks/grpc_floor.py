@@ -4,12 +4,12 @@ answer, no decoding, no onnxruntime) in each of grpcio's server styles, on one c
     python -m benchmarks.grpc_floor --perf-analyzer PA/bin/perf_analyzer [--rounds 2]
 
 Styles: ``aio`` (``grpc.aio`` on asyncio's loop), ``aio-uvloop`` (the same on uvloop), ``aio-uvloop-intake`` (the
-same with the service's call intake, ``serving.oip_grpc.CallIntake``, 16 wide, as in the service's workers),
-``sync`` (``grpc.server`` with a thread pool), and ``sync-to-loop`` (the thread-pool server handing each call to an
-asyncio loop in another thread and waiting for it: what a sync gRPC door would need to reach the service's
-batchers). Each style at 1 and 16 clients, the styles alternating, ``--rounds`` times. CPU µs per call = 1 s of the
-server's core ÷ calls/s at 16 clients (the server's core is saturated there). Writes
-benchmarks/results/grpc_floor.{json,md}.
+same with the service's call intake, ``serving.oip_grpc.CallIntake``, 16 wide: the service's width when
+grpc_floor.md was measured, 64 since), ``sync`` (``grpc.server`` with a thread pool), and ``sync-to-loop`` (the
+thread-pool server handing each call to an asyncio loop in another thread and waiting for it: what a sync gRPC door
+would need to reach the service's batchers). Each style at 1 and 16 clients, the styles alternating, ``--rounds``
+times. CPU µs per call = 1 s of the server's core ÷ calls/s at 16 clients (the server's core is saturated there).
+Writes benchmarks/results/grpc_floor.{json,md}.
 """
 
 from __future__ import annotations
