@@ -529,10 +529,10 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
     * headers not complete ``timeout_s`` after the read that brought the request's first byte: 408 and close (a
       client trickling header bytes, slowloris, held a connection for as long as it kept sending); armed only when
       that read leaves the headers incomplete, so a request whose headers come in one read pays for no timer
-      ("Timers per request" in serving/README.md); a new connection
-      that has sent nothing yet is closed silently after uvicorn's keep-alive timeout (``timeout_s`` where that is
-      0), as an idle keep-alive connection is (a 408 there reached pools and load balancers that open connections
-      ahead of use as the answer to their next request);
+      ("Timers per request" in serving/README.md); a new connection that has sent nothing yet is closed silently
+      after uvicorn's keep-alive timeout (``timeout_s`` where that is 0), as an idle keep-alive connection is (a 408
+      there reached pools and load balancers that open connections ahead of use as the answer to their next
+      request);
     * a body with no new bytes for ``timeout_s``: 408 and close, unless its answer has begun (a stalled upload
       held its in-flight slot, one of ``CNNSERVE_MAX_CONCURRENCY``, until the request timeout; a slow one that
       keeps sending goes on); armed only when a read leaves the body incomplete, so most requests pay nothing;
