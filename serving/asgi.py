@@ -412,11 +412,13 @@ def install_lazy_keep_alive() -> bool:
     """Keep one keep-alive timer per connection across its requests, where uvicorn arms one when a response is
     complete and cancels it at the next read: a ``call_later`` and a cancel per request ("Timers per request" in
     serving/README.md). A response's end notes when the connection fell idle and arms the timer if none is armed;
-    a request's first byte marks the connection busy, a read of an idle one restarts its idle clock; the timer, when
-    it fires, closes a connection idle for the whole timeout, re-arms itself for the rest if idle for less, and
-    leaves a busy one to its next response's end. A connection still closes ``timeout_keep_alive`` after its last
-    answer or read and never while a request is in progress or its head is arriving (a stray read on an idle
-    connection, such as a blank line, restarts the clock, where uvicorn then armed no timer at all). Replaces
+    a request's first byte marks the connection busy, and a read of the rest of a request answered before its body
+    ended (a refusal on its headers) restarts the idle clock; the timer, when it fires, closes a connection idle for
+    the whole timeout, re-arms itself for the rest if idle for less, and leaves a busy one to its next response's
+    end. A connection closes ``timeout_keep_alive`` after its last answer (or the last read of such a body), never
+    while a request is in progress or its head is arriving; stray bytes that begin no request (blank lines) do not
+    keep it open (an outside probe held one open with a blank line every 2 s; uvicorn armed no timer at all after
+    one). Replaces
     uvicorn's httptools ``on_response_complete`` (its steps kept but the cancel: the request count, reads resumed,
     a pipelined request started), ``timeout_keep_alive_handler`` and ``_unset_keepalive_if_required``; False where
     that class is missing."""
@@ -426,8 +428,9 @@ def install_lazy_keep_alive() -> bool:
         return False
     if getattr(HttpToolsProtocol, "_cnnserve_lazy_keep_alive", False):
         return True
-    begin, complete, lost = (HttpToolsProtocol.on_message_begin, HttpToolsProtocol.on_headers_complete,
-                             HttpToolsProtocol.connection_lost)
+    begin, complete, message_complete, lost = (
+        HttpToolsProtocol.on_message_begin, HttpToolsProtocol.on_headers_complete,
+        HttpToolsProtocol.on_message_complete, HttpToolsProtocol.connection_lost)
 
     def arm(protocol: Any, delay: float) -> None:
         protocol.timeout_keep_alive_task = protocol.loop.call_later(delay, protocol.timeout_keep_alive_handler)
@@ -458,12 +461,16 @@ def install_lazy_keep_alive() -> bool:
             self.transport.close()
 
     def unset_keep_alive(self: Any) -> None:  # uvicorn calls this on every read
-        if self._idle_since is not None:
+        if self._idle_since is not None and self._receiving:  # a refused request's body still coming
             self._idle_since = self.loop.time()
 
     def on_message_begin(self: Any) -> None:
         begin(self)
-        self._idle_since, self._head_arriving = None, True
+        self._idle_since, self._head_arriving, self._receiving = None, True, True
+
+    def on_message_complete(self: Any) -> None:
+        self._receiving = False
+        message_complete(self)
 
     def on_headers_complete(self: Any) -> None:
         self._head_arriving = False
@@ -476,12 +483,12 @@ def install_lazy_keep_alive() -> bool:
         lost(self, exc)
 
     # a new connection: neither idle nor arriving (the read limits' timer, when installed, watches it)
-    HttpToolsProtocol._idle_since, HttpToolsProtocol._head_arriving = None, False
+    HttpToolsProtocol._idle_since, HttpToolsProtocol._head_arriving, HttpToolsProtocol._receiving = None, False, False
     HttpToolsProtocol.on_response_complete = on_response_complete
     HttpToolsProtocol.timeout_keep_alive_handler = timeout_keep_alive_handler
     HttpToolsProtocol._unset_keepalive_if_required = unset_keep_alive
     HttpToolsProtocol.on_message_begin, HttpToolsProtocol.on_headers_complete = on_message_begin, on_headers_complete
-    HttpToolsProtocol.connection_lost = connection_lost
+    HttpToolsProtocol.on_message_complete, HttpToolsProtocol.connection_lost = on_message_complete, connection_lost
     HttpToolsProtocol._cnnserve_lazy_keep_alive = True
     return True
 

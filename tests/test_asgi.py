@@ -334,8 +334,9 @@ def test_answers_at_once_keep_their_order_and_their_connection_rules():
 
 def test_a_keep_alive_timer_lasts_across_requests_and_closes_only_an_idle_connection():
     """``install_lazy_keep_alive``: no timer is armed and cancelled per request; an idle connection still closes
-    ``timeout_keep_alive`` after its last answer; neither a request running longer than that nor one whose head is
-    still arriving when the answer before it ends is cut; a lost connection leaves no timer behind."""
+    ``timeout_keep_alive`` after its last answer, blank lines sent meanwhile or not; neither a request running longer
+    than that nor one whose head is still arriving when the answer before it ends is cut; a lost connection leaves
+    no timer behind."""
     from serving.asgi import install_lazy_keep_alive
 
     async def app(scope, receive, send):
@@ -389,6 +390,27 @@ def test_a_keep_alive_timer_lasts_across_requests_and_closes_only_an_idle_connec
         protocol.data_received(b"Host: x\r\n\r\n")
         await asyncio.sleep(0.6)  # the second /slow runs past the timeout counted from the first one's end
         assert answers(transport) == 2
+
+        protocol, transport = await connected(app)  # answered before its body ended (as a refusal is): the rest
+        protocol.timeout_keep_alive = 0.3  # of the body, still coming, keeps the connection open
+        protocol.data_received(b"POST /fast HTTP/1.1\r\nHost: x\r\ncontent-length: 6\r\n\r\na")
+        for piece in b"bcde":
+            await asyncio.sleep(0.15)
+            protocol.data_received(bytes([piece]))
+        assert answers(transport) == 1 and not transport.closed  # 0.6 s after its answer
+        protocol.data_received(b"f")
+        await asyncio.sleep(0.45)
+        assert transport.closed
+
+        protocol, transport = await connected(app)  # blank lines begin no request: they do not keep it open
+        protocol.timeout_keep_alive = 0.3
+        protocol.data_received(request)
+        for _ in range(10):
+            await asyncio.sleep(0.1)
+            if transport.closed:
+                break
+            protocol.data_received(b"\r\n")
+        assert transport.closed and answers(transport) == 1
 
         protocol, transport = await connected(app)
         protocol.data_received(request)

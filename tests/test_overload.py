@@ -3,6 +3,7 @@ limits enforced before work, versions removed under load, and a shutdown that re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -301,6 +302,32 @@ def test_the_oip_timeout_parameter_is_a_deadline_on_both_doors_and_0_means_none(
     assert "DEADLINE_EXCEEDED" in refused.value.status() and "deadline" in refused.value.message()
     assert client.infer("mnist-cnn", [grpc_input], timeout=0).as_numpy("probs").shape == (1, 10)
     assert client.infer("mnist-cnn", [grpc_input], timeout=10_000_000).as_numpy("probs").shape == (1, 10)
+
+
+def test_calls_whose_deadline_passes_while_refused_leave_no_error_in_the_log(server):
+    """A call refused for its deadline after grpc core ended it at that deadline: nothing can be sent, and the
+    failed send was logged as an ERROR with a traceback (an outside probe, calls with 1 ms deadlines)."""
+    async def calls() -> list[grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = pb.ModelInferRequest(model_name="mnist-cnn", inputs=[pb.ModelInferRequest.InferInputTensor(
+                name="images", datatype="UINT8", shape=[8, 28, 28])], raw_input_contents=[bytes(8 * 28 * 28)])
+
+            async def one(timeout: float) -> grpc.StatusCode:
+                try:
+                    await stub.ModelInfer(request, timeout=timeout)
+                    return grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+
+            return await asyncio.gather(*(one(0.0005 * (1 + i % 40)) for i in range(400)))
+
+    log_before = server.log.read_text(errors="replace")
+    codes = asyncio.run(calls())
+    time.sleep(0.5)
+    new_lines = server.log.read_text(errors="replace")[len(log_before):]
+    assert grpc.StatusCode.DEADLINE_EXCEEDED in codes, set(codes)  # (and refusals: 400 calls at once)
+    assert "context.abort(" not in new_lines, new_lines[-3000:]  # no traceback through a failed abort
 
 
 def test_an_oversize_json_batch_is_refused_from_its_declared_shape_before_parsing(server):
