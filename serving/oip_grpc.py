@@ -30,6 +30,12 @@ from serving.model_card import PROBS_NAME
 from serving.oip import check_outputs, decode_input, output_tensor, timeout_deadline
 from serving.settings import Settings
 
+try:  # grpc's private class for a send that grpc core refused (``_abort``)
+    from grpc._cython.cygrpc import ExecuteBatchError
+except ImportError:  # another grpcio: such a failure is logged by grpc.aio as before
+    class ExecuteBatchError(Exception):  # type: ignore[no-redef]
+        pass
+
 log = logging.getLogger("cnnserve.grpc")
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -65,8 +71,6 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     client went away, while the method ran) nothing can be sent, and the call ends as cancelled instead: the failed
     send was an ERROR with a 40-line traceback in the log for each such call (an outside probe's calls with 1 ms
     deadlines). ``ExecuteBatchError`` is grpc's private class for that failure."""
-    from grpc._cython.cygrpc import ExecuteBatchError
-
     try:
         await context.abort(code, message)
     except ExecuteBatchError:
