@@ -616,12 +616,6 @@ def install_read_limits(timeout_s: float, max_header_bytes: int) -> bool:
         self._completed += 1
         disarm(self)
         finished(self)
-        cycle = self.cycle  # answered before its body ended (a refusal on its headers): uvicorn armed the keep-alive
-        if cycle is not None and cycle.response_complete and not self.pipeline and \
-                self.timeout_keep_alive_task is None and not self.transport.is_closing():  # timer then, and a later
-            self.timeout_keep_alive_task = self.loop.call_later(  # read of the body cancelled it: the connection
-                self.timeout_keep_alive, self.timeout_keep_alive_handler)  # stayed open for good once idle (not
-                # with install_lazy_keep_alive, whose timer stays armed while the connection is idle)
 
     def data_received(self: Any, data: bytes) -> None:
         began, completed = self._reading, self._completed
@@ -1065,14 +1059,15 @@ def _install_answers_at_once(protocol_class: type) -> None:
     ``install_single_write_responses`` (then the head's write could pause them, and the body's would wait): a task
     as before. The connection's hand-back (``install_connection_balance``) is asked before the answer is written.
     A request that comes in after an answer at once closed the connection (HTTP/1.0, ``Connection: close``) is not
-    started, as uvicorn starts no pipelined request on a closing connection; and a new request cancels the
-    keep-alive timer that an answer at once armed in the same read, which would otherwise close its connection
-    while it runs (with ``install_lazy_keep_alive``, which keeps the timer, the request marks the connection busy)."""
+    started, as uvicorn starts no pipelined request on a closing connection. Installs ``install_lazy_keep_alive``
+    too: with uvicorn's own timer, the keep-alive timer an answer at once armed was left armed by a request read
+    after it in the same read (uvicorn cancels it at the next read only), and closed its connection while it ran."""
     if getattr(protocol_class, "_cnnserve_at_once", False):
         return
     from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-    start_task, begin = protocol_class._start_asgi_task, protocol_class.on_message_begin
+    install_lazy_keep_alive()
+    start_task = protocol_class._start_asgi_task
 
     def start_asgi_task(self: Any, cycle: Any, app: Any) -> None:
         if self.transport.is_closing():
@@ -1086,11 +1081,7 @@ def _install_answers_at_once(protocol_class: type) -> None:
         else:
             start_task(self, cycle, app)
 
-    def on_message_begin(self: Any) -> None:
-        self._unset_keepalive_if_required()
-        begin(self)
-
-    protocol_class._start_asgi_task, protocol_class.on_message_begin = start_asgi_task, on_message_begin
+    protocol_class._start_asgi_task = start_asgi_task
     protocol_class._cnnserve_at_once = True
 
 
