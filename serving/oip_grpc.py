@@ -9,9 +9,10 @@ worker's model repository and batchers; several workers share the port through S
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -39,6 +40,9 @@ except ImportError:  # another grpcio: such a failure is logged by grpc.aio as b
 log = logging.getLogger("cnnserve.grpc")
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+# True in the tasks of the calls that CallIntake took: it counted them against the worker's limit when it took them
+_ADMITTED_BY_INTAKE: contextvars.ContextVar[bool] = contextvars.ContextVar("admitted_by_intake", default=False)
 
 # requests of one ModelStreamInfer stream in progress at once (they batch with each other); past it the stream is
 # not read, which bounds what one stream can hold in memory like the server's limit on concurrent calls does
@@ -116,12 +120,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def over_limit(self) -> bool:
         return bool(self.max_in_progress) and self.in_progress >= self.max_in_progress
 
-    def _check_limit(self) -> None:
-        if self.over_limit():
-            observe_shed("grpc", "concurrency")
-            raise TooManyRequests(f"Too many requests: this worker has {self.in_progress} gRPC inference calls and "
-                                  "streams in progress, its limit (CNNSERVE_GRPC_MAX_CONCURRENT_RPCS); retry later",
-                                  1.0)
+    def admit(self) -> TooManyRequests | None:
+        """Count one more call in progress (``release()`` ends it), or the refusal, counted, when the worker has
+        its limit of calls in progress."""
+        if not self.over_limit():
+            self.in_progress += 1
+            return None
+        observe_shed("grpc", "concurrency")
+        return TooManyRequests(f"Too many requests: this worker has {self.in_progress} gRPC inference calls and "
+                               "streams in progress, its limit (CNNSERVE_GRPC_MAX_CONCURRENT_RPCS); retry later", 1.0)
+
+    def release(self) -> None:
+        self.in_progress -= 1
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -150,12 +160,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_guard
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        self._check_limit()
-        self.in_progress += 1
+        if _ADMITTED_BY_INTAKE.get():  # counted in progress since the intake took it
+            return await self._infer(request, context)
+        if (refusal := self.admit()) is not None:
+            raise refusal
         try:
             return await self._infer(request, context)
         finally:
-            self.in_progress -= 1
+            self.release()
 
     async def ModelStreamInfer(self, requests: AsyncIterator[Any],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -173,17 +185,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         so a stream is never refused for its own backlog; one with nothing in progress is refused like any
         request (others overload the server). When the client goes away, its requests still queued are dropped,
         never computed."""
-        try:
-            self._check_limit()  # an open stream holds one of the worker's slots for its life, as a call while it runs
-        except TooManyRequests as exc:
-            log_refusal(exc, "oip-grpc")
-            await _abort(context, exc.grpc_code, exc.message)
-        self.in_progress += 1
+        if (refusal := self.admit()) is not None:  # an open stream holds one of the worker's slots for its life
+            log_refusal(refusal, "oip-grpc")
+            await _abort(context, refusal.grpc_code, refusal.message)
         try:
             async for response in self._stream(requests, context):
                 yield response
         finally:
-            self.in_progress -= 1
+            self.release()
 
     async def _stream(self, requests: AsyncIterator[Any],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -377,30 +386,36 @@ def add_inference_servicer(servicer: pb_grpc.GRPCInferenceServiceServicer, serve
 
 
 class CallIntake:
-    """Takes ``ModelInfer`` calls from grpc core ``width`` at a time, beside grpc.aio's own intake.
+    """Takes ``ModelInfer`` calls from grpc core ``width`` at a time, beside grpc.aio's own intake, and admits or
+    refuses each as it takes it.
 
     grpc.aio's server loop asks core for the next call of a method only once it has taken up the last one, through
     a task per call and an ``asyncio.wait`` round: one call per method per turn of the event loop at best, and under
     load a turn takes milliseconds, so calls waited in core (grpc's pending backlog, past whose bound it answers
     ``CANCELLED``) while the worker had CPU to spare. Here ``width`` coroutines each keep a request for the next
     call outstanding, so core hands over calls as they arrive and a turn of the loop takes up as many as arrived;
-    each call then runs as grpc.aio runs it (``_handle_rpc`` in ``_schedule_rpc_coro``: deadlines, cancellation,
-    status). ``python -m benchmarks.grpc_floor`` (a minimal ModelInfer server on one core, perf_analyzer on the
-    other): 9,013 calls/s at 16 clients with grpc.aio's intake alone on uvloop, 12,398 with 16 of these beside it.
-    These are grpc.aio's private functions (grpcio 1.85): ``available()`` checks their signatures, and the service
-    keeps grpc.aio's intake alone where they differ."""
+    each admitted call then runs as grpc.aio runs it (``_handle_rpc`` in ``_schedule_rpc_coro``: deadlines,
+    cancellation, status). ``python -m benchmarks.grpc_floor`` (a minimal ModelInfer server on one core,
+    perf_analyzer on the other): 9,013 calls/s at 16 clients with grpc.aio's intake alone on uvloop, 12,398 with 16
+    of these beside it.
+
+    A call is counted against the worker's limit when it is taken (``admit``), not when its method starts turns of
+    the loop later, and one past the limit is refused in the same turn with a single batch of core operations,
+    before its message is read: grpc.aio's own refusal took three more turns and two tasks. These are grpc.aio's
+    private functions (grpcio 1.85): ``available()`` checks their signatures, and the service keeps grpc.aio's
+    intake alone where they differ."""
 
     def __init__(self, server: grpc.aio.Server, method: str, handlers: dict[str, Any],
-                 over_limit: Callable[[], bool], width: int) -> None:
-        """``handlers``: the method handlers by full method name; ``over_limit()``: whether a call is to be refused
-        with RESOURCE_EXHAUSTED before its message is read (grpc.aio's own refusal, as its ``maximum_concurrent_rpcs``
-        gives; calls grpc.aio's intake takes meet the method's own check instead). Server interceptors are not
-        applied to the calls taken here (the service sets none)."""
+                 admit: Callable[[], ServingError | None], release: Callable[[], None], width: int) -> None:
+        """``handlers``: the method handlers by full method name; ``admit()``: count a call in progress, or the
+        refusal to send when the worker is full; ``release()``: an admitted call ended. The method sees
+        ``_ADMITTED_BY_INTAKE`` true in the calls admitted here. Server interceptors are not applied to the calls
+        taken here (the service sets none)."""
         from grpc._cython import cygrpc
 
         self._cygrpc, self._core, self._method = cygrpc, server._server, method
         self._resolver = cygrpc._MethodResolver([], handlers)
-        self._over_limit, self._width = over_limit, width
+        self._admit, self._release, self._width = admit, release, width
         self._intakes: list[asyncio.Task[None]] = []
         self._calls: set[asyncio.Task[None]] = set()
         self.taken = 0  # calls this intake took up
@@ -417,8 +432,11 @@ class CallIntake:
             return (args(cygrpc._handle_rpc) == ("method_name", "method_resolver", "interceptors", "rpc_state",
                                                   "loop", "concurrency_exceeded")
                     and args(cygrpc._schedule_rpc_coro) == ("rpc_coro", "rpc_state", "loop", "method_name")
+                    and args(cygrpc.execute_batch) == ("grpc_call_wrapper", "operations", "loop")
                     and args(type(server._server)._request_registered_call) == ("self", "method")
-                    and hasattr(cygrpc, "_MethodResolver") and hasattr(cygrpc, "_RequestCallError"))
+                    and hasattr(cygrpc, "_MethodResolver") and hasattr(cygrpc, "_RequestCallError")
+                    and hasattr(cygrpc, "SendInitialMetadataOperation")
+                    and hasattr(cygrpc, "SendStatusFromServerOperation"))
         except (ImportError, AttributeError):
             return False
 
@@ -428,6 +446,7 @@ class CallIntake:
         self._intakes = [loop.create_task(self._take_calls(loop)) for _ in range(self._width)]
 
     async def _take_calls(self, loop: asyncio.AbstractEventLoop) -> None:
+        _ADMITTED_BY_INTAKE.set(True)  # this task's context, which the tasks of the calls it admits copy
         method = self._method.encode()
         try:
             while self._core.is_running():
@@ -440,13 +459,51 @@ class CallIntake:
     async def _take_one(self, loop: asyncio.AbstractEventLoop, method: bytes) -> None:
         rpc_state = await self._core._request_registered_call(method)
         self.taken += 1
-        exceeded = self._over_limit()
-        if exceeded:
-            observe_shed("grpc", "concurrency")
-        handling = self._cygrpc._handle_rpc(self._method, self._resolver, (), rpc_state, loop, exceeded)
+        if (refusal := self._admit()) is not None:
+            log_refusal(refusal, "oip-grpc")
+            count_refusal(refusal, "oip-grpc")
+            self._refuse(rpc_state, refusal, loop)
+            return
+        handling = self._cygrpc._handle_rpc(self._method, self._resolver, (), rpc_state, loop, False)
         call = loop.create_task(self._cygrpc._schedule_rpc_coro(handling, rpc_state, loop, self._method))
         self._calls.add(call)  # the loop keeps a weak reference only
-        call.add_done_callback(self._calls.discard)
+        call.add_done_callback(self._ended)
+
+    def _ended(self, call: asyncio.Task[None]) -> None:
+        self._calls.discard(call)
+        self._release()
+
+    def _refuse(self, rpc_state: Any, refusal: ServingError, loop: asyncio.AbstractEventLoop) -> None:
+        """End the call with ``refusal``'s status and message: core sends them as this turn of the loop starts the
+        batch (a task would start it next turn)."""
+        cygrpc = self._cygrpc
+        ops = (cygrpc.SendInitialMetadataOperation((), 0),
+               cygrpc.SendStatusFromServerOperation((), refusal.grpc_code.value[0], refusal.message, 0))
+        _run_now(cygrpc.execute_batch(rpc_state, ops, loop))
+
+
+def _run_now(coroutine: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coroutine`` up to its first wait now, and on from each wait as the future it waits on completes, with
+    no task around it: what an eagerly started task does (Python 3.12's ``eager_start``). It ends quietly where
+    grpc core could not send (the call ended meanwhile), with its error logged otherwise."""
+
+    def step(_: object = None) -> None:
+        try:
+            awaited = coroutine.send(None)
+        except StopIteration:
+            return
+        except (ExecuteBatchError, asyncio.CancelledError):
+            return
+        except Exception:
+            log.exception("a gRPC refusal failed")
+            return
+        if isinstance(awaited, asyncio.Future):
+            awaited._asyncio_future_blocking = False  # what a task does with the future it is handed
+            awaited.add_done_callback(step)
+        else:  # a bare yield (``asyncio.sleep(0)``): on in the next turn
+            asyncio.get_running_loop().call_soon(step)
+
+    step()
 
 
 class GrpcServer:
@@ -472,7 +529,7 @@ class GrpcServer:
         handlers = add_inference_servicer(servicer, self.server)
         self.intake: CallIntake | None = None
         if settings.grpc_intake_width > 0 and CallIntake.available(self.server):
-            self.intake = CallIntake(self.server, INFER_METHOD, handlers, servicer.over_limit,
+            self.intake = CallIntake(self.server, INFER_METHOD, handlers, servicer.admit, servicer.release,
                                      settings.grpc_intake_width)
         elif settings.grpc_intake_width > 0:
             log.warning("grpcio %s: its private server functions are not those serving.oip_grpc.CallIntake calls; "
