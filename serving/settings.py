@@ -43,7 +43,7 @@ class Settings:
     max_concurrency: int = 128  # HTTP inference requests in progress per worker, past it 429 (0 = no limit)
     grpc_max_concurrent_rpcs: int = 128  # ModelInfer calls in progress per worker, past it RESOURCE_EXHAUSTED (0: none)
     # ModelInfer calls a worker asks grpc core for at once (serving.oip_grpc.CallIntake; 0: grpc.aio's one at a time)
-    grpc_intake_width: int = 64
+    grpc_intake_width: int = 192
     # gRPC calls that arrived but the worker's event loop has not taken up yet (grpc core's backlog, where no
     # admission control reaches): past this many grpc refuses new ones at random, past twice as many all of them,
     # with CANCELLED (0: grpc's own 1000 and 3000, seconds of calls at this door's rate)
