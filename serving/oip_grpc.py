@@ -485,7 +485,9 @@ class CallIntake:
 def _run_now(coroutine: Coroutine[Any, Any, Any]) -> None:
     """Run ``coroutine`` up to its first wait now, and on from each wait as the future it waits on completes, with
     no task around it: what an eagerly started task does (Python 3.12's ``eager_start``). It ends quietly where
-    grpc core could not send (the call ended meanwhile), with its error logged otherwise."""
+    grpc core could not send (the call ended meanwhile), with its error logged otherwise. Nothing here holds the
+    coroutine while it waits: the future it waits on does (through ``step``), and grpc's callback wrapper holds that
+    future until core completes the batch, as it does for grpc.aio's own tasks."""
 
     def step(_: object = None) -> None:
         try:
