@@ -263,8 +263,11 @@ class DynamicBatcher:
         self._check_queue(min(count, self.max_batch_size), now, budget)
         if deadline is not None and now + (needed := self._estimate(count, now)) > deadline:
             self._rejected += 1
-            raise DeadlineExceeded(f"model {self.name}: the deadline ({deadline - now:.3f} s from now) cannot be "
-                                   f"met, the estimated queue wait plus compute is {needed:.3f} s")
+            if deadline <= now:
+                raise DeadlineExceeded(f"model {self.name}: the request's deadline passed "
+                                       f"{(now - deadline) * 1000:.1f} ms before it could be queued")
+            raise DeadlineExceeded(f"model {self.name}: the deadline ({(deadline - now) * 1000:.1f} ms from now) "
+                                   f"cannot be met, the estimated queue wait plus compute is {needed * 1000:.1f} ms")
 
     def _check_queue(self, first: int, now: float, budget: bool = True) -> None:
         """The bound on queued images and (``budget``) the budget on the estimated wait, for a first chunk of

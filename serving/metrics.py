@@ -39,8 +39,9 @@ FALLBACKS = bentoml.metrics.Counter(
 SHED = bentoml.metrics.Counter(
     name="cnnserve_shed_requests_total",
     documentation="Inference requests refused on arrival, before their model is looked up, by reason: loop_lag (the "
-                  "worker's event loop was behind, serving/loop_lag.py) or concurrency (the worker had "
-                  "CNNSERVE_MAX_CONCURRENCY requests in progress)",
+                  "worker's event loop was behind, serving/loop_lag.py) or concurrency (the worker had its limit of "
+                  "requests in progress: CNNSERVE_MAX_CONCURRENCY over HTTP, CNNSERVE_GRPC_MAX_CONCURRENT_RPCS over "
+                  "gRPC)",
     labelnames=["door", "reason"])
 
 

@@ -41,8 +41,14 @@ log = logging.getLogger("cnnserve.grpc")
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
-# True in the tasks of the calls that CallIntake took: it counted them against the worker's limit when it took them
-_ADMITTED_BY_INTAKE: contextvars.ContextVar[bool] = contextvars.ContextVar("admitted_by_intake", default=False)
+# a call's place among the worker's calls in progress, in the tasks of the calls that CallIntake took (None in the
+# calls grpc.aio's own intake took: their method counts them)
+_INTAKE_PLACE: contextvars.ContextVar[Place | None] = contextvars.ContextVar("intake_place", default=None)
+
+# how long a call taken by CallIntake keeps its place while its message has not arrived; past it the place is given
+# up and the call admitted anew when its message comes (a client that opens calls and sends nothing, or a slow one,
+# could otherwise hold every place of a worker)
+MESSAGE_WAIT_S = 1.0
 
 # requests of one ModelStreamInfer stream in progress at once (they batch with each other); past it the stream is
 # not read, which bounds what one stream can hold in memory like the server's limit on concurrent calls does
@@ -70,13 +76,21 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-    """``context.abort(code, message)``; where grpc core has ended the call already (its deadline passed, or the
-    client went away, while the method ran) nothing can be sent, and the call ends as cancelled instead: the failed
-    send was an ERROR with a 40-line traceback in the log for each such call (an outside probe's calls with 1 ms
-    deadlines). ``ExecuteBatchError`` is grpc's private class for that failure."""
+def _trailers(exc: ServingError) -> tuple[tuple[str, str], ...]:
+    """The refusal's retry hint as gRPC has one: ``grpc-retry-pushback-ms``, which a client's retry policy honours
+    (HTTP answers ``Retry-After``), where the refusal says when to come back."""
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    return () if retry_after_s is None else (("grpc-retry-pushback-ms", str(max(1, round(retry_after_s * 1000)))),)
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                 trailers: tuple[tuple[str, str], ...] = ()) -> None:
+    """``context.abort(code, message, trailers)``; where grpc core has ended the call already (its deadline passed,
+    or the client went away, while the method ran) nothing can be sent, and the call ends as cancelled instead: the
+    failed send was an ERROR with a 40-line traceback in the log for each such call (an outside probe's calls with
+    1 ms deadlines). ``ExecuteBatchError`` is grpc's private class for that failure."""
     try:
-        await context.abort(code, message)
+        await context.abort(code, message, trailers)
     except ExecuteBatchError:
         raise asyncio.CancelledError from None
 
@@ -93,7 +107,7 @@ def _guard(method: Callable[..., Any]) -> Callable[..., Any]:
             log_refusal(exc, "oip-grpc")
             if method.__name__ == "ModelInfer":  # an inference request: counted in cnnserve_requests_total
                 count_refusal(exc, "oip-grpc")
-            await _abort(context, exc.grpc_code, exc.message)
+            await _abort(context, exc.grpc_code, exc.message, _trailers(exc))
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # a defect: logged and counted (grpc would answer UNKNOWN with its repr)
@@ -160,14 +174,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_guard
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        if _ADMITTED_BY_INTAKE.get():  # counted in progress since the intake took it
-            return await self._infer(request, context)
-        if (refusal := self.admit()) is not None:
+        place = _INTAKE_PLACE.get()
+        refusal = self.admit() if place is None else place.start()
+        if refusal is not None:
             raise refusal
         try:
             return await self._infer(request, context)
-        finally:
-            self.release()
+        finally:  # the place is free before the answer is sent: a client within the limit is never refused
+            if place is None:
+                self.release()
+            else:
+                place.end()
 
     async def ModelStreamInfer(self, requests: AsyncIterator[Any],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -187,7 +204,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         never computed."""
         if (refusal := self.admit()) is not None:  # an open stream holds one of the worker's slots for its life
             log_refusal(refusal, "oip-grpc")
-            await _abort(context, refusal.grpc_code, refusal.message)
+            count_refusal(refusal, "oip-grpc")  # as its first request, refused
+            await _abort(context, refusal.grpc_code, refusal.message, _trailers(refusal))
         try:
             async for response in self._stream(requests, context):
                 yield response
@@ -408,16 +426,17 @@ class CallIntake:
     def __init__(self, server: grpc.aio.Server, method: str, handlers: dict[str, Any],
                  admit: Callable[[], ServingError | None], release: Callable[[], None], width: int) -> None:
         """``handlers``: the method handlers by full method name; ``admit()``: count a call in progress, or the
-        refusal to send when the worker is full; ``release()``: an admitted call ended. The method sees
-        ``_ADMITTED_BY_INTAKE`` true in the calls admitted here. Server interceptors are not applied to the calls
-        taken here (the service sets none)."""
+        refusal to send when the worker is full; ``release()``: an admitted call ended. The method finds the call's
+        ``Place`` in ``_INTAKE_PLACE``, and calls its ``start()`` and ``end()``. Server interceptors are not applied
+        to the calls taken here (the service sets none)."""
         from grpc._cython import cygrpc
 
         self._cygrpc, self._core, self._method = cygrpc, server._server, method
         self._resolver = cygrpc._MethodResolver([], handlers)
-        self._admit, self._release, self._width = admit, release, width
-        self._intakes: list[asyncio.Task[None]] = []
+        self.admit, self.release, self._width = admit, release, width
+        self._tasks: list[asyncio.Task[None]] = []  # the intakes and the sweep
         self._calls: set[asyncio.Task[None]] = set()
+        self.waiting: dict[Place, None] = {}  # places of calls whose method has not started, oldest first
         self.taken = 0  # calls this intake took up
 
     @staticmethod
@@ -443,10 +462,21 @@ class CallIntake:
     def start(self) -> None:
         """Start taking calls (the server is started)."""
         loop = asyncio.get_running_loop()
-        self._intakes = [loop.create_task(self._take_calls(loop)) for _ in range(self._width)]
+        self._tasks = [loop.create_task(self._take_calls(loop)) for _ in range(self._width)]
+        self._tasks.append(loop.create_task(self._sweep()))
+
+    async def _sweep(self) -> None:
+        """Give up the places of calls whose message has not come within ``MESSAGE_WAIT_S``."""
+        while self._core.is_running():
+            await asyncio.sleep(MESSAGE_WAIT_S / 2)
+            since = time.monotonic() - MESSAGE_WAIT_S
+            for place in list(self.waiting):
+                if place.taken_at > since:
+                    break
+                del self.waiting[place]
+                place.end()
 
     async def _take_calls(self, loop: asyncio.AbstractEventLoop) -> None:
-        _ADMITTED_BY_INTAKE.set(True)  # this task's context, which the tasks of the calls it admits copy
         method = self._method.encode()
         try:
             while self._core.is_running():
@@ -459,27 +489,59 @@ class CallIntake:
     async def _take_one(self, loop: asyncio.AbstractEventLoop, method: bytes) -> None:
         rpc_state = await self._core._request_registered_call(method)
         self.taken += 1
-        if (refusal := self._admit()) is not None:
+        if (refusal := self.admit()) is not None:
             log_refusal(refusal, "oip-grpc")
             count_refusal(refusal, "oip-grpc")
             self._refuse(rpc_state, refusal, loop)
             return
+        place = Place(self)
+        self.waiting[place] = None
+        _INTAKE_PLACE.set(place)  # in this intake's context, which the call's tasks copy as they are created
         handling = self._cygrpc._handle_rpc(self._method, self._resolver, (), rpc_state, loop, False)
         call = loop.create_task(self._cygrpc._schedule_rpc_coro(handling, rpc_state, loop, self._method))
+        _INTAKE_PLACE.set(None)
         self._calls.add(call)  # the loop keeps a weak reference only
-        call.add_done_callback(self._ended)
-
-    def _ended(self, call: asyncio.Task[None]) -> None:
-        self._calls.discard(call)
-        self._release()
+        call.add_done_callback(place.ended)
 
     def _refuse(self, rpc_state: Any, refusal: ServingError, loop: asyncio.AbstractEventLoop) -> None:
         """End the call with ``refusal``'s status and message: core sends them as this turn of the loop starts the
         batch (a task would start it next turn)."""
         cygrpc = self._cygrpc
         ops = (cygrpc.SendInitialMetadataOperation((), 0),
-               cygrpc.SendStatusFromServerOperation((), refusal.grpc_code.value[0], refusal.message, 0))
+               cygrpc.SendStatusFromServerOperation(_trailers(refusal), refusal.grpc_code.value[0], refusal.message,
+                                                    0))
         _run_now(cygrpc.execute_batch(rpc_state, ops, loop))
+
+
+class Place:
+    """A call's place among the worker's calls in progress, taken with the call by ``CallIntake`` and held until its
+    method ends (``end``: before its answer is sent), or until the call ends without its method running (``ended``,
+    the call's task done: cancelled, its message never read). A call whose message has not come within
+    ``MESSAGE_WAIT_S`` gives its place up, and ``start`` admits it anew when its method starts."""
+
+    __slots__ = ("held", "intake", "taken_at")
+
+    def __init__(self, intake: CallIntake) -> None:
+        self.intake, self.taken_at, self.held = intake, time.monotonic(), True
+
+    def start(self) -> ServingError | None:
+        """The method starts: None, or the refusal where the place was given up and the worker is full now."""
+        self.intake.waiting.pop(self, None)
+        if self.held:
+            return None
+        refusal = self.intake.admit()
+        self.held = refusal is None
+        return refusal
+
+    def end(self) -> None:
+        if self.held:
+            self.held = False
+            self.intake.release()
+
+    def ended(self, call: asyncio.Task[None]) -> None:
+        self.intake._calls.discard(call)
+        self.intake.waiting.pop(self, None)
+        self.end()
 
 
 def _run_now(coroutine: Coroutine[Any, Any, Any]) -> None:

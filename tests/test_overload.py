@@ -154,7 +154,8 @@ def grpc_flood(address: str, requests: int = 96, clients: int = 16, typed: bool 
                 pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
                 return "ok"
             except grpc.RpcError as exc:
-                return f"{exc.code().name}: {exc.details()}"
+                pushback = dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+                return f"{exc.code().name}: {exc.details()}" + (f" [retry in {pushback} ms]" if pushback else "")
 
     with ThreadPoolExecutor(clients) as pool:
         return list(pool.map(call, range(requests)))
@@ -163,7 +164,7 @@ def grpc_flood(address: str, requests: int = 96, clients: int = 16, typed: bool 
 def test_requests_past_the_queue_bound_are_refused_on_grpc(small_queue_server):
     results = grpc_flood(small_queue_server.grpc_address)
     refused = [r for r in results if r != "ok"]
-    assert refused and all("UNAVAILABLE" in r and "overloaded" in r for r in refused), refused[:3]
+    assert refused and all("UNAVAILABLE" in r and "overloaded" in r and "retry in" in r for r in refused), refused[:3]
     assert "ok" in results
     assert rejected_count(small_queue_server.url, "oip-grpc") >= len(refused)
 
@@ -183,7 +184,7 @@ def test_past_the_grpc_call_limit_inference_is_refused_and_health_checks_are_not
             results = flood.result()
         refused = [r for r in results if r != "ok"]
         assert refused and "ok" in results, results[:3]
-        assert all(r.startswith("RESOURCE_EXHAUSTED") and "Too many requests" in r
+        assert all(r.startswith("RESOURCE_EXHAUSTED") and "Too many requests" in r and r.endswith("[retry in 1000 ms]")
                    for r in refused), refused[:3]
         assert checks and set(checks) == {health_pb2.HealthCheckResponse.SERVING}
         metrics = httpx.get(f"{srv.url}/metrics").text
