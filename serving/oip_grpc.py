@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -501,7 +502,13 @@ class CallIntake:
         call = loop.create_task(self._cygrpc._schedule_rpc_coro(handling, rpc_state, loop, self._method))
         _INTAKE_PLACE.set(None)
         self._calls.add(call)  # the loop keeps a weak reference only
-        call.add_done_callback(place.ended)
+        call.add_done_callback(functools.partial(self._ended, place))
+
+    def _ended(self, place: Place, call: asyncio.Task[None]) -> None:
+        """The call's task is done: its place is free if its method never freed it (cancelled, never read)."""
+        self._calls.discard(call)
+        self.waiting.pop(place, None)
+        place.end()
 
     def _refuse(self, rpc_state: Any, refusal: ServingError, loop: asyncio.AbstractEventLoop) -> None:
         """End the call with ``refusal``'s status and message: core sends them as this turn of the loop starts the
@@ -515,9 +522,9 @@ class CallIntake:
 
 class Place:
     """A call's place among the worker's calls in progress, taken with the call by ``CallIntake`` and held until its
-    method ends (``end``: before its answer is sent), or until the call ends without its method running (``ended``,
-    the call's task done: cancelled, its message never read). A call whose message has not come within
-    ``MESSAGE_WAIT_S`` gives its place up, and ``start`` admits it anew when its method starts."""
+    method ends (``end``: before its answer is sent), or until the call ends without its method running (its task
+    done: cancelled, its message never read). A call whose message has not come within ``MESSAGE_WAIT_S`` gives its
+    place up, and ``start`` admits it anew when its method starts."""
 
     __slots__ = ("held", "intake", "taken_at")
 
@@ -534,14 +541,10 @@ class Place:
         return refusal
 
     def end(self) -> None:
+        """Free the place, if the call holds it."""
         if self.held:
             self.held = False
             self.intake.release()
-
-    def ended(self, call: asyncio.Task[None]) -> None:
-        self.intake._calls.discard(call)
-        self.intake.waiting.pop(self, None)
-        self.end()
 
 
 def _run_now(coroutine: Coroutine[Any, Any, Any]) -> None:
