@@ -84,7 +84,7 @@ def serve(style: str, port: int) -> None:
                 from serving.oip_grpc import INFER_METHOD, CallIntake, add_inference_servicer
 
                 handlers = add_inference_servicer(servicer(infer, True), server)
-                intake = CallIntake(server, INFER_METHOD, handlers, lambda: False, 16)
+                intake = CallIntake(server, INFER_METHOD, handlers, lambda: None, lambda: None, 16)  # no limit
             else:
                 pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer(infer, True), server)
             server.add_insecure_port(address)

@@ -176,6 +176,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_guard
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         place = _INTAKE_PLACE.get()
+        _INTAKE_PLACE.set(None)  # not for the tasks this call starts (the batcher's runner may be one)
         refusal = self.admit() if place is None else place.start()
         if refusal is not None:
             raise refusal
@@ -456,6 +457,7 @@ class CallIntake:
                     and args(type(server._server)._request_registered_call) == ("self", "method")
                     and hasattr(cygrpc, "_MethodResolver") and hasattr(cygrpc, "_RequestCallError")
                     and hasattr(cygrpc, "SendInitialMetadataOperation")
+                    and hasattr(cygrpc, "ReceiveCloseOnServerOperation")
                     and hasattr(cygrpc, "SendStatusFromServerOperation"))
         except (ImportError, AttributeError):
             return False
@@ -514,7 +516,9 @@ class CallIntake:
         """End the call with ``refusal``'s status and message: core sends them as this turn of the loop starts the
         batch (a task would start it next turn)."""
         cygrpc = self._cygrpc
-        ops = (cygrpc.SendInitialMetadataOperation((), 0),
+        # as grpc's own thread-pool server rejects a call: with the receive of the client's close in the batch, so
+        # that core does not cancel the call (a cancel frame to the client) when it is released before the close
+        ops = (cygrpc.SendInitialMetadataOperation((), 0), cygrpc.ReceiveCloseOnServerOperation(0),
                cygrpc.SendStatusFromServerOperation(_trailers(refusal), refusal.grpc_code.value[0], refusal.message,
                                                     0))
         _run_now(cygrpc.execute_batch(rpc_state, ops, loop))

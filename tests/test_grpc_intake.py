@@ -155,14 +155,21 @@ def test_a_call_whose_message_does_not_come_gives_its_place_up():
                 await sent.wait()
                 yield pb.ModelInferRequest(id="late")
 
+            await channel.channel_ready()
             stalled = []  # calls that send their headers now and their message when told
             while not intake.waiting and len(stalled) < 20:  # until one is taken by the intake, not grpc.aio's
-                sent = asyncio.Event()
+                sent, taken = asyncio.Event(), intake.taken
                 stalled.append((sent, open_stalled(message_when(sent))))
-                await asyncio.sleep(0.05)
+                for _ in range(100):  # taken by one intake or the other before the next is opened
+                    await asyncio.sleep(0.02)
+                    if intake.taken > taken or intake.waiting:
+                        break
             assert intake.waiting and limit.in_progress == 1
             assert (await call(channel, "while held")).startswith("RESOURCE_EXHAUSTED")
-            await asyncio.sleep(MESSAGE_WAIT_S * 1.6)
+            for _ in range(50):  # the sweep gives it up 1-1.5 s after it was taken
+                await asyncio.sleep(0.1)
+                if not intake.waiting:
+                    break
             assert not intake.waiting and limit.in_progress == 0  # given up, and counted so
             assert [await call(channel, f"after {i}") for i in range(5)] == ["ok"] * 5
             for sent, stalled_call in stalled:  # their messages come, one at a time: each admitted anew

@@ -90,7 +90,7 @@ def test_a_defect_in_a_grpc_call_is_internal_and_counted_not_grpcs_unknown_with_
             raise RuntimeError("a defect")
 
     class Context:
-        async def abort(self, code, details):
+        async def abort(self, code, details="", trailing_metadata=()):  # grpc.aio.ServicerContext.abort
             self.code, self.details = code, details
             raise grpc.aio.AbortError()
 
