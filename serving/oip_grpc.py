@@ -132,13 +132,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.dataplane, self.max_in_progress = dataplane, max_in_progress
         self.in_progress = 0
 
-    def over_limit(self) -> bool:
-        return bool(self.max_in_progress) and self.in_progress >= self.max_in_progress
-
     def admit(self) -> TooManyRequests | None:
         """Count one more call in progress (``release()`` ends it), or the refusal, counted, when the worker has
         its limit of calls in progress."""
-        if not self.over_limit():
+        if not self.max_in_progress or self.in_progress < self.max_in_progress:
             self.in_progress += 1
             return None
         observe_shed("grpc", "concurrency")

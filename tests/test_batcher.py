@@ -337,10 +337,10 @@ def test_check_admission_refuses_as_infer_would_and_a_request_admitted_on_it_is_
 def test_a_deadline_that_cannot_be_met_is_refused_without_running(model):
     async def main() -> None:
         unmeasured = DynamicBatcher(model, 1)
-        with pytest.raises(DeadlineExceeded):
+        with pytest.raises(DeadlineExceeded, match=r"deadline passed 1\d{3}\.\d ms before it could be queued"):
             await unmeasured.infer(rows(10, 1), deadline=time.monotonic() - 1)
         batcher = await measured_batcher(model)
-        with pytest.raises(DeadlineExceeded):  # compute alone takes >= 0.05 s
+        with pytest.raises(DeadlineExceeded, match=r"\(\d+\.\d ms from now\) cannot be met"):  # compute >= 0.05 s
             await batcher.infer(rows(20, 1), deadline=time.monotonic() + 0.01)
         assert 10 not in model.ids() and 20 not in model.ids()
         assert unmeasured.stats()["rejected"] == batcher.stats()["rejected"] == 1
