@@ -60,6 +60,15 @@ def test_requests_past_the_queue_bound_are_refused_fast_on_http_with_retry_after
     assert rejected_count(small_queue_server.url, "oip-rest") >= len(refused), "refusals not counted as rejected"
 
 
+def unattributed_rejections(url: str) -> float:
+    """``cnnserve_requests_total`` of gRPC inference requests rejected before their model was known (model "")."""
+    wanted = 'cnnserve_requests_total{door="oip-grpc",model="",outcome="rejected"}'
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(wanted):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def rejected_count(url: str, door: str) -> float:
     """``cnnserve_requests_total`` of mnist-cnn's requests on ``door`` that the server rejected (overload, deadline),
     which are not counted as the client's fault ("invalid")."""
@@ -200,6 +209,11 @@ def test_past_the_grpc_call_limit_inference_is_refused_and_health_checks_are_not
                 stub.ModelInfer(request, timeout=10)
             assert refused_call.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # nothing else is in flight
             assert "streams in progress" in refused_call.value.details()
+            before = unattributed_rejections(srv.url)
+            with pytest.raises(grpc.RpcError) as refused_stream:
+                next(stub.ModelStreamInfer(iter([request])))
+            assert refused_stream.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert unattributed_rejections(srv.url) == before + 1  # a refused stream counts as one refused request
             for stream in streams:
                 stream.cancel()
             time.sleep(0.5)
