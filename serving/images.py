@@ -28,7 +28,9 @@ Every step that changes pixels adds a note (the reply's ``converted`` list), in 
    its median) but not at the card's level, e.g. paper at grey 235 (20 once inverted), is stretched so that its
    border goes to the card's level and its strongest strokes (99th percentile) to the other end: "levelled: ...".
    The models learnt digits on exact black: mnist-cnn answered "8" for 98 of 100 real digits on grey-235 paper.
-7. Size: bilinear resize to the model's height and width.
+7. Size: bilinear resize to the model's height and width. For those same cards an upload of any other size is
+   framed first, as MNIST framed its digits: cropped to its strokes and centred on the background with a margin
+   ("framed: ..."); other cards' uploads are resized as they are ("stretched" when the aspect ratio changes).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ OPPOSITE_BORDER = 0.9  # share of an upload's border pixels on the other side of
 PLAIN_BORDER = 24  # border pixels this close to the border's median: plain (paper, a screen), not a picture
 LEVEL_TOLERANCE = 8  # a plain border this close to the card's background is left as it is
 MIN_CONTRAST = 32  # strokes less far than this from the border's level: nothing to stretch
+INK_GAP = 64  # a pixel this far from a plain card background is part of the strokes (framing, step 7)
+STROKES_SHARE = 20 / 28  # MNIST's framing: a digit's longer side fills 20 of the image's 28 pixels
 
 
 def decode_upload(data: bytes, card: ModelCard, max_pixels: int, filename: str = "") -> tuple[np.ndarray, list[str]]:
@@ -136,11 +140,43 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
         image = _level_background(image, card.input_background, notes)
     except (ValueError, SyntaxError, OSError, struct.error) as exc:  # no conversion (e.g. LAB), a malformed EXIF
         raise UnprocessableInput(f"{upload}: cannot convert its {source_mode} pixels: {exc}") from None
+    return np.asarray(_resized(image, card, notes), dtype=np.uint8), notes
+
+
+def _resized(image: Image.Image, card: ModelCard, notes: list[str]) -> Image.Image:
+    """``image`` at the model's height and width. For a card whose training images sit on black or white (digits),
+    an upload of any other size is framed first as MNIST framed its digits: cropped to its strokes (pixels more than
+    ``INK_GAP`` grey levels from the background) and centred on the background in a square whose side is
+    ``1 / STROKES_SHARE`` times their longer side. Stretched to shape instead, 500 real MNIST test digits centred
+    on an 84x28 canvas scored 0.668 and cropped tight to their strokes 0.832; framed, 0.996 in every shape tried
+    (serving/README.md). Other cards' uploads are resized as they are, the note saying when that stretches them:
+    whether their training images were cropped or stretched to shape is not in the card."""
     target = (card.input.shape[1], card.input.shape[0])  # PIL size is (width, height)
-    if image.size != target:
-        notes.append(f"resized {image.width}x{image.height} to {target[0]}x{target[1]}")
-        image = image.resize(target, Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8), notes
+    if image.size == target:
+        return image
+    if _plain_background(card.input_background):
+        image = _framed(image, card.input_background, target, notes)
+    stretched = image.width * target[1] != image.height * target[0]
+    notes.append(f"resized {image.width}x{image.height} to {target[0]}x{target[1]}"
+                 + (" (stretched: its aspect ratio changed)" if stretched else ""))
+    return image.resize(target, Image.Resampling.BILINEAR)
+
+
+def _framed(image: Image.Image, background: int, target: tuple[int, int], notes: list[str]) -> Image.Image:
+    """``image`` cropped to its strokes and centred on ``background`` with the margin MNIST gives its digits, in
+    ``target``'s aspect ratio (all of it when nothing stands out from the background)."""
+    rows, cols = np.nonzero(np.abs(np.asarray(image.convert("L"), dtype=int) - background) > INK_GAP)
+    if rows.size:
+        image = image.crop((int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1))
+    width, height = image.size
+    scale = max(width / target[0], height / target[1]) / STROKES_SHARE
+    framed = (max(1, round(target[0] * scale)), max(1, round(target[1] * scale)))
+    canvas = Image.new(image.mode, framed, background if image.mode == "L" else (background,) * 3)
+    canvas.paste(image, ((framed[0] - width) // 2, (framed[1] - height) // 2))
+    what = f"its strokes ({width}x{height})" if rows.size else f"all of it ({width}x{height}: no strokes found)"
+    notes.append(f"framed: {what} centred on the model's {_grey_name(background)} background in {framed[0]}x"
+                 f"{framed[1]}, as MNIST frames its digits")
+    return canvas
 
 
 def _is_16_bit_colour(image: Image.Image) -> bool:
