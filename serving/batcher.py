@@ -144,6 +144,13 @@ class _Durations:
         return {"count": self.count, "ns": self.ns}
 
 
+def _ms(seconds: float) -> str:
+    """``seconds`` in milliseconds for a message: 0.1 ms resolution, three significant digits below it (a
+    1 µs deadline read "0.0 ms")."""
+    ms = seconds * 1000
+    return f"{ms:.1f} ms" if ms >= 0.1 else f"{ms:.3g} ms"
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -265,9 +272,9 @@ class DynamicBatcher:
             self._rejected += 1
             if deadline <= now:
                 raise DeadlineExceeded(f"model {self.name}: the request's deadline passed "
-                                       f"{(now - deadline) * 1000:.1f} ms before it could be queued")
-            raise DeadlineExceeded(f"model {self.name}: the deadline ({(deadline - now) * 1000:.1f} ms from now) "
-                                   f"cannot be met, the estimated queue wait plus compute is {needed * 1000:.1f} ms")
+                                       f"{_ms(now - deadline)} before it could be queued")
+            raise DeadlineExceeded(f"model {self.name}: the deadline ({_ms(deadline - now)} from now) "
+                                   f"cannot be met, the estimated queue wait plus compute is {_ms(needed)}")
 
     def _check_queue(self, first: int, now: float, budget: bool = True) -> None:
         """The bound on queued images and (``budget``) the budget on the estimated wait, for a first chunk of

@@ -188,7 +188,8 @@ class DataPlane:
             self.shared_stats.publish({(m.name, m.version): m.batcher.stats() for m in self.repository.all_loaded()})
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        """Every version in the repository with its state (READY, PENDING, UNAVAILABLE, UNLOADED) and reason."""
+        """Every version in the repository with its state (Triton's: READY; LOADING, judged again at the next scan;
+        UNAVAILABLE, failed or unloaded) and reason."""
         return [{"name": s.name, "version": str(s.version) if s.version else "", "state": s.state,
                  "reason": s.reason} for s in self.repository.statuses() if s.ready or not ready_only]
 

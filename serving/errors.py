@@ -136,4 +136,5 @@ def log_refusal(exc: ServingError, door: str) -> None:
     _last_logged[kind] = (now, 0)
     level = logging.INFO if exc.http_status < 500 else logging.WARNING
     more = f" (and {suppressed} more {kind.__name__} in the last {now - last:.0f} s)" if suppressed else ""
-    log.log(level, "%s: %s %d: %s%s", door, kind.__name__, exc.http_status, exc.message, more)
+    status = exc.grpc_code.name if "grpc" in door else exc.http_status  # the status the client got
+    log.log(level, "%s: %s %s: %s%s", door, kind.__name__, status, exc.message, more)

@@ -38,7 +38,8 @@ def decode_input(model: LoadedModel, name: str, datatype: str, shape: Any, max_i
     if raw is not None:
         return bytes_to_uint8(raw, shape, f"input {name!r}")
     if values is None:
-        raise InvalidInput(f"input {name!r} has no data (neither 'data' nor binary data)")
+        raise InvalidInput(f"input {name!r} has no data: send its values (JSON 'data'; gRPC 'contents') or binary "
+                           "data (JSON 'parameters.binary_data_size'; gRPC 'raw_input_contents')")
     array = numbers_to_uint8(values, f"input {name!r}")
     if array.size != int(np.prod(shape)):
         raise InvalidInput(f"input {name!r}: {array.size} values do not fill shape {shape}")
@@ -53,6 +54,8 @@ def check_outputs(outputs: list[tuple[Any, Any]]) -> int:
         if name in seen:  # merged, the last would win and the other be dropped unsaid (Triton refuses it too)
             raise InvalidInput(f"output {name!r} is requested twice: name each output once")
         seen.add(name)
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"each requested output needs a 'name'; this service returns {list(SERVED_OUTPUTS)}")
         if name not in SERVED_OUTPUTS:
             raise InvalidInput(f"unknown output {name!r}; this service returns {list(SERVED_OUTPUTS)}")
         if classification is not None:

@@ -382,6 +382,11 @@ def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[d
     try:
         header = json_object(header_bytes, "inference header")
     except InvalidInput as exc:
+        if (json_end := json_header_length(header_bytes)) is not None:
+            given = "it is missing" if length_text is None else f"it says {length_text}"
+            raise InvalidInput(f"the body is a JSON header of {json_end} bytes followed by "
+                               f"{len(header_bytes) - json_end} more: with binary tensor data, the {HEADER_LENGTH} "
+                               f"header must give the JSON header's length, {json_end} ({given})") from None
         if length_text is None and content_type == "application/octet-stream":
             raise InvalidInput(f"{exc.message}; binary tensor data needs the {HEADER_LENGTH} header (the length "
                                "of the JSON header before it)") from None
@@ -391,6 +396,18 @@ def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[d
             if isinstance(tensor, dict):
                 reject_booleans(tensor.get("data"), f"input {tensor.get('name')!r}")
     return header, binary
+
+
+def json_header_length(data: bytes) -> int | None:
+    """The length in bytes of the JSON object that ``data`` starts with, when more bytes follow it (binary tensor
+    data sent without, or with the wrong, ``Inference-Header-Content-Length``); None otherwise."""
+    try:
+        text = data.decode("utf-8", errors="surrogateescape")
+        value, end = json.JSONDecoder().raw_decode(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    length = len(text[:end].encode("utf-8", errors="surrogateescape"))
+    return length if isinstance(value, dict) and length < len(data) else None
 
 
 def declared_batch(header: bytes) -> int | None:
@@ -449,8 +466,11 @@ def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
         raise InvalidInput("input 'images' has both 'data' and parameters.binary_data_size: send one")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size != len(binary):
-            raise InvalidInput(f"binary_data_size {size!r} does not match the {len(binary)} bytes after the header")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInput(f"input 'images': parameters.binary_data_size must be a number of bytes (an integer "
+                               f">= 0), got {json.dumps(size)[:80]}")
+        if size != len(binary):
+            raise InvalidInput(f"binary_data_size {size} does not match the {len(binary)} bytes after the header")
         raw = binary
     elif binary:
         raise InvalidInput("binary data after the header but no input declares parameters.binary_data_size")

@@ -66,17 +66,19 @@ class LoadedModel:
         return self.card.version
 
 
-READY, PENDING, FAILED, UNLOADED = "READY", "PENDING", "UNAVAILABLE", "UNLOADED"  # Triton's state names
+# Triton's state names: a version judged once that may be half copied is LOADING (judged again at the next scan); a
+# failed or unloaded version is UNAVAILABLE, with the reason
+READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
 
 
 @dataclass(frozen=True)
 class VersionStatus:
     name: str
-    version: int  # 0 for a whole unloaded model
+    version: int  # 0 for an unloaded model with no version on disk
     ready: bool
     reason: str = ""
     providers: list[str] = field(default_factory=list)
-    state: str = READY  # READY, PENDING (first failure: may be half copied), UNAVAILABLE, UNLOADED
+    state: str = READY  # READY, LOADING (first failure: may be half copied), UNAVAILABLE (failed, or unloaded)
 
 
 def providers_for(device: str) -> list[str]:
@@ -164,6 +166,7 @@ class ModelRepository:
         self._ignored: set[Path] = set()  # entries that are not version directories, logged once
         self._unloaded: set[str] = set()  # models taken out of service by unload(), whatever is on disk
         self._unloaded_stamp: tuple[int, int, int] | None = None  # the shared unloaded file as last read
+        self._unloaded_versions: list[tuple[str, int]] = []  # the versions on disk of the unloaded models
         self._loads_applied: dict[str, int] = {}  # each model's shared load count as this worker last applied it
         # files shared by the workers of one server (children of one BentoML arbiter); not kept across restarts
         self.shared_dir = server_dir()
@@ -212,7 +215,7 @@ class ModelRepository:
                 before = seen.get((name, version))
                 if before is not None and before.fingerprint == now and (
                         (before.status.ready and not before.failures)
-                        or (name not in retry and before.status.state == FAILED)):
+                        or (name not in retry and before.status.state == UNAVAILABLE)):
                     continue
                 # a served version whose files changed (replaced in place, or its directory swapped): what is on
                 # disk is what every worker serves, a worker restarted later included, so it is loaded again
@@ -222,8 +225,8 @@ class ModelRepository:
                 except Exception as exc:  # any failure: that version is not ready, the rest serve
                     reason = str(exc) or type(exc).__name__
                     failures = before.failures + 1 if before is not None and before.fingerprint == now else 1
-                    state = FAILED if not self.scanned or failures >= 2 else PENDING
-                    if served is not None and state == PENDING:  # maybe half rewritten: the old files serve on
+                    state = UNAVAILABLE if not self.scanned or failures >= 2 else LOADING
+                    if served is not None and state == LOADING:  # maybe half rewritten: the old files serve on
                         seen[(name, version)] = _Seen(before.status, now, failures)
                         result.changes.append(f"pending replacement of {name}/{version} (will retry: {reason})")
                         continue
@@ -231,7 +234,7 @@ class ModelRepository:
                         result.removed.append(models[name].pop(version))
                     seen[(name, version)] = _Seen(VersionStatus(name, version, False, reason, state=state), now,
                                                   failures)
-                    if state == FAILED:
+                    if state == UNAVAILABLE:
                         log.error("model %s/%s not loaded: %s", name, version, reason)
                         result.changes.append(f"failed {name}/{version}")
                     elif before is None:
@@ -255,6 +258,7 @@ class ModelRepository:
             self._models = {n: v for n, v in models.items() if v}  # one atomic swap for readers
             self._unloaded = unloaded
             self._seen = seen
+            self._unloaded_versions = sorted(key for key in listing if key[0] in unloaded)
             self._served |= set(self._models)
             self.scanned = True
             return result
@@ -454,6 +458,10 @@ class ModelRepository:
                   and (version is None or s.version == version)]
         if failed:
             raise ModelNotReady(f"model {name}/{failed[0].version} is not ready: {failed[0].reason}")
+        versions = sorted({s.version for s in self.statuses() if s.name == name and s.version})
+        if version is not None and versions:
+            raise ModelNotFound(f"model {name!r} has no version {version}; its versions: "
+                                f"{', '.join(map(str, versions))}")
         known = ", ".join(sorted({s.name for s in self.statuses()})) or "none"
         what = f"model {name!r}" + (f" version {version}" if version is not None else "")
         raise ModelNotFound(f"{what} not found; models: {known}")
@@ -468,9 +476,12 @@ class ModelRepository:
         return sorted(self._models.get(name, {}))
 
     def statuses(self) -> list[VersionStatus]:
-        """Every version on disk or loaded, and each unloaded model, in order."""
+        """Every version on disk or loaded, the unloaded models' versions (or the model alone, when none is on disk)
+        among them, in order."""
         found = [s.status for s in self._seen.values()]
-        found += [VersionStatus(name, 0, False, "unloaded", state=UNLOADED) for name in self._unloaded]
+        unloaded = self._unloaded_versions + [(n, 0) for n in self._unloaded - {n for n, _ in self._unloaded_versions}]
+        found += [VersionStatus(name, v, False, "unloaded", state=UNAVAILABLE) for name, v in unloaded
+                  if name in self._unloaded]
         return sorted(found, key=lambda s: (s.name, s.version))
 
     @property

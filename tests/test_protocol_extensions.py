@@ -125,7 +125,9 @@ def test_repository_index_and_unload_load_over_http_and_grpc(server):
 
     http.unload_model(model)
     settle(False, "unload")
-    assert any(m["name"] == model and m["state"] == "UNLOADED" for m in http.get_model_repository_index())
+    rows = [m for m in http.get_model_repository_index() if m["name"] == model]  # Triton's: one per version
+    assert rows and all(m["state"] == "UNAVAILABLE" and m["reason"] == "unloaded" and m["version"].isdigit()
+                        for m in rows), rows
     grpc_client.load_model(model)
     settle(True, "load")
     grpc_client.unload_model(model)
@@ -520,3 +522,34 @@ def test_every_refused_inference_request_is_counted_on_its_door(server):
     after = refused_without_a_model(server.url)
     gained = {door: after.get(door, 0.0) - before.get(door, 0.0) for door in after}
     assert gained.get("oip-rest") == 2 and gained.get("predict") == 1 and gained.get("oip-grpc") == 1, gained
+
+
+def test_errors_an_outside_probe_found_unclear_say_what_was_wrong(server):
+    infer = f"{server.url}/v2/models/mnist-cnn/infer"
+    header = json.dumps({"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8",
+                                     "parameters": {"binary_data_size": 784}}]}).encode()
+    for length in (None, str(len(header) + 784)):  # binary data without the header length, or the body's length
+        headers = {} if length is None else {"Inference-Header-Content-Length": length}
+        r = httpx.post(infer, content=header + bytes(784), headers=headers)
+        given = "it is missing" if length is None else f"it says {length}"
+        assert r.status_code == 400 and f"the JSON header's length, {len(header)} ({given})" in r.json()["error"]
+    as_text = header.replace(b"784", b'"784"')
+    r = httpx.post(infer, content=as_text + bytes(784), headers={"Inference-Header-Content-Length": str(len(as_text))})
+    assert r.status_code == 400 and "binary_data_size must be a number of bytes" in r.json()["error"]
+    body = {"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}]}
+    r = httpx.post(infer, json={**body, "outputs": [{"parameters": {"classification": 2}}]})
+    assert r.status_code == 400 and "each requested output needs a 'name'" in r.json()["error"]
+    r = httpx.post(f"{server.url}/v2/models/mnist-cnn/versions/9/infer", json=body)
+    assert r.status_code == 404 and "has no version 9; its versions: 1, 2, 3" in r.json()["error"]
+    r = httpx.post(infer, json={**body, "parameters": {"timeout": 1}})  # 1 µs
+    assert r.status_code == 504 and " 0.0 ms" not in r.json()["error"]
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        empty = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 28, 28])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(pb.ModelInferRequest(model_name="mnist-cnn", inputs=[empty]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "raw_input_contents" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(pb.ModelInferRequest(model_name="mnist-cnn", model_version="9", inputs=[empty],
+                                                 raw_input_contents=[bytes(784)]))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and "its versions: 1, 2, 3" in info.value.details()

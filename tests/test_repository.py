@@ -13,7 +13,7 @@ import pytest
 
 from serving.errors import ModelNotFound, ModelNotReady
 from serving.model_card import file_sha256
-from serving.repository import PENDING, DeviceError, ModelRepository, providers_for
+from serving.repository import LOADING, DeviceError, ModelRepository, providers_for
 from serving.settings import Settings
 from tests.conftest import EXPORTS
 
@@ -32,7 +32,7 @@ def test_versions_latest_and_lookup_errors(tmp_path):
     repo = ModelRepository(Settings(model_dir=tmp_path, device="cpu"))
     assert repo.scan().changes == ["loaded mnist-cnn/1"] and repo.ready
     assert repo.get("mnist-cnn").version == 1 and repo.get("mnist-cnn", "1").version == 1
-    with pytest.raises(ModelNotFound, match="version 7 not found"):
+    with pytest.raises(ModelNotFound, match=r"has no version 7; its versions: 1$"):
         repo.get("mnist-cnn", 7)
     (tmp_path / "mnist-cnn" / "2").mkdir()  # a version without files: reported, the others serve
     assert repo.scan().changes[0].startswith("pending mnist-cnn/2")  # it may be still being copied
@@ -89,7 +89,7 @@ def test_a_half_copied_version_is_served_once_complete(tmp_path, first):
     copy_version(source, tmp_path / "mnist-cnn" / "2", files=(first,))  # the other file is not there yet
     repo.scan()
     [status] = [s for s in repo.statuses() if s.version == 2]
-    assert status.state == PENDING and repo.get("mnist-cnn").version == 1
+    assert status.state == LOADING and repo.get("mnist-cnn").version == 1
     copy_version(source, tmp_path / "mnist-cnn" / "2")  # now complete
     assert "loaded mnist-cnn/2" in repo.scan().changes and repo.get("mnist-cnn").version == 2
     repo.close()
