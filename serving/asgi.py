@@ -189,17 +189,37 @@ class JsonErrors:
 
 
 async def _send_error_object(send: Any, start: dict, body: bytes) -> None:
-    """Send a JSON error answer, unwrapping ``[{"error": ...}]`` into the object (length header fixed)."""
+    """Send a JSON error answer, unwrapping ``[{"error": ...}]`` into the object, and naming what pydantic found
+    wrong in BentoML's validation errors (length header fixed)."""
     parsed = None
-    if body.lstrip()[:1] == b"[":  # the service's own errors are objects already: not parsed again
+    if body.lstrip()[:1] == b"[" or b'"detail"' in body:  # the service's own errors: not parsed again
         with contextlib.suppress(ValueError, RecursionError):
             parsed = json.loads(body)
     if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict) and "error" in parsed[0]:
-        body = json.dumps(parsed[0]).encode()
+        parsed = parsed[0]
+    if isinstance(parsed, dict) and "error" in parsed:
+        if isinstance(parsed.get("detail"), list) and (found := _validation_problems(parsed["detail"])):
+            parsed = {**parsed, "error": f"invalid request: {found}"}
+        body = json.dumps(parsed).encode()
         headers = [(k, v) for k, v in start.get("headers") or [] if k.lower() != b"content-length"]
         start = {**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
     await send(start)
     await send({"type": "http.response.body", "body": body})
+
+
+def _validation_problems(detail: list[Any]) -> str:
+    """pydantic's errors (BentoML's ``detail``: ``loc``, ``type``, ``msg``) as one sentence: BentoML's own message
+    was "1 validation error for Input", which named neither the field nor the problem."""
+    problems = []
+    for error in detail:
+        if not isinstance(error, dict):
+            return ""
+        field = ".".join(str(part) for part in error.get("loc") or ()) or "the body"
+        if error.get("type") == "extra_forbidden":
+            problems.append(f"unknown field {field!r} (misspelt?)")
+        else:
+            problems.append(f"{field}: {error.get('msg', 'invalid')}")
+    return "; ".join(problems)
 
 
 async def send_error(send: Any, exc: ServingError) -> None:
@@ -324,6 +344,8 @@ def install_multipart_field_check(max_files: int) -> bool:
                          else "this API takes no files (image files go to /classify)")
                 raise BadInput(f"multipart field {name!r} holds a file ({value.filename!r}), but {name!r} is not a "
                                f"file field: {where}; other fields are plain values")
+            if value == "" and name in cls.multipart_fields:  # a browser's file input with no file chosen
+                raise BadInput(f"multipart field {name!r} has no file in it: choose a file to upload")
             if not isinstance(value, UploadFile) and name in cls.multipart_fields:
                 raise BadInput(f"multipart field {name!r} holds a plain value, but it takes files (curl -F "
                                f"{name}=@picture.png, not {name}=<picture.png); URLs are not fetched")

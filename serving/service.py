@@ -52,7 +52,8 @@ from serving.connections import ConnectionShare
 from serving.dataplane import DataPlane, check_image_count, count_refusal, label_predictions
 from serving.errors import InvalidInput, ServingError
 from serving.health import LIVE_PATHS, READY_PATHS, HealthServer, readiness_answer
-from serving.images import decode_upload
+from serving.images import check_request_pixels, decode_upload
+from serving.model_card import ModelCard
 from serving.oip_grpc import GrpcServer
 from serving.oip_rest import InferFastLane, check_admission, create_app, error_response, infer_lane
 from serving.repository import ModelRepository, ScanResult
@@ -64,7 +65,7 @@ log = logging.getLogger("cnnserve")
 SETTINGS = Settings.from_env()
 log.setLevel(SETTINGS.log_level.upper())  # the root logger's WARNING hid every INFO line of the service
 INFERENCE_PATHS = ["/v2", "/classify", "/predict"]
-TEMP_UPLOAD = re.compile(r"tmp[a-z0-9_]{8}(.+)")
+TEMP_UPLOAD = re.compile(r"tmp[a-z0-9_]{8}(.*)", re.DOTALL)
 
 
 def tracing_config(settings: Settings) -> dict:
@@ -344,9 +345,8 @@ class CnnServe:
             if not images:
                 raise InvalidInput("no images uploaded: send one or more files in the 'images' field")
             check_image_count(len(images), self.settings.max_images_per_request)
-            decoded = await asyncio.to_thread(  # off the event loop: a large picture takes a decoder 0.2 s or more
-                lambda: [decode_upload(p.read_bytes(), loaded.card, self.settings.max_image_pixels, upload_name(p))
-                         for p in images])
+            # off the event loop: a large picture takes a decoder 0.2 s or more
+            decoded = await asyncio.to_thread(self._decode_uploads, images, loaded.card)
             probs = await self.dataplane.infer(loaded, np.stack([image for image, _ in decoded]), "classify")
         except ServingError as exc:
             count_refusal(exc, "classify")
@@ -355,6 +355,13 @@ class CnnServe:
         for index, (result, (_, notes)) in enumerate(zip(results, decoded, strict=True)):
             result.update(index=index, converted=notes)
         return {"model": loaded.name, "version": str(loaded.version), "results": results}
+
+    def _decode_uploads(self, images: list[Path], card: ModelCard) -> list[tuple[np.ndarray, list[str]]]:
+        """The uploads decoded for ``card``, their declared pixels checked together first."""
+        uploads = [path.read_bytes() for path in images]
+        check_request_pixels(uploads, self.settings.max_request_pixels)
+        return [decode_upload(data, card, self.settings.max_image_pixels, upload_name(path) or f"#{i + 1} (no name)")
+                for i, (data, path) in enumerate(zip(uploads, images, strict=True))]
 
     @bentoml.api(route="/predict")
     async def predict(self, instances: list, model: str = "", version: Version = "", top_k: TopK = 1) -> dict:
@@ -376,6 +383,13 @@ class CnnServe:
                                 zip(label_predictions(loaded.card, probs, top_k), probs, strict=True)]}
 
 
+def _refuse_unknown_fields(*apis: Any) -> None:
+    """A field an API does not take (a misspelt ``topk``) is refused with a 400 naming it, instead of ignored."""
+    for api in apis:
+        api.input_spec.model_config["extra"] = "forbid"
+        api.input_spec.model_rebuild(force=True)
+
+
 def _depth(values: list) -> int:
     """How deeply the first elements of nested lists nest: 2 for one greyscale image given as rows."""
     depth = 0
@@ -388,9 +402,10 @@ def upload_name(path: Path) -> str:
     """The client's name of an uploaded file. BentoML hands the API a temporary file named by
     ``tempfile.NamedTemporaryFile(suffix=<client's file name>)``: ``tmp`` + 8 random characters + the name."""
     match = TEMP_UPLOAD.fullmatch(path.name)
-    return match.group(1) if match else path.name
+    return match.group(1) if match else path.name  # "": the client gave no name (or one ending in "/")
 
 
+_refuse_unknown_fields(CnnServe.apis["classify"], CnnServe.apis["predict"])
 CnnServe.add_asgi_middleware(BodyLimit, limit=SETTINGS.max_request_bytes)
 CnnServe.add_asgi_middleware(JsonErrors)
 CnnServe.add_asgi_middleware(MountRoots, paths=("/v2", "/models"))

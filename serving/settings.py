@@ -23,6 +23,7 @@ class Settings:
     max_queue_delay_ms: float = -1.0  # < 0: each model card's batching.max_queue_delay_ms
     max_request_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 16 * 1024 * 1024  # decompression-bomb guard, checked before decoding
+    max_request_pixels: int = 64 * 1024 * 1024  # all of a /classify request's images together, from their headers
     max_images_per_request: int = 1024
     # admission control, per model version (see serving/batcher.py): refuse with 503 + Retry-After when the
     # queue holds this many images (0: the card's batching.max_queue_images; 0 there too: no hard bound) ...

@@ -642,3 +642,31 @@ def test_an_image_sent_to_predict_is_pointed_at_classify(server):
     assert r.status_code == 415 and "/classify" in r.json()["error"], r.text
     r = httpx.post(f"{server.url}/predict", files=[("image", ("a.png", picture, "image/png"))])
     assert r.status_code == 400 and "/classify" in r.json()["error"], r.text
+
+
+def _blank_png(side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (side, side)).save(buffer, "PNG")  # a few kB that decode to side² pixels
+    return buffer.getvalue()
+
+
+def test_misspelt_fields_unnamed_uploads_and_costly_pixel_totals_are_refused_clearly(server):
+    # an outside probe: top_k misspelt was ignored (top 1 answered), an upload without a name was named after the
+    # server's temporary file, and 1,024 blank 4096x4096 PNGs (16 MB) kept a worker decoding for 40 s, then a 504
+    classify, predict = f"{server.url}/classify", f"{server.url}/predict"
+    digit = [("images", ("a.png", _png_digit(), "image/png"))]
+    r = httpx.post(classify, files=digit, data={"model": "mnist-cnn", "topk": "3"})
+    assert r.status_code == 400 and "unknown field 'topk'" in r.json()["error"], r.text
+    r = httpx.post(predict, json={"instances": np.zeros((28, 28), int).tolist(), "model": "mnist-cnn", "topk": 3})
+    assert r.status_code == 400 and "unknown field 'topk'" in r.json()["error"], r.text
+    r = httpx.post(classify, files=digit, data={"model": "mnist-cnn", "top_k": "many"})
+    assert r.status_code == 400 and r.json()["error"].startswith("invalid request: top_k: "), r.text
+    r = httpx.post(classify, files=[*digit, ("images", ("", b"", "image/png"))], data={"model": "mnist-cnn"})
+    assert r.status_code == 400 and r.json()["error"] in ("upload '#2 (no name)' is empty",
+                                                          "multipart field 'images' has no file in it: choose a "
+                                                          "file to upload"), r.text
+    blank = _blank_png(4096)  # 16 Mpx, at the per-image limit: five are over the request's 64 Mpx
+    r = httpx.post(classify, files=[("images", (f"{i}.png", blank, "image/png")) for i in range(5)],
+                   data={"model": "mnist-cnn"}, timeout=30)
+    assert r.status_code == 413 and "CNNSERVE_MAX_REQUEST_PIXELS" in r.json()["error"], r.text
+    assert httpx.post(classify, files=digit, data={"model": "mnist-cnn", "top_k": "3"}).status_code == 200
