@@ -94,6 +94,35 @@ class JsonBodies:
         await self.app({**scope, "headers": headers}, without_bom, send)
 
 
+class FormBodies:
+    """The upload routes at ``paths`` (``/classify``) take a multipart form: its media type is matched without
+    regard to case, as media types are (``MULTIPART/FORM-DATA`` was read as JSON: "Invalid JSON"), and any other
+    body, a picture sent as the body included, is a 415 that says how to upload."""
+
+    def __init__(self, app: Any, paths: tuple[str, ...]) -> None:
+        self.app, self.paths = app, paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        headers = scope.get("headers") or []
+        content_type = dict(headers).get(b"content-type", b"")
+        media_type, semicolon, parameters = content_type.partition(b";")
+        if media_type.strip().lower() != b"multipart/form-data":
+            sent = (f"a body of type {media_type.strip().decode('latin-1')!r}" if media_type.strip()
+                    else "a body without a type")
+            await send_error(send, UnsupportedMediaType(
+                f"{scope['path']} takes image files as multipart/form-data in its 'images' field (curl -F "
+                f"images=@digit.png -F model=mnist-cnn), not {sent}; JSON pixel arrays go to /predict"))
+            return
+        if media_type != b"multipart/form-data":  # the boundary (a parameter) keeps its case
+            headers = [(k, v) for k, v in headers if k != b"content-type"]
+            headers.append((b"content-type", b"multipart/form-data" + semicolon + parameters))
+            scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """Refuse request bodies over ``limit`` bytes with 413 on every route: by Content-Length before anything
     reads them, and chunked bodies (no Content-Length) as soon as the bytes received pass the limit, without

@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from serving.asgi import (
     BodyLimit,
+    FormBodies,
     InFlight,
     JsonBodies,
     JsonErrors,
@@ -411,3 +412,4 @@ CnnServe.add_asgi_middleware(JsonErrors)
 CnnServe.add_asgi_middleware(MountRoots, paths=("/v2", "/models"))
 CnnServe.add_asgi_middleware(InferFastLane, endpoint=oip_app.state.infer_endpoint)
 CnnServe.add_asgi_middleware(JsonBodies, paths=("/predict",))  # inside the fast lane: /v2 infer never meets it
+CnnServe.add_asgi_middleware(FormBodies, paths=("/classify",))

@@ -670,3 +670,18 @@ def test_misspelt_fields_unnamed_uploads_and_costly_pixel_totals_are_refused_cle
                    data={"model": "mnist-cnn"}, timeout=30)
     assert r.status_code == 413 and "CNNSERVE_MAX_REQUEST_PIXELS" in r.json()["error"], r.text
     assert httpx.post(classify, files=digit, data={"model": "mnist-cnn", "top_k": "3"}).status_code == 200
+
+
+def test_classify_reads_its_form_whatever_the_case_of_its_media_type_and_refuses_other_bodies(server):
+    # an outside probe: MULTIPART/FORM-DATA (media types are case-insensitive) and a PNG sent as the body were both
+    # read as JSON ("Invalid JSON")
+    classify, picture = f"{server.url}/classify", _png_digit()
+    form = (b'--Zz\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + picture
+            + b'\r\n--Zz\r\nContent-Disposition: form-data; name="model"\r\n\r\nmnist-cnn\r\n--Zz--\r\n')
+    r = httpx.post(classify, content=form, headers={"content-type": "MULTIPART/Form-Data; boundary=Zz"})
+    assert r.status_code == 200 and r.json()["model"] == "mnist-cnn", r.text
+    for content_type in ("image/png", "application/json", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        r = httpx.post(classify, content=picture, headers=headers)
+        assert r.status_code == 415 and "multipart/form-data in its 'images' field" in r.json()["error"], r.text
