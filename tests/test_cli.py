@@ -107,7 +107,7 @@ def test_missing_data_offline_is_one_clear_error(tmp_path):
                                                      "--no-download")
 
 
-def test_backbones_and_evaluations_that_cannot_work_are_one_clear_error(tmp_path):
+def test_backbones_and_evaluations_that_cannot_work_are_one_clear_error(tmp_path, monkeypatch):
     # each was a traceback (or, for evaluate, metrics of nonsense) before the data or the model was even used
     data = ("--data-dir", str(tmp_path), "--no-download")
     export = EXPORTS / "mnist-cnn" / "1"
@@ -127,6 +127,13 @@ def test_backbones_and_evaluations_that_cannot_work_are_one_clear_error(tmp_path
     assert "add --export" in refused("train", "pneumoniamnist", "--model-dir", str(tmp_path / "repo"), *data)
     assert "under their names: --set size" in refused("pipeline", "--set", "size=64", *data)
     assert "cannot be scored on chestmnist" in refused("evaluate", str(export), "--dataset", "chestmnist", *data)
+    # an outside probe's: offline, ImageNet weights were fetched anyway (a 40-frame traceback after the data had
+    # loaded), and a checkpoint backbone without its file failed after the data too
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert "ImageNet weights are not cached and downloads are off" in refused("train", "pneumoniamnist", "--set",
+                                                                             "arch=transfer", *data)
+    assert "needs --backbone-checkpoint PATH" in refused("train", "pneumoniamnist", "--set", "arch=transfer", "--set",
+                                                         "backbone=checkpoint", *data)
 
 
 def test_calibrate_publishes_a_calibrated_next_version(fixture_data, tmp_path):

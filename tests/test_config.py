@@ -42,6 +42,11 @@ def read(**fields) -> TrainConfig:
     ({"lr": "3e-3"}, "'lr' is '3e-3'; give a number"),  # YAML 1.1 reads 3e-3 (no dot) as a string
     ({"train_limit": 2.5}, "'train_limit' is 2.5; give an integer or null"),
     ({"ensemble": 2, "ensemble_variants": [{"optimizer": "adam"}]}, "'optimizer' is 'adam'"),
+    # an outside probe's: a flip swaps OrganMNIST's kidney-left and kidney-right; freeze did nothing on a CNN
+    ({"dataset": "organmnist3d", "augment": {"hflip": True}},
+     r"'augment.hflip' is true, but organmnist3d's labels name sides \(kidney-right, kidney-left, "),
+    ({"dataset": "organamnist", "augment": {"hflip": True}}, "but organamnist's labels name sides"),
+    ({"freeze": True}, "'freeze' is true, but arch is 'cnn'"),
 ])
 def test_a_bad_value_is_one_clear_error_when_read(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -51,7 +56,8 @@ def test_a_bad_value_is_one_clear_error_when_read(fields, message):
 def test_the_shipped_configs_and_good_values_are_accepted():
     for path in CONFIG_DIR.glob("*.yaml"):
         TrainConfig.load(path)
-    cfg = read(arch="transfer", backbone=CHECKPOINT_BACKBONE, size=224, select="acc+auc", lr=0)
+    cfg = read(arch="transfer", backbone=CHECKPOINT_BACKBONE, backbone_checkpoint="m.pt", size=224, select="acc+auc",
+               lr=0)
     assert (cfg.size, cfg.select_metric, cfg.lr) == (224, "acc+auc", 0)
     assert read(dataset="organmnist3d", size=64, train_limit=None, dropout=0).size == 64
 

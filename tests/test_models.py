@@ -93,3 +93,28 @@ def test_brightness_contrast_jitter_is_per_sample_and_keeps_structure():
         assert corr > 0.9999
     shift = (y - x).mean(dim=(1, 2, 3)).abs().max()
     assert shift <= 0.1 * (x.amax() - x.amin()) + 1e-6
+
+
+def test_imagenet_weights_missing_offline_are_one_clear_error_before_any_data(tmp_path, monkeypatch):
+    # an outside probe: with downloads off, torchvision fetched the weights anyway and failed in a 40-frame traceback
+    from urllib.error import URLError
+
+    from training.models import imagenet_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    fetched = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: fetched.append(url))
+    with pytest.raises(ValueError, match=r"resnet18 ImageNet weights are not cached and downloads are off .* put "
+                                         r"https://download.pytorch.org/models/resnet18-\w+\.pth at "
+                                         + str(tmp_path / "hub" / "checkpoints")):
+        imagenet_weights("resnet18", download=False)
+    assert not fetched
+    imagenet_weights("resnet18", download=True)
+    assert fetched and fetched[0].endswith(".pth")
+
+    def unreachable(url, **kw):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", unreachable)
+    with pytest.raises(ValueError, match=r"could not download the resnet18 ImageNet weights .*--set pretrained=false"):
+        imagenet_weights("resnet18", download=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,15 @@ class TrainConfig:
 
         _check_choice("dataset", self.dataset, dataset_flags())
         _check_choice("size", self.size, available_sizes(self.dataset), f"sizes of {self.dataset}")
-        if dataset_spec(self.dataset, self.size).is_3d:
+        spec = dataset_spec(self.dataset, self.size)
+        if self.augment.hflip and (sided := sided_labels(spec.labels)):
+            raise ValueError(f"config key 'augment.hflip' is true, but {self.dataset}'s labels name sides "
+                             f"({', '.join(sided[:4])}): a flipped left organ would keep its 'left' label; "
+                             "use false")
+        if self.freeze and self.arch != "transfer":
+            raise ValueError(f"config key 'freeze' is true, but arch is {self.arch!r}: freezing is for a "
+                             "transfer model's backbone (--set arch=transfer makes it one)")
+        if spec.is_3d:
             if self.arch == "transfer":
                 raise ValueError(f"config key 'arch' is 'transfer', but {self.dataset} is 3D and transfer "
                                  "backbones are 2D; use arch 'cnn'")
@@ -186,6 +195,15 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
     "str": ((str,), "a string"),
 }
+
+
+SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def sided_labels(labels: tuple[str, ...]) -> list[str]:
+    """The labels that name a side of the body (OrganMNIST's kidney-left, kidney-right, ...): a left-right flip
+    turns one into the other."""
+    return [label for label in labels if SIDES.search(label)]
 
 
 def _check_type(key: str, value: Any, annotation: str) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +159,26 @@ def _resnet_features(m: nn.Module) -> nn.Module:
 
 def _pooled_features(m: nn.Module) -> nn.Module:
     return nn.Sequential(m.features, m.avgpool, nn.Flatten())
+
+
+def imagenet_weights(backbone: str, download: bool) -> None:
+    """Make sure ``backbone``'s ImageNet weights are in torchvision's cache (TORCH_HOME), fetching them when
+    ``download`` allows, or raise a ``ValueError`` that says where the file goes and what to train from instead:
+    offline, torchvision's own fetch failed deep in a 40-frame traceback, and ``--no-download`` did not stop it."""
+    weights = tv_models.get_weight(TORCHVISION_BACKBONES[backbone].weights)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    path = cache / Path(urlparse(weights.url).path).name
+    if path.exists():
+        return
+    instead = (f"put {weights.url} at {path} (the cache under TORCH_HOME), or train from a local file "
+               "(--backbone-checkpoint PATH) or without ImageNet weights (--set pretrained=false)")
+    if not download:
+        raise ValueError(f"the {backbone} ImageNet weights are not cached and downloads are off (--no-download, "
+                         f"CNNSERVE_DOWNLOAD=0): {instead}")
+    try:
+        torch.hub.load_state_dict_from_url(weights.url, model_dir=str(cache), progress=True, check_hash=True)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a hash mismatch a RuntimeError
+        raise ValueError(f"could not download the {backbone} ImageNet weights ({exc}): {instead}") from None
 
 
 TORCHVISION_BACKBONES = {

@@ -6,7 +6,8 @@ name replaces the recipe (the shipped models keep theirs, unchanged).
 
 The recipes start from the tuned configs: ``pneumoniamnist.yaml`` (2D: three conv stages, AdamW, one-cycle,
 label smoothing, small affine augmentation, no flips: left and right differ in chest and organ images) and
-``adrenalmnist3d.yaml`` (3D: narrower stages, smaller batches, flips). What scales with the dataset is the
+``adrenalmnist3d.yaml`` (3D: narrower stages, smaller batches, flips, except for datasets whose labels name a
+side of the body, OrganMNIST3D's). What scales with the dataset is the
 length of training: a fixed budget of optimiser steps (the tuned configs' ~2,200 in 2D, ~1,100 in 3D),
 divided into epochs and bounded, so that BreastMNIST's 546 images get ~100 epochs and TissueMNIST's 165,466
 get 3 rather than days on a CPU. The batch grows with the dataset (fewer, larger steps per epoch).
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.config import CONFIG_DIR, TrainConfig, config_names, with_overrides
+from training.config import CONFIG_DIR, TrainConfig, config_names, sided_labels, with_overrides
 from training.data import available_sizes, dataset_flags, dataset_spec, is_local, official_split_sizes
 
 
@@ -68,8 +69,11 @@ def derive_config(flag: str, size: int = 28, candidate: str = "ema-nll") -> Trai
     low, high = recipe.epochs
     epochs = min(high, max(low, math.ceil(recipe.steps * batch_size / n_train)))
     name = f"{flag}-cnn" if size == 28 else f"{flag}-cnn-{size}"  # as model_name has it
-    return TrainConfig.from_dict({**recipe.config, **CANDIDATES[candidate], "name": name, "dataset": flag,
-                                  "size": size, "epochs": epochs, "batch_size": batch_size})
+    config = {**recipe.config, **CANDIDATES[candidate], "name": name, "dataset": flag, "size": size,
+              "epochs": epochs, "batch_size": batch_size}
+    if sided_labels(spec.labels):  # OrganMNIST3D: a flip would turn kidney-left into kidney-right
+        config["augment"] = {**config["augment"], "hflip": False}
+    return TrainConfig.from_dict(config)
 
 
 def resolve_config(name: str, overrides: dict[str, Any] | None = None, recipe: bool = False) -> TrainConfig:

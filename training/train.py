@@ -39,7 +39,7 @@ from training.checkpoint import (
 from training.config import TrainConfig
 from training.data import DEFAULT_DATA_DIR, Batches, DatasetSpec, Split, dataset_spec, load_split
 from training.evaluate import full_metrics, headline_metrics, predict_logits
-from training.models import CHECKPOINT_BACKBONE, Classifier, Ensemble, TransferNet, build_model
+from training.models import CHECKPOINT_BACKBONE, Classifier, Ensemble, TransferNet, build_model, imagenet_weights
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -110,9 +110,7 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer,
 def build_classifier(cfg: TrainConfig, spec: DatasetSpec, device: torch.device) -> tuple[Classifier, dict | None]:
     """The model to train on ``device``, and the config of the checkpoint its backbone comes from (if any)."""
     source, source_config = None, None
-    if cfg.arch == "transfer" and cfg.backbone == CHECKPOINT_BACKBONE:
-        if not cfg.backbone_checkpoint:
-            raise ValueError("backbone 'checkpoint' needs --backbone-checkpoint PATH")
+    if cfg.arch == "transfer" and cfg.backbone == CHECKPOINT_BACKBONE:  # its path: checked by train() first
         source, src_cfg, _ = load_model(Path(cfg.backbone_checkpoint))
         source_config = src_cfg.to_dict()
     model = build_model(spec, cfg, source).to(device)
@@ -206,6 +204,11 @@ def train(
     the checkpoint lets ``resume=True`` continue exactly where it stopped. Test metrics are then empty.
     ``cfg.ensemble`` > 1 trains that many members and averages them (see ``_train_ensemble``).
     """
+    if cfg.arch == "transfer" and not cfg.backbone_checkpoint:  # the backbone's weights, before any data is loaded
+        if cfg.backbone == CHECKPOINT_BACKBONE:
+            raise ValueError("backbone 'checkpoint' needs --backbone-checkpoint PATH")
+        if cfg.pretrained:
+            imagenet_weights(cfg.backbone, download)
     if cfg.ensemble > 1:
         return _train_ensemble(cfg, run_dir, data_dir, download, resume, device, quiet, report, stop_after)
     dev, rank, world = setup_distributed(device)
