@@ -373,6 +373,10 @@ class CnnServe:
             check_image_count(1 if single else len(instances), self.settings.max_images_per_request)
             reject_booleans(instances, "instances")
             array = numbers_to_uint8(instances, "instances")
+            shape = loaded.card.input.shape
+            if list(array.shape[0 if single else 1:]) != shape:  # quoted as sent, before a batch axis is added
+                raise InvalidInput(f"instances have shape {list(array.shape)}; model {loaded.name} takes one image "
+                                   f"of shape {shape} ({loaded.card.layout} without N) or a list of them")
             if single:
                 array = array[None]
             probs = await self.dataplane.infer(loaded, array, "predict")

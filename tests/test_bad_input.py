@@ -685,3 +685,12 @@ def test_classify_reads_its_form_whatever_the_case_of_its_media_type_and_refuses
         headers = {"content-type": content_type} if content_type else {}
         r = httpx.post(classify, content=picture, headers=headers)
         assert r.status_code == 415 and "multipart/form-data in its 'images' field" in r.json()["error"], r.text
+
+
+def test_a_predict_shape_error_quotes_the_shape_as_sent(server):
+    # an outside probe: [[0, 0, 0]] was quoted as [1, 1, 3], the batch axis the service had added
+    predict = f"{server.url}/predict"
+    for instances, sent in (([[0, 0, 0]], [1, 3]), (np.zeros((4, 28, 27), int).tolist(), [4, 28, 27])):
+        r = httpx.post(predict, json={"instances": instances, "model": "mnist-cnn"})
+        assert r.status_code == 400 and r.json()["error"].startswith(f"instances have shape {sent}; model mnist-cnn "
+                                                                     "takes one image of shape [28, 28]"), r.text
