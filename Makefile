@@ -7,7 +7,7 @@ PY          := $(VENV)/bin/python
 CONSTRAINTS ?= constraints.txt
 # real data beside the checkout when present (this project's CI machine), else the user cache + download
 DATA_DIR    ?= $(if $(wildcard ../shared/data/MNIST),../shared/data,$(HOME)/.cache/cnnserve/data)
-MODEL_DIR   ?= exports
+MODEL_DIR   ?= $(or $(CNNSERVE_MODEL_DIR),exports)
 HOST        ?= 127.0.0.1
 PORT        ?= 3000
 GRPC_PORT   ?= 8001
@@ -51,8 +51,9 @@ serve: $(VENV)/.serve models  ## serve the models in exports/ (HTTP :3000, gRPC 
 	--timeout-keep-alive $(KEEPALIVE) --timeout-graceful-shutdown $(GRACE)
 
 # the shipped models' names come from training/shipped.py (torch-free: the serve extra suffices)
-models: $(VENV)/.serve  ## train + export the shipped models unless exports/ already has them
-	@names=$$($(PY) -m training shipped) || exit 1; missing=""; for m in $$names; do ls -d $(MODEL_DIR)/$$m/[0-9]* >/dev/null 2>&1 || missing="$$missing $$m"; done; \
+models: $(VENV)/.serve  ## train + export the shipped models unless exports/ already has them (another MODEL_DIR is served as it is)
+	@if [ "$(MODEL_DIR)" != exports ]; then echo "serving $(MODEL_DIR) as it is (make train MODEL_DIR=$(MODEL_DIR) trains the shipped models into it)"; exit 0; fi; \
+	names=$$($(PY) -m training shipped) || exit 1; missing=""; for m in $$names; do ls -d $(MODEL_DIR)/$$m/[0-9]* >/dev/null 2>&1 || missing="$$missing $$m"; done; \
 	if [ -n "$$missing" ]; then echo "missing in $(MODEL_DIR):$$missing -> training them"; \
 	$(MAKE) train ONLY="$$missing"; fi
 
