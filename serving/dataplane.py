@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,11 +27,14 @@ from serving.repository import LoadedModel, ModelRepository, ScanResult
 from serving.settings import Settings
 from serving.worker_stats import SharedStats, add
 
+log = logging.getLogger("cnnserve.dataplane")
 SERVER_NAME = "cnnserve"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "health", "statistics",
               "model_repository"]
 NO_DURATION = {"count": 0, "ns": 0}
 PLATFORM = "onnxruntime_onnx"
+FOLLOW_WAIT_S = 5.0  # a load / unload waits at most this long for the other workers to apply it
+FOLLOW_POLL_S = 0.01
 
 
 def expected_shape(card: ModelCard) -> str:
@@ -195,9 +199,24 @@ class DataPlane:
 
     async def load(self, name: str) -> None:
         await self._apply(await asyncio.to_thread(self.repository.load, name))
+        await self._every_worker_follows(f"load of {name}")
 
     async def unload(self, name: str) -> None:
         await self._apply(await asyncio.to_thread(self.repository.unload, name))
+        await self._every_worker_follows(f"unload of {name}")
+
+    async def _every_worker_follows(self, change: str) -> None:
+        """Return once every other worker has applied this worker's last load / unload, as Triton answers once the
+        change is done (an outside probe: right after an unload's answer, 2 of 8 readiness calls on fresh
+        connections reached a worker still serving the model); after ``FOLLOW_WAIT_S`` it is logged instead."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + FOLLOW_WAIT_S
+        while self.repository.workers_behind():
+            if loop.time() > give_up:
+                log.warning("%s: %d other worker(s) had not followed after %.0f s", change,
+                            self.repository.workers_behind(), FOLLOW_WAIT_S)
+                return
+            await asyncio.sleep(FOLLOW_POLL_S)
 
     async def _apply(self, result: ScanResult) -> None:
         if self.on_scan is not None:

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import stat
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from serving.model_card import (
     write_json_atomic,
 )
 from serving.settings import Settings
-from serving.shared_slots import server_dir
+from serving.shared_slots import map_slots, server_dir
 
 log = logging.getLogger("cnnserve.repository")
 
@@ -69,6 +70,8 @@ class LoadedModel:
 # Triton's state names: a version judged once that may be half copied is LOADING (judged again at the next scan); a
 # failed or unloaded version is UNAVAILABLE, with the reason
 READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
+# a worker's slot in the shared "applied" file: 1 + the generation of the shared load / unload state it last applied
+APPLIED = struct.Struct("Q")
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,8 @@ class ModelRepository:
         # files shared by the workers of one server (children of one BentoML arbiter); not kept across restarts
         self.shared_dir = server_dir()
         self.unloaded_file = self.shared_dir / "unloaded.json"
+        self._slot, self._workers = worker_slot, settings.worker_count
+        self._applied = map_slots(self.shared_dir / "unloaded-applied", self._workers, worker_slot, APPLIED.size)
         # a lone request may use every core when no worker is busy: needs more cores than a session's threads
         self._wide_threads = settings.idle_threads or os.cpu_count() or 1
         wide = CUDA not in self._providers and self._wide_threads > settings.threads_per_session
@@ -192,7 +197,7 @@ class ModelRepository:
         tried again whenever its files change. Versions present at the first scan are judged at once."""
         with self._lock:
             result = ScanResult()
-            unloaded, loads = self._read_unloaded()
+            unloaded, loads, generation = self._read_unloaded()
             # a load() answered by any worker retries the model's failed versions in every worker
             retry = set(retry) | {n for n, count in loads.items() if count > self._loads_applied.get(n, 0)}
             self._loads_applied = loads
@@ -261,6 +266,7 @@ class ModelRepository:
             self._unloaded_versions = sorted(key for key in listing if key[0] in unloaded)
             self._served |= set(self._models)
             self.scanned = True
+            APPLIED.pack_into(self._applied, self._slot * APPLIED.size, generation + 1)
             return result
 
     def _fallbacks(self, old: dict[str, dict[int, LoadedModel]], new: dict[str, dict[int, LoadedModel]]) -> list[str]:
@@ -323,25 +329,36 @@ class ModelRepository:
             self._ignored.add(path)
             log.warning("model repository: ignoring %s: it %s", path, why)
 
-    def _read_unloaded(self) -> tuple[set[str], dict[str, int]]:
-        """The shared state of load / unload: (the models unloaded, how many times each model was loaded). The
-        counts reach the other workers however soon a load follows an unload (a set alone was back as it was by
-        the time their pollers read it, so they never retried the model's failed versions)."""
+    def _read_unloaded(self) -> tuple[set[str], dict[str, int], int]:
+        """The shared state of load / unload: (the models unloaded, how many times each model was loaded, its
+        generation, one more at each change). The counts reach the other workers however soon a load follows an
+        unload (a set alone was back as it was by the time their pollers read it, so they never retried the model's
+        failed versions)."""
         self._unloaded_stamp = _stamp(self.unloaded_file)
         try:
             shared = json.loads(self.unloaded_file.read_text())
-            return set(shared["unloaded"]), {name: int(n) for name, n in shared["loads"].items()}
+            return (set(shared["unloaded"]), {name: int(n) for name, n in shared["loads"].items()},
+                    int(shared.get("generation", 0)))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return set(), {}
+            return set(), {}, 0
 
     def unloaded_changed(self) -> bool:
         """Whether a worker changed the shared load / unload state since this one last read it (one ``stat``)."""
         return _stamp(self.unloaded_file) != self._unloaded_stamp
 
-    def _set_unloaded(self, names: set[str], loads: dict[str, int]) -> None:
-        """Share the unloaded set and the load counts; this worker applies them at its scan."""
+    def _set_unloaded(self, names: set[str], loads: dict[str, int], generation: int) -> None:
+        """Share the unloaded set and the load counts as the next generation; this worker applies them at its
+        scan, the others as their pollers see the file change."""
         self.unloaded_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.unloaded_file, {"unloaded": sorted(names), "loads": loads})
+        write_json_atomic(self.unloaded_file, {"unloaded": sorted(names), "loads": loads, "generation": generation + 1})
+
+    def workers_behind(self) -> int:
+        """How many of the other workers that have scanned have not yet applied the load / unload state this one
+        last applied (``DataPlane.load`` / ``unload`` wait for them: Triton answers once the change is done)."""
+        mine = APPLIED.unpack_from(self._applied, self._slot * APPLIED.size)[0]
+        theirs = [APPLIED.unpack_from(self._applied, slot * APPLIED.size)[0] for slot in range(self._workers)
+                  if slot != self._slot]
+        return sum(1 for applied in theirs if 0 < applied < mine)
 
     def _model_names_on_disk(self) -> set[str]:
         try:
@@ -407,11 +424,11 @@ class ModelRepository:
     def unload(self, name: str) -> ScanResult:
         """Take every version of ``name`` out of service, files untouched, until ``load(name)``. The other
         workers of this server follow within a tenth of a second plus the load time (the set is shared through
-        ``unloaded_file``, which their pollers watch: ``unloaded_changed``)."""
+        ``unloaded_file``, which their pollers watch: ``unloaded_changed``; ``workers_behind`` tells when)."""
         if name not in self._model_names_on_disk() and name not in self._models:
             raise ModelNotFound(f"model {name!r} not found in the repository")
-        unloaded, loads = self._read_unloaded()
-        self._set_unloaded(unloaded | {name}, loads)
+        unloaded, loads, generation = self._read_unloaded()
+        self._set_unloaded(unloaded | {name}, loads, generation)
         self._served.discard(name)
         return self.scan()
 
@@ -419,8 +436,8 @@ class ModelRepository:
         """Serve ``name`` again (after ``unload``) and try its failed versions again, files changed or not."""
         if name not in self._model_names_on_disk():
             raise ModelNotFound(f"model {name!r} not found in the repository")
-        unloaded, loads = self._read_unloaded()
-        self._set_unloaded(unloaded - {name}, {**loads, name: loads.get(name, 0) + 1})
+        unloaded, loads, generation = self._read_unloaded()
+        self._set_unloaded(unloaded - {name}, {**loads, name: loads.get(name, 0) + 1}, generation)
         result = self.scan()  # retries its failed versions: its load count went up
         if name not in self._models:
             reasons = "; ".join(f"{s.version}: {s.reason}" for s in self.statuses() if s.name == name) or "no versions"

@@ -285,9 +285,15 @@ def test_every_worker_follows_an_unload_and_a_load_at_once_not_a_poll_later(repo
                 time.sleep(0.05)
             return float("inf")
 
+        def readiness_on_fresh_connections() -> set[int]:  # each lands on either worker
+            return {httpx.get(f"{slow_poll.url}/v2/models/mnist-cnn/ready").status_code for _ in range(8)}
+
         assert httpx.post(f"{slow_poll.url}/v2/repository/models/mnist-cnn/unload").status_code == 200
+        # answered once every worker has followed (an outside probe: 2 of 8 calls just after still found it ready)
+        assert readiness_on_fresh_connections() == {503}
         assert seconds_until_both_workers_logged("removed mnist-cnn/1") < 2.0  # a poll: 30 s
         assert httpx.post(f"{slow_poll.url}/v2/repository/models/mnist-cnn/load").status_code == 200
+        assert readiness_on_fresh_connections() == {200}
         assert seconds_until_both_workers_logged("loaded mnist-cnn/1") < 2.0
     finally:
         slow_poll.stop()
