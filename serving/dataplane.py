@@ -174,6 +174,8 @@ class DataPlane:
         times the same three phases per run of each batch size. Counters never go back between two answers,
         whichever workers give them: each answer publishes its worker's counters before adding up."""
         self.publish_statistics()  # first: an answer from another worker after this one then counts what it adds up
+        if version and not name:  # gRPC can send one without the other: every model's statistics were answered
+            raise InvalidInput(f"statistics of version {version} need the model's name")
         if name:
             selected = [self.model(name, version)] if version else \
                 [m for m in self.repository.all_loaded() if m.name == name] or [self.model(name)]

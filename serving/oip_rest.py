@@ -111,8 +111,10 @@ def create_app(get_dataplane: Callable[[], DataPlane]) -> Starlette:
         return JSONResponse(dp.statistics(request.path_params.get("model"), request.path_params.get("version")))
 
     async def repository_index(request: Request, dp: DataPlane) -> Response:
-        options = await optional_json(request)
-        return JSONResponse(dp.repository_index(ready_only=bool(options.get("ready"))))
+        ready = (await optional_json(request)).get("ready", False)
+        if not isinstance(ready, bool):  # "yes" listed every model as a ready-only index
+            raise InvalidInput(f"'ready' must be true or false, got {json.dumps(ready)[:80]}")
+        return JSONResponse(dp.repository_index(ready_only=ready))
 
     async def load(request: Request, dp: DataPlane) -> Response:
         if (await optional_json(request)).get("parameters"):
@@ -456,6 +458,12 @@ class AnswerForm:
 def parse_infer_request(model: Any, header: dict[str, Any], binary: bytes,
                         max_images: int) -> tuple[np.ndarray, AnswerForm]:
     """-> (images, the answer's form)."""
+    named, version = header.get("model_name"), header.get("model_version")
+    if named not in (None, "", model.name):  # the URL picks the model: a body naming another is a client's mix-up
+        raise InvalidInput(f"the body names model {named!r}, the URL {model.name!r}: the URL picks the model")
+    if version not in (None, "") and str(version) != str(model.version):
+        raise InvalidInput(f"the body names version {version!r}, the URL's model is version {model.version}: put "
+                           f"the version in the URL (/v2/models/{model.name}/versions/{version}/infer)")
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise InvalidInput("'inputs' must be a list with exactly one tensor, 'images'")

@@ -559,3 +559,20 @@ def test_errors_an_outside_probe_found_unclear_say_what_was_wrong(server):
             stub.ModelInfer(pb.ModelInferRequest(model_name="mnist-cnn", model_version="9", inputs=[empty],
                                                  raw_input_contents=[bytes(784)]))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND and "its versions: 1, 2, 3" in info.value.details()
+
+
+def test_contradictions_and_loose_values_an_outside_probe_sent_are_refused(server):
+    body = {"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}]}
+    infer = f"{server.url}/v2/models/mnist-cnn/infer"
+    r = httpx.post(infer, json={**body, "model_name": "pneumoniamnist-cnn"})  # served by mnist-cnn before
+    assert r.status_code == 400 and "the URL picks the model" in r.json()["error"], r.text
+    r = httpx.post(infer, json={**body, "model_name": "mnist-cnn", "model_version": "1"})  # the URL's is version 3
+    assert r.status_code == 400 and "/v2/models/mnist-cnn/versions/1/infer" in r.json()["error"], r.text
+    assert httpx.post(infer, json={**body, "model_name": "mnist-cnn", "model_version": "3"}).status_code == 200
+    r = httpx.post(f"{server.url}/v2/repository/index", json={"ready": "yes"})  # listed every model
+    assert r.status_code == 400 and "'ready' must be true or false" in r.json()["error"], r.text
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:  # every model's statistics were answered
+            stub.ModelStatistics(pb.ModelStatisticsRequest(version="2"))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "need the model's name" in info.value.details()
