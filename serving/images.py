@@ -50,7 +50,7 @@ NPY_MAGIC = b"\x93NUMPY"
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "MPO")  # Pillow's names; MPO: a JPEG with its previews
 SUPPORTED = "PNG, JPEG, BMP, TIFF, GIF, WebP (2D models) or .npy (any model)"
 # the first bytes of the formats read here (WebP: RIFF....WEBP, checked as RIFF)
-MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP",
+MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP",
          b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "WebP"}
 RANGE_SCALED = {"I": "32-bit integer", "F": "floating-point"}  # greyscale modes without a fixed bit depth
 PLAIN = 16  # a card background this close to black or white: training images on a plain black/white surround
@@ -108,7 +108,8 @@ def _from_npy(data: bytes, card: ModelCard, upload: str) -> tuple[np.ndarray, li
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _fortran_order, dtype = read_header(stream)
     except (ValueError, OSError, EOFError, SyntaxError, TokenError) as exc:
-        raise UnprocessableInput(f"{upload} is not a readable .npy array: {exc}") from None
+        why = "its header is not a plain dictionary" if "malformed node" in str(exc) else str(exc)  # not ast's repr
+        raise UnprocessableInput(f"{upload} is not a readable .npy array: {why}") from None
     if dtype != np.uint8:
         raise InvalidInput(f"{upload}: .npy dtype must be uint8, got {dtype}")
     if list(shape) != card.input.shape:
@@ -139,7 +140,8 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
         raise PayloadTooLarge(f"{upload} is {width}x{height} = {width * height} pixels, over the limit of "
                               f"{max_pixels} (decompression-bomb guard)")
     if image.format not in FORMATS:
-        raise UnsupportedMediaType(f"{upload}: {image.format} images are not accepted ({SUPPORTED})")
+        kind = "Netpbm (PBM, PGM, PPM)" if image.format == "PPM" else image.format  # Pillow's name for all three
+        raise UnsupportedMediaType(f"{upload}: {kind} images are not accepted ({SUPPORTED})")
     frames = getattr(image, "n_frames", 1) if image.format != "MPO" else 1  # MPO: a photo and its previews
     if frames > 1:
         raise UnsupportedMediaType(f"{upload} holds {frames} images (a multi-page {image.format} or an animation), "

@@ -496,3 +496,11 @@ def test_real_digits_in_uploads_of_other_shapes_are_classified_by_the_shipped_mo
     decoded = np.stack([decode(encode(Image.fromarray(make(d))), model)[0] for d in digits])
     probs = session.run(None, {session.get_inputs()[0].name: decoded})[0]
     assert (probs.argmax(1) == labels).mean() >= 0.97
+
+
+def test_a_cut_jpeg_start_is_corrupt_and_netpbm_is_named_as_such():
+    # an outside probe: a JPEG of only its first two bytes read "not an image" (415), a .pgm "PPM images"
+    with pytest.raises(UnprocessableInput, match="is a corrupt JPEG file"):
+        decode(b"\xff\xd8")
+    with pytest.raises(UnsupportedMediaType, match=r"Netpbm \(PBM, PGM, PPM\) images are not accepted"):
+        decode(encode(Image.fromarray(GREY), "PPM"))
