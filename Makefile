@@ -46,6 +46,7 @@ $(TOOLS_VENV)/.tools: requirements-tools.txt
 	@touch $@
 
 serve: $(VENV)/.serve models  ## serve the models in exports/ (HTTP :3000, gRPC :8001), training them first if missing
+	BENTOML_HOME=$${BENTOML_HOME:-$${TMPDIR:-/tmp}/cnnserve-bentoml-$(PORT)} \
 	CNNSERVE_MODEL_DIR=$(MODEL_DIR) CNNSERVE_GRPC_PORT=$(GRPC_PORT) CNNSERVE_GRPC_HOST=$(HOST) \
 	CNNSERVE_WORKERS=$(WORKERS) $(VENV)/bin/bentoml serve serving.service:CnnServe --host $(HOST) --port $(PORT) \
 	--timeout-keep-alive $(KEEPALIVE) --timeout-graceful-shutdown $(GRACE)
