@@ -155,7 +155,7 @@ def test_a_multi_label_ensemble_exports_the_mean_of_its_members(fixture_data, tm
     train(cfg, tmp_path / "run", fixture_data, download=False, quiet=True, report=False)
     path = export_checkpoint(tmp_path / "run" / CHECKPOINT, tmp_path / "repo", data_dir=fixture_data, download=False)
     card = read_card(path / "model.json")
-    assert card.training["config"]["ensemble"] == 2 and card.metrics["parity"]["argmax_identical"]
+    assert card.training["config"]["ensemble"] == 2 and card.metrics["parity"]["labels_identical"]
     x = np.random.default_rng(1).integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
     probs, logits = ort.InferenceSession(str(path / "model.onnx")).run(["probs", "logits"], {"images": x})
     members = [load_model(tmp_path / "run" / f"member-{k}" / CHECKPOINT)[0] for k in range(2)]
@@ -230,3 +230,15 @@ def test_the_cards_commit_is_this_checkouts_whatever_the_working_directory(tmp_p
                     "--allow-empty", "-m", "other"], check=True)
     monkeypatch.chdir(tmp_path)
     assert git_commit() == here
+
+
+def test_a_multi_label_parity_check_compares_every_labels_decision():
+    # the top label alone agreed while another label crossed 0.5: the check passed a changed decision
+    from training.export import ExportError, _compare_probs
+
+    expected = np.array([[0.9, 0.50004, 0.1]], np.float32)
+    got = np.array([[0.9, 0.49997, 0.1]], np.float32)  # within the tolerance, one label's decision flipped
+    assert _compare_probs(expected, got, multi_label=False)["argmax_identical"]
+    with pytest.raises(ExportError, match="labels identical: False"):
+        _compare_probs(expected, got, multi_label=True)
+    assert _compare_probs(expected, expected, multi_label=True)["labels_identical"]
