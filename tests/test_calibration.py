@@ -54,6 +54,17 @@ def test_a_temperature_that_stopped_at_the_search_limit_is_named():
     assert at_search_limit(fitted) == [1] and fitted[1] == pytest.approx(20, rel=1e-3)
 
 
+def test_a_head_that_separates_its_val_split_perfectly_is_named_at_the_lower_limit():
+    # an outside probe: such heads got T = 0.068 or 0.072 (the search stopped where the NLL was already flat at 0),
+    # unflagged, while the README says they end at 0.05 and are listed
+    gen = torch.Generator().manual_seed(11)  # one where the search stopped inside, at T = 0.0527 (NLL 6e-18)
+    labels = torch.randint(0, 7, (120,), generator=gen)
+    margin = torch.rand(120, generator=gen) * 30 + 1
+    logits = margin[:, None] * torch.nn.functional.one_hot(labels, 7) + torch.randn(120, 7, generator=gen) * 0.3
+    fitted = fit_temperature(logits, labels, multi_label=False)
+    assert at_search_limit(fitted) == [0] and fitted[0] == pytest.approx(0.05, rel=1e-3)
+
+
 def test_metrics_match_a_hand_computed_example():
     # top-label confidences 0.95 (right), 0.90 (wrong), 0.62 (right), 0.62 (right); 15 bins of width 1/15 put
     # 0.95 and 0.90 in separate bins (10 bins would not): ECE = (0.05 + 0.90 + 2 * 0.38) / 4
