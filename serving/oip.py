@@ -14,7 +14,7 @@ import numpy as np
 
 from serving.dataplane import check_image_count
 from serving.errors import InvalidInput
-from serving.model_card import INPUT_NAME, PROBS_NAME
+from serving.model_card import INPUT_NAME, LOGITS_NAME, PROBS_NAME
 from serving.repository import LoadedModel
 from serving.tensors import bytes_to_uint8, numbers_to_uint8
 
@@ -56,6 +56,9 @@ def check_outputs(outputs: list[tuple[Any, Any]]) -> int:
         seen.add(name)
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"each requested output needs a 'name'; this service returns {list(SERVED_OUTPUTS)}")
+        if name == LOGITS_NAME:  # listed in the card, as the model file has it
+            raise InvalidInput(f"output {name!r} is in the model file for offline analysis; this service returns "
+                               f"{list(SERVED_OUTPUTS)} (calibrated probabilities)")
         if name not in SERVED_OUTPUTS:
             raise InvalidInput(f"unknown output {name!r}; this service returns {list(SERVED_OUTPUTS)}")
         if classification is not None:

@@ -545,6 +545,8 @@ def test_errors_an_outside_probe_found_unclear_say_what_was_wrong(server):
     body = {"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}]}
     r = httpx.post(infer, json={**body, "outputs": [{"parameters": {"classification": 2}}]})
     assert r.status_code == 400 and "each requested output needs a 'name'" in r.json()["error"]
+    r = httpx.post(infer, json={**body, "outputs": [{"name": "logits"}]})  # the card lists it: the file has it
+    assert r.status_code == 400 and "'logits' is in the model file for offline analysis" in r.json()["error"]
     r = httpx.post(f"{server.url}/v2/models/mnist-cnn/versions/9/infer", json=body)
     assert r.status_code == 404 and "has no version 9; its versions: 1, 2, 3" in r.json()["error"]
     r = httpx.post(infer, json={**body, "parameters": {"timeout": 1}})  # 1 µs
