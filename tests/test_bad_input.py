@@ -406,9 +406,10 @@ def test_a_new_connection_idle_past_the_header_timeout_is_still_served(server):
 def test_a_body_that_stops_arriving_gets_408_and_a_closed_connection(server, path):
     """A stalled upload held its slot of CNNSERVE_MAX_CONCURRENCY until the request timeout (60 s), then got 504."""
     started = time.monotonic()
+    content_type = "multipart/form-data; boundary=b" if path == "/classify" else "application/json"
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=HEADER_TIMEOUT_S + 5) as stalled:
-        stalled.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                        "Content-Length: 1000\r\n\r\n".encode() + b'{"inputs": [')
+        stalled.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                        "Content-Length: 1000\r\n\r\n".encode() + b'--b\r\nContent-Disposition: form-data')
         answer = stalled.recv(65536)
         assert stalled.recv(1) == b""  # closed
     elapsed = time.monotonic() - started

@@ -134,6 +134,8 @@ def test_backbones_and_evaluations_that_cannot_work_are_one_clear_error(tmp_path
                                                                              "arch=transfer", *data)
     assert "needs --backbone-checkpoint PATH" in refused("train", "pneumoniamnist", "--set", "arch=transfer", "--set",
                                                          "backbone=checkpoint", *data)
+    assert "labels name sides" in refused("train", "organmnist3d", "--set", "augment.hflip=true", *data)
+    assert "'freeze' is true, but arch is 'cnn'" in refused("train", "pneumoniamnist", "--freeze", *data)
 
 
 def test_calibrate_publishes_a_calibrated_next_version(fixture_data, tmp_path):

@@ -42,15 +42,23 @@ def read(**fields) -> TrainConfig:
     ({"lr": "3e-3"}, "'lr' is '3e-3'; give a number"),  # YAML 1.1 reads 3e-3 (no dot) as a string
     ({"train_limit": 2.5}, "'train_limit' is 2.5; give an integer or null"),
     ({"ensemble": 2, "ensemble_variants": [{"optimizer": "adam"}]}, "'optimizer' is 'adam'"),
+])
+def test_a_bad_value_is_one_clear_error_when_read(fields, message):
+    with pytest.raises(ValueError, match=message):
+        read(**fields)
+
+
+@pytest.mark.parametrize("fields,message", [
     # an outside probe's: a flip swaps OrganMNIST's kidney-left and kidney-right; freeze did nothing on a CNN
     ({"dataset": "organmnist3d", "augment": {"hflip": True}},
      r"'augment.hflip' is true, but organmnist3d's labels name sides \(kidney-right, kidney-left, "),
     ({"dataset": "organamnist", "augment": {"hflip": True}}, "but organamnist's labels name sides"),
     ({"freeze": True}, "'freeze' is true, but arch is 'cnn'"),
 ])
-def test_a_bad_value_is_one_clear_error_when_read(fields, message):
+def test_a_run_cannot_start_with_these_but_their_configs_still_read(fields, message):
+    cfg = read(**fields)  # a checkpoint of a run made before the check is still read, evaluated and exported
     with pytest.raises(ValueError, match=message):
-        read(**fields)
+        cfg.check_trainable()
 
 
 def test_the_shipped_configs_and_good_values_are_accepted():

@@ -139,21 +139,26 @@ class TrainConfig:
 
         _check_choice("dataset", self.dataset, dataset_flags())
         _check_choice("size", self.size, available_sizes(self.dataset), f"sizes of {self.dataset}")
-        spec = dataset_spec(self.dataset, self.size)
-        if self.augment.hflip and (sided := sided_labels(spec.labels)):
-            raise ValueError(f"config key 'augment.hflip' is true, but {self.dataset}'s labels name sides "
-                             f"({', '.join(sided[:4])}): a flipped left organ would keep its 'left' label; "
-                             "use false")
-        if self.freeze and self.arch != "transfer":
-            raise ValueError(f"config key 'freeze' is true, but arch is {self.arch!r}: freezing is for a "
-                             "transfer model's backbone (--set arch=transfer makes it one)")
-        if spec.is_3d:
+        if dataset_spec(self.dataset, self.size).is_3d:
             if self.arch == "transfer":
                 raise ValueError(f"config key 'arch' is 'transfer', but {self.dataset} is 3D and transfer "
                                  "backbones are 2D; use arch 'cnn'")
             if self.highpass is not None:
                 raise ValueError(f"config key 'highpass' is {self.highpass!r}, but {self.dataset} is 3D and "
                                  "highpass is for 2D images; use null")
+
+    def check_trainable(self) -> None:
+        """Raise one clear ``ValueError`` for settings a run may not start with (checked as training starts, not
+        when a checkpoint's config is read back: runs made before these checks still evaluate and export)."""
+        from training.data import dataset_spec
+
+        if self.augment.hflip and (sided := sided_labels(dataset_spec(self.dataset, self.size).labels)):
+            raise ValueError(f"config key 'augment.hflip' is true, but {self.dataset}'s labels name sides "
+                             f"({', '.join(sided[:4])}): a flipped left organ would keep its 'left' label; "
+                             "use false")
+        if self.freeze and self.arch != "transfer":
+            raise ValueError(f"config key 'freeze' is true, but arch is {self.arch!r}: freezing is for a "
+                             "transfer model's backbone (--set arch=transfer makes it one)")
 
     @classmethod
     def load(cls, path: Path | str, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -107,6 +107,17 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer,
     raise ValueError(f"unknown schedule {cfg.schedule!r}; use onecycle, cosine or constant")
 
 
+def _check_before_data(cfg: TrainConfig, download: bool) -> None:
+    """What would stop ``cfg``'s run, found before any data is loaded: its settings, and its backbone's weights
+    (fetched now when they are ImageNet's and downloads are allowed)."""
+    cfg.check_trainable()
+    if cfg.arch == "transfer" and not cfg.backbone_checkpoint:
+        if cfg.backbone == CHECKPOINT_BACKBONE:
+            raise ValueError("backbone 'checkpoint' needs --backbone-checkpoint PATH")
+        if cfg.pretrained:
+            imagenet_weights(cfg.backbone, download)
+
+
 def build_classifier(cfg: TrainConfig, spec: DatasetSpec, device: torch.device) -> tuple[Classifier, dict | None]:
     """The model to train on ``device``, and the config of the checkpoint its backbone comes from (if any)."""
     source, source_config = None, None
@@ -204,11 +215,8 @@ def train(
     the checkpoint lets ``resume=True`` continue exactly where it stopped. Test metrics are then empty.
     ``cfg.ensemble`` > 1 trains that many members and averages them (see ``_train_ensemble``).
     """
-    if cfg.arch == "transfer" and not cfg.backbone_checkpoint:  # the backbone's weights, before any data is loaded
-        if cfg.backbone == CHECKPOINT_BACKBONE:
-            raise ValueError("backbone 'checkpoint' needs --backbone-checkpoint PATH")
-        if cfg.pretrained:
-            imagenet_weights(cfg.backbone, download)
+    for member in (cfg.member(k) for k in range(cfg.ensemble)) if cfg.ensemble > 1 else (cfg,):
+        _check_before_data(member, download)
     if cfg.ensemble > 1:
         return _train_ensemble(cfg, run_dir, data_dir, download, resume, device, quiet, report, stop_after)
     dev, rank, world = setup_distributed(device)
