@@ -9,6 +9,8 @@ back to be drained (``ScanResult.removed``). Failed versions are retried when th
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -16,7 +18,7 @@ import re
 import stat
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -346,6 +348,15 @@ class ModelRepository:
         """Whether a worker changed the shared load / unload state since this one last read it (one ``stat``)."""
         return _stamp(self.unloaded_file) != self._unloaded_stamp
 
+    @contextlib.contextmanager
+    def _shared_state_locked(self) -> Iterator[None]:
+        """Hold the lock on the shared load / unload state, for a read-modify-write: two calls at once (in two
+        workers, or two threads of one) each wrote their change over the other's."""
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.shared_dir / "unloaded.lock", "a") as lock:  # each open is a lock of its own, threads too
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield  # unlocked as the file closes
+
     def _set_unloaded(self, names: set[str], loads: dict[str, int], generation: int) -> None:
         """Share the unloaded set and the load counts as the next generation; this worker applies them at its
         scan, the others as their pollers see the file change."""
@@ -427,8 +438,9 @@ class ModelRepository:
         ``unloaded_file``, which their pollers watch: ``unloaded_changed``; ``workers_behind`` tells when)."""
         if name not in self._model_names_on_disk() and name not in self._models:
             raise ModelNotFound(f"model {name!r} not found in the repository")
-        unloaded, loads, generation = self._read_unloaded()
-        self._set_unloaded(unloaded | {name}, loads, generation)
+        with self._shared_state_locked():
+            unloaded, loads, generation = self._read_unloaded()
+            self._set_unloaded(unloaded | {name}, loads, generation)
         self._served.discard(name)
         return self.scan()
 
@@ -436,8 +448,9 @@ class ModelRepository:
         """Serve ``name`` again (after ``unload``) and try its failed versions again, files changed or not."""
         if name not in self._model_names_on_disk():
             raise ModelNotFound(f"model {name!r} not found in the repository")
-        unloaded, loads, generation = self._read_unloaded()
-        self._set_unloaded(unloaded - {name}, {**loads, name: loads.get(name, 0) + 1}, generation)
+        with self._shared_state_locked():
+            unloaded, loads, generation = self._read_unloaded()
+            self._set_unloaded(unloaded - {name}, {**loads, name: loads.get(name, 0) + 1}, generation)
         result = self.scan()  # retries its failed versions: its load count went up
         if name not in self._models:
             reasons = "; ".join(f"{s.version}: {s.reason}" for s in self.statuses() if s.name == name) or "no versions"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import re
 import signal
 from collections.abc import Coroutine
@@ -186,8 +187,7 @@ class CnnServe:
         if self.settings.grpc_port:
             self.grpc = GrpcServer(self.dataplane, self.settings)
             await self.grpc.start()
-        if self.settings.poll_interval_s > 0:
-            self._poller = asyncio.get_running_loop().create_task(self._poll_repository())
+        self._poller = asyncio.get_running_loop().create_task(self._poll_repository())
         self._stats_publisher = asyncio.get_running_loop().create_task(self._publish_statistics())
         self._drain_on_sigterm()
         # What exists now (modules, BentoML, the models) lives as long as the worker: keep it out of the
@@ -203,16 +203,17 @@ class CnnServe:
         check_admission(self.dataplane, target)
 
     async def _poll_repository(self) -> None:
-        """Scan the repository every ``poll_interval_s``, and at once when another worker has unloaded or loaded
-        a model (checked every ``UNLOAD_FOLLOW_S``: one ``stat``), so that the workers agree within a tenth of a
-        second of the answer to the load / unload call, not a poll interval later."""
+        """Scan the repository every ``poll_interval_s`` (0: never on a timer), and at once when another worker has
+        unloaded or loaded a model (checked every ``UNLOAD_FOLLOW_S``: one ``stat``), so that the workers agree
+        before the load / unload call is answered (``DataPlane.load`` waits for them), not a poll interval later."""
         loop = asyncio.get_running_loop()
-        next_scan = loop.time() + self.settings.poll_interval_s
+        interval = self.settings.poll_interval_s if self.settings.poll_interval_s > 0 else math.inf
+        next_scan = loop.time() + interval
         while True:
-            await asyncio.sleep(min(UNLOAD_FOLLOW_S, self.settings.poll_interval_s))
+            await asyncio.sleep(min(UNLOAD_FOLLOW_S, interval))
             if loop.time() < next_scan and not self.repository.unloaded_changed():
                 continue
-            next_scan = loop.time() + self.settings.poll_interval_s
+            next_scan = loop.time() + interval
             try:
                 result = await asyncio.to_thread(self.repository.scan)
             except Exception:

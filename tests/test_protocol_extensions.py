@@ -269,11 +269,12 @@ def test_statistics_never_go_back_whichever_worker_answers(server):
     assert not drops and counts[-1] > counts[0], drops[:5]
 
 
-def test_every_worker_follows_an_unload_and_a_load_at_once_not_a_poll_later(repo, tmp_path):
-    """A server that scans its repository every 30 s: the worker that did not answer the call follows an unload
-    and a load at once (it watches the shared unloaded set), as Triton's synchronous load would have it. Each
-    worker logs what its scan changed, with its worker number."""
-    slow_poll = start_server(repo, tmp_path / "server.log", poll_interval_s=30)
+@pytest.mark.parametrize("poll_interval_s", [30, 0])
+def test_every_worker_follows_an_unload_and_a_load_at_once_not_a_poll_later(repo, tmp_path, poll_interval_s):
+    """A server that scans its repository every 30 s, or never on a timer (0): the worker that did not answer the
+    call follows an unload and a load at once (it watches the shared unloaded set), as Triton's synchronous load
+    would have it. Each worker logs what its scan changed, with its worker number."""
+    slow_poll = start_server(repo, tmp_path / "server.log", poll_interval_s=poll_interval_s)
     try:
         def seconds_until_both_workers_logged(change: str) -> float:
             start = time.monotonic()

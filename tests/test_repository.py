@@ -253,3 +253,48 @@ def test_a_pipe_or_device_in_place_of_a_model_file_fails_that_version_without_bl
         with pytest.raises(ModelNotReady, match="is not a regular file"):
             repo.get("mnist-cnn", version)
     repo.close()
+
+
+def test_a_worker_knows_which_others_have_not_applied_its_last_load_or_unload(tmp_path, monkeypatch):
+    # what DataPlane.load / unload wait on before answering: a worker that has never scanned (not started) is not
+    # waited for; one that scanned before the change is, until its next scan
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # this test's own shared files
+    (tmp_path / "tmp").mkdir()
+    copy_version(EXPORTS / "mnist-cnn" / "1", tmp_path / "repo" / "mnist-cnn" / "1")
+    settings = Settings(model_dir=tmp_path / "repo", device="cpu", workers=3)
+    answering, other = ModelRepository(settings), ModelRepository(settings, worker_slot=1)  # slot 2: never starts
+    answering.scan()
+    other.scan()
+    assert answering.workers_behind() == 0
+    answering.unload("mnist-cnn")
+    assert answering.workers_behind() == 1 and other.workers_behind() == 0  # other is behind, not ahead
+    other.scan()
+    assert answering.workers_behind() == 0
+    answering.load("mnist-cnn")
+    assert answering.workers_behind() == 1
+    other.scan()
+    assert answering.workers_behind() == 0 and other.get("mnist-cnn").version == 1
+
+
+def test_unloads_at_once_from_many_threads_are_all_kept(tmp_path, monkeypatch):
+    # a read-modify-write of the shared state without a lock: two calls at once each wrote over the other's change
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    names = [f"model-{i}" for i in range(16)]
+    for name in names:
+        (tmp_path / "repo" / name).mkdir(parents=True)  # a model on disk, no version yet: it may be unloaded
+    workers = [ModelRepository(Settings(model_dir=tmp_path / "repo", device="cpu"), worker_slot=i % 2)
+               for i in range(len(names))]
+    start = threading.Barrier(len(names))
+
+    def unload(repo: ModelRepository, name: str) -> None:
+        start.wait()
+        repo.unload(name)
+
+    threads = [threading.Thread(target=unload, args=pair) for pair in zip(workers, names, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    unloaded, _, generation = workers[0]._read_unloaded()
+    assert unloaded == set(names) and generation == len(names)
