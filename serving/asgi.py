@@ -243,7 +243,8 @@ def _validation_problems(detail: list[Any]) -> str:
     for error in detail:
         if not isinstance(error, dict):
             return ""
-        field = ".".join(str(part) for part in error.get("loc") or ()) or "the body"
+        loc = error.get("loc")
+        field = ".".join(str(part) for part in loc) if isinstance(loc, (list, tuple)) and loc else "the body"
         if error.get("type") == "extra_forbidden":
             problems.append(f"unknown field {field!r} (misspelt?)")
         else:

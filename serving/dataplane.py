@@ -213,10 +213,9 @@ class DataPlane:
         connections reached a worker still serving the model); after ``FOLLOW_WAIT_S`` it is logged instead."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + FOLLOW_WAIT_S
-        while self.repository.workers_behind():
+        while behind := self.repository.workers_behind():
             if loop.time() > give_up:
-                log.warning("%s: %d other worker(s) had not followed after %.0f s", change,
-                            self.repository.workers_behind(), FOLLOW_WAIT_S)
+                log.warning("%s: %d other worker(s) had not followed after %.0f s", change, behind, FOLLOW_WAIT_S)
                 return
             await asyncio.sleep(FOLLOW_POLL_S)
 

@@ -51,11 +51,11 @@ def check_outputs(outputs: list[tuple[Any, Any]]) -> int:
     the classification extension asks for (0: the probabilities themselves)."""
     count, seen = 0, set()
     for name, classification in outputs:
+        if not isinstance(name, str) or not name:  # first: a list as a name is not hashable
+            raise InvalidInput(f"each requested output needs a 'name'; this service returns {list(SERVED_OUTPUTS)}")
         if name in seen:  # merged, the last would win and the other be dropped unsaid (Triton refuses it too)
             raise InvalidInput(f"output {name!r} is requested twice: name each output once")
         seen.add(name)
-        if not isinstance(name, str) or not name:
-            raise InvalidInput(f"each requested output needs a 'name'; this service returns {list(SERVED_OUTPUTS)}")
         if name == LOGITS_NAME:  # listed in the card, as the model file has it
             raise InvalidInput(f"output {name!r} is in the model file for offline analysis; this service returns "
                                f"{list(SERVED_OUTPUTS)} (calibrated probabilities)")

@@ -326,6 +326,7 @@ def json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+HINT_SCAN_BYTES = 1 << 20  # how much of a body that is not JSON is read for a JSON header before binary data
 GZIP_MAGIC = b"\x1f\x8b"
 CODINGS = {"gzip": 31, "deflate": 15}  # Content-Encoding -> zlib's wbits (deflate is the zlib format, RFC 9110)
 
@@ -384,10 +385,10 @@ def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[d
     try:
         header = json_object(header_bytes, "inference header")
     except InvalidInput as exc:
-        if (json_end := json_header_length(header_bytes)) is not None:
+        if (json_end := json_header_length(body)) is not None:  # a wrong length: too short, the whole body, none
             given = "it is missing" if length_text is None else f"it says {length_text}"
             raise InvalidInput(f"the body is a JSON header of {json_end} bytes followed by "
-                               f"{len(header_bytes) - json_end} more: with binary tensor data, the {HEADER_LENGTH} "
+                               f"{len(body) - json_end} more: with binary tensor data, the {HEADER_LENGTH} "
                                f"header must give the JSON header's length, {json_end} ({given})") from None
         if length_text is None and content_type == "application/octet-stream":
             raise InvalidInput(f"{exc.message}; binary tensor data needs the {HEADER_LENGTH} header (the length "
@@ -402,9 +403,10 @@ def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[d
 
 def json_header_length(data: bytes) -> int | None:
     """The length in bytes of the JSON object that ``data`` starts with, when more bytes follow it (binary tensor
-    data sent without, or with the wrong, ``Inference-Header-Content-Length``); None otherwise."""
+    data sent without, or with the wrong, ``Inference-Header-Content-Length``); None otherwise, or when the object
+    does not end within the first ``HINT_SCAN_BYTES`` (only those are decoded)."""
     try:
-        text = data.decode("utf-8", errors="surrogateescape")
+        text = data[:HINT_SCAN_BYTES].decode("utf-8", errors="surrogateescape")
         value, end = json.JSONDecoder().raw_decode(text)
     except (json.JSONDecodeError, RecursionError):
         return None

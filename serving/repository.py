@@ -511,7 +511,7 @@ class ModelRepository:
         found = [s.status for s in self._seen.values()]
         unloaded = self._unloaded_versions + [(n, 0) for n in self._unloaded - {n for n, _ in self._unloaded_versions}]
         found += [VersionStatus(name, v, False, "unloaded", state=UNAVAILABLE) for name, v in unloaded
-                  if name in self._unloaded]
+                  if name in self._unloaded]  # a model loaded again while a scan swaps its tables: not listed
         return sorted(found, key=lambda s: (s.name, s.version))
 
     @property
@@ -534,3 +534,4 @@ class ModelRepository:
             m.batcher.close(reason)
         if self.board:
             self.board.close()
+        self._applied.close()

@@ -535,7 +535,8 @@ def test_errors_an_outside_probe_found_unclear_say_what_was_wrong(server):
     infer = f"{server.url}/v2/models/mnist-cnn/infer"
     header = json.dumps({"inputs": [{"name": "images", "shape": [1, 28, 28], "datatype": "UINT8",
                                      "parameters": {"binary_data_size": 784}}]}).encode()
-    for length in (None, str(len(header) + 784)):  # binary data without the header length, or the body's length
+    # binary data without the header length, with the body's length, or with one counted in characters (short)
+    for length in (None, str(len(header) + 784), str(len(header) - 2)):
         headers = {} if length is None else {"Inference-Header-Content-Length": length}
         r = httpx.post(infer, content=header + bytes(784), headers=headers)
         given = "it is missing" if length is None else f"it says {length}"
@@ -551,7 +552,10 @@ def test_errors_an_outside_probe_found_unclear_say_what_was_wrong(server):
     r = httpx.post(f"{server.url}/v2/models/mnist-cnn/versions/9/infer", json=body)
     assert r.status_code == 404 and "has no version 9; its versions: 1, 2, 3" in r.json()["error"]
     r = httpx.post(infer, json={**body, "parameters": {"timeout": 1}})  # 1 µs
-    assert r.status_code == 504 and " 0.0 ms" not in r.json()["error"]
+    assert r.status_code == 504 and re.search(r"passed \d\.\d+ ms before", r.json()["error"]), r.text
+    assert "0.0 ms" not in r.json()["error"]
+    r = httpx.post(infer, json={**body, "outputs": [{"name": ["probs"]}]})  # a list as a name: a 500 before
+    assert r.status_code == 400 and "each requested output needs a 'name'" in r.json()["error"]
     with grpc.insecure_channel(server.grpc_address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         empty = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 28, 28])
