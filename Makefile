@@ -45,7 +45,7 @@ $(TOOLS_VENV)/.tools: requirements-tools.txt
 	$(TOOLS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-tools.txt
 	@touch $@
 
-serve: $(VENV)/.serve models  ## serve the models in exports/ (HTTP :3000, gRPC :8001), training them first if missing
+serve: $(VENV)/.serve models  ## serve the models in MODEL_DIR (exports/; HTTP :3000, gRPC :8001), training exports/ first if missing
 	BENTOML_HOME=$${BENTOML_HOME:-$${TMPDIR:-/tmp}/cnnserve-bentoml-$(PORT)} \
 	CNNSERVE_MODEL_DIR=$(MODEL_DIR) CNNSERVE_GRPC_PORT=$(GRPC_PORT) CNNSERVE_GRPC_HOST=$(HOST) \
 	CNNSERVE_WORKERS=$(WORKERS) $(VENV)/bin/bentoml serve serving.service:CnnServe --host $(HOST) --port $(PORT) \
@@ -53,7 +53,7 @@ serve: $(VENV)/.serve models  ## serve the models in exports/ (HTTP :3000, gRPC 
 
 # the shipped models' names come from training/shipped.py (torch-free: the serve extra suffices)
 models: $(VENV)/.serve  ## train + export the shipped models unless exports/ already has them (another MODEL_DIR is served as it is)
-	@if [ "$(MODEL_DIR)" != exports ]; then echo "serving $(MODEL_DIR) as it is (make train MODEL_DIR=$(MODEL_DIR) trains the shipped models into it)"; exit 0; fi; \
+	@if [ "$(abspath $(MODEL_DIR))" != "$(abspath exports)" ]; then echo "serving $(MODEL_DIR) as it is (make train MODEL_DIR=$(MODEL_DIR) trains the shipped models into it)"; exit 0; fi; \
 	names=$$($(PY) -m training shipped) || exit 1; missing=""; for m in $$names; do ls -d $(MODEL_DIR)/$$m/[0-9]* >/dev/null 2>&1 || missing="$$missing $$m"; done; \
 	if [ -n "$$missing" ]; then echo "missing in $(MODEL_DIR):$$missing -> training them"; \
 	$(MAKE) train ONLY="$$missing"; fi

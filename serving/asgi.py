@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from serving.accepting import Acceptor
+from serving.dataplane import count_refusal
 from serving.errors import (
     BodyTooLarge,
     Overloaded,
@@ -73,7 +74,7 @@ class JsonBodies:
         headers = scope.get("headers") or []
         content_type = dict(headers).get(b"content-type", b"").lower()
         if content_type.startswith(b"image/"):  # a picture sent as the body, as to an upload endpoint
-            await send_error(send, UnsupportedMediaType(
+            await _refuse(send, scope, UnsupportedMediaType(
                 f"{scope['path']} takes JSON ({{\"instances\": [...]}}); image files go to /classify, as "
                 "multipart/form-data in its 'images' field (curl -F images=@digit.png)"))
             return
@@ -112,7 +113,7 @@ class FormBodies:
         if media_type.strip().lower() != b"multipart/form-data":
             sent = (f"a body of type {media_type.strip().decode('latin-1')!r}" if media_type.strip()
                     else "a body without a type")
-            await send_error(send, UnsupportedMediaType(
+            await _refuse(send, scope, UnsupportedMediaType(
                 f"{scope['path']} takes image files as multipart/form-data in its 'images' field (curl -F "
                 f"images=@digit.png -F model=mnist-cnn), not {sent}; JSON pixel arrays go to /predict"))
             return
@@ -121,6 +122,15 @@ class FormBodies:
             headers.append((b"content-type", b"multipart/form-data" + semicolon + parameters))
             scope = {**scope, "headers": headers}
         await self.app(scope, receive, send)
+
+
+async def _refuse(send: Any, scope: dict, exc: ServingError) -> None:
+    """Answer an inference request refused before BentoML's app read it, logged and counted as the app's own
+    refusals are (door: the route's name, ``/predict`` -> "predict")."""
+    door = scope["path"].strip("/")
+    log_refusal(exc, door)
+    count_refusal(exc, door)
+    await send_error(send, exc)
 
 
 class BodyLimit:

@@ -682,10 +682,17 @@ def test_classify_reads_its_form_whatever_the_case_of_its_media_type_and_refuses
             + b'\r\n--Zz\r\nContent-Disposition: form-data; name="model"\r\n\r\nmnist-cnn\r\n--Zz--\r\n')
     r = httpx.post(classify, content=form, headers={"content-type": "MULTIPART/Form-Data; boundary=Zz"})
     assert r.status_code == 200 and r.json()["model"] == "mnist-cnn", r.text
+    def refused_on_classify() -> float:
+        wanted = 'cnnserve_requests_total{door="classify",model="",outcome="invalid"}'
+        lines = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines() if line.startswith(wanted)]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    before = refused_on_classify()
     for content_type in ("image/png", "application/json", "application/x-www-form-urlencoded", None):
         headers = {"content-type": content_type} if content_type else {}
         r = httpx.post(classify, content=picture, headers=headers)
         assert r.status_code == 415 and "multipart/form-data in its 'images' field" in r.json()["error"], r.text
+    assert refused_on_classify() == before + 4  # counted as the app's own refusals are
 
 
 def test_a_predict_shape_error_quotes_the_shape_as_sent(server):
