@@ -384,7 +384,7 @@ def install_multipart_field_check(max_files: int) -> bool:
                          else "this API takes no files (image files go to /classify)")
                 raise BadInput(f"multipart field {name!r} holds a file ({value.filename!r}), but {name!r} is not a "
                                f"file field: {where}; other fields are plain values")
-            if value == "" and name in cls.multipart_fields:  # a browser's file input with no file chosen
+            if value == "" and name in cls.multipart_fields:  # an empty plain value (curl -F images=)
                 raise BadInput(f"multipart field {name!r} has no file in it: choose a file to upload")
             if not isinstance(value, UploadFile) and name in cls.multipart_fields:
                 raise BadInput(f"multipart field {name!r} holds a plain value, but it takes files (curl -F "

@@ -662,10 +662,17 @@ def test_misspelt_fields_unnamed_uploads_and_costly_pixel_totals_are_refused_cle
     assert r.status_code == 400 and "unknown field 'topk'" in r.json()["error"], r.text
     r = httpx.post(classify, files=digit, data={"model": "mnist-cnn", "top_k": "many"})
     assert r.status_code == 400 and r.json()["error"].startswith("invalid request: top_k: "), r.text
-    r = httpx.post(classify, files=[*digit, ("images", ("", b"", "image/png"))], data={"model": "mnist-cnn"})
-    assert r.status_code == 400 and r.json()["error"] in ("upload '#2 (no name)' is empty",
-                                                          "multipart field 'images' has no file in it: choose a "
-                                                          "file to upload"), r.text
+    png = _png_digit()
+    for second_part, message in (  # a browser's file input with no file chosen; curl -F images=
+            (b'Content-Disposition: form-data; name="images"; filename=""\r\nContent-Type: '
+             b"application/octet-stream\r\n\r\n", "upload '#2 (no name)' is empty"),
+            (b'Content-Disposition: form-data; name="images"\r\n\r\n',
+             "multipart field 'images' has no file in it: choose a file to upload")):
+        form = (b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\nContent-Type: '
+                b"image/png\r\n\r\n" + png + b"\r\n--b\r\n" + second_part + b"\r\n--b\r\nContent-Disposition: "
+                b'form-data; name="model"\r\n\r\nmnist-cnn\r\n--b--\r\n')
+        r = httpx.post(classify, content=form, headers={"content-type": "multipart/form-data; boundary=b"})
+        assert r.status_code == 400 and r.json()["error"] == message, r.text
     blank = _blank_png(4096)  # 16 Mpx, at the per-image limit: five are over the request's 64 Mpx
     r = httpx.post(classify, files=[("images", (f"{i}.png", blank, "image/png")) for i in range(5)],
                    data={"model": "mnist-cnn"}, timeout=30)
