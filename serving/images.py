@@ -28,9 +28,10 @@ Every step that changes pixels adds a note (the reply's ``converted`` list), in 
    its median) but not at the card's level, e.g. paper at grey 235 (20 once inverted), is stretched so that its
    border goes to the card's level and its strongest strokes (99th percentile) to the other end: "levelled: ...".
    The models learnt digits on exact black: mnist-cnn answered "8" for 98 of 100 real digits on grey-235 paper.
-7. Size: bilinear resize to the model's height and width. For those same cards an upload of any other size is
-   framed first, as MNIST framed its digits: cropped to its strokes and centred on the background with a margin
-   ("framed: ..."); other cards' uploads are resized as they are ("stretched" when the aspect ratio changes).
+7. Size: bilinear resize to the model's height and width. For those same cards, when the card records how much
+   of its training images their strokes fill (MNIST: 20 of 28 pixels), an upload of any other size is framed the
+   same way: cropped to its strokes, resized, centred on the background ("framed: ..."); other cards' uploads are
+   resized as they are ("stretched" when the aspect ratio changes).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from serving.errors import InvalidInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
-from serving.model_card import ModelCard
+from serving.model_card import INK_GAP, ModelCard, plain_background
 
 NPY_MAGIC = b"\x93NUMPY"
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "MPO")  # Pillow's names; MPO: a JPEG with its previews
@@ -53,13 +54,11 @@ SUPPORTED = "PNG, JPEG, BMP, TIFF, GIF, WebP (2D models) or .npy (any model)"
 MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP",
          b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "WebP"}
 RANGE_SCALED = {"I": "32-bit integer", "F": "floating-point"}  # greyscale modes without a fixed bit depth
-PLAIN = 16  # a card background this close to black or white: training images on a plain black/white surround
 OPPOSITE_BORDER = 0.9  # share of an upload's border pixels on the other side of mid-grey that means "inverted"
 PLAIN_BORDER = 24  # border pixels this close to the border's median: plain (paper, a screen), not a picture
 LEVEL_TOLERANCE = 8  # a plain border this close to the card's background is left as it is
 MIN_CONTRAST = 32  # strokes less far than this from the border's level: nothing to stretch
-INK_GAP = 64  # a pixel this far from a plain card background is part of the strokes (framing, step 7)
-STROKES_SHARE = 20 / 28  # MNIST's framing: a digit's longer side fills 20 of the image's 28 pixels
+MNIST_STROKES_SHARE = 20 / 28  # MNIST's framing (its cards from before they recorded it): 20 of 28 pixels
 
 
 def decode_upload(data: bytes, card: ModelCard, max_pixels: int, filename: str = "") -> tuple[np.ndarray, list[str]]:
@@ -170,38 +169,45 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
 
 
 def _resized(image: Image.Image, card: ModelCard, notes: list[str]) -> Image.Image:
-    """``image`` at the model's height and width. For a card whose training images sit on black or white (digits),
-    an upload of any other size is framed first as MNIST framed its digits: cropped to its strokes (pixels more than
-    ``INK_GAP`` grey levels from the background) and centred on the background in a square whose side is
-    ``1 / STROKES_SHARE`` times their longer side. Stretched to shape instead, 500 real MNIST test digits centred
-    on an 84x28 canvas scored 0.668 and cropped tight to their strokes 0.832; framed, 0.996 in every shape tried
-    (serving/README.md). Other cards' uploads are resized as they are, the note saying when that stretches them:
+    """``image`` at the model's height and width. For a card whose training images sit on black or white and that
+    records how much of them their strokes fill (``input_strokes_share``; MNIST's cards from before: 20 of 28), an
+    upload of any other size is framed as they were: cropped to its strokes and centred on the background, its
+    strokes' longer side at that share. Stretched to shape instead, 500 real MNIST test digits centred on an
+    84x28 canvas scored 0.668 and cropped tight to their strokes 0.832; framed, 0.996 in every shape tried
+    (README.md, "Serving"). Other cards' uploads are resized as they are, the note saying when that stretches them:
     whether their training images were cropped or stretched to shape is not in the card."""
     target = (card.input.shape[1], card.input.shape[0])  # PIL size is (width, height)
     if image.size == target:
         return image
-    if _plain_background(card.input_background):
-        image = _framed(image, card.input_background, target, notes)
+    share = card.input_strokes_share or (MNIST_STROKES_SHARE if card.dataset.get("name") == "mnist" else None)
+    if share and plain_background(card.input_background) and \
+            (framed := _framed(image, card.input_background, share, target, notes)) is not None:
+        return framed
     stretched = image.width * target[1] != image.height * target[0]
     notes.append(f"resized {image.width}x{image.height} to {target[0]}x{target[1]}"
                  + (" (stretched: its aspect ratio changed)" if stretched else ""))
     return image.resize(target, Image.Resampling.BILINEAR)
 
 
-def _framed(image: Image.Image, background: int, target: tuple[int, int], notes: list[str]) -> Image.Image:
-    """``image`` cropped to its strokes and centred on ``background`` with the margin MNIST gives its digits, in
-    ``target``'s aspect ratio (all of it when nothing stands out from the background)."""
-    rows, cols = np.nonzero(np.abs(np.asarray(image.convert("L"), dtype=int) - background) > INK_GAP)
-    if rows.size:
-        image = image.crop((int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1))
+def _framed(image: Image.Image, background: int, share: float, target: tuple[int, int],
+            notes: list[str]) -> Image.Image | None:
+    """``image`` cropped to its strokes, resized so that their longer side fills ``share`` of ``target``, and
+    centred on ``background`` at ``target``'s size; None when nothing stands out from the background (faint or no
+    strokes: what to crop to is not known)."""
+    pixels = np.asarray(image)  # uint8; a plain background is near black or white: strokes lie to one side of it
+    ink = pixels > background + INK_GAP if background < 128 else pixels < background - INK_GAP
+    rows, cols = np.nonzero(ink.any(axis=2) if ink.ndim == 3 else ink)
+    if not rows.size:
+        return None
+    image = image.crop((int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1))
     width, height = image.size
-    scale = max(width / target[0], height / target[1]) / STROKES_SHARE
-    framed = (max(1, round(target[0] * scale)), max(1, round(target[1] * scale)))
-    canvas = Image.new(image.mode, framed, background if image.mode == "L" else (background,) * 3)
-    canvas.paste(image, ((framed[0] - width) // 2, (framed[1] - height) // 2))
-    what = f"its strokes ({width}x{height})" if rows.size else f"all of it ({width}x{height}: no strokes found)"
-    notes.append(f"framed: {what} centred on the model's {_grey_name(background)} background in {framed[0]}x"
-                 f"{framed[1]}, as MNIST frames its digits")
+    scale = share * min(target[0] / width, target[1] / height)
+    fitted = (max(1, round(width * scale)), max(1, round(height * scale)))
+    canvas = Image.new(image.mode, target, background if image.mode == "L" else (background,) * 3)
+    canvas.paste(image.resize(fitted, Image.Resampling.BILINEAR),
+                 ((target[0] - fitted[0]) // 2, (target[1] - fitted[1]) // 2))
+    notes.append(f"framed: its strokes ({width}x{height}) resized to {fitted[0]}x{fitted[1]} and centred on the "
+                 f"model's {_grey_name(background)} background at {target[0]}x{target[1]}, as its training images are")
     return canvas
 
 
@@ -257,17 +263,11 @@ def _to_8_bits(image: Image.Image, upload: str, notes: list[str]) -> Image.Image
     return Image.fromarray(np.dstack(channels) if len(channels) > 1 else channels[0])
 
 
-def _plain_background(background: int | None) -> bool:
-    """Whether training images of this background grey level sit on black or white (MNIST), not on a picture
-    (False where the card does not say)."""
-    return background is not None and (background <= PLAIN or background >= 255 - PLAIN)
-
-
 def _match_polarity(image: Image.Image, background: int | None, notes: list[str]) -> Image.Image:
     """Inverted when the model's training images sit on black (or white) and the upload's border is almost all on
     the other side of mid-grey: a dark digit on white paper, as people write them, for a model trained on light
     digits on black (mnist-cnn answered such digits with confident nonsense: accuracy 0.99 -> 0.12)."""
-    if not _plain_background(background):
+    if not plain_background(background):
         return image
     border = _border(np.asarray(image.convert("L")))
     opposite = (border >= 128) if background < 128 else (border < 128)
@@ -282,7 +282,7 @@ def _level_background(image: Image.Image, background: int | None, notes: list[st
     """For a card whose training images sit on black (or white): an upload on a plain border of another grey
     level (paper that is not pure white, once inverted; a dark-grey screen) stretched so that its border goes to
     the card's level and its strongest strokes to the other end, every channel alike; other uploads unchanged."""
-    if not _plain_background(background):
+    if not plain_background(background):
         return image
     grey = np.asarray(image.convert("L"))
     border = _border(grey)
@@ -333,7 +333,7 @@ def _surround(with_alpha: Image.Image, background: int) -> tuple[int, str]:
     (or white) card background, where they would vanish: black strokes, an HTML canvas's default, for MNIST. Those
     go on the opposite level, so that the strokes show and the polarity step turns them the model's way round.
     Also a reason to add to the note ("" for none)."""
-    if not _plain_background(background):
+    if not plain_background(background):
         return background, ""
     grey, alpha = np.moveaxis(np.asarray(with_alpha.convert("LA")), -1, 0)
     ink = grey[alpha >= 128]  # the opaque pixels' grey levels

@@ -22,6 +22,14 @@ LAYOUTS = {"NHW": 2, "NHWC": 3, "NDHW": 3}  # layout -> number of per-image dime
 INPUT_NAME = "images"
 PROBS_NAME = "probs"
 LOGITS_NAME = "logits"
+PLAIN = 16  # an input_background this close to black or white: training images on a plain black / white surround
+INK_GAP = 64  # a pixel this far from a plain background, in any channel, is part of a training image's strokes
+
+
+def plain_background(level: int | None) -> bool:
+    """Whether training images of background grey ``level`` sit on black or white (MNIST), not on a picture
+    (False where the card does not say)."""
+    return level is not None and (level <= PLAIN or level >= 255 - PLAIN)
 
 
 class CardError(ValueError):
@@ -69,6 +77,11 @@ class ModelCard:
     # transparent upload pixels on it, and inverts or levels uploads for a black or white one (serving.images).
     # None: not recorded (cards written before it existed): uploads are composited on black, never inverted
     input_background: int | None = None
+    # for a black or white input_background (plain_background): the median share of a training image's longer
+    # side that the box around its strokes (pixels over INK_GAP grey levels from the background, in any channel)
+    # fills; the service frames uploads of another size to it (serving.images). None: not recorded (cards written
+    # before it existed; an MNIST card is then taken at MNIST's own 20 of 28) or not plain
+    input_strokes_share: float | None = None
     # temperature scaling folded into the graph: temperature(s), method, ECE / NLL / Brier before and after on
     # val and test (see training.calibration); None for models exported before calibration existed
     calibration: dict[str, Any] | None = None
@@ -90,6 +103,9 @@ class ModelCard:
         background = self.input_background
         if background is not None and (not isinstance(background, int) or not 0 <= background <= 255):
             raise CardError(f"input_background must be a grey level 0..255, got {background!r}")
+        share = self.input_strokes_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
+            raise CardError(f"input_strokes_share must be a share of the image in (0, 1], got {share!r}")
         if self.version < 1:
             raise CardError(f"version must be a positive integer, got {self.version}")
 

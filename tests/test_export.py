@@ -19,7 +19,14 @@ from training.checkpoint import load_model
 from training.config import TrainConfig
 from training.data import dataset_spec, load_split
 from training.evaluate import evaluate_path, predict_onnx
-from training.export import ExportError, check_parity, export_checkpoint, quantize_version
+from training.export import (
+    ExportError,
+    border_grey_level,
+    check_parity,
+    export_checkpoint,
+    quantize_version,
+    strokes_share,
+)
 from training.recipes import derive_config
 from training.train import CHECKPOINT, train
 
@@ -50,6 +57,9 @@ def test_export_writes_onnx_and_a_true_card(trained, fixture_data, tmp_path, fla
     card = read_card(path / "model.json")
     assert card.input.shape == shape and card.sha256 == file_sha256(path / "model.onnx")
     assert card.training["command"] == "pytest" and card.dataset["splits"]["test"] == 48
+    train_images = load_split(dataset_spec(flag), "train", fixture_data, download=False).images.numpy()
+    assert card.input_background == border_grey_level(train_images)
+    assert card.input_strokes_share == strokes_share(train_images, card.input_background)  # None unless plain
     session = ort.InferenceSession(str(path / "model.onnx"))
     (inp,) = session.get_inputs()
     assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == shape
@@ -242,3 +252,19 @@ def test_a_multi_label_parity_check_compares_every_labels_decision():
     with pytest.raises(ExportError, match="labels identical: False"):
         _compare_probs(expected, got, multi_label=True)
     assert _compare_probs(expected, expected, multi_label=True)["labels_identical"]
+
+
+def test_a_card_records_how_much_of_plain_bordered_training_images_their_strokes_fill(trained, fixture_data, tmp_path):
+    # what /classify frames an upload of another size to (serving.images); the fixtures' borders are not plain,
+    # so this one's training images get a black frame
+    data = tmp_path / "data"
+    shutil.copytree(fixture_data, data)
+    npz = data / "medmnist" / "pneumoniamnist.npz"
+    arrays = dict(np.load(npz))
+    images = arrays["train_images"].copy()
+    images[:, :4], images[:, -4:], images[:, :, :4], images[:, :, -4:] = 0, 0, 0, 0
+    np.savez(npz, **{**arrays, "train_images": images})
+    path = export_checkpoint(trained["pneumoniamnist"], tmp_path / "repo", data_dir=data, download=False)
+    card = read_card(path / "model.json")
+    assert card.input_background == 0 and card.input_strokes_share is not None
+    assert card.input_strokes_share == strokes_share(images, 0)

@@ -17,7 +17,7 @@ from serving.errors import InvalidInput, PayloadTooLarge, ServingError, Unproces
 from serving.images import decode_upload
 from serving.model_card import CardError, ModelCard, TensorSpec, read_card
 from tests.conftest import ROOT
-from training.export import border_grey_level
+from training.export import border_grey_level, strokes_share
 
 MAX_PIXELS = 1 << 20
 GREY = np.add.outer(np.arange(28) * 6, np.arange(28) * 3).astype(np.uint8)  # rows×6 + cols×3: no symmetry
@@ -26,12 +26,12 @@ NOISE = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)  # c
 STORED_ROTATION = {3: 2, 6: 1, 8: -1}  # EXIF orientation -> np.rot90 turns that make the stored pixels
 
 
-def card(layout: str = "NHW", background: int | None = 0) -> ModelCard:
+def card(layout: str = "NHW", background: int | None = 0, strokes_share: float | None = None) -> ModelCard:
     shape = [28, 28, 3] if layout == "NHWC" else [28, 28]
     return ModelCard(name="m", version=1, task="binary-class", labels=["a", "b"],
                      input=TensorSpec("images", "UINT8", shape), layout=layout,
                      outputs=[TensorSpec("probs", "FP32", [2])], dataset={}, metrics={}, training={},
-                     sha256="0" * 64, input_background=background)
+                     sha256="0" * 64, input_background=background, input_strokes_share=strokes_share)
 
 
 GREY_CARD, COLOUR_CARD = card("NHW"), card("NHWC")
@@ -116,18 +116,34 @@ def test_a_digit_in_an_upload_of_any_shape_is_framed_as_mnist_frames_digits(layo
     stroke[:, 10:20] = 200  # a "1": 10 wide, 40 high
     uploads = {"wide canvas": np.pad(stroke, ((10, 10), (80, 80))), "tall canvas": np.pad(stroke, ((60, 60), (5, 5))),
                "tight": stroke[:, 9:21]}  # a black column either side: not taken for a light border
-    model = card(layout)
+    model = card(layout, strokes_share=20 / 28)  # as its training images' strokes fill them (MNIST's)
     framed = {}
     for name, picture in uploads.items():
         pixels = np.stack([picture] * 3, axis=-1) if layout == "NHWC" else picture
         framed[name], notes = decode(encode(Image.fromarray(pixels)), model)
-        assert notes[-2].startswith("framed: its strokes (10x40) centred on the model's black background in 56x56")
-        assert notes[-1] == "resized 56x56 to 28x28"
+        assert notes[-1] == ("framed: its strokes (10x40) resized to 5x20 and centred on the model's black "
+                             "background at 28x28, as its training images are")
     assert all(np.array_equal(framed["tight"], image) for image in framed.values())
     grey = framed["tight"] if layout == "NHW" else framed["tight"][..., 0]
     top, bottom, left, right = _strokes_box(grey)
     assert bottom - top == 20 and (top, 28 - bottom) == (4, 4)  # 20 of 28 pixels high, centred
     assert abs(left - (28 - right)) <= 1
+
+
+def test_a_colour_stroke_is_found_in_any_channel_and_an_upload_without_strokes_is_resized_as_it_is():
+    picture = np.zeros((60, 30, 3), np.uint8)
+    picture[10:50, 10:20, 2] = 255  # pure blue: grey level 29, under the stroke threshold in L
+    _, notes = decode(encode(Image.fromarray(picture)), card("NHWC", strokes_share=0.5))
+    assert notes[-1].startswith("framed: its strokes (10x40) resized to 4x14 ")
+    _, notes = decode(encode(Image.fromarray(np.full((20, 40), 40, np.uint8))), card(strokes_share=0.5))
+    assert notes == ["resized 40x20 to 28x28 (stretched: its aspect ratio changed)"]  # nothing to crop to
+
+
+def test_an_upload_for_a_card_that_does_not_record_its_framing_is_resized_as_it_is():
+    # black-bordered fundus photographs (RetinaMNIST) fill ~93 % of their frame, not MNIST's 71 %: a plain
+    # background alone does not say how to frame
+    _, notes = decode(encode(Image.fromarray(np.pad(digit(), ((0, 0), (14, 14))))), card())
+    assert notes == ["resized 56x28 to 28x28 (stretched: its aspect ratio changed)"]
 
 
 def test_an_upload_for_a_card_without_a_plain_background_is_resized_as_it_is():
@@ -449,6 +465,22 @@ def test_cards_without_input_background_load_as_not_recorded_and_bad_values_are_
     assert ModelCard.from_dict(fields).input_background is None
     with pytest.raises(CardError, match="input_background"):
         card(background=256)
+    del fields["input_strokes_share"]
+    assert ModelCard.from_dict(fields).input_strokes_share is None
+    for share in (0, 1.5, True, "0.7"):
+        with pytest.raises(CardError, match="input_strokes_share"):
+            card(strokes_share=share)
+
+
+def test_export_measures_how_much_of_the_training_images_their_strokes_fill():
+    grey = np.zeros((5, 28, 28), np.uint8)
+    grey[:, 4:24, 12:16] = 200  # strokes 20 high: 20 of 28
+    assert strokes_share(grey, 0) == round(20 / 28, 4)
+    assert strokes_share(np.stack([grey] * 3, axis=-1), 0) == round(20 / 28, 4)  # RGB: any channel
+    assert strokes_share(255 - grey, 255) == round(20 / 28, 4)  # dark strokes on white
+    assert strokes_share(grey, 140) is None  # not a plain surround (X-rays): nothing to frame by
+    assert strokes_share(np.zeros((5, 28, 28, 28), np.uint8), 0) is None  # volumes
+    assert strokes_share(np.zeros((5, 28, 28), np.uint8), 0) is None  # no strokes at all
 
 
 def test_export_takes_the_background_from_the_training_images_border():

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from serving.model_card import (
+    INK_GAP,
     INPUT_NAME,
     LOGITS_NAME,
     PROBS_NAME,
@@ -36,6 +37,7 @@ from serving.model_card import (
     ModelCard,
     TensorSpec,
     file_sha256,
+    plain_background,
     read_card,
     write_json_atomic,
 )
@@ -102,6 +104,32 @@ def _compare_probs(expected: np.ndarray, got: np.ndarray, multi_label: bool) -> 
         raise ExportError(f"ONNX parity check failed on {len(got)} test images: max |dprob| {max_diff:.2e} "
                           f"(limit {PARITY_TOLERANCE:.0e}), {what.replace('_', ' ')}: {same}")
     return {"images": len(got), "max_abs_prob_diff": max_diff, what: same}
+
+
+def input_surround(images: np.ndarray) -> dict[str, Any]:
+    """The card's ``input_background`` and ``input_strokes_share``, measured on the training ``images``."""
+    background = border_grey_level(images)
+    return {"input_background": background, "input_strokes_share": strokes_share(images, background)}
+
+
+def strokes_share(images: np.ndarray, background: int, sample: int = 5000) -> float | None:
+    """The median share of an image's longer side that the box around its strokes fills (``ModelCard``), over the
+    first ``sample`` images; None for a background that is not black or white, or for 3D volumes."""
+    colour = images.ndim == 4 and images.shape[-1] == 3
+    if not plain_background(background) or not (images.ndim == 3 or colour):
+        return None
+    images = images[:sample]
+    ink = images > background + INK_GAP if background < 128 else images < background - INK_GAP
+    if colour:
+        ink = ink.any(axis=3)
+    extents = []
+    for mask in (ink.any(axis=2), ink.any(axis=1)):  # (N, H) rows and (N, W) columns with any stroke
+        first, last = mask.argmax(axis=1), mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
+        extents.append(np.where(mask.any(axis=1), last - first + 1, 0))
+    longer = np.maximum(*extents)
+    if not longer.any():
+        return None
+    return round(float(np.median(longer[longer > 0])) / max(images.shape[1:3]), 4)
 
 
 def border_grey_level(images: np.ndarray) -> int:
@@ -248,7 +276,7 @@ def export_checkpoint(
                       "epochs_run": ckpt["epoch"] + 1, "config": cfg.to_dict(), "notes": notes,
                       "checkpoint_sha256": checkpoint_sha256},
             batching=BatchingSpec(), quantization=quantization,
-            input_background=border_grey_level(load_split(spec, "train", data_dir, download).images.numpy()),
+            **input_surround(load_split(spec, "train", data_dir, download).images.numpy()),
             calibration=_calibration_section(onnx_path, temperature, spec, val, test),
         ))
 
@@ -277,7 +305,7 @@ def calibrate_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, down
             card, command, "calibrated_from",
             metrics={**card.metrics, "test": {**metrics, "n": len(test)}, "parity": parity},
             calibration=_calibration_section(onnx_path, temperature, spec, val, test, report_dir),
-            input_background=border_grey_level(load_split(spec, "train", data_dir, download).images.numpy()),
+            **input_surround(load_split(spec, "train", data_dir, download).images.numpy()),
         ))
 
 
