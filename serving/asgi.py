@@ -126,7 +126,9 @@ class FormBodies:
 
 async def _refuse(send: Any, scope: dict, exc: ServingError) -> None:
     """Answer an inference request refused before BentoML's app read it, logged and counted as the app's own
-    refusals are (door: the route's name, ``/predict`` -> "predict")."""
+    refusals are (door: the route's name, ``/predict`` -> "predict"). The answer ends the connection: the body is
+    not read, and uvicorn would otherwise read all of it, however long, to find the next request."""
+    exc.ends_connection = True
     door = scope["path"].strip("/")
     log_refusal(exc, door)
     count_refusal(exc, door)

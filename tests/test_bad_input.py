@@ -699,6 +699,7 @@ def test_classify_reads_its_form_whatever_the_case_of_its_media_type_and_refuses
         headers = {"content-type": content_type} if content_type else {}
         r = httpx.post(classify, content=picture, headers=headers)
         assert r.status_code == 415 and "multipart/form-data in its 'images' field" in r.json()["error"], r.text
+        assert r.headers["connection"] == "close"  # its body is not read: the connection ends
     assert refused_on_classify() == before + 4  # counted as the app's own refusals are
 
 

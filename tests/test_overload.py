@@ -358,8 +358,12 @@ def test_a_chunked_oversize_body_is_refused_without_reading_it_all(server, path)
     total, sent = 16 * MAX_BYTES, 0
     chunk = b"0" * 65536
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        content_type = "multipart/form-data; boundary=b" if path == "/classify" else "application/json"
         s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                  "Content-Type: application/json\r\n\r\n".encode())
+                  f"Content-Type: {content_type}\r\n\r\n".encode())
+        if path == "/classify":  # a file part that never ends
+            head = b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n'
+            s.sendall(b"%x\r\n%s\r\n" % (len(head), head))
         try:
             while sent < total and not select.select([s], [], [], 0)[0]:
                 s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
