@@ -58,11 +58,8 @@ class MountRoots:
         await self.app(scope, receive, send)
 
 
-class JsonBodies:
-    """The JSON routes at ``paths`` (``/predict``) read their body as JSON, as the OIP infer endpoint does: whatever
-    content type came with it but a multipart form (curl ``-d`` sends ``application/x-www-form-urlencoded``, which
-    BentoML parsed as a form: "instances: Field required"), and after a UTF-8 byte-order mark (files saved by
-    Windows tools start with one; BentoML's parser refused it as invalid JSON)."""
+class _PostBodies:
+    """A middleware that reads the bodies of POSTs to ``paths`` its own way (``handle``); other requests pass."""
 
     def __init__(self, app: Any, paths: tuple[str, ...]) -> None:
         self.app, self.paths = app, paths
@@ -71,7 +68,19 @@ class JsonBodies:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        headers = scope.get("headers") or []
+        await self.handle(scope, receive, send, scope.get("headers") or [])
+
+    async def handle(self, scope: dict, receive: Any, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
+        raise NotImplementedError
+
+
+class JsonBodies(_PostBodies):
+    """The JSON routes at ``paths`` (``/predict``) read their body as JSON, as the OIP infer endpoint does: whatever
+    content type came with it but a multipart form (curl ``-d`` sends ``application/x-www-form-urlencoded``, which
+    BentoML parsed as a form: "instances: Field required"), and after a UTF-8 byte-order mark (files saved by
+    Windows tools start with one; BentoML's parser refused it as invalid JSON)."""
+
+    async def handle(self, scope: dict, receive: Any, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
         content_type = dict(headers).get(b"content-type", b"").lower()
         if content_type.startswith(b"image/"):  # a picture sent as the body, as to an upload endpoint
             await _refuse(send, scope, UnsupportedMediaType(
@@ -95,19 +104,12 @@ class JsonBodies:
         await self.app({**scope, "headers": headers}, without_bom, send)
 
 
-class FormBodies:
+class FormBodies(_PostBodies):
     """The upload routes at ``paths`` (``/classify``) take a multipart form: its media type is matched without
     regard to case, as media types are (``MULTIPART/FORM-DATA`` was read as JSON: "Invalid JSON"), and any other
     body, a picture sent as the body included, is a 415 that says how to upload."""
 
-    def __init__(self, app: Any, paths: tuple[str, ...]) -> None:
-        self.app, self.paths = app, paths
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
-            await self.app(scope, receive, send)
-            return
-        headers = scope.get("headers") or []
+    async def handle(self, scope: dict, receive: Any, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
         content_type = dict(headers).get(b"content-type", b"")
         media_type, semicolon, parameters = content_type.partition(b";")
         if media_type.strip().lower() != b"multipart/form-data":
