@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import BACKBONES, CHECKPOINT_BACKBONE, CONFIG_DIR, TrainConfig
+from training.config import BACKBONES, CHECKPOINT_BACKBONE, CONFIG_DIR, TRANSFER_ONLY, TrainConfig
 
 
 def read(**fields) -> TrainConfig:
@@ -84,3 +84,14 @@ def test_a_backbone_from_a_file_is_never_recorded_as_pretrained():
     # and the file is named by its absolute path, so the card names it wherever it is read
     relative = TrainConfig.from_dict({**base, "backbone_checkpoint": "w/r.pt"})
     assert relative.backbone_checkpoint == str(Path("w/r.pt").resolve())
+
+
+def test_a_card_records_only_what_shaped_its_model():
+    # an outside probe: every CNN's card said "backbone: resnet18, pretrained: true" (the defaults), and transfer
+    # cards "input_size: null" where the backbone was fed 64-pixel images
+    assert not set(TRANSFER_ONLY) & set(read().recorded())
+    transfer = read(arch="transfer", pretrained=False).recorded()
+    assert transfer["backbone"] == "resnet18" and transfer["input_size"] == 64
+    assert read(arch="transfer", input_size=96).recorded()["input_size"] == 96
+    from_file = read(arch="transfer", backbone=CHECKPOINT_BACKBONE, backbone_checkpoint="m.pt").recorded()
+    assert from_file["input_size"] is None  # a checkpoint backbone keeps the images' own size

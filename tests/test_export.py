@@ -16,7 +16,7 @@ from tests.conftest import EXPORTS
 from tests.test_train import tiny
 from training.calibration import calibration_report, probabilities
 from training.checkpoint import load_model
-from training.config import TrainConfig
+from training.config import TRANSFER_ONLY, TrainConfig
 from training.data import dataset_spec, load_split
 from training.evaluate import evaluate_path, predict_onnx
 from training.export import (
@@ -60,6 +60,7 @@ def test_export_writes_onnx_and_a_true_card(trained, fixture_data, tmp_path, fla
     train_images = load_split(dataset_spec(flag), "train", fixture_data, download=False).images.numpy()
     assert card.input_background == border_grey_level(train_images)
     assert card.input_strokes_share == strokes_share(train_images, card.input_background)  # None unless plain
+    assert not set(TRANSFER_ONLY) & set(card.training["config"])  # a CNN's card read "resnet18, pretrained: true"
     session = ort.InferenceSession(str(path / "model.onnx"))
     (inp,) = session.get_inputs()
     assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == shape

@@ -19,6 +19,8 @@ DEFAULT_DATA_DIR = Path(os.environ.get("CNNSERVE_DATA", CACHE_DIR / "data"))
 # the values the enum-like fields take
 ARCHS = ("cnn", "transfer")
 CHECKPOINT_BACKBONE = "checkpoint"  # a cnnserve training checkpoint (e.g. our own mnist-cnn)
+TORCHVISION_INPUT_SIZE = 64  # the side a torchvision backbone's input is resized to when input_size is null
+TRANSFER_ONLY = ("backbone", "backbone_checkpoint", "pretrained", "freeze", "head_epochs", "backbone_lr_scale")
 BACKBONES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", CHECKPOINT_BACKBONE)
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -169,6 +171,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def recorded(self) -> dict[str, Any]:
+        """The config as a model card records it: what shaped this model. A CNN's leaves out the transfer-only
+        keys (their defaults read "backbone resnet18, pretrained" on every CNN's card); a transfer model over a
+        torchvision backbone records the input size it was fed (null read as none)."""
+        data = self.to_dict()
+        if self.arch != "transfer":
+            for key in TRANSFER_ONLY:
+                data.pop(key)
+        elif self.backbone != CHECKPOINT_BACKBONE and self.input_size is None:
+            data["input_size"] = TORCHVISION_INPUT_SIZE
+        return data
 
     def variant(self, k: int) -> dict[str, Any]:
         """The config overrides of ensemble member ``k``: ``ensemble_variants`` taken in turn."""

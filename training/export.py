@@ -273,7 +273,7 @@ def export_checkpoint(
             metrics={"test": {**metrics, "n": len(test)}, "parity": parity,
                      "best_val": {cfg.select_metric: ckpt["best_metric"]}},
             training={"command": command, "git_commit": git_commit(), "created_utc": _now(),
-                      "epochs_run": ckpt["epoch"] + 1, "config": cfg.to_dict(), "notes": notes,
+                      "epochs_run": ckpt["epoch"] + 1, "config": cfg.recorded(), "notes": notes,
                       "checkpoint_sha256": checkpoint_sha256},
             batching=BatchingSpec(), quantization=quantization,
             **input_surround(load_split(spec, "train", data_dir, download).images.numpy()),

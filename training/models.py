@@ -19,7 +19,7 @@ from torch import nn
 from torchvision import models as tv_models
 from torchvision.transforms.v2 import functional as TF
 
-from training.config import BACKBONES, CHECKPOINT_BACKBONE, TrainConfig
+from training.config import BACKBONES, CHECKPOINT_BACKBONE, TORCHVISION_INPUT_SIZE, TrainConfig
 from training.data import DatasetSpec
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -246,6 +246,6 @@ def build_model(spec: DatasetSpec, cfg: TrainConfig, backbone_source: Classifier
         load_state_dict(model, read_file(Path(cfg.backbone_checkpoint)), cfg.backbone_checkpoint, cfg.backbone)
     else:  # ImageNet weights through torchvision's weights API, cached in TORCH_HOME
         model = bb.build(weights=bb.weights if cfg.pretrained else None)
-    pre = Preprocess(spec.layout, IMAGENET_MEAN, IMAGENET_STD, out_channels=3, out_size=cfg.input_size or 64,
-                     highpass=cfg.highpass)
+    pre = Preprocess(spec.layout, IMAGENET_MEAN, IMAGENET_STD, out_channels=3,
+                     out_size=cfg.input_size or TORCHVISION_INPUT_SIZE, highpass=cfg.highpass)
     return Classifier(pre, TransferNet(bb.strip(model), bb.feature_dim, spec.num_outputs, cfg.dropout))
