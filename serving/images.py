@@ -45,7 +45,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from serving.errors import InvalidInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
-from serving.model_card import INK_GAP, ModelCard, plain_background
+from serving.model_card import ModelCard, plain_background, stroke_pixels
 
 NPY_MAGIC = b"\x93NUMPY"
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "MPO")  # Pillow's names; MPO: a JPEG with its previews
@@ -194,9 +194,7 @@ def _framed(image: Image.Image, background: int, share: float, target: tuple[int
     """``image`` cropped to its strokes, resized so that their longer side fills ``share`` of ``target``, and
     centred on ``background`` at ``target``'s size; None when nothing stands out from the background (faint or no
     strokes: what to crop to is not known)."""
-    pixels = np.asarray(image)  # uint8; a plain background is near black or white: strokes lie to one side of it
-    ink = pixels > background + INK_GAP if background < 128 else pixels < background - INK_GAP
-    rows, cols = np.nonzero(ink.any(axis=2) if ink.ndim == 3 else ink)
+    rows, cols = np.nonzero(stroke_pixels(np.asarray(image), background, colour=image.mode == "RGB"))
     if not rows.size:
         return None
     image = image.crop((int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1))

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 SCHEMA_VERSION = 1
 TASKS = ("multi-class", "binary-class", "multi-label, binary-class", "ordinal-regression")
 LAYOUTS = {"NHW": 2, "NHWC": 3, "NDHW": 3}  # layout -> number of per-image dimensions
@@ -30,6 +32,15 @@ def plain_background(level: int | None) -> bool:
     """Whether training images of background grey ``level`` sit on black or white (MNIST), not on a picture
     (False where the card does not say)."""
     return level is not None and (level <= PLAIN or level >= 255 - PLAIN)
+
+
+def stroke_pixels(pixels: np.ndarray, background: int, colour: bool) -> np.ndarray:
+    """Which of uint8 ``pixels`` are strokes on a plain ``background``: more than ``INK_GAP`` grey levels from it
+    (a plain background is near black or white, so on one side of it), in any channel (``colour``: the last axis
+    holds the channels, which it drops). What export measures ``input_strokes_share`` with, and what the service
+    crops an upload to."""
+    ink = pixels > background + INK_GAP if background < 128 else pixels < background - INK_GAP
+    return ink.any(axis=-1) if colour else ink
 
 
 class CardError(ValueError):

@@ -359,8 +359,8 @@ class ModelRepository:
 
     def _set_unloaded(self, names: set[str], loads: dict[str, int], generation: int) -> None:
         """Share the unloaded set and the load counts as the next generation; this worker applies them at its
-        scan, the others as their pollers see the file change."""
-        self.unloaded_file.parent.mkdir(parents=True, exist_ok=True)
+        scan, the others as their pollers see the file change (under ``_shared_state_locked``, which made the
+        directory)."""
         write_json_atomic(self.unloaded_file, {"unloaded": sorted(names), "loads": loads, "generation": generation + 1})
 
     def workers_behind(self) -> int:

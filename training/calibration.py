@@ -69,8 +69,8 @@ def _fit_one(logits: torch.Tensor, labels: torch.Tensor, nll) -> float:
                                  options={"xatol": 1e-6}).x)
     best = loss(beta)
     for bound in INVERSE_TEMPERATURE_BOUNDS:
-        if loss(bound) <= best:
-            beta, best = bound, loss(bound)
+        if (at_bound := loss(bound)) <= best:
+            beta, best = bound, at_bound
     return 1.0 / beta
 
 

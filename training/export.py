@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from serving.model_card import (
-    INK_GAP,
     INPUT_NAME,
     LOGITS_NAME,
     PROBS_NAME,
@@ -39,6 +38,7 @@ from serving.model_card import (
     file_sha256,
     plain_background,
     read_card,
+    stroke_pixels,
     write_json_atomic,
 )
 from training.calibration import calibration_report, fit_temperature, probabilities
@@ -119,9 +119,7 @@ def strokes_share(images: np.ndarray, background: int, sample: int = 5000) -> fl
     if not plain_background(background) or not (images.ndim == 3 or colour):
         return None
     images = images[:sample]
-    ink = images > background + INK_GAP if background < 128 else images < background - INK_GAP
-    if colour:
-        ink = ink.any(axis=3)
+    ink = stroke_pixels(images, background, colour)
     extents = []
     for mask in (ink.any(axis=2), ink.any(axis=1)):  # (N, H) rows and (N, W) columns with any stroke
         first, last = mask.argmax(axis=1), mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
