@@ -73,6 +73,7 @@ class LoadedModel:
 # failed or unloaded version is UNAVAILABLE, with the reason
 READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
 # a worker's slot in the shared "applied" file: 1 + the generation of the shared load / unload state it last applied
+# (1 from its start, before its first scan: generations start at 1); 0: never started
 APPLIED = struct.Struct("Q")
 
 
@@ -178,6 +179,9 @@ class ModelRepository:
         self.unloaded_file = self.shared_dir / "unloaded.json"
         self._slot, self._workers = worker_slot, settings.worker_count
         self._applied = map_slots(self.shared_dir / "unloaded-applied", self._workers, worker_slot, APPLIED.size)
+        # started, nothing applied yet: a load / unload answered while this worker's first scan runs waits for it
+        # (that scan may have read the state from before the change)
+        APPLIED.pack_into(self._applied, worker_slot * APPLIED.size, 1)
         # a lone request may use every core when no worker is busy: needs more cores than a session's threads
         self._wide_threads = settings.idle_threads or os.cpu_count() or 1
         wide = CUDA not in self._providers and self._wide_threads > settings.threads_per_session
@@ -364,7 +368,7 @@ class ModelRepository:
         write_json_atomic(self.unloaded_file, {"unloaded": sorted(names), "loads": loads, "generation": generation + 1})
 
     def workers_behind(self) -> int:
-        """How many of the other workers that have scanned have not yet applied the load / unload state this one
+        """How many of the other workers that have started have not yet applied the load / unload state this one
         last applied (``DataPlane.load`` / ``unload`` wait for them: Triton answers once the change is done)."""
         mine = APPLIED.unpack_from(self._applied, self._slot * APPLIED.size)[0]
         theirs = [APPLIED.unpack_from(self._applied, slot * APPLIED.size)[0] for slot in range(self._workers)

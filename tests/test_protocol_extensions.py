@@ -276,11 +276,11 @@ def test_every_worker_follows_an_unload_and_a_load_at_once_not_a_poll_later(repo
     would have it. Each worker logs what its scan changed, with its worker number."""
     slow_poll = start_server(repo, tmp_path / "server.log", poll_interval_s=poll_interval_s)
     try:
-        def seconds_until_both_workers_logged(change: str) -> float:
+        def seconds_until_both_workers_logged(change: str, scan: str = "model repository: ") -> float:
             start = time.monotonic()
             while time.monotonic() - start < 10:
                 log = slow_poll.log.read_text().splitlines()
-                lines = [line for line in log if f"model repository: {change}" in line]
+                lines = [line for line in log if f"{scan}{change}" in line]
                 if {re.search(r"cnnserve:(\d+)\]", line)[1] for line in lines} >= {"1", "2"}:
                     return time.monotonic() - start
                 time.sleep(0.05)
@@ -289,6 +289,8 @@ def test_every_worker_follows_an_unload_and_a_load_at_once_not_a_poll_later(repo
         def readiness_on_fresh_connections() -> set[int]:  # each lands on either worker
             return {httpx.get(f"{slow_poll.url}/v2/models/mnist-cnn/ready").status_code for _ in range(8)}
 
+        # both workers up and serving it (a worker still starting read the unloaded state at its first scan)
+        assert seconds_until_both_workers_logged("loaded mnist-cnn/1", scan=f"model repository {repo}: ") < 10
         assert httpx.post(f"{slow_poll.url}/v2/repository/models/mnist-cnn/unload").status_code == 200
         # answered once every worker has followed (an outside probe: 2 of 8 calls just after still found it ready)
         assert readiness_on_fresh_connections() == {503}
