@@ -174,8 +174,8 @@ def _resized(image: Image.Image, card: ModelCard, notes: list[str]) -> Image.Ima
     upload of any other size is framed as they were: cropped to its strokes and centred on the background, its
     strokes' longer side at that share. Stretched to shape instead, 500 real MNIST test digits centred on an
     84x28 canvas scored 0.668 and cropped tight to their strokes 0.832; framed, 0.996 in every shape tried
-    (README.md, "Serving"). Other cards' uploads are resized as they are, the note saying when that stretches them:
-    whether their training images were cropped or stretched to shape is not in the card."""
+    (``python -m benchmarks.framing``). Other cards' uploads are resized as they are, the note saying when that
+    stretches them: whether their training images were cropped or stretched to shape is not in the card."""
     target = (card.input.shape[1], card.input.shape[0])  # PIL size is (width, height)
     if image.size == target:
         return image
