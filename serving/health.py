@@ -1,26 +1,23 @@
-"""Health probes answered from a thread of their own, on a port of their own (``CNNSERVE_HEALTH_PORT``).
+"""Health probes on a port of their own (``CNNSERVE_HEALTH_PORT``), answered by a small process beside each worker.
 
-On the HTTP port a probe waits for the worker's event loop like any request: the new connection's accept, its
-read and its answer each take a turn of the loop, and under overload a turn takes tens of milliseconds (a
-kubelet-like probe, a new connection per GET, measured ``/readyz`` there at p99 40 ms against 4.5 ms for a
-thread server in a process of its own, in the same open-loop burst: serving/README.md). Here a small threaded
-HTTP server in each worker answers from what the worker already knows, without the event loop: the thread needs
-only the GIL, which the loop hands over at least every switch interval (5 ms) and whenever onnxruntime runs.
+On the HTTP port a probe waits for the worker's event loop like any request, and under overload a turn of the loop
+takes tens of milliseconds. A thread of the worker answering the port needed the GIL several times per probe,
+which the loop and grpc's threads hand over only every switch interval (5 ms): its ``/readyz`` p99 was 72-175 ms
+in open-loop gRPC bursts (serving/README.md). So each worker binds the port (``SO_REUSEPORT``, as the gRPC port is
+shared: a probe reaches one worker's) and hands the socket to a process of its own, ``serving.probe_process``,
+which answers from two files the worker keeps up to date:
 
-- ``GET /readyz`` (and ``/v2/health/ready``): 200 ``{"ready": true}`` when the worker serves (``ready()``: the
-  first scan is done, a model serves, strict readiness if set, not draining at shutdown), else 503 with the body
-  ``readiness()`` gives (the versions that are not ready and why).
-- ``GET /livez`` (and ``/v2/health/live``): 200 while every worker's event loop runs. Each worker's loop stamps a
-  heartbeat every ``HEARTBEAT_S`` into its slot of a small file all workers map (``serving.shared_slots``); when
-  any worker's is older than ``stall_s`` that loop is stuck (a deadlock, a callback that never returns), and the
-  answer is 503 naming it, whichever worker the probe reached, so that the liveness probe restarts the pod. A busy
-  loop still beats: an overloaded worker is not restarted for being busy, which a liveness probe that queued
-  behind inference on the HTTP port could do (it timed out there under overload). A worker that has not started
-  its heartbeat yet, or has stopped it on its way out, is not judged.
+- readiness: the body of ``DataPlane.readiness()`` (the first scan is done, a model serves, strict readiness if
+  set, not draining at shutdown; the versions that are not ready and why), written atomically when it changes,
+  checked every ``HEARTBEAT_S`` and at once when the worker knows it changed (``publish``);
+- heartbeats: every worker's event loop stamps its slot of a shared memory-mapped file every ``HEARTBEAT_S``;
+  ``/livez`` is 503 once any worker's is older than ``stall_s`` (a deadlock, a callback that never returns),
+  whichever worker's process the probe reached, so that the liveness probe restarts the pod. A busy loop still
+  beats: an overloaded worker is not restarted for being busy. A worker that has not started its heartbeat yet, or
+  has stopped it on its way out, is not judged.
 
-Every worker binds the port with ``SO_REUSEPORT``, as the gRPC port is shared: a probe reaches one worker, as
-it does on the HTTP port. Each answer ends its connection (kubelet opens one per probe), so a client cannot hold
-one of the server's threads between probes.
+The process ends with the worker (its standard input is a pipe from the worker); the worker starts it again if it
+dies.
 """
 
 from __future__ import annotations
@@ -28,131 +25,115 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import struct
-import threading
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from serving.model_card import atomic_write
+from serving.probe_process import BEAT, HEARTBEAT_S
 from serving.shared_slots import map_slots
 
 log = logging.getLogger("cnnserve.health")
-HEARTBEAT_S = 0.5  # how often the event loop stamps its heartbeat
-READ_TIMEOUT_S = 2.0  # a probe connection that sends nothing for this long is closed
-READY_PATHS = {"/readyz", "/v2/health/ready"}
-LIVE_PATHS = {"/livez", "/v2/health/live"}
-BEAT = struct.Struct("d")  # a worker's slot: time.monotonic() of its loop's last heartbeat, 0 = not judged
-
-
-class _Server(ThreadingHTTPServer):
-    allow_reuse_port = True  # every worker binds the same port
-    daemon_threads = True
+EXIT_WAIT_S = 5.0  # how long ``stop`` waits for the probe process to end before killing it
 
 
 class HealthServer:
     """The probe port of one worker: ``start`` on its event loop, ``stop`` at shutdown."""
 
-    def __init__(self, host: str, port: int, readiness: Callable[[], dict[str, Any]], beats: Path,
+    def __init__(self, host: str, port: int, readiness: Callable[[], dict[str, Any]], shared_dir: Path,
                  workers: int = 1, slot: int = 0, stall_s: float = 10.0) -> None:
-        """``beats``: the heartbeat file the server's ``workers`` share; ``slot``: this worker's place in it."""
+        """``shared_dir``: the directory the server's ``workers`` share; ``slot``: this worker's place among them."""
         self.host, self.port, self.stall_s = host, port, stall_s
         self._readiness = readiness
-        self._beats, self._workers, self._slot = map_slots(beats, workers, slot, BEAT.size), workers, slot
+        self._beats_file, self._workers, self._slot = shared_dir / "heartbeats", workers, slot
+        self._beats = map_slots(self._beats_file, workers, slot, BEAT.size)
+        self.readiness_file = shared_dir / f"readiness-{slot}.json"
         # not judged until it beats: a respawned worker's predecessor (killed, crashed) left its last beat here,
         # which would age past stall_s while this one loads its models
         BEAT.pack_into(self._beats, slot * BEAT.size, 0.0)
+        self._published: bytes | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._server: _Server | None = None
+        self._listener: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        """Bind the port, answer probes from a daemon thread, and start the heartbeat on the running loop."""
+        """Bind the port, start the process that answers it, and start the heartbeat on the running loop."""
         try:
-            self._server = _Server((self.host, self.port), _handler(self))
+            self._listener = _listen(self.host, self.port)
         except OSError as exc:
             raise RuntimeError(f"CNNSERVE_HEALTH_PORT: cannot listen on {self.host}:{self.port} ({exc.strerror}); "
                                "free the port, choose another, or set 0 to turn the probe port off") from exc
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, name="cnnserve-health", daemon=True).start()
+        self.port = self._listener.getsockname()[1]
+        self.publish()
+        self._spawn()
         self._heartbeat()
         log.info("health probes on http://%s:%d (/readyz, /livez)", self.host, self.port)
 
     async def stop(self) -> None:
-        """Stop the heartbeat and the server (its thread polls for the stop every half second: waited for off the
-        event loop)."""
+        """Stop the heartbeat, then the probe process (its standard input ends), then close the port."""
         if self._timer is not None:
             self._timer.cancel()
             BEAT.pack_into(self._beats, self._slot * BEAT.size, 0.0)  # on its way out: not judged
-        if self._server is not None:
-            server, self._server = self._server, None
-            await asyncio.to_thread(server.shutdown)
-            server.server_close()
+        if self._process is not None:
+            process, self._process = self._process, None
+            await asyncio.to_thread(_end, process)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def publish(self) -> None:
+        """Write the worker's readiness for the probe process, if it changed since it was last written."""
+        body = json.dumps(self._readiness()).encode()
+        if body != self._published:
+            with atomic_write(self.readiness_file, "wb", durable=False) as f:
+                f.write(body)
+            self._published = body
+
+    def _spawn(self) -> None:
+        assert self._listener is not None
+        fd = self._listener.fileno()
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "serving.probe_process", "--fd", str(fd), "--readiness", str(self.readiness_file),
+             "--beats", str(self._beats_file), "--workers", str(self._workers), "--stall-s", str(self.stall_s)],
+            stdin=subprocess.PIPE, pass_fds=(fd,), env=env)
 
     def _heartbeat(self) -> None:
         BEAT.pack_into(self._beats, self._slot * BEAT.size, time.monotonic())
+        self.publish()
+        if self._process is not None and self._process.poll() is not None:
+            log.error("the probe port's process ended (exit status %s): starting it again", self._process.returncode)
+            self._spawn()
         self._timer = asyncio.get_running_loop().call_later(HEARTBEAT_S, self._heartbeat)
 
-    def ready(self) -> tuple[int, dict[str, Any]]:
-        return readiness_answer(self._readiness())
 
-    def live(self) -> tuple[int, dict[str, Any]]:
-        now = time.monotonic()
-        for worker in range(self._workers):
-            beat = BEAT.unpack_from(self._beats, worker * BEAT.size)[0]
-            if beat and now - beat > self.stall_s:
-                return 503, {"live": False, "error": f"worker {worker + 1}: its event loop has not run for "
-                                                     f"{now - beat:.1f} s (the limit is {self.stall_s:g} s)"}
-        return 200, {"live": True}
-
-
-def readiness_answer(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """The status of a readiness probe's answer with ``body`` (``DataPlane.readiness()``): 200 when ready, else 503."""
-    return (200 if body.get("ready") else 503), body
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port``, shared with the other workers' (``SO_REUSEPORT``)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind((host, port))
+        listener.listen(64)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
-def _handler(health: HealthServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = READ_TIMEOUT_S
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path in READY_PATHS:
-                status, body = _safely(health.ready)
-            elif path in LIVE_PATHS:
-                status, body = health.live()
-            else:
-                status, body = 404, {"error": f"no route {path}: this port answers /readyz and /livez"}
-            self._answer(status, body)
-
-        def do_HEAD(self) -> None:
-            self.do_GET()
-
-        def _answer(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-            self.close_connection = True
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # a probe every few seconds per pod: not worth a log line
-
-    return Handler
-
-
-def _safely(answer: Callable[[], tuple[int, dict[str, Any]]]) -> tuple[int, dict[str, Any]]:
-    """``answer()``; its state is the event loop's and the repository scan's, read here from another thread: a
-    dict that changed size while it was read is read again."""
-    for _ in range(3):
-        try:
-            return answer()
-        except RuntimeError:
-            continue
-    return 503, {"ready": False, "error": "the worker's state kept changing while it was read; probe again"}
-
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """End the probe process: close its standard input, and kill it if it has not gone within ``EXIT_WAIT_S``."""
+    if process.stdin is not None:
+        process.stdin.close()
+    try:
+        process.wait(EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

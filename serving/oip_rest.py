@@ -39,10 +39,10 @@ from serving.errors import (
     http_error_answer,
     log_refusal,
 )
-from serving.health import readiness_answer
 from serving.metrics import observe_request
 from serving.model_card import PROBS_NAME
 from serving.oip import OutputTensor, check_outputs, decode_input, output_tensor, timeout_deadline
+from serving.probe_process import readiness_answer
 from serving.tensors import reject_booleans
 
 log = logging.getLogger("cnnserve.oip")

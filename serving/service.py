@@ -53,11 +53,12 @@ from serving.asgi import (
 from serving.connections import ConnectionShare
 from serving.dataplane import DataPlane, check_image_count, count_refusal, label_predictions
 from serving.errors import InvalidInput, ServingError
-from serving.health import LIVE_PATHS, READY_PATHS, HealthServer, readiness_answer
+from serving.health import HealthServer
 from serving.images import check_request_pixels, decode_upload
 from serving.model_card import ModelCard
 from serving.oip_grpc import GrpcServer
 from serving.oip_rest import InferFastLane, check_admission, create_app, error_response, infer_lane
+from serving.probe_process import LIVE_PATHS, READY_PATHS, readiness_answer
 from serving.repository import ModelRepository, ScanResult
 from serving.settings import Settings
 from serving.tensors import numbers_to_uint8, reject_booleans
@@ -149,7 +150,7 @@ class CnnServe:
         self.health: HealthServer | None = None  # the probe port, started with the other doors
         if SETTINGS.health_port:  # before the models load: see HealthServer
             self.health = HealthServer(SETTINGS.health_host, SETTINGS.health_port, lambda: self.dataplane.readiness(),
-                                       self.repository.shared_dir / "heartbeats", SETTINGS.worker_count, slot,
+                                       self.repository.shared_dir, SETTINGS.worker_count, slot,
                                        SETTINGS.liveness_stall_s)
         for change in self.repository.scan().changes:
             log.info("model repository %s: %s", SETTINGS.model_dir, change)
@@ -230,12 +231,14 @@ class CnnServe:
                 log.exception("publishing this worker's statistics failed")
 
     async def apply(self, result: ScanResult) -> None:
-        """Log what a scan changed, drain the versions it dropped, and update gRPC health."""
+        """Log what a scan changed, drain the versions it dropped, and update readiness on the probe port and gRPC."""
         for change in result.changes:
             log.info("model repository: %s", change)
         for model in result.removed:  # on the event loop, where their queues live
             self._background(model.batcher.drain(self.settings.version_drain_s,
                                                  f"model {model.name}/{model.version} was removed from the repository"))
+        if result.changes and self.health:
+            self.health.publish()
         if result.changes and self.grpc:
             await self.grpc.set_serving(self.dataplane.ready())
 
@@ -275,6 +278,8 @@ class CnnServe:
         async def drain_then_stop(signum: int) -> None:
             log.info("SIGTERM: not ready now, serving on for %g s before shutting down", self.settings.shutdown_drain_s)
             self.dataplane.draining = True
+            if self.health:
+                self.health.publish()
             if self.grpc:
                 await self.grpc.set_serving(False)
             self._draining_flag.parent.mkdir(parents=True, exist_ok=True)

@@ -53,8 +53,8 @@ class Settings:
     # long-lived channels spread again over workers and pods; clients reconnect on their own
     grpc_max_connection_age_s: float = 30.0
     grpc_reflection: bool = True  # gRPC server reflection (grpcurl list / describe without the .proto files)
-    # /readyz and /livez answered by a thread of each worker on this port, off the event loop, so that probes
-    # stay fast under overload (serving/health.py; 0 = off: probe the HTTP port)
+    # /readyz and /livez answered on this port by a small process beside each worker, off its event loop and its
+    # GIL, so that probes stay fast under overload (serving/health.py; 0 = off: probe the HTTP port)
     health_host: str = "127.0.0.1"
     health_port: int = 0
     liveness_stall_s: float = 10.0  # the health port's /livez fails once a worker's loop has not run for this long

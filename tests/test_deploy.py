@@ -54,7 +54,7 @@ def test_overlay_renders_everything_the_deployment_needs(overlay):
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     # not the gRPC probe: grpc refuses a health check like any call once the worker's call limit is reached
-    # and on the probe port, answered off the event loop (serving/health.py), which the config turns on
+    # and on the probe port, answered by a process beside each worker (serving/health.py), which the config turns on
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
     health_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "health")

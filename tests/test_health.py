@@ -1,17 +1,24 @@
-"""The probe port (``serving.health``): answered off the event loop, liveness from the loop's heartbeat."""
+"""The probe port (``serving.health``, ``serving.probe_process``): answered by a process of its own, from what the
+worker publishes; liveness from the loop's heartbeat."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
+import psutil
 import pytest
 
-from serving.health import BEAT, HealthServer
+from serving.health import HealthServer
+from serving.probe_process import BEAT, HEARTBEAT_S
 from serving.shared_slots import map_slots
 
 
@@ -19,7 +26,7 @@ from serving.shared_slots import map_slots
 def health(tmp_path) -> Iterator[tuple[HealthServer, asyncio.AbstractEventLoop, dict]]:
     """A HealthServer on a free port, worker 1 of 2, its heartbeat on an event loop running in a thread of its own."""
     state = {"ready": True}
-    server = HealthServer("127.0.0.1", 0, lambda: dict(state), tmp_path / "beats", workers=2, slot=0, stall_s=0.3)
+    server = HealthServer("127.0.0.1", 0, lambda: dict(state), tmp_path, workers=2, slot=0, stall_s=0.3)
     loop = asyncio.new_event_loop()
     started = threading.Event()
 
@@ -41,43 +48,106 @@ def get(server: HealthServer, path: str) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{server.port}{path}", timeout=2)
 
 
+def on_loop(loop: asyncio.AbstractEventLoop, call: Callable[[], object]) -> None:
+    """Run ``call`` on ``loop`` (the worker's event loop) and wait for it."""
+    async def run() -> None:
+        call()
+    asyncio.run_coroutine_threadsafe(run(), loop).result(5)
+
+
 def test_readiness_follows_the_worker_and_says_why_not(health):
-    server, _, state = health
+    server, loop, state = health
     assert get(server, "/readyz").status_code == 200
     assert get(server, "/v2/health/ready").json() == {"ready": True}
     state.update(ready=False, not_ready={"mnist-cnn/3": "sha256 mismatch"})
+    on_loop(loop, server.publish)  # as the worker does when a scan or SIGTERM changes its readiness
     r = get(server, "/readyz")
     assert r.status_code == 503 and r.json()["not_ready"] == {"mnist-cnn/3": "sha256 mismatch"}
+    state.clear()
+    state["ready"] = True  # a change nobody published: the heartbeat publishes it
+    deadline = time.monotonic() + HEARTBEAT_S + 2
+    while get(server, "/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "a readiness change was not published by the heartbeat"
+        time.sleep(0.05)
     r = get(server, "/metrics")
     assert r.status_code == 404 and "/readyz" in r.json()["error"]
     assert r.headers["connection"] == "close"  # no client holds a thread between probes
 
 
-def test_probes_are_answered_while_the_event_loop_is_blocked_and_liveness_sees_the_stall(health):
-    server, loop, _ = health
-    assert get(server, "/livez").status_code == 200
-    blocked = threading.Event()
-    loop.call_soon_threadsafe(lambda: (blocked.set(), time.sleep(1.0)))  # a callback that holds the loop 1 s
-    assert blocked.wait(2)
-    t0 = time.monotonic()
-    assert get(server, "/readyz").status_code == 200  # not queued behind the loop
-    assert time.monotonic() - t0 < 0.3
-    time.sleep(0.5)  # past stall_s (0.3) without a heartbeat
-    r = get(server, "/livez")
-    assert r.status_code == 503 and "event loop has not run" in r.json()["error"]
-    time.sleep(1.0)  # the loop runs again: so does its heartbeat
-    assert get(server, "/livez").status_code == 200
+WORKER = """
+import asyncio, sys
+from pathlib import Path
+from serving.health import HealthServer
+loop = asyncio.new_event_loop()
+server = HealthServer("127.0.0.1", 0, lambda: {"ready": True}, Path(sys.argv[1]), stall_s=0.3)
+loop.call_soon(lambda: (server.start(), print(server.port, server._process.pid, flush=True)))
+loop.run_forever()
+"""
+
+
+@pytest.fixture
+def worker(tmp_path) -> Iterator[tuple[subprocess.Popen, int, int]]:
+    """A worker-like process serving a probe port (stall_s 0.3): the process, the port, the probe process's pid."""
+    process = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        port, probe_pid = map(int, process.stdout.readline().split())
+        yield process, port, probe_pid
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.kill()
+        process.wait(5)
+
+
+def probe(port: int, path: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2)
+
+
+def test_probes_are_answered_while_the_worker_cannot_run_and_liveness_sees_the_stall(worker):
+    process, port, _ = worker
+    assert probe(port, "/livez").status_code == 200
+    process.send_signal(signal.SIGSTOP)  # the worker's interpreter runs nothing: no event loop, no GIL
+    try:
+        assert probe(port, "/readyz").status_code == 200  # answered by the probe process, from what was published
+        time.sleep(0.5)  # past stall_s (0.3) without a heartbeat
+        r = probe(port, "/livez")
+        assert r.status_code == 503 and "event loop has not run" in r.json()["error"]
+    finally:
+        process.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + HEARTBEAT_S + 2  # the loop runs again: so does its heartbeat
+    while probe(port, "/livez").status_code != 200:
+        assert time.monotonic() < deadline, "liveness did not come back with the heartbeat"
+        time.sleep(0.05)
+
+
+def test_the_probe_process_ends_with_its_worker_and_is_started_again_if_it_dies_alone(worker):
+    process, port, probe_pid = worker
+    os.kill(probe_pid, signal.SIGKILL)
+    deadline = time.monotonic() + HEARTBEAT_S + 5
+    while True:  # the worker's heartbeat starts another
+        try:
+            if probe(port, "/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the probe process was not started again"
+        time.sleep(0.05)
+    successor = next(child for child in psutil.Process(process.pid).children() if child.pid != probe_pid)
+    process.kill()  # the worker dies, however: its probe process goes with it
+    process.wait(5)
+    successor.wait(5)
+    with pytest.raises(httpx.ConnectError):
+        probe(port, "/readyz")
 
 
 def test_liveness_judges_every_worker_that_beats(health, tmp_path):
     server, _, _ = health
-    other = map_slots(tmp_path / "beats", 2, 1, BEAT.size)  # worker 2's slot, as its own process maps it
+    other = map_slots(tmp_path / "heartbeats", 2, 1, BEAT.size)  # worker 2's slot, as its own process maps it
     assert get(server, "/livez").status_code == 200  # worker 2 has not started its heartbeat: not judged
     BEAT.pack_into(other, BEAT.size, time.monotonic() - 5)  # worker 2's loop stuck for 5 s
     r = get(server, "/livez")
     assert r.status_code == 503 and r.json()["error"].startswith("worker 2:")
     # worker 2 killed and respawned: its successor clears the stale beat before it loads its models
-    HealthServer("127.0.0.1", 0, dict, tmp_path / "beats", workers=2, slot=1)
+    HealthServer("127.0.0.1", 0, dict, tmp_path, workers=2, slot=1)
     assert get(server, "/livez").status_code == 200
 
 
@@ -85,6 +155,6 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
     with socket.socket() as taken:  # no SO_REUSEPORT: nobody may share it
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        server = HealthServer("127.0.0.1", taken.getsockname()[1], dict, tmp_path / "beats")
+        server = HealthServer("127.0.0.1", taken.getsockname()[1], dict, tmp_path)
         with pytest.raises(RuntimeError, match="CNNSERVE_HEALTH_PORT: cannot listen on"):
             server.start()
