@@ -5,13 +5,14 @@ and gRPC, against the service as `make serve` runs it (one worker per core, defa
 
 Per door: capacity = answered requests/s of 64 closed-loop clients (the burst's generator in closed loop: 16 did
 not keep a slow day's gRPC door busy); then ``factor`` x capacity (or ``--rate``) open loop for ``seconds`` while
-``/readyz`` is probed every 100 ms (on the HTTP port and on the probe port) and a light client (20 req/s) keeps
-sending through the burst and 5 s past it. The burst comes from ``benchmarks/native/openloop.c`` (``--generator
-native``, the default: a few microseconds of CPU per request, built with gcc and libnghttp2 on first use) or from the
-Python generators (``--generator python``: ``loadgen.HttpLoad``, at most ``--connections`` keep-alive connections
-as wrk2 keeps a fixed set; ``loadgen.GrpcLoad``, grpcio futures over 4 channels), from a process of its own, so
-that the probe and the light client measure the server and not the generator's own backlog. The capacity run, the
-light client and the probe are Python.
+``/readyz`` is probed every 100 ms (on the HTTP port, on the probe port, and on a control: the probe port's
+process answering for no service, which shows what the loaded machine alone costs a probe) and a light client
+(20 req/s) keeps sending through the burst and 5 s past it. The burst comes from ``benchmarks/native/openloop.c``
+(``--generator native``, the default: a few microseconds of CPU per request, built with gcc and libnghttp2 on first
+use) or from the Python generators (``--generator python``: ``loadgen.HttpLoad``, at most ``--connections``
+keep-alive connections as wrk2 keeps a fixed set; ``loadgen.GrpcLoad``, grpcio futures over 4 channels), from a
+process of its own, so that the probe and the light client measure the server and not the generator's own backlog.
+The capacity run, the light client and the probe are Python.
 Reported beside the goals of the issue: answered p99 <= 250 ms, rejections answered in <= 10 ms (p99),
 goodput >= 90 % of capacity, worker RSS growth <= 20 %, /readyz p99 <= 50 ms, latency back to normal <= 1 s
 after the burst. Writes benchmarks/results/overload.{json,md}.
@@ -21,13 +22,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import multiprocessing
 import pickle
 import re
+import socket
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -48,6 +53,7 @@ from benchmarks.loadgen import (
     sample_images,
 )
 from benchmarks.publish import write_results
+from serving.probe_process import BEAT
 
 GOALS = {"answered_p99_ms": 250, "rejected_p99_ms": 10, "goodput_fraction": 0.9, "rss_growth_fraction": 0.2,
          "readyz_p99_ms": 50, "probe_port_readyz_p99_ms": 50, "recovery_s": 1.0}
@@ -65,6 +71,25 @@ def light_load(kind: str, service: Service, seconds: float) -> Awaitable[list[Sa
         return asyncio.to_thread(GrpcLoad(service.grpc_port, sample_images(), channels=1).open_loop, LIGHT_RATE,
                                  seconds)
     return http_load(service.http_port, 4).open_loop(LIGHT_RATE, seconds)
+
+
+@contextlib.contextmanager
+def control_probe_port(directory: Path) -> Iterator[int]:
+    """A probe port that belongs to no service: ``serving.probe_process``, as each worker starts it, answering from a
+    fixed readiness file, in a process of its own. Probed beside the service's probe port through a burst, it shows
+    what the loaded machine alone costs a probe (scheduling on the shared cores, the probing client's own delays)."""
+    readiness, beats = directory / "control-readiness.json", directory / "control-beats"
+    readiness.write_text('{"ready": true}')
+    beats.write_bytes(bytes(BEAT.size))  # one worker that never beats: not judged
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        process = subprocess.Popen([sys.executable, "-m", "serving.probe_process", "--fd", str(listener.fileno()),
+                                    "--readiness", str(readiness), "--beats", str(beats), "--workers", "1",
+                                    "--stall-s", "10"], stdin=subprocess.PIPE, pass_fds=(listener.fileno(),))
+        try:
+            yield listener.getsockname()[1]
+        finally:
+            process.stdin.close()  # type: ignore[union-attr]
+            process.wait(10)
 
 
 GRPC_CONNECTIONS = 4
@@ -121,10 +146,11 @@ def recovery_s(light: list[Sample], burst_end: float, normal_s: float) -> float:
     return round(max(0.0, bad[-1].due - burst_end), 2) if bad else 0.0
 
 
-async def measure(kind: str, service: Service, seconds: float, factor: float, connections: int,
+async def measure(kind: str, service: Service, control_port: int, seconds: float, factor: float, connections: int,
                   rate: float | None = None, binary: bool = True, generator: str = "native") -> dict:
-    """``rate``: offered requests/s, in place of ``factor`` x the measured capacity; ``binary``: OIP REST binary
-    tensors (else JSON) for the capacity run and the burst; ``generator``: the burst's (``burst``)."""
+    """``control_port``: ``control_probe_port``'s; ``rate``: offered requests/s, in place of ``factor`` x the measured
+    capacity; ``binary``: OIP REST binary tensors (else JSON) for the capacity run and the burst; ``generator``: the
+    burst's (``burst``)."""
     loop = asyncio.get_running_loop()
     native = NativeLoad(kind, service.grpc_port if kind == "grpc" else service.http_port, sample_images(),
                         GRPC_CONNECTIONS if kind == "grpc" else CAPACITY_CLIENTS, binary) \
@@ -161,9 +187,10 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
         lag_after: list[asyncio.Future[dict[float, float]]] = []  # scraped off the loop: the light client goes on
         sent.add_done_callback(lambda _: (burst_server_cpu.append(service.server.cpu_seconds() - server_cpu),
                                           lag_after.append(loop.run_in_executor(None, loop_lag_buckets, service.url))))
-        (burst_output, burst_cpu), light, readyz, probe_port_readyz = await asyncio.gather(
+        (burst_output, burst_cpu), light, readyz, probe_port_readyz, control_readyz = await asyncio.gather(
             sent, light_load(kind, service, seconds + AFTER_S), probe(f"{service.url}/readyz", 0.1, seconds),
-            probe(f"http://127.0.0.1:{service.health_port}/readyz", 0.1, seconds))
+            probe(f"http://127.0.0.1:{service.health_port}/readyz", 0.1, seconds),
+            probe(f"http://127.0.0.1:{control_port}/readyz", 0.1, seconds))
     rss_after = service.worker_rss_mb()
     burst_samples = read_burst(kind, burst_output)
     ok = [s.latency_s for s in burst_samples if s.outcome == "ok"]
@@ -190,6 +217,8 @@ async def measure(kind: str, service: Service, seconds: float, factor: float, co
         # Kubernetes manifests send kubelet's probes
         "probe_port_readyz_p99_ms": percentile_ms(probe_port_readyz, 99),
         "probe_port_readyz_max_ms": percentile_ms(probe_port_readyz, 100),
+        # and on the control, a probe port of no service: the floor the loaded machine and this client set
+        "control_readyz_p99_ms": percentile_ms(control_readyz, 99),
         # the server's own view: how late the workers' event loops ran during the burst (what a request or a probe
         # waits on the server before it is looked at; the rest of the latencies above is the clients' own lag)
         "server_loop_lag_p99_ms": lag_p99_ms(lag_before, await lag_after[0]),
@@ -231,6 +260,11 @@ def cores(row: dict) -> str:
             f"{row['burst_generator_cores']}")
 
 
+def control(row: dict) -> str:
+    """' / N' for the control probe's p99; empty in results from before it was kept."""
+    return "" if row.get("control_readyz_p99_ms") is None else f" / {row['control_readyz_p99_ms']}"
+
+
 def lag_cell(row: dict) -> str:
     lag = row.get("server_loop_lag_p99_ms")
     return "" if lag is None else f"≤ {lag:g}"
@@ -253,7 +287,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"OIP REST {'JSON' if args.json else 'binary'}); {GENERATORS[args.generator].format(args.connections)}, "
         "the light client and the /readyz probes (httpx, every 100 ms: one on the HTTP port, keep-alive, one on the "
         "probe port that the Kubernetes manifests probe, `CNNSERVE_HEALTH_PORT`, which ends each connection, so a "
-        "new one each time, as kubelet's) from another process, all on the same 2 cores as the server. "
+        "new one each time, as kubelet's, and one on a *control*: the probe port's process, `serving.probe_process`, "
+        "answering for no service, whose p99 is what the loaded machine and the probing client alone cost a probe) "
+        "from another process, all on the same 2 cores as the server. "
         f"Capacity: {CAPACITY_CLIENTS} closed-loop clients of the same generator. Goals from the issue in brackets; "
         "each cell says "
         "whether it is met. *Generator late*: how long after its due time the burst's p99 request went out; when "
@@ -265,8 +301,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "on cores they share with the server.",
         "",
         "| door | capacity/s | offered/s | goodput/s (≥ 90 %) | answered p50 / p99 ms (≤ 250) | rejected | "
-        "rejected p99 ms (≤ 10) | errors | /readyz p99 ms, HTTP port / probe port (≤ 50) | recovery s (≤ 1) | "
-        "worker RSS MB (≤ +20 %) | "
+        "rejected p99 ms (≤ 10) | errors | /readyz p99 ms, HTTP port / probe port (≤ 50) / control | "
+        "recovery s (≤ 1) | worker RSS MB (≤ +20 %) | "
         "generator late p99 ms | cores server / generator: capacity → burst | server loop lag p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -277,7 +313,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             f"({100 * r['goodput_fraction']:.0f} %) {v['goodput_fraction']} | {r['answered_p50_ms']} / "
             f"{r['answered_p99_ms']} {v['answered_p99_ms']} | {r['rejected']} of {r['sent']}{by_reason(r)} | "
             f"{r['rejected_p99_ms']} {v['rejected_p99_ms']} | {sum(r['errors'].values())} | {r['readyz_p99_ms']} "
-            f"{v['readyz_p99_ms']} / {r.get('probe_port_readyz_p99_ms')} {v['probe_port_readyz_p99_ms']} | "
+            f"{v['readyz_p99_ms']} / {r.get('probe_port_readyz_p99_ms')} {v['probe_port_readyz_p99_ms']}"
+            f"{control(r)} | "
             f"{r['recovery_s']} {v['recovery_s']} | {r['rss_before_mb']} → "
             f"{r['rss_after_mb']} ({100 * r['rss_growth_fraction']:+.0f} %) {v['rss_growth_fraction']} | "
             f"{r['generator_late_p99_ms']} | {cores(r)} | {lag_cell(r)} |")
@@ -303,11 +340,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for kind in args.doors:  # a fresh service per door: memory and counters start the same
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, control_probe_port(Path(tmp)) as control_port:
             service = Service.start(Path(tmp) / "server.log")
             try:
-                rows.append(asyncio.run(measure(kind, service, args.seconds, args.factor, args.connections,
-                                                args.rate, not args.json, args.generator)))
+                rows.append(asyncio.run(measure(kind, service, control_port, args.seconds, args.factor,
+                                                args.connections, args.rate, not args.json, args.generator)))
             finally:
                 service.stop()
     print(write_results(args.results_name, {"goals": GOALS, "rows": rows, "seconds": args.seconds,
