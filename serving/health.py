@@ -70,7 +70,11 @@ class HealthServer:
                                "free the port, choose another, or set 0 to turn the probe port off") from exc
         self.port = self._listener.getsockname()[1]
         self.publish()
-        self._spawn()
+        try:
+            self._spawn()
+        except OSError as exc:
+            raise RuntimeError(f"CNNSERVE_HEALTH_PORT: cannot start the process that answers the probe port "
+                               f"({exc}); set 0 to turn the probe port off") from exc
         self._heartbeat()
         log.info("health probes on http://%s:%d (/readyz, /livez)", self.host, self.port)
 
@@ -87,12 +91,19 @@ class HealthServer:
             self._listener = None
 
     def publish(self) -> None:
-        """Write the worker's readiness for the probe process, if it changed since it was last written."""
+        """Write the worker's readiness for the probe process, if it changed since it was last written; a write
+        that fails is logged and tried again at the next heartbeat."""
         body = json.dumps(self._readiness()).encode()
-        if body != self._published:
+        if body == self._published:
+            return
+        try:
             with atomic_write(self.readiness_file, "wb", durable=False) as f:
                 f.write(body)
-            self._published = body
+        except OSError:
+            log.exception("the probe port's readiness could not be written to %s: it answers the last written",
+                          self.readiness_file)
+            return
+        self._published = body
 
     def _spawn(self) -> None:
         assert self._listener is not None
@@ -105,12 +116,16 @@ class HealthServer:
             stdin=subprocess.PIPE, pass_fds=(fd,), env=env)
 
     def _heartbeat(self) -> None:
+        # the next beat first: nothing that fails below stops the heartbeat (which /livez would read as a stuck loop)
+        self._timer = asyncio.get_running_loop().call_later(HEARTBEAT_S, self._heartbeat)
         BEAT.pack_into(self._beats, self._slot * BEAT.size, time.monotonic())
         self.publish()
         if self._process is not None and self._process.poll() is not None:
             log.error("the probe port's process ended (exit status %s): starting it again", self._process.returncode)
-            self._spawn()
-        self._timer = asyncio.get_running_loop().call_later(HEARTBEAT_S, self._heartbeat)
+            try:
+                self._spawn()
+            except OSError:
+                log.exception("the probe port's process could not be started: trying again at the next heartbeat")
 
 
 def _listen(host: str, port: int) -> socket.socket:

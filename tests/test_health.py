@@ -74,6 +74,18 @@ def test_readiness_follows_the_worker_and_says_why_not(health):
     assert r.headers["connection"] == "close"  # no client holds a thread between probes
 
 
+def test_a_readiness_that_cannot_be_written_is_logged_and_the_heartbeat_goes_on(health, tmp_path, caplog):
+    server, _, state = health
+    beats = map_slots(tmp_path / "heartbeats", 2, 0, BEAT.size)  # this worker's slot, as the probe process reads it
+    server.readiness_file = tmp_path / "gone" / "readiness-0.json"  # its directory removed under the worker
+    state["ready"] = False
+    first_beat = BEAT.unpack_from(beats, 0)[0]
+    time.sleep(2 * HEARTBEAT_S + 0.3)  # each beat tried to write
+    assert "readiness could not be written" in caplog.text
+    assert BEAT.unpack_from(beats, 0)[0] > first_beat  # still beating
+    assert get(server, "/readyz").status_code == 200  # the last readiness written
+
+
 WORKER = """
 import asyncio, sys
 from pathlib import Path
