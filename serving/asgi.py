@@ -14,7 +14,7 @@ import socket
 import stat
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -351,7 +351,9 @@ def install_multipart_field_check(max_files: int) -> bool:
     is shortened. A body that is not a readable form (no boundary, a part header without a colon, Starlette's
     1,000-field limit) is a 400 that says so, and one with more than ``max_files`` files a 413 (Starlette's own
     400s for these left BentoML's wrapper as 500s with a traceback, and its 1,000-file limit refused uploads the
-    service's image limit allows).
+    service's image limit allows). So is a body that ends before its closing boundary (``--BOUNDARY--``): the
+    form parser keeps the parts it finished and drops the cut one without a word, so an upload cut short was
+    answered for the files before the cut, or as "images: Field required".
 
     Wraps ``MultipartSerde.parse_request`` in BentoML's private serde module; Starlette caches the parsed form
     on the request, so the check costs no second parse. ``tests/test_bad_input.py`` sends such uploads to the
@@ -360,6 +362,7 @@ def install_multipart_field_check(max_files: int) -> bool:
         from _bentoml_impl.serde import MultipartSerde
         from starlette.datastructures import UploadFile
         from starlette.exceptions import HTTPException
+        from starlette.formparsers import parse_options_header  # python-multipart's, as Starlette found it
     except ImportError:
         return False
     MultipartSerde._cnnserve_max_files = max_files
@@ -369,6 +372,10 @@ def install_multipart_field_check(max_files: int) -> bool:
 
     async def checked_parse_request(self: Any, request: Any, cls: Any) -> Any:
         limit = MultipartSerde._cnnserve_max_files
+        boundary = parse_options_header(request.headers.get("content-type", ""))[1].get(b"boundary")
+        closed: list[bool] = []  # filled once the body has been read to its end: whether it was closed
+        if boundary:
+            request.stream = functools.partial(_watch_close_delimiter, request.stream(), boundary, closed)
         try:  # one file over the limit still parses, for the API's own 413 on the count
             form = await request.form(max_files=limit + 1)
         except HTTPException as exc:  # Starlette's 400 for a body it cannot read as a form
@@ -377,6 +384,9 @@ def install_multipart_field_check(max_files: int) -> bool:
                                "(CNNSERVE_MAX_IMAGES_PER_REQUEST)",
                                error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
             raise BadInput(f"the multipart body is not a readable form: {exc.detail}") from None
+        if closed == [False]:
+            raise BadInput(f"the multipart body ends before its closing boundary (--{boundary.decode('latin-1')}--): "
+                           "the upload was cut short, and the part it cut is lost; send the whole form")
         files = sorted(cls.multipart_fields)
         plain = Counter(name for name, value in form.multi_items() if not isinstance(value, UploadFile))
         for name, times in plain.items():
@@ -400,6 +410,21 @@ def install_multipart_field_check(max_files: int) -> bool:
     MultipartSerde.parse_request = checked_parse_request
     MultipartSerde._cnnserve_field_check = True
     return True
+
+
+async def _watch_close_delimiter(stream: AsyncIterator[bytes], boundary: bytes,
+                                 closed: list[bool]) -> AsyncIterator[bytes]:
+    """``stream``, the body of a multipart form; once it has ended, ``closed`` holds whether its close delimiter
+    (``--boundary--`` at the start of a line, RFC 2046 5.1.1; an epilogue may follow it) went past."""
+    delimiter = b"\r\n--" + boundary + b"--"
+    seen, tail = False, b"\r\n"  # as if a line ended before the body: a form of no parts is its close delimiter
+    async for chunk in stream:
+        if not seen:
+            window = tail + chunk
+            seen = delimiter in window
+            tail = window[-(len(delimiter) - 1):]
+        yield chunk
+    closed.append(seen)
 
 
 def _closing_answer(status: bytes, message: str) -> bytes:

@@ -556,6 +556,26 @@ def test_unreadable_multipart_bodies_and_too_many_files_are_4xx_not_500(server):
     assert r.status_code == 200
 
 
+def test_a_multipart_body_cut_before_its_closing_boundary_is_refused_not_answered_in_part(server):
+    # an outside probe: the form parser drops a part cut short without a word, so such an upload was answered for
+    # the files before the cut, or as "images: Field required"
+    classify, png = f"{server.url}/classify", _png_digit()
+
+    def part(name: str, body: bytes, filename: str | None = None) -> bytes:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        return f"--Cut\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + body + b"\r\n"
+
+    whole = part("model", b"mnist-cnn") + part("images", png, "a.png") + part("images", png, "b.png") + b"--Cut--"
+    headers = {"content-type": "multipart/form-data; boundary=Cut"}
+    r = httpx.post(classify, content=whole + b"\r\nan epilogue, which RFC 2046 allows\r\n", headers=headers)
+    assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
+    for cut in (whole[:-len(b"--Cut--")], whole[:-len(png) // 2 - len(b'\r\n--Cut--')], whole[:-2]):
+        r = httpx.post(classify, content=cut, headers=headers)
+        assert r.status_code == 400 and "ends before its closing boundary (--Cut--)" in r.json()["error"], r.text
+    assert httpx.post(classify, content=b"--Cut--\r\n", headers=headers).json()["error"].startswith(
+        "invalid request: images: ")  # a whole form with no parts: the fields' own message
+
+
 def test_version_zero_or_negative_duplicate_outputs_and_fields_twice_are_refused_on_every_door(server):
     # an outside probe: version 0 meant "latest" on /predict and /classify and "not found" on /v2 and gRPC; an
     # output asked for twice was merged (the last won); a form field given twice was taken from its last value
