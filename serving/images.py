@@ -98,6 +98,13 @@ def _declared_pixels(data: bytes) -> int:
     return width * height
 
 
+def _bmp_width_negative(data: bytes) -> bool:
+    """Whether ``data`` is a BMP whose info header (40 bytes or more: a signed width) declares a negative width,
+    which no BMP has (a negative height means top-down rows; the width must be positive)."""
+    return (data[:2] == b"BM" and len(data) >= 22 and int.from_bytes(data[14:18], "little") >= 40
+            and int.from_bytes(data[18:22], "little", signed=True) < 0)
+
+
 def _from_npy(data: bytes, card: ModelCard, upload: str) -> tuple[np.ndarray, list[str]]:
     """The array, its dtype and shape checked from the header before any data is read (a 230-byte file can declare
     a terabyte)."""
@@ -131,6 +138,8 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
             raise UnprocessableInput(f"{upload} is a corrupt {kind} file (its header does not read)") from None
         raise UnsupportedMediaType(f"{upload} is not an image this service reads ({SUPPORTED})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        if _bmp_width_negative(data):  # Pillow reads the signed width unsigned: 4 billion pixels wide
+            raise UnprocessableInput(f"{upload} is a corrupt BMP file (its header declares a negative width)") from None
         raise PayloadTooLarge(f"{upload}: image dimensions are over the decoder's safety limit") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a header cut short, a chunk over Pillow's limits
         raise UnprocessableInput(f"{upload} is truncated or corrupt: {exc}") from None

@@ -408,6 +408,12 @@ def npy_header(shape: tuple[int, ...], body: bytes = b"") -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + body
 
 
+def negative_width(bmp: bytes) -> bytes:
+    """``bmp`` with its info header's width negated (bytes 18-21, signed: no BMP has a negative width)."""
+    width = struct.unpack_from("<i", bmp, 18)[0]
+    return bmp[:18] + struct.pack("<i", -width) + bmp[22:]
+
+
 def frames(fmt: str, count: int) -> bytes:
     images = [Image.fromarray(GREY), *(Image.fromarray(NOISE) for _ in range(count - 1))]
     return encode(images[0], fmt, save_all=True, append_images=images[1:])
@@ -418,6 +424,7 @@ def frames(fmt: str, count: int) -> bytes:
     pytest.param(encode(Image.fromarray(GREY))[:20], UnprocessableInput, id="PNG cut in its first chunk"),
     pytest.param(with_chunk(encode(Image.fromarray(GREY)), b"eXIf", b"\xde\xad\xbe\xef" * 8), UnprocessableInput,
                  id="malformed EXIF"),
+    pytest.param(negative_width(encode(Image.fromarray(GREY), "BMP")), UnprocessableInput, id="BMP of negative width"),
     pytest.param(npy_header((10**6, 10**6)), InvalidInput, id="npy declaring a terabyte"),
     pytest.param(b"\x93NUMPY\x01\x00\x10\x00{'descr': (((   \n", UnprocessableInput, id="npy header not a dict"),
     pytest.param(frames("TIFF", 2), UnsupportedMediaType, id="multi-page TIFF"),
