@@ -11,7 +11,8 @@ Every step that changes pixels adds a note (the reply's ``converted`` list), in 
    - 32-bit integer (I) and floating-point (F) greyscale (TIFF) have no fixed depth: the image's own value
      range min..max is stretched to 0..255 (a constant image becomes 0); NaN or infinite values are refused.
    - 16-bit colour (PNG/TIFF RGB, RGBA and grey + alpha, which Pillow opens as RGB or RGBA) is reduced by
-     Pillow's decoder, which keeps each value's high byte (value // 256: at most 1 below value × 255 / 65535).
+     Pillow's decoder, which keeps each value's high byte (value // 256: at most 1 below value × 255 / 65535);
+     grey + alpha is then grey + alpha (LA) again, and the notes name it so.
 3. Transparency (RGBA, LA, PA, or P/L/RGB with a transparent colour): composited on the card's
    ``input_background`` grey level, what surrounds the training images (0, black, for MNIST), not dropped;
    for a drawing on a transparent canvas (90 % of the border transparent) whose strokes are dark (light) like a
@@ -154,7 +155,7 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
     if frames > 1:
         raise UnsupportedMediaType(f"{upload} holds {frames} images (a multi-page {image.format} or an animation), "
                                    "and which one to classify is not clear: send each as a file of its own")
-    reduced_16_bit = _is_16_bit_colour(image)
+    reduced_16_bit = _16_bit_colour(image)
     stored_orientation = _stored_orientation(image)  # TIFF's decoder applies it in load() and drops the tag
     try:
         image.load()
@@ -166,7 +167,9 @@ def _from_image(data: bytes, card: ModelCard, max_pixels: int, upload: str) -> t
             raise stored_orientation
         image = _upright(image, stored_orientation, notes)
         if reduced_16_bit:
-            notes.append(f"reduced 16-bit {image.mode} to 8 bits (high byte of each value)")
+            notes.append(f"reduced 16-bit {reduced_16_bit} to 8 bits (high byte of each value)")
+            if reduced_16_bit == "LA":  # opened as RGBA with three equal channels: grey + alpha again, exactly
+                image = image.convert("LA")
         image = _to_8_bits(image, upload, notes)
         image = _flatten_transparency(image, card.input_background, notes)
         image = _to_mode(image, "RGB" if card.layout == "NHWC" else "L", notes)
@@ -218,13 +221,14 @@ def _framed(image: Image.Image, background: int, share: float, target: tuple[int
     return canvas
 
 
-def _is_16_bit_colour(image: Image.Image) -> bool:
-    """Whether the decoder is about to reduce 16-bit colour samples to 8 bits (its raw mode says; before load)."""
+def _16_bit_colour(image: Image.Image) -> str | None:
+    """The mode of the 16-bit samples the decoder is about to reduce to 8 bits (its raw mode says; before load):
+    RGB, RGBA or LA (grey + alpha, which Pillow opens as RGBA); None for 8-bit images."""
     if image.mode not in ("RGB", "RGBA") or not image.tile:
-        return False
+        return None
     _codec, _extents, _offset, args = image.tile[0]  # a plain tuple before Pillow 11
-    rawmode = args if isinstance(args, str) else args[0] if args else ""  # PNG passes it alone, others in a tuple
-    return ";16" in str(rawmode)
+    rawmode = str(args if isinstance(args, str) else args[0] if args else "")  # PNG passes it alone, others a tuple
+    return rawmode.split(";")[0] if ";16" in rawmode else None
 
 
 def _stored_orientation(image: Image.Image) -> int | Exception:

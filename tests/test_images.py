@@ -202,6 +202,19 @@ def test_16_bit_colour_keeps_the_high_byte_and_says_so():
     assert notes == ["reduced 16-bit RGB to 8 bits (high byte of each value)"]
 
 
+def test_16_bit_grey_and_alpha_is_named_and_treated_as_grey_and_alpha():
+    # Pillow opens it as RGBA: the notes read "RGBA" (an outside probe), for a grey image
+    rng = np.random.default_rng(0)
+    grey = GREY.astype(np.uint16) * 257 + rng.integers(0, 257, GREY.shape)
+    alpha = np.where(np.arange(GREY.shape[1]) < GREY.shape[1] // 2, 0, 65535).astype(np.uint16) * np.ones_like(grey)
+    samples = np.stack([grey, alpha], axis=-1)  # left half transparent
+    image, notes = decode(png_file(28, 28, 16, 4, b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)))
+    eight_bit, eight_bit_notes = decode(encode(Image.fromarray((samples >> 8).astype(np.uint8), "LA")))
+    assert np.array_equal(image, eight_bit)
+    assert notes == ["reduced 16-bit LA to 8 bits (high byte of each value)", *eight_bit_notes]
+    assert eight_bit_notes and all("RGBA" not in note for note in notes)
+
+
 def opacity() -> np.ndarray:
     """Opaque left third, transparent right third, a ramp between: exact where alpha is 0 or 255."""
     return np.clip((np.arange(28) - 9) * -26 + 255, 0, 255).astype(np.uint8)[None, :].repeat(28, 0)
