@@ -16,8 +16,9 @@ which answers from two files the worker keeps up to date:
   beats: an overloaded worker is not restarted for being busy. A worker that has not started its heartbeat yet, or
   has stopped it on its way out, is not judged.
 
-The process ends with the worker (its standard input is a pipe from the worker); the worker starts it again if it
-dies.
+The worker waits for the process to answer before it goes on starting, so one that cannot start stops the worker
+with a ``CNNSERVE_HEALTH_PORT`` error. The process ends with the worker (its standard input is a pipe from the
+worker); the worker starts it again if it dies, after a delay that doubles, up to a minute, while it keeps dying.
 """
 
 from __future__ import annotations
@@ -25,21 +26,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
+import select
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from serving.model_card import atomic_write
-from serving.probe_process import BEAT, HEARTBEAT_S
+from serving.probe_process import BEAT, HEARTBEAT_S, READY, command
 from serving.shared_slots import map_slots
 
 log = logging.getLogger("cnnserve.health")
+START_WAIT_S = 10.0  # how long ``start`` waits for the probe process to answer
 EXIT_WAIT_S = 5.0  # how long ``stop`` waits for the probe process to end before killing it
+RESTART_DELAY_MAX_S = 60.0  # the longest wait before starting again a probe process that keeps dying
 
 
 class HealthServer:
@@ -60,6 +62,8 @@ class HealthServer:
         self._timer: asyncio.TimerHandle | None = None
         self._listener: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0  # when the probe process was last started (time.monotonic())
+        self._restart_delay = HEARTBEAT_S  # before starting it again once it has died; doubles while it keeps dying
 
     def start(self) -> None:
         """Bind the port, start the process that answers it, and start the heartbeat on the running loop."""
@@ -71,8 +75,9 @@ class HealthServer:
         self.port = self._listener.getsockname()[1]
         self.publish()
         try:
-            self._spawn()
-        except OSError as exc:
+            self._spawn(wait=True)
+        except (OSError, RuntimeError) as exc:
+            self._listener.close()
             raise RuntimeError(f"CNNSERVE_HEALTH_PORT: cannot start the process that answers the probe port "
                                f"({exc}); set 0 to turn the probe port off") from exc
         self._heartbeat()
@@ -91,41 +96,56 @@ class HealthServer:
             self._listener = None
 
     def publish(self) -> None:
-        """Write the worker's readiness for the probe process, if it changed since it was last written; a write
-        that fails is logged and tried again at the next heartbeat."""
-        body = json.dumps(self._readiness()).encode()
-        if body == self._published:
-            return
+        """Write the worker's readiness for the probe process, if it changed since it was last written; a failure
+        is logged, and the write tried again at the next heartbeat (the probe port answers the last written)."""
         try:
-            with atomic_write(self.readiness_file, "wb", durable=False) as f:
-                f.write(body)
-        except OSError:
-            log.exception("the probe port's readiness could not be written to %s: it answers the last written",
-                          self.readiness_file)
-            return
-        self._published = body
+            body = json.dumps(self._readiness()).encode()
+            if body != self._published:
+                with atomic_write(self.readiness_file, "wb", durable=False) as f:
+                    f.write(body)
+                self._published = body
+        except Exception:  # the readiness is best effort: whatever failed, the worker goes on (and so does its beat)
+            log.exception("the probe port's readiness could not be written to %s", self.readiness_file)
 
-    def _spawn(self) -> None:
+    def _spawn(self, wait: bool = False) -> None:
+        """Start the probe process; ``wait``: until it answers (RuntimeError if it does not within START_WAIT_S)."""
         assert self._listener is not None
         fd = self._listener.fileno()
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "serving.probe_process", "--fd", str(fd), "--readiness", str(self.readiness_file),
-             "--beats", str(self._beats_file), "--workers", str(self._workers), "--stall-s", str(self.stall_s)],
-            stdin=subprocess.PIPE, pass_fds=(fd,), env=env)
+        self._process = subprocess.Popen(command(fd, self.readiness_file, self._beats_file, self._workers,
+                                                 self.stall_s),
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE if wait else None,
+                                         pass_fds=(fd,))
+        self._started_at = time.monotonic()
+        if wait:
+            _wait_until_serving(self._process)
 
     def _heartbeat(self) -> None:
         # the next beat first: nothing that fails below stops the heartbeat (which /livez would read as a stuck loop)
         self._timer = asyncio.get_running_loop().call_later(HEARTBEAT_S, self._heartbeat)
         BEAT.pack_into(self._beats, self._slot * BEAT.size, time.monotonic())
+        self._watch_process()
         self.publish()
-        if self._process is not None and self._process.poll() is not None:
-            log.error("the probe port's process ended (exit status %s): starting it again", self._process.returncode)
-            try:
-                self._spawn()
-            except OSError:
-                log.exception("the probe port's process could not be started: trying again at the next heartbeat")
+
+    def _watch_process(self) -> None:
+        """Start the probe process again if it has died, ``self._restart_delay`` after it was last started; the
+        delay doubles at each start, up to ``RESTART_DELAY_MAX_S``, and is reset once one has lived that long."""
+        process, now = self._process, time.monotonic()
+        if process is None:
+            return
+        if process.poll() is None:
+            if now - self._started_at > RESTART_DELAY_MAX_S:
+                self._restart_delay = HEARTBEAT_S
+            return
+        if now - self._started_at < self._restart_delay:
+            return
+        log.error("the probe port's process ended (exit status %s): starting it again", process.returncode)
+        _end(process)  # its pipe
+        self._restart_delay = min(2 * self._restart_delay, RESTART_DELAY_MAX_S)
+        try:
+            self._spawn()
+        except OSError:
+            self._started_at = now
+            log.exception("the probe port's process could not be started: trying again in %g s", self._restart_delay)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -141,6 +161,21 @@ def _listen(host: str, port: int) -> socket.socket:
         listener.close()
         raise
     return listener
+
+
+def _wait_until_serving(process: subprocess.Popen[bytes]) -> None:
+    """Wait for ``process`` to write READY (then close its standard output); RuntimeError, the process killed, if it
+    ends or writes something else first, or stays silent for ``START_WAIT_S``."""
+    assert process.stdout is not None
+    with process.stdout:
+        answered, _, _ = select.select([process.stdout], [], [], START_WAIT_S)
+        line = process.stdout.readline() if answered else b""
+    if line != READY:
+        ended = answered and line == b""
+        process.kill()
+        status = process.wait()
+        what = f"ended with status {status}" if ended else f"did not answer within {START_WAIT_S:g} s"
+        raise RuntimeError(f"it {what}; its error, if any, is in the log above")
 
 
 def _end(process: subprocess.Popen[bytes]) -> None:

@@ -1,5 +1,6 @@
-"""The process that answers a worker's probe port: ``python -m serving.probe_process`` (started by
-``serving.health.HealthServer``; standard library only, so it starts in tens of milliseconds and holds ~15 MB).
+"""The process that answers a worker's probe port (``command`` starts it, from ``serving.health.HealthServer``;
+standard library only, run as a script in Python's isolated mode, so it starts in tens of milliseconds and holds
+about 20 MB).
 
 It shares no interpreter with the worker, so no GIL: an answer needs only a few microseconds of a core, which the
 kernel's scheduler hands a process waking from sleep first, however busy the worker's event loop and its gRPC
@@ -14,8 +15,9 @@ threads are. It answers from two files the worker keeps:
   (not started, or on its way out) is not judged.
 
 The listening socket is the worker's (``--fd``, inherited), so a port that cannot be bound is the worker's error.
-The process ends when its standard input ends: when the worker closes it or dies, however it dies. SIGTERM and
-SIGINT are ignored: the worker, draining, wants its probes answered (not ready) until it exits.
+Once it serves, the process writes ``READY`` on its standard output (the worker waits for it at start). It ends when
+its standard input ends: when the worker closes it or dies, however it dies. SIGTERM and SIGINT are ignored: the
+worker, draining, wants its probes answered (not ready) until it exits.
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ READ_TIMEOUT_S = 2.0  # a probe connection that sends nothing for this long is c
 READY_PATHS = {"/readyz", "/v2/health/ready"}
 LIVE_PATHS = {"/livez", "/v2/health/live"}
 BEAT = struct.Struct("d")  # a worker's slot: time.monotonic() of its loop's last heartbeat, 0 = not judged
+READY = b"serving\n"  # written on standard output once the process answers
+
+
+def command(fd: int, readiness: Path, beats: Path, workers: int, stall_s: float) -> list[str]:
+    """The command line of a probe process answering on the inherited socket ``fd`` (see ``main``): this file as a
+    script, isolated (no site-packages, no PYTHON* variables, not the working directory): it needs the standard
+    library only, and no other ``serving`` package on the path can stand in for it."""
+    return [sys.executable, "-I", "-S", str(Path(__file__).resolve()), "--fd", str(fd), "--readiness",
+            str(readiness), "--beats", str(beats), "--workers", str(workers), "--stall-s", str(stall_s)]
 
 
 def readiness_answer(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -132,8 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_end_with_stdin, name="end-with-stdin", daemon=True).start()
-    listener = socket.socket(fileno=args.fd)
-    serve(listener, ProbeAnswers(args.readiness, args.beats, args.workers, args.stall_s)).serve_forever()
+    server = serve(socket.socket(fileno=args.fd), ProbeAnswers(args.readiness, args.beats, args.workers, args.stall_s))
+    sys.stdout.buffer.write(READY)
+    sys.stdout.buffer.flush()
+    server.serve_forever()
 
 
 if __name__ == "__main__":

@@ -17,16 +17,19 @@ import httpx
 import psutil
 import pytest
 
+from serving import health as health_module
 from serving.health import HealthServer
 from serving.probe_process import BEAT, HEARTBEAT_S
 from serving.shared_slots import map_slots
+
+STALL_S = 3 * HEARTBEAT_S  # past it a worker's loop is stuck: longer than a heartbeat's period, as it must be
 
 
 @pytest.fixture
 def health(tmp_path) -> Iterator[tuple[HealthServer, asyncio.AbstractEventLoop, dict]]:
     """A HealthServer on a free port, worker 1 of 2, its heartbeat on an event loop running in a thread of its own."""
     state = {"ready": True}
-    server = HealthServer("127.0.0.1", 0, lambda: dict(state), tmp_path, workers=2, slot=0, stall_s=0.3)
+    server = HealthServer("127.0.0.1", 0, lambda: dict(state), tmp_path, workers=2, slot=0, stall_s=STALL_S)
     loop = asyncio.new_event_loop()
     started = threading.Event()
 
@@ -91,7 +94,7 @@ import asyncio, sys
 from pathlib import Path
 from serving.health import HealthServer
 loop = asyncio.new_event_loop()
-server = HealthServer("127.0.0.1", 0, lambda: {"ready": True}, Path(sys.argv[1]), stall_s=0.3)
+server = HealthServer("127.0.0.1", 0, lambda: {"ready": True}, Path(sys.argv[1]), stall_s=float(sys.argv[2]))
 loop.call_soon(lambda: (server.start(), print(server.port, server._process.pid, flush=True)))
 loop.run_forever()
 """
@@ -99,8 +102,9 @@ loop.run_forever()
 
 @pytest.fixture
 def worker(tmp_path) -> Iterator[tuple[subprocess.Popen, int, int]]:
-    """A worker-like process serving a probe port (stall_s 0.3): the process, the port, the probe process's pid."""
-    process = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    """A worker-like process serving a probe port: the process, the port, the probe process's pid."""
+    process = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), str(STALL_S)], stdout=subprocess.PIPE,
+                               text=True)
     try:
         port, probe_pid = map(int, process.stdout.readline().split())
         yield process, port, probe_pid
@@ -108,6 +112,7 @@ def worker(tmp_path) -> Iterator[tuple[subprocess.Popen, int, int]]:
         process.send_signal(signal.SIGCONT)
         process.kill()
         process.wait(5)
+        process.stdout.close()
 
 
 def probe(port: int, path: str) -> httpx.Response:
@@ -120,7 +125,7 @@ def test_probes_are_answered_while_the_worker_cannot_run_and_liveness_sees_the_s
     process.send_signal(signal.SIGSTOP)  # the worker's interpreter runs nothing: no event loop, no GIL
     try:
         assert probe(port, "/readyz").status_code == 200  # answered by the probe process, from what was published
-        time.sleep(0.5)  # past stall_s (0.3) without a heartbeat
+        time.sleep(STALL_S + 0.5)  # past stall_s without a heartbeat
         r = probe(port, "/livez")
         assert r.status_code == 503 and "event loop has not run" in r.json()["error"]
     finally:
@@ -146,7 +151,10 @@ def test_the_probe_process_ends_with_its_worker_and_is_started_again_if_it_dies_
     successor = next(child for child in psutil.Process(process.pid).children() if child.pid != probe_pid)
     process.kill()  # the worker dies, however: its probe process goes with it
     process.wait(5)
-    successor.wait(5)
+    deadline = time.monotonic() + 5
+    while successor.is_running() and successor.status() != psutil.STATUS_ZOMBIE:  # ended (reaped or not)
+        assert time.monotonic() < deadline, "the probe process outlived its worker"
+        time.sleep(0.05)
     with pytest.raises(httpx.ConnectError):
         probe(port, "/readyz")
 
@@ -170,3 +178,15 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
         server = HealthServer("127.0.0.1", taken.getsockname()[1], dict, tmp_path)
         with pytest.raises(RuntimeError, match="CNNSERVE_HEALTH_PORT: cannot listen on"):
             server.start()
+
+
+def test_a_probe_process_that_cannot_start_stops_the_worker_with_a_clear_error(tmp_path, monkeypatch):
+    for failing, why in (([sys.executable, "-c", "raise SystemExit(3)"], "ended with status 3"),
+                         ([sys.executable, "-c", "import time; time.sleep(30)"], "did not answer within 0.5 s")):
+        monkeypatch.setattr(health_module, "command", lambda *_, failing=failing: failing)
+        monkeypatch.setattr(health_module, "START_WAIT_S", 0.5)
+        server = HealthServer("127.0.0.1", 0, dict, tmp_path)
+        with pytest.raises(RuntimeError, match=f"CNNSERVE_HEALTH_PORT: cannot start .*{why}"):
+            server.start()
+        with socket.socket() as again:  # and the port is let go
+            again.bind(("127.0.0.1", server.port))
