@@ -372,7 +372,8 @@ def install_multipart_field_check(max_files: int) -> bool:
 
     async def checked_parse_request(self: Any, request: Any, cls: Any) -> Any:
         limit = MultipartSerde._cnnserve_max_files
-        boundary = parse_options_header(request.headers.get("content-type", ""))[1].get(b"boundary")
+        media_type, options = parse_options_header(request.headers.get("content-type", ""))
+        boundary = options.get(b"boundary") if media_type == b"multipart/form-data" else None  # as Starlette reads it
         closed: list[bool] = []  # filled once the body has been read to its end: whether it was closed
         if boundary:
             request.stream = functools.partial(_watch_close_delimiter, request.stream(), boundary, closed)
@@ -384,6 +385,9 @@ def install_multipart_field_check(max_files: int) -> bool:
                                "(CNNSERVE_MAX_IMAGES_PER_REQUEST)",
                                error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
             raise BadInput(f"the multipart body is not a readable form: {exc.detail}") from None
+        finally:
+            if boundary:
+                del request.stream  # Starlette's own again: a second read is its "Stream consumed"
         if closed == [False]:
             raise BadInput(f"the multipart body ends before its closing boundary (--{boundary.decode('latin-1')}--): "
                            "the upload was cut short, and the part it cut is lost; send the whole form")
@@ -417,13 +421,14 @@ async def _watch_close_delimiter(stream: AsyncIterator[bytes], boundary: bytes,
     """``stream``, the body of a multipart form; once it has ended, ``closed`` holds whether its close delimiter
     (``--boundary--`` at the start of a line, RFC 2046 5.1.1; an epilogue may follow it) went past."""
     delimiter = b"\r\n--" + boundary + b"--"
+    keep = len(delimiter) - 1  # what of the body so far a delimiter ending in the next chunk can start in
     seen, tail = False, b"\r\n"  # as if a line ended before the body: a form of no parts is its close delimiter
-    async for chunk in stream:
-        if not seen:
-            window = tail + chunk
-            seen = delimiter in window
-            tail = window[-(len(delimiter) - 1):]
-        yield chunk
+    async with contextlib.aclosing(stream):
+        async for chunk in stream:
+            if not seen:  # the chunk alone, and the seam with the bytes before it (not a copy of the whole chunk)
+                seen = delimiter in chunk or delimiter in tail + chunk[:keep]
+                tail = chunk[-keep:] if len(chunk) >= keep else (tail + chunk)[-keep:]
+            yield chunk
     closed.append(seen)
 
 

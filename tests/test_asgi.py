@@ -8,10 +8,11 @@ import json
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
-from serving.asgi import RequestTimeout, install_single_write_responses
+from serving.asgi import RequestTimeout, _watch_close_delimiter, install_single_write_responses
 
 
 def respond_after(delay_before_start: float, delay_before_body: float = 0.0, log: list | None = None):
@@ -594,3 +595,24 @@ def test_a_request_offering_an_upgrade_is_served_as_http_1_1_with_its_body():
         assert bodies[1:] == [body + body]
 
     asyncio.run(scenario())
+
+
+async def _closed_after(chunks: list[bytes], boundary: bytes = b"Bd") -> list[bool]:
+    async def stream() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    closed: list[bool] = []
+    assert [chunk async for chunk in _watch_close_delimiter(stream(), boundary, closed)] == chunks  # passed through
+    return closed
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 1000])
+def test_the_close_delimiter_is_found_whatever_the_chunks_and_only_at_a_line_start(size):
+    form = b'--Bd\r\nContent-Disposition: form-data; name="model"\r\n\r\nmnist-cnn\r\n--Bd--\r\nepilogue'
+    def split(body: bytes) -> list[bytes]:
+        return [body[i:i + size] for i in range(0, len(body), size)]
+    assert asyncio.run(_closed_after(split(form))) == [True]
+    assert asyncio.run(_closed_after(split(form[:form.index(b"\r\n--Bd--")]))) == [False]  # cut before it
+    assert asyncio.run(_closed_after(split(form.replace(b"\r\n--Bd--", b"x--Bd--")))) == [False]  # not a line start
+    assert asyncio.run(_closed_after(split(b"--Bd--\r\n"))) == [True]  # a form of no parts
