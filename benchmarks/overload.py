@@ -29,7 +29,6 @@ import pickle
 import re
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Iterator
@@ -53,7 +52,7 @@ from benchmarks.loadgen import (
     sample_images,
 )
 from benchmarks.publish import write_results
-from serving.probe_process import BEAT
+from serving import probe_process
 
 GOALS = {"answered_p99_ms": 250, "rejected_p99_ms": 10, "goodput_fraction": 0.9, "rss_growth_fraction": 0.2,
          "readyz_p99_ms": 50, "probe_port_readyz_p99_ms": 50, "recovery_s": 1.0}
@@ -80,16 +79,19 @@ def control_probe_port(directory: Path) -> Iterator[int]:
     what the loaded machine alone costs a probe (scheduling on the shared cores, the probing client's own delays)."""
     readiness, beats = directory / "control-readiness.json", directory / "control-beats"
     readiness.write_text('{"ready": true}')
-    beats.write_bytes(bytes(BEAT.size))  # one worker that never beats: not judged
+    beats.write_bytes(bytes(probe_process.BEAT.size))  # one worker that never beats: not judged
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        process = subprocess.Popen([sys.executable, "-m", "serving.probe_process", "--fd", str(listener.fileno()),
-                                    "--readiness", str(readiness), "--beats", str(beats), "--workers", "1",
-                                    "--stall-s", "10"], stdin=subprocess.PIPE, pass_fds=(listener.fileno(),))
+        process = subprocess.Popen(probe_process.command(listener.fileno(), readiness, beats, 1, 10.0),
+                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(listener.fileno(),))
         try:
             yield listener.getsockname()[1]
         finally:
             process.stdin.close()  # type: ignore[union-attr]
-            process.wait(10)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 GRPC_CONNECTIONS = 4

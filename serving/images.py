@@ -228,7 +228,9 @@ def _16_bit_colour(image: Image.Image) -> str | None:
         return None
     _codec, _extents, _offset, args = image.tile[0]  # a plain tuple before Pillow 11
     rawmode = str(args if isinstance(args, str) else args[0] if args else "")  # PNG passes it alone, others a tuple
-    return rawmode.split(";")[0] if ";16" in rawmode else None
+    if ";16" not in rawmode:
+        return None
+    return "LA" if rawmode.startswith("LA;") else image.mode  # not TIFF's RGBX or RGBa: the image's RGB or RGBA
 
 
 def _stored_orientation(image: Image.Image) -> int | Exception:
