@@ -113,7 +113,7 @@ class HealthServer:
         fd = self._listener.fileno()
         self._process = subprocess.Popen(command(fd, self.readiness_file, self._beats_file, self._workers,
                                                  self.stall_s),
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE if wait else None,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE if wait else subprocess.DEVNULL,
                                          pass_fds=(fd,))
         self._started_at = time.monotonic()
         if wait:
