@@ -86,12 +86,7 @@ def control_probe_port(directory: Path) -> Iterator[int]:
         try:
             yield listener.getsockname()[1]
         finally:
-            process.stdin.close()  # type: ignore[union-attr]
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            probe_process.end(process)
 
 
 GRPC_CONNECTIONS = 4

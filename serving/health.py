@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from serving.model_card import atomic_write
-from serving.probe_process import BEAT, HEARTBEAT_S, READY, command
+from serving.probe_process import BEAT, HEARTBEAT_S, READY, command, end
 from serving.shared_slots import map_slots
 
 log = logging.getLogger("cnnserve.health")
 START_WAIT_S = 10.0  # how long ``start`` waits for the probe process to answer
-EXIT_WAIT_S = 5.0  # how long ``stop`` waits for the probe process to end before killing it
 RESTART_DELAY_MAX_S = 60.0  # the longest wait before starting again a probe process that keeps dying
 
 
@@ -90,7 +89,7 @@ class HealthServer:
             BEAT.pack_into(self._beats, self._slot * BEAT.size, 0.0)  # on its way out: not judged
         if self._process is not None:
             process, self._process = self._process, None
-            await asyncio.to_thread(_end, process)
+            await asyncio.to_thread(end, process)
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -139,7 +138,7 @@ class HealthServer:
         if now - self._started_at < self._restart_delay:
             return
         log.error("the probe port's process ended (exit status %s): starting it again", process.returncode)
-        _end(process)  # its pipe
+        end(process)  # its pipe
         self._restart_delay = min(2 * self._restart_delay, RESTART_DELAY_MAX_S)
         try:
             self._spawn()
@@ -176,14 +175,3 @@ def _wait_until_serving(process: subprocess.Popen[bytes]) -> None:
         status = process.wait()
         what = f"ended with status {status}" if ended else f"did not answer within {START_WAIT_S:g} s"
         raise RuntimeError(f"it {what}; its error, if any, is in the log above")
-
-
-def _end(process: subprocess.Popen[bytes]) -> None:
-    """End the probe process: close its standard input, and kill it if it has not gone within ``EXIT_WAIT_S``."""
-    if process.stdin is not None:
-        process.stdin.close()
-    try:
-        process.wait(EXIT_WAIT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -50,6 +51,18 @@ def command(fd: int, readiness: Path, beats: Path, workers: int, stall_s: float)
     library only, and no other ``serving`` package on the path can stand in for it."""
     return [sys.executable, "-I", "-S", str(Path(__file__).resolve()), "--fd", str(fd), "--readiness",
             str(readiness), "--beats", str(beats), "--workers", str(workers), "--stall-s", str(stall_s)]
+
+
+def end(process: subprocess.Popen[bytes], wait_s: float = 5.0) -> None:
+    """End a probe process started with ``command``: close its standard input, and kill it if it has not gone
+    within ``wait_s``."""
+    if process.stdin is not None:
+        process.stdin.close()
+    try:
+        process.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def readiness_answer(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
