@@ -33,7 +33,7 @@ from uvicorn.server import ServerState
 
 from benchmarks.loadgen import command
 from benchmarks.publish import write_results
-from serving.asgi import install_header_timeout, install_load_shedding, install_single_write_responses
+from serving.asgi import install_load_shedding, install_read_limits, install_single_write_responses
 from serving.dataplane import DataPlane
 from serving.oip_rest import check_admission, create_app, infer_lane
 from serving.repository import ModelRepository
@@ -85,7 +85,7 @@ async def run(requests: int, connections: int) -> float:
         model.batcher._run_wide = None
     app = create_app(lambda: dataplane)
     install_single_write_responses()
-    install_header_timeout(settings.header_timeout_s)
+    install_read_limits(settings.header_timeout_s, settings.max_header_bytes)
     install_load_shedding(lambda target: check_admission(dataplane, target), settings.max_concurrency,
                           infer_lane(app.state.infer_endpoint, settings.request_timeout_s))
     config = Config(app=app, http="httptools", log_level="warning")
