@@ -1,5 +1,5 @@
 """In-process CPU cost of the HTTP door's inference path, without sockets and without the model: uvicorn's
-httptools protocol with the service's header-time steps (``serving.asgi.install_*``: load shedding, the infer
+httptools protocol with the service's header-time steps (``serving.uvicorn_hooks.install_*``: load shedding, the infer
 lane, the header timeout, single-write responses), the OIP infer endpoint, the dataplane and the batcher, with
 onnxruntime replaced by a constant answer. ``--connections`` fake connections each send the next binary
 single-image request as soon as the previous answer is written, as closed-loop clients do.
@@ -33,11 +33,11 @@ from uvicorn.server import ServerState
 
 from benchmarks.loadgen import command
 from benchmarks.publish import write_results
-from serving.asgi import install_load_shedding, install_read_limits, install_single_write_responses
 from serving.dataplane import DataPlane
 from serving.oip_rest import check_admission, create_app, infer_lane
 from serving.repository import ModelRepository
 from serving.settings import Settings
+from serving.uvicorn_hooks import install_load_shedding, install_read_limits, install_single_write_responses
 
 ROOT = Path(__file__).resolve().parent.parent
 WARM_UP = 2000

@@ -42,7 +42,8 @@ LAYERS = (
     ("protocol parsing/encoding (ours: OIP REST/gRPC, JSON, protobuf)",
      re.compile(r"serving/(oip|oip_rest|oip_grpc|tensors|images)\.py|/json/|google/protobuf|tritonclient/")),
     ("batcher + dataplane (ours)", re.compile(r"serving/(batcher|dataplane|repository|metrics|errors)\.py")),
-    ("middleware (ours: body limit, timeout, JSON errors)", re.compile(r"serving/asgi\.py")),
+    ("middleware (ours: body limit, timeout, JSON errors, uvicorn hooks)",
+     re.compile(r"serving/(asgi|uvicorn_hooks|listeners)\.py")),
     ("BentoML + Starlette + prometheus/OpenTelemetry", re.compile(
         r"bentoml/|_bentoml_|starlette/|opentelemetry/|prometheus_client/|anyio/|pydantic")),
     ("gRPC library", re.compile(r"grpc/|grpc_")),

@@ -5,9 +5,9 @@ everything waiting: a client (or load balancer) opening its pool of 16 connectio
 worker, five starts out of five, while the other idled (about half the throughput). ``ConnectionShare`` keeps
 each worker's count of open connections in a small memory-mapped file; a worker holding more than its share
 (the total over the workers, rounded up) answers the next request of a connection with ``Connection: close``
-(``serving.asgi.install_connection_balance``), and the client reconnects, usually to a less busy worker, which wins the
-race to accept while the busy one is working. Counts are 8-byte stores, one slot per worker, no locks: a race
-costs at most one reconnection too many or too few.
+(``serving.uvicorn_hooks.install_connection_balance``), and the client reconnects, usually to a less busy worker,
+which wins the race to accept while the busy one is working. Counts are 8-byte stores, one slot per worker, no
+locks: a race costs at most one reconnection too many or too few.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ included) sees that wait. ``LoopLag`` measures it: a timer due every ``period_s`
 When the loop has been more than ``limit_s`` behind without a break for ``window_s``, and the timer after the
 first late one was late too (fired late, or due and still waiting longer than ``limit_s``), the backlog is
 standing (CoDel's rule, on the timer's lateness), and the doors refuse new inference requests at once (HTTP 503
-with ``Retry-After`` before the request reaches the web framework, ``serving.asgi.install_load_shedding``; gRPC
+with ``Retry-After`` before the request reaches the web framework, ``serving.uvicorn_hooks.install_load_shedding``; gRPC
 ``UNAVAILABLE`` before decoding), which costs the loop a small part of what serving them would, so it catches up
 and the latency of what it does serve stays bounded. One late timer alone is a stall, however long: a garbage
 collection, a slow first run, a neighbour's burst of CPU or a paused process (``kill -STOP``, VM steal) refuses

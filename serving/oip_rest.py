@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.asgi import ADMITTED, RequestTimeout
+from serving.asgi import RequestTimeout
 from serving.dataplane import DataPlane, check_image_count, count_failure, count_refusal
 from serving.errors import (
     INTERNAL_ERROR,
@@ -44,6 +44,7 @@ from serving.model_card import PROBS_NAME
 from serving.oip import OutputTensor, check_outputs, decode_input, output_tensor, timeout_deadline
 from serving.probe_process import readiness_answer
 from serving.tensors import reject_booleans
+from serving.uvicorn_hooks import ADMITTED
 
 log = logging.getLogger("cnnserve.oip")
 TOO_DEEP = "the JSON is nested too deeply"
@@ -206,10 +207,10 @@ class InferFastLane:
 
 
 def infer_lane(endpoint: ASGIApp, timeout_s: float) -> Callable[[bytes], ASGIApp | None]:
-    """For ``serving.asgi.install_load_shedding``: the app that runs an OIP infer request admitted on its headers,
-    given its request target (None for other targets): the infer endpoint under ``RequestTimeout`` alone, past
-    BentoML's whole middleware stack (proxy headers, error pages, tracing, its traffic metrics, concurrency limit
-    and timeout, our body limit and error shaping), which took 15-20 % of the HTTP door's throughput at 16-64
+    """For ``serving.uvicorn_hooks.install_load_shedding``: the app that runs an OIP infer request admitted on its
+    headers, given its request target (None for other targets): the infer endpoint under ``RequestTimeout`` alone,
+    past BentoML's whole middleware stack (proxy headers, error pages, tracing, its traffic metrics, concurrency
+    limit and timeout, our body limit and error shaping), which took 15-20 % of the HTTP door's throughput at 16-64
     clients (serving/README.md). What that stack did for these requests is done here or by the endpoint: the
     concurrency limit on the headers, the 504 by ``RequestTimeout``, the body limit by ``receive_body``, errors as
     JSON by the endpoint; BentoML's own request metrics do not count them (``cnnserve_requests_total`` and its

@@ -30,31 +30,19 @@ from starlette.routing import Route
 from serving.asgi import (
     BodyLimit,
     FormBodies,
-    InFlight,
     JsonBodies,
     JsonErrors,
     MountRoots,
-    accept_queue,
-    install_batch_accept,
-    install_connection_balance,
-    install_lazy_keep_alive,
-    install_load_shedding,
     install_multipart_field_check,
-    install_probe_answers,
-    install_read_limits,
-    install_refusals_at_once,
     install_request_timeout,
-    install_single_write_responses,
-    install_upgrades_ignored,
-    listening_sockets,
     quiet_client_errors,
-    stop_listening,
 )
 from serving.connections import ConnectionShare
 from serving.dataplane import DataPlane, check_image_count, count_refusal, label_predictions
 from serving.errors import InvalidInput, ServingError
 from serving.health import HealthServer
 from serving.images import check_request_pixels, decode_upload
+from serving.listeners import accept_queue, listening_sockets, stop_listening
 from serving.model_card import ModelCard
 from serving.oip_grpc import GrpcServer
 from serving.oip_rest import InferFastLane, check_admission, create_app, error_response, infer_lane
@@ -62,6 +50,18 @@ from serving.probe_process import LIVE_PATHS, READY_PATHS, readiness_answer
 from serving.repository import ModelRepository, ScanResult
 from serving.settings import Settings
 from serving.tensors import numbers_to_uint8, reject_booleans
+from serving.uvicorn_hooks import (
+    InFlight,
+    install_batch_accept,
+    install_connection_balance,
+    install_lazy_keep_alive,
+    install_load_shedding,
+    install_probe_answers,
+    install_read_limits,
+    install_refusals_at_once,
+    install_single_write_responses,
+    install_upgrades_ignored,
+)
 from serving.worker_stats import PUBLISH_INTERVAL_S, SharedStats
 
 log = logging.getLogger("cnnserve")
