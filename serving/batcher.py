@@ -3,8 +3,9 @@
 Batching: requests queue on the event loop; one runner task takes what is queued (in arrival order, up to
 ``max_batch_size`` images), runs the model in a one-thread executor (onnxruntime releases the GIL) and hands
 each request its rows. ``max_queue_delay_s > 0`` waits up to that long after the oldest request for a fuller
-batch; with 0 nothing waits on purpose: an idle batcher runs a lone request at once, and under load the
-requests that arrive while a batch runs form the next batch.
+batch, never past what a queued request's deadline or the queue-wait limit allows; with 0 nothing waits on
+purpose: an idle batcher runs a lone request at once, and under load the requests that arrive while a batch runs
+form the next batch.
 
 A lone request (at most ``inline_max_images`` images, nothing queued or running, and no other request in the
 batcher once the requests that arrived with it have had their turn on the event loop) runs at once, on the
@@ -93,6 +94,7 @@ WARM_UP_BATCH = 8  # warm_up runs one image and a batch of this many
 OUTLIER_FACTOR = 3.0  # a run is learned as at most this many times what the estimate expected of it
 OVERLAP_HOLD_S = 0.1  # no request runs inline for this long after two requests were in the batcher at once
 UNKNOWN_RETRY_AFTER_S = 1.0  # retry_after_s of a refusal before any run has been measured
+WAKE_EARLY_S = 0.005  # a batching delay cut short by a request's limits ends this much before the limit
 
 
 @dataclass(slots=True)
@@ -328,15 +330,16 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             if self.max_queue_delay_s > 0:
-                await self._wait_for_more(self._queue[0].enqueued + self.max_queue_delay_s)
+                await self._wait_for_more()
             batch = self._take_batch(time.monotonic())
             if batch:
                 await self._run_batch(loop, batch)
 
-    async def _wait_for_more(self, until: float) -> None:
+    async def _wait_for_more(self) -> None:
+        """Wait for a fuller batch, until ``_stop_waiting_at`` (asked again as each request arrives)."""
         assert self._wakeup is not None
-        while self._queued_images < self.max_batch_size and not self._closed:
-            remaining = until - time.monotonic()
+        while self._queue and self._queued_images < self.max_batch_size and not self._closed:
+            remaining = self._stop_waiting_at() - time.monotonic()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -344,6 +347,22 @@ class DynamicBatcher:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except asyncio.TimeoutError:
                 return
+
+    def _stop_waiting_at(self) -> float:
+        """When the runner stops waiting for a fuller batch: ``max_queue_delay_s`` after the oldest queued request,
+        or sooner where waiting longer would fail a queued request, which the delay must never do: before the
+        oldest has waited ``max_queue_wait_s``, and before any request's deadline less the estimated run of what
+        is queued (a delay of 3 s under the 1 s wait limit failed every queued request of an idle server with
+        "overloaded", and a request with a 0.5 s timeout got its 504 after 3 s)."""
+        oldest = self._queue[0].enqueued
+        until = oldest + self.max_queue_delay_s
+        if self.max_queue_wait_s:
+            until = min(until, oldest + self.max_queue_wait_s - WAKE_EARLY_S)
+        run = self._cost.seconds(self._queued_images, self.max_batch_size) if self._cost.measured else 0.0
+        for pending in self._queue:
+            if pending.deadline is not None:
+                until = min(until, pending.deadline - run - WAKE_EARLY_S)
+        return until
 
     def _take_batch(self, now: float) -> list[_Pending]:
         """The next batch in arrival order; drops, on the way, requests gone or expired."""

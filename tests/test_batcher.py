@@ -148,6 +148,30 @@ def test_requests_within_the_delay_window_share_a_batch(model):
     run(main())
 
 
+def test_a_delay_longer_than_the_queue_wait_limit_is_cut_short_not_a_refusal(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 8, 5.0, max_queue_wait_s=0.2)
+        start = time.monotonic()
+        np.testing.assert_array_equal(await batcher.infer(rows(0, 1)), rows(0, 1) * 2)  # not "overloaded"
+        assert time.monotonic() - start < 1.0  # nor after the 5 s delay
+
+    run(main())
+
+
+def test_a_request_arriving_with_a_deadline_cuts_the_delay_short_for_the_batch(model):
+    async def main() -> None:
+        batcher = DynamicBatcher(model, 8, 5.0, max_queue_wait_s=0)
+        start = time.monotonic()
+        first = asyncio.create_task(batcher.infer(rows(0, 1)))  # no limit of its own: would wait 5 s
+        await asyncio.sleep(0.05)
+        second = await batcher.infer(rows(1, 1), deadline=time.monotonic() + 0.3)
+        np.testing.assert_array_equal(second, rows(1, 1) * 2)  # answered, not DeadlineExceeded after 5 s
+        await first
+        assert time.monotonic() - start < 1.0 and [len(b) for b in model.batches] == [2]
+
+    run(main())
+
+
 def test_a_failed_run_reaches_its_batch_only(model):
     async def main() -> None:
         batcher = DynamicBatcher(model, 2)
