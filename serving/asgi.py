@@ -9,8 +9,9 @@ import contextlib
 import functools
 import json
 import logging
+import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -21,6 +22,8 @@ from starlette.requests import ClientDisconnect
 from serving.dataplane import count_refusal
 from serving.errors import (
     BodyTooLarge,
+    InvalidInput,
+    PayloadTooLarge,
     ServingError,
     UnsupportedMediaType,
     http_error_answer,
@@ -31,6 +34,40 @@ BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs 
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+CODINGS = {"gzip": 31, "deflate": 15}  # Content-Encoding -> zlib's wbits (deflate is the zlib format, RFC 9110)
+
+
+def decoded_body(coding: str | None, body: bytes, limit: int) -> bytes:
+    """The body before its Content-Encoding: gzip or deflate, which Triton accepts and its clients send
+    (tritonclient's ``request_compression_algorithm``; ``Inference-Header-Content-Length`` counts the decoded
+    body). Decoded up to ``limit`` bytes and refused past it (413), so that a small compressed body cannot expand
+    without bound; a gzip body of several members is read whole, bytes after the compressed data are a 400, and
+    another coding is a 415."""
+    coding = (coding or "identity").strip().lower()
+    if coding == "identity":
+        return body
+    if coding not in CODINGS:
+        raise UnsupportedMediaType(f"Content-Encoding {coding!r} is not accepted: send gzip, deflate or none")
+    decoded, rest = b"", body
+    while True:  # gzip: one member after another (RFC 1952), as gzip.decompress reads them
+        decoder = zlib.decompressobj(CODINGS[coding])
+        try:
+            decoded += decoder.decompress(rest, limit + 1 - len(decoded))
+        except zlib.error as exc:
+            raise InvalidInput(f"the body is not valid {coding} data: {exc}") from None
+        if len(decoded) > limit:
+            raise PayloadTooLarge(f"the {coding} body decodes to more than {limit} bytes "
+                                  "(CNNSERVE_MAX_REQUEST_BYTES)")
+        if not decoder.eof:
+            raise InvalidInput(f"the {coding} body ends before its compressed stream does")
+        rest = decoder.unused_data
+        if not rest:
+            return decoded
+        if coding != "gzip" or not rest.startswith(GZIP_MAGIC):
+            raise InvalidInput(f"the {coding} body has {len(rest)} bytes after the end of its compressed data")
 
 
 class MountRoots:
@@ -65,8 +102,14 @@ class _PostBodies:
 class JsonBodies(_PostBodies):
     """The JSON routes at ``paths`` (``/predict``) read their body as JSON, as the OIP infer endpoint does: whatever
     content type came with it but a multipart form (curl ``-d`` sends ``application/x-www-form-urlencoded``, which
-    BentoML parsed as a form: "instances: Field required"), and after a UTF-8 byte-order mark (files saved by
-    Windows tools start with one; BentoML's parser refused it as invalid JSON)."""
+    BentoML parsed as a form: "instances: Field required"), after a UTF-8 byte-order mark (files saved by
+    Windows tools start with one; BentoML's parser refused it as invalid JSON), and decoded from its
+    Content-Encoding, gzip or deflate, up to ``max_bytes`` decoded (``decoded_body``; BentoML ignored the header: a
+    gzip body was "Invalid JSON", and a plain one labelled ``br`` was answered)."""
+
+    def __init__(self, app: Any, paths: tuple[str, ...], max_bytes: int) -> None:
+        super().__init__(app, paths)
+        self.max_bytes = max_bytes
 
     async def handle(self, scope: dict, receive: Any, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
         content_type = dict(headers).get(b"content-type", b"").lower()
@@ -77,6 +120,19 @@ class JsonBodies(_PostBodies):
             return
         if not content_type.startswith(b"multipart/"):
             headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
+        coding = dict(headers).get(b"content-encoding", b"identity").decode("latin-1")
+        if coding.strip().lower() != "identity":
+            body = await _whole_body(receive)
+            if body is None:  # the client went away
+                return
+            try:
+                body = decoded_body(coding, body, self.max_bytes)
+            except ServingError as exc:
+                await _refuse(send, scope, exc)
+                return
+            headers = [(k, v) for k, v in headers if k not in (b"content-encoding", b"content-length")]
+            headers.append((b"content-length", b"%d" % len(body)))
+            receive = _replay(body, receive)
         first = True
 
         async def without_bom() -> dict:
@@ -95,9 +151,16 @@ class JsonBodies(_PostBodies):
 class FormBodies(_PostBodies):
     """The upload routes at ``paths`` (``/classify``) take a multipart form: its media type is matched without
     regard to case, as media types are (``MULTIPART/FORM-DATA`` was read as JSON: "Invalid JSON"), and any other
-    body, a picture sent as the body included, is a 415 that says how to upload."""
+    body, a picture sent as the body included, is a 415 that says how to upload; so is a form sent with a
+    Content-Encoding (BentoML read it as if it had none)."""
 
     async def handle(self, scope: dict, receive: Any, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
+        coding = dict(headers).get(b"content-encoding", b"identity").strip().lower()
+        if coding != b"identity":
+            await _refuse(send, scope, UnsupportedMediaType(
+                f"{scope['path']} takes its multipart form without a Content-Encoding (got "
+                f"{coding.decode('latin-1')!r}): send it uncompressed, image files are compressed already"))
+            return
         content_type = dict(headers).get(b"content-type", b"")
         media_type, semicolon, parameters = content_type.partition(b";")
         if media_type.strip().lower() != b"multipart/form-data":
@@ -112,6 +175,33 @@ class FormBodies(_PostBodies):
             headers.append((b"content-type", b"multipart/form-data" + semicolon + parameters))
             scope = {**scope, "headers": headers}
         await self.app(scope, receive, send)
+
+
+async def _whole_body(receive: Any) -> bytes | None:
+    """The request body, read to its end (``BodyLimit``, outside, cuts it at the limit); None if the client left."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Callable[[], Awaitable[dict]]:
+    """A ``receive`` that gives ``body`` as the whole request body, then hands over to the connection's ``receive``,
+    whose body was read to its end (what comes next is the client's disconnect)."""
+    sent = False
+
+    async def replayed() -> dict:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
 
 
 async def _refuse(send: Any, scope: dict, exc: ServingError) -> None:

@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import re
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +24,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.asgi import RequestTimeout
+from serving.asgi import RequestTimeout, decoded_body
 from serving.dataplane import DataPlane, check_image_count, count_failure, count_refusal
 from serving.errors import (
     INTERNAL_ERROR,
     BodyTooLarge,
     InvalidInput,
     Overloaded,
-    PayloadTooLarge,
     ServingError,
     UnsupportedMediaType,
     http_error,
@@ -328,40 +326,6 @@ def json_object(data: bytes, what: str) -> dict[str, Any]:
 
 
 HINT_SCAN_BYTES = 1 << 20  # how much of a body that is not JSON is read for a JSON header before binary data
-GZIP_MAGIC = b"\x1f\x8b"
-CODINGS = {"gzip": 31, "deflate": 15}  # Content-Encoding -> zlib's wbits (deflate is the zlib format, RFC 9110)
-
-
-def decoded_body(coding: str | None, body: bytes, limit: int) -> bytes:
-    """The body before its Content-Encoding: gzip or deflate, which Triton accepts and its clients send
-    (tritonclient's ``request_compression_algorithm``; ``Inference-Header-Content-Length`` counts the decoded
-    body). Decoded up to ``limit`` bytes and refused past it (413), so that a small compressed body cannot expand
-    without bound; a gzip body of several members is read whole, bytes after the compressed data are a 400, and
-    another coding is a 415."""
-    coding = (coding or "identity").strip().lower()
-    if coding == "identity":
-        return body
-    if coding not in CODINGS:
-        raise UnsupportedMediaType(f"Content-Encoding {coding!r} is not accepted: send gzip, deflate or none")
-    decoded, rest = b"", body
-    while True:  # gzip: one member after another (RFC 1952), as gzip.decompress reads them
-        decoder = zlib.decompressobj(CODINGS[coding])
-        try:
-            decoded += decoder.decompress(rest, limit + 1 - len(decoded))
-        except zlib.error as exc:
-            raise InvalidInput(f"the body is not valid {coding} data: {exc}") from None
-        if len(decoded) > limit:
-            raise PayloadTooLarge(f"the {coding} body decodes to more than {limit} bytes "
-                                  "(CNNSERVE_MAX_REQUEST_BYTES)")
-        if not decoder.eof:
-            raise InvalidInput(f"the {coding} body ends before its compressed stream does")
-        rest = decoder.unused_data
-        if not rest:
-            return decoded
-        if coding != "gzip" or not rest.startswith(GZIP_MAGIC):
-            raise InvalidInput(f"the {coding} body has {len(rest)} bytes after the end of its compressed data")
-
-
 def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[dict[str, Any], bytes]:
     """(JSON header, binary tail) of an infer request (``headers``: its headers, names in lower case); a JSON
     header over ``PRESCAN_BYTES`` whose declared batch is over ``max_images`` is refused before it is parsed (see

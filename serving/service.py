@@ -421,5 +421,6 @@ CnnServe.add_asgi_middleware(BodyLimit, limit=SETTINGS.max_request_bytes)
 CnnServe.add_asgi_middleware(JsonErrors)
 CnnServe.add_asgi_middleware(MountRoots, paths=("/v2", "/models"))
 CnnServe.add_asgi_middleware(InferFastLane, endpoint=oip_app.state.infer_endpoint)
-CnnServe.add_asgi_middleware(JsonBodies, paths=("/predict",))  # inside the fast lane: /v2 infer never meets it
+# inside the fast lane: /v2 infer never meets it
+CnnServe.add_asgi_middleware(JsonBodies, paths=("/predict",), max_bytes=SETTINGS.max_request_bytes)
 CnnServe.add_asgi_middleware(FormBodies, paths=("/classify",))

@@ -329,6 +329,27 @@ def test_compressed_requests_are_decoded_as_tritons_clients_send_them(server):
     assert r.status_code == 400 and "after the end of its compressed data" in r.json()["error"], r.text
 
 
+def test_predict_decodes_its_content_encoding_as_the_oip_door_does_and_classify_refuses_one(server):
+    """An outside probe: a gzip body to /predict was "Invalid JSON", and a plain one labelled br was answered."""
+    raw = json.dumps({"model": "mnist-cnn", "instances": IMAGES.tolist()}).encode()
+    url, as_json = f"{server.url}/predict", {"content-type": "application/json"}
+    plain = httpx.post(url, content=raw, headers=as_json).json()
+    for coding, body in (("gzip", gzip.compress(raw)), ("deflate", zlib.compress(raw)), ("GZIP", gzip.compress(raw))):
+        r = httpx.post(url, content=body, headers={**as_json, "content-encoding": coding})
+        assert r.status_code == 200 and r.json() == plain, (coding, r.text)
+    r = httpx.post(url, content=raw, headers={**as_json, "content-encoding": "br"})
+    assert r.status_code == 415 and "'br'" in r.json()["error"]
+    r = httpx.post(url, content=raw, headers={**as_json, "content-encoding": "gzip"})  # said gzip, was not
+    assert r.status_code == 400 and "not valid gzip data" in r.json()["error"]
+    bomb = zlib.compress(b" " * (2 * MAX_BYTES))
+    r = httpx.post(url, content=bomb, headers={**as_json, "content-encoding": "deflate"})
+    assert r.status_code == 413 and "decodes to more than" in r.json()["error"]
+    r = httpx.post(f"{server.url}/classify", files=[("images", ("d.npy", b"x", "application/octet-stream"))],
+                   data={"model": "mnist-cnn"}, headers={"content-encoding": "gzip"})
+    assert r.status_code == 415 and "without a Content-Encoding" in r.json()["error"]
+    assert httpx.post(url, content=raw, headers=as_json).json() == plain  # and the server goes on
+
+
 def test_a_lone_surrogate_id_is_echoed_and_boolean_parameters_are_booleans(server):
     url = f"{server.url}/v2/models/mnist-cnn/infer"
     tensor = '{"name":"images","shape":[1,28,28],"datatype":"UINT8","data":[' + ",".join(["0"] * 784) + "]}"
