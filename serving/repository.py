@@ -474,8 +474,8 @@ class ModelRepository:
             if not versions:
                 self._raise_missing(name, None, unloaded)
             return versions[max(versions)]
-        try:
-            v = int(version)
+        try:  # as text, ASCII digits alone (int() took "+2", " 2", "0_2" and full-width digits for 2)
+            v = int(version) if not isinstance(version, str) or (version.isascii() and version.isdigit()) else 0
         except (TypeError, ValueError):
             v = 0
         if v < 1 or isinstance(version, bool):  # 0 and -1 mean "latest" to some servers: here, one rule everywhere

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from serving.errors import ModelNotFound, ModelNotReady
+from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.model_card import file_sha256
 from serving.repository import LOADING, DeviceError, ModelRepository, providers_for
 from serving.settings import Settings
@@ -34,6 +34,10 @@ def test_versions_latest_and_lookup_errors(tmp_path):
     assert repo.get("mnist-cnn").version == 1 and repo.get("mnist-cnn", "1").version == 1
     with pytest.raises(ModelNotFound, match=r"has no version 7; its versions: 1$"):
         repo.get("mnist-cnn", 7)
+    assert repo.get("mnist-cnn", "01").version == 1  # a number, written in ASCII digits
+    for written in ("+1", " 1", "1 ", "0_1", "\uff11", "1.0"):  # what int() takes, and a float: not a version
+        with pytest.raises(InvalidInput, match="positive integer"):
+            repo.get("mnist-cnn", written)
     (tmp_path / "mnist-cnn" / "2").mkdir()  # a version without files: reported, the others serve
     assert repo.scan().changes[0].startswith("pending mnist-cnn/2")  # it may be still being copied
     assert repo.scan().changes == ["failed mnist-cnn/2"]  # the same files a poll later: judged
