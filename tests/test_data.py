@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import medmnist
 import numpy as np
@@ -114,6 +115,34 @@ def test_missing_data_offline_names_the_file(tmp_path):
         load_split(dataset_spec("pneumoniamnist"), "train", tmp_path, download=False)
     with pytest.raises(DataNotFoundError, match="MNIST not found"):
         load_split(dataset_spec("mnist"), "train", tmp_path, download=False)
+
+
+def test_a_failed_download_is_one_line_naming_the_file_the_url_and_the_cause(tmp_path, monkeypatch, capsys):
+    """An outside probe: downloads on (the default) without a network gave three chained tracebacks."""
+    from urllib.error import URLError
+
+    import torchvision.datasets.mnist
+    import torchvision.datasets.utils
+
+    def unreachable(url, root, filename=None, md5=None, **kwargs):
+        Path(root, filename).write_bytes(b"PK\x03\x04 half")  # a partial file, as a cut connection leaves
+        raise URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", unreachable)
+    with pytest.raises(DataNotFoundError, match=r"pneumoniamnist\.npz not found, and downloading it from https://"
+                                                r"\S+ failed \(URLError: \[Errno -3\] Temporary failure") as caught:
+        load_split(dataset_spec("pneumoniamnist"), "train", tmp_path, download=True)
+    assert "md5" in str(caught.value) and caught.value.__cause__ is None
+    assert not (tmp_path / "medmnist" / "pneumoniamnist.npz").exists()  # not read as a corrupt file next time
+
+    def no_mirror(url, download_root, filename=None, md5=None, **kwargs):
+        raise URLError("unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", no_mirror)
+    with pytest.raises(DataNotFoundError, match=r"MNIST not found in .*, and downloading it failed \(RuntimeError: "
+                                                r"Error downloading .* <urlopen error unreachable>"):
+        load_split(dataset_spec("mnist"), "train", tmp_path, download=True)
+    capsys.readouterr()  # torchvision prints each mirror it tried
 
 
 @pytest.mark.parametrize("damage", ["random bytes", "truncated", "no test arrays"])

@@ -161,9 +161,13 @@ def _load_medmnist(spec: DatasetSpec, split: str, data_dir: Path, download: bool
     existed = path.exists()
     try:  # download only when the file is missing: the package's md5 check would re-fetch local fixtures
         ds = cls(split=split, root=str(root), size=spec.size, download=not existed)
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-        if not existed:
-            raise
+    except (ValueError, OSError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile) as exc:
+        if not existed:  # the download failed (medmnist's RuntimeError over the network's error): what is left of
+            path.unlink(missing_ok=True)  # it is not the file, and would be read as a corrupt one next time
+            raise DataNotFoundError(
+                f"{path} not found, and downloading it from {info[f'url{suffix}']} failed ({_download_error(exc)}). "
+                f"Fetch it (md5 {info[f'MD5{suffix}']}) into {root}/ by other means, or point --data-dir at a copy"
+            ) from None
         raise DataCorruptError(
             f"{path} is not a readable MedMNIST npz: {_unreadable_reason(exc, split)}. Delete it and download it "
             f"again (--download), or fetch {info[f'url{suffix}']} (md5 {info[f'MD5{suffix}']}) into {root}/"
@@ -174,6 +178,14 @@ def _load_medmnist(spec: DatasetSpec, split: str, data_dir: Path, download: bool
     if spec.task != "multi-label, binary-class":
         labels = labels.reshape(-1)
     return Split(images, labels)
+
+
+def _download_error(exc: BaseException) -> str:
+    """The root cause of a failed download, in one line (medmnist and torchvision wrap the network's error)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    reason = getattr(exc, "reason", None)  # a URLError's own cause
+    return " ".join(f"{type(exc).__name__}: {reason if reason is not None else exc}".split())  # torchvision's: lines
 
 
 def _unreadable_reason(exc: BaseException, split: str) -> str:
@@ -249,7 +261,14 @@ def _mnist_root(data_dir: Path, download: bool) -> Path:
 
 def _load_mnist(split: str, data_dir: Path, download: bool) -> Split:
     root = _mnist_root(data_dir, download)
-    ds = MNIST(str(root), train=split != "test", download=download and root == data_dir)
+    try:
+        ds = MNIST(str(root), train=split != "test", download=download and root == data_dir)
+    except (OSError, RuntimeError) as exc:  # torchvision tries each mirror, then raises its RuntimeError
+        if not download or root != data_dir:
+            raise
+        raise DataNotFoundError(f"MNIST not found in {data_dir / 'MNIST' / 'raw'}, and downloading it failed "
+                                f"({_download_error(exc)}). Copy torchvision's raw MNIST files (.gz or unpacked) "
+                                "there, or point --data-dir at a copy") from None
     images, labels = ds.data, ds.targets.long()
     n_val = len(images) // MNIST_VAL_FRACTION if split != "test" else 0
     if split == "train":
