@@ -13,7 +13,7 @@ from training.checkpoint import Progress, load_model, read_checkpoint
 from training.config import TrainConfig
 from training.data import dataset_spec, load_split
 from training.evaluate import predict_torch
-from training.train import CHECKPOINT, train
+from training.train import CHECKPOINT, make_loss, train
 
 
 def tiny(dataset: str, **overrides) -> TrainConfig:
@@ -34,6 +34,22 @@ def test_every_task_type_trains_and_writes_a_report(fixture_data, tmp_path, flag
     assert len(metrics["calibration"]["temperature"]) == n_temperatures
     assert set(metrics["calibration"]["test"]["after"]) == {"ece", "nll", "brier"}
     assert metrics == json.loads(json.dumps(result.metrics))
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    train_acc = [float(v) for v in [row.split(",")[rows[0].split(",").index("train_acc")] for row in rows[1:]]]
+    assert train_acc and all(0 < a <= 1 for a in train_acc)  # multi-label: was 0, plotted flat beside val acc
+
+
+def test_label_smoothing_applies_to_multi_label_losses_as_to_two_classes():
+    """A multi-label card said label_smoothing 0.1 while its loss was plain BCE (an outside probe)."""
+    logits, targets = torch.tensor([[3.0, -2.0, 0.5]]), torch.tensor([[1.0, 0.0, 1.0]])
+    plain = torch.nn.functional.binary_cross_entropy_with_logits
+    task = "multi-label, binary-class"
+    assert torch.isclose(make_loss(task, 0.0)(logits, targets), plain(logits, targets))
+    smoothed = torch.tensor([[0.95, 0.05, 0.95]])  # 1 -> 1 - 0.1/2, 0 -> 0.1/2
+    assert torch.isclose(make_loss(task, 0.1)(logits, targets), plain(logits, smoothed))
+    # as two-class cross-entropy smooths a binary label: the same targets, so the same optimum
+    two_class = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(torch.tensor([[0.0, 3.0]]), torch.tensor([1]))
+    assert torch.isclose(two_class, plain(torch.tensor([3.0]), torch.tensor([0.95])))
 
 
 @pytest.mark.parametrize("selection", [{}, {"ema": 0.3, "select": "nll"}], ids=["plain", "ema-nll"])

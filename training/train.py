@@ -76,9 +76,21 @@ def setup_distributed(device: str) -> tuple[torch.device, int, int]:
     return dev, dist.get_rank(), world
 
 
+class SmoothedBCEWithLogits(nn.BCEWithLogitsLoss):
+    """Binary cross-entropy per label against targets smoothed as ``CrossEntropyLoss(label_smoothing=s)`` smooths
+    two classes: 1 -> 1 - s/2, 0 -> s/2 (a multi-label card said ``label_smoothing: 0.1`` while its loss took none)."""
+
+    def __init__(self, label_smoothing: float) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return super().forward(logits, targets * (1 - self.label_smoothing) + self.label_smoothing / 2)
+
+
 def make_loss(task: str, label_smoothing: float) -> nn.Module:
     if task == "multi-label, binary-class":
-        return nn.BCEWithLogitsLoss()
+        return SmoothedBCEWithLogits(label_smoothing)
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
@@ -152,7 +164,8 @@ def train_one_epoch(net: nn.Module, batches: Batches, optimizer: torch.optim.Opt
     """One pass over ``batches`` (call ``batches.set_epoch`` first), stepping the scheduler (and updating the
     weight average ``ema``, if any) every batch.
 
-    Returns this process's ``loss`` and ``acc`` (0 for multi-label tasks), averaged over its ``images``."""
+    Returns this process's ``loss`` and ``acc`` (multi-label: the share of labels decided right, as MedMNIST's ACC
+    counts them), averaged over its ``images``."""
     multi_label = task.startswith("multi-label")
     net.train()
     t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
@@ -170,7 +183,9 @@ def train_one_epoch(net: nn.Module, batches: Batches, optimizer: torch.optim.Opt
         n = len(labels)
         seen += n
         loss_sum += loss.item() * n
-        if not multi_label:
+        if multi_label:  # per image, the share of its labels decided right (logit > 0: probability > 0.5)
+            correct += ((logits > 0) == labels.bool()).float().mean(1).sum().item()
+        else:
             correct += (logits.argmax(1) == labels).sum().item()
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
                         img_s=f"{seen / (time.perf_counter() - t0):.0f}")
