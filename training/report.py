@@ -75,6 +75,9 @@ def plot_confusion_matrix(metrics: dict[str, Any], spec: DatasetSpec, path: Path
     _save(fig, path)
 
 
+ROC_STYLES = ("-", "--", "-.")  # past 20 curves, colours come round again in another line style
+
+
 def plot_roc_curves(spec: DatasetSpec, labels: torch.Tensor, probs: torch.Tensor, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     if spec.task == "binary-class":
@@ -83,11 +86,14 @@ def plot_roc_curves(spec: DatasetSpec, labels: torch.Tensor, probs: torch.Tensor
         curves = [(name, probs[:, i], labels[:, i]) for i, name in enumerate(spec.labels)]
     else:
         curves = [(name, probs[:, i], (labels == i).long()) for i, name in enumerate(spec.labels)]
-    for name, score, target in curves:
+    # one colour each: tab10 repeated its colours past 10 curves (chestmnist's 14 labels, organmnist3d's 11)
+    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
+    for k, (name, score, target) in enumerate(curves):
         if target.min() == target.max():
             continue  # ROC is undefined for a class absent from the split
         fpr, tpr, _ = binary_roc(score.double(), target.long())
-        ax.plot(fpr, tpr, label=_short(name))
+        ax.plot(fpr, tpr, color=colours[k % len(colours)], linestyle=ROC_STYLES[k // len(colours) % len(ROC_STYLES)],
+                label=_short(name))
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{spec.flag} test ROC (one-vs-rest)")
     ax.legend(fontsize=7)
