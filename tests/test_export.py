@@ -133,6 +133,26 @@ def test_parity_failure_is_loud(trained, fixture_data, tmp_path):
         check_parity(model, path / "model.onnx", x, multi_label=False)
 
 
+def test_a_failed_first_export_leaves_no_model_folder_and_a_later_one_keeps_its_versions(
+        trained, fixture_data, tmp_path, monkeypatch):
+    """An outside probe: an export that failed left an empty <model>/ in the repository."""
+    import training.export
+
+    def failing(*args, **kwargs):
+        raise ExportError("parity check failed (made to)")
+
+    monkeypatch.setattr(training.export, "check_parity", failing)
+    with pytest.raises(ExportError):
+        export_checkpoint(trained["retinamnist"], tmp_path, data_dir=fixture_data, download=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    first = export_checkpoint(trained["retinamnist"], tmp_path, data_dir=fixture_data, download=False)
+    monkeypatch.setattr(training.export, "check_parity", failing)
+    with pytest.raises(ExportError):
+        export_checkpoint(trained["retinamnist"], tmp_path, data_dir=fixture_data, download=False)
+    assert sorted(p.name for p in first.parent.iterdir()) == ["1"]
+
+
 def test_int8_quantization_reports_its_effect(trained, fixture_data, tmp_path):
     path = export_checkpoint(trained["retinamnist"], tmp_path, data_dir=fixture_data, download=False,
                              quantize="int8")

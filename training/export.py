@@ -418,7 +418,9 @@ def _calibration_section(onnx_path: Path, temperature: torch.Tensor, spec: Datas
 def _staging(model_root: Path) -> Iterator[Path]:
     """A temporary directory inside ``model_root``, removed on the way out unless published. Made by ``mkdir``,
     whose permissions follow the umask, not ``tempfile.mkdtemp``'s owner-only 0700: the directory becomes the
-    published version, which a server running as another user must be able to read."""
+    published version, which a server running as another user must be able to read. A ``model_root`` this call
+    made is removed again when nothing was published into it (a failed first export left an empty model folder)."""
+    made = not model_root.exists()
     model_root.mkdir(parents=True, exist_ok=True)
     staging = model_root / f".staging-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
@@ -426,6 +428,9 @@ def _staging(model_root: Path) -> Iterator[Path]:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):  # not empty: a version was published (or another export's staging)
+                model_root.rmdir()
 
 
 def _publish(staging: Path, card_fields: dict[str, Any]) -> Path:
