@@ -8,6 +8,7 @@ ACC and AUC follow MedMNIST's own ``medmnist.Evaluator`` per task type (tests ch
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,44 @@ from torchmetrics import functional as tmf
 from training.calibration import probabilities
 from training.data import Batches, DatasetSpec, Split
 
+# the most elements one activation of an inference batch may hold (256 MB of float32): a 3D model at 64^3 ran 512
+# volumes at once, 5 GB for its first layer's output alone, and could not be evaluated or exported on a 24 GB machine
+ACTIVATION_BUDGET = 1 << 26
+UNKNOWN_WIDTH = 32  # an ONNX graph whose shapes are unknown: its largest activation taken as this many x the input
+
+
+def inference_batch_size(per_image: int, cap: int) -> int:
+    """Images per inference batch: ``cap`` (``eval_batch_size``), fewer where one image's largest activation
+    (``per_image`` elements) would put a batch over ``ACTIVATION_BUDGET``."""
+    return max(1, min(cap, ACTIVATION_BUDGET // max(1, per_image)))
+
+
+@torch.no_grad()
+def largest_activation(model: torch.nn.Module, image: torch.Tensor) -> int:
+    """Elements of the largest output any module of ``model`` makes for one image (``image``: a batch of one)."""
+    largest = [image.numel()]
+
+    def record(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            largest[0] = max(largest[0], output.numel())
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        model(image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return largest[0]
+
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 512,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """Logits (N, K) of a ``Classifier`` or ``Ensemble`` on uint8 images, as float32 on the CPU."""
+    """Logits (N, K) of a ``Classifier`` or ``Ensemble`` on uint8 images, as float32 on the CPU, in batches of at
+    most ``batch_size`` images (``inference_batch_size``)."""
     model.eval()
+    if len(images):
+        batch_size = inference_batch_size(largest_activation(model, images[:1].to(device)), batch_size)
     out = [model(batch).float().cpu() for batch, _ in Batches(Split(images, torch.zeros(len(images))), batch_size,
                                                               device=device)]
     return torch.cat(out)
@@ -36,13 +69,29 @@ def predict_torch(model: torch.nn.Module, images: torch.Tensor, multi_label: boo
 
 
 def predict_onnx(path: Path, images: np.ndarray, batch_size: int = 512, output: str = "probs") -> np.ndarray:
-    """One output (``probs`` or ``logits``, (N, K)) of an exported model, through onnxruntime on the CPU."""
+    """One output (``probs`` or ``logits``, (N, K)) of an exported model, through onnxruntime on the CPU, in
+    batches of at most ``batch_size`` images (``inference_batch_size``)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch_size = inference_batch_size(onnx_largest_activation(path, images.shape[1:]), batch_size)
     return np.concatenate([
         session.run([output], {"images": images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)
     ])
+
+
+def onnx_largest_activation(path: Path, image_shape: tuple[int, ...]) -> int:
+    """Elements of the largest tensor an ONNX graph makes per image, from its inferred shapes (the batch dimension
+    left out); ``UNKNOWN_WIDTH`` x the image where no shape is known."""
+    import onnx
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    sizes = []
+    for value in (*graph.value_info, *graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in value.type.tensor_type.shape.dim[1:]]
+        if dims and all(dims):
+            sizes.append(math.prod(dims))
+    return max(sizes) if sizes else UNKNOWN_WIDTH * math.prod(image_shape)
 
 
 def predicted_labels(task: str, probs: torch.Tensor) -> torch.Tensor:
