@@ -44,7 +44,14 @@ from serving.model_card import (
 from training.calibration import calibration_report, fit_temperature, probabilities
 from training.checkpoint import load_model
 from training.data import DEFAULT_DATA_DIR, DatasetSpec, Split, dataset_spec, load_split
-from training.evaluate import headline_metrics, predict_logits, predict_onnx, predicted_labels
+from training.evaluate import (
+    headline_metrics,
+    inference_batch_size,
+    onnx_largest_activation,
+    predict_logits,
+    predict_onnx,
+    predicted_labels,
+)
 from training.models import Classifier, Ensemble
 
 OPSET = 18
@@ -141,9 +148,11 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    step = inference_batch_size(onnx_largest_activation(fp32_path, calibration.shape[1:]), 64)
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{INPUT_NAME: calibration[i : i + 64]} for i in range(0, len(calibration), 64)])
+            self.batches = iter([{INPUT_NAME: calibration[i : i + step]} for i in range(0, len(calibration), step)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
