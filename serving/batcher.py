@@ -94,7 +94,7 @@ WARM_UP_BATCH = 8  # warm_up runs one image and a batch of this many
 OUTLIER_FACTOR = 3.0  # a run is learned as at most this many times what the estimate expected of it
 OVERLAP_HOLD_S = 0.1  # no request runs inline for this long after two requests were in the batcher at once
 UNKNOWN_RETRY_AFTER_S = 1.0  # retry_after_s of a refusal before any run has been measured
-WAKE_EARLY_S = 0.005  # a batching delay cut short by a request's limits ends this much before the limit
+WAKE_EARLY_S = 0.02  # a batching delay cut short by a request's limits ends this long before them (timers run late)
 
 
 @dataclass(slots=True)
