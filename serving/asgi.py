@@ -130,7 +130,8 @@ class JsonBodies(_PostBodies):
             except ServingError as exc:
                 await _refuse(send, scope, exc)
                 return
-            headers = [(k, v) for k, v in headers if k not in (b"content-encoding", b"content-length")]
+            headers = [(k, v) for k, v in headers
+                       if k not in (b"content-encoding", b"content-length", b"transfer-encoding")]
             headers.append((b"content-length", b"%d" % len(body)))
             receive = _replay(body, receive)
         first = True
@@ -156,7 +157,7 @@ class FormBodies(_PostBodies):
 
     async def handle(self, scope: dict, receive: Any, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
         coding = dict(headers).get(b"content-encoding", b"identity").strip().lower()
-        if coding != b"identity":
+        if coding not in (b"identity", b""):
             await _refuse(send, scope, UnsupportedMediaType(
                 f"{scope['path']} takes its multipart form without a Content-Encoding (got "
                 f"{coding.decode('latin-1')!r}): send it uncompressed, image files are compressed already"))
@@ -206,8 +207,8 @@ def _replay(body: bytes, receive: Any) -> Callable[[], Awaitable[dict]]:
 
 async def _refuse(send: Any, scope: dict, exc: ServingError) -> None:
     """Answer an inference request refused before BentoML's app read it, logged and counted as the app's own
-    refusals are (door: the route's name, ``/predict`` -> "predict"). The answer ends the connection: the body is
-    not read, and uvicorn would otherwise read all of it, however long, to find the next request."""
+    refusals are (door: the route's name, ``/predict`` -> "predict"). The answer ends the connection: the body may
+    not have been read, and uvicorn would otherwise read all of it, however long, to find the next request."""
     exc.ends_connection = True
     door = scope["path"].strip("/")
     log_refusal(exc, door)

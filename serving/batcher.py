@@ -354,12 +354,15 @@ class DynamicBatcher:
         oldest has waited ``max_queue_wait_s``, and before any request's deadline less the estimated run of what
         is queued (a delay of 3 s under the 1 s wait limit failed every queued request of an idle server with
         "overloaded", and a request with a 0.5 s timeout got its 504 after 3 s)."""
-        oldest = self._queue[0].enqueued
+        live = [pending for pending in self._queue if pending.queued]  # not those whose caller went away
+        if not live:
+            return -math.inf
+        oldest = live[0].enqueued
         until = oldest + self.max_queue_delay_s
         if self.max_queue_wait_s:
             until = min(until, oldest + self.max_queue_wait_s - WAKE_EARLY_S)
         run = self._cost.seconds(self._queued_images, self.max_batch_size) if self._cost.measured else 0.0
-        for pending in self._queue:
+        for pending in live:
             if pending.deadline is not None:
                 until = min(until, pending.deadline - run - WAKE_EARLY_S)
         return until

@@ -474,10 +474,10 @@ class ModelRepository:
             if not versions:
                 self._raise_missing(name, None, unloaded)
             return versions[max(versions)]
-        try:  # as text, ASCII digits alone (int() took "+2", " 2", "0_2" and full-width digits for 2)
-            v = int(version) if not isinstance(version, str) or (version.isascii() and version.isdigit()) else 0
-        except (TypeError, ValueError):
-            v = 0
+        if isinstance(version, str):  # a version folder's name: int() took "+2", " 2", "0_2", full-width digits
+            v = int(version) if VERSION_NAME.fullmatch(version) else 0
+        else:  # a JSON number: whole (1.9 is no version 1)
+            v = int(version) if isinstance(version, int) or (isinstance(version, float) and version.is_integer()) else 0
         if v < 1 or isinstance(version, bool):  # 0 and -1 mean "latest" to some servers: here, one rule everywhere
             raise InvalidInput(f"model version must be a positive integer (or none, for the latest), got {version!r}")
         if not versions or v not in versions:

@@ -172,6 +172,18 @@ def test_a_request_arriving_with_a_deadline_cuts_the_delay_short_for_the_batch(m
     run(main())
 
 
+def test_a_delay_cut_short_by_a_deadline_leaves_the_estimated_run_before_it(model):
+    async def main() -> None:
+        model.seconds = 0.15
+        batcher = DynamicBatcher(model, 8, 5.0, max_queue_wait_s=0)
+        batcher.warm_up(rows(0, 1))  # the estimate: about 0.15 s a run
+        deadline = time.monotonic() + 0.6
+        await batcher.infer(rows(1, 1), deadline=deadline)
+        assert time.monotonic() < deadline  # the batch started in time to finish, not 20 ms before the deadline
+
+    run(main())
+
+
 def test_a_failed_run_reaches_its_batch_only(model):
     async def main() -> None:
         batcher = DynamicBatcher(model, 2)

@@ -12,7 +12,7 @@ from training.models import build_model
 
 
 def test_a_3d_model_at_64_runs_in_batches_that_fit_a_small_machine():
-    """An outside probe: 512 volumes of 64^3 at once asked for 5 GB for one activation (no export on 24 GB)."""
+    """An outside probe: the whole test split of 64^3 volumes at once asked for 5 GB for one activation."""
     spec = dataset_spec("adrenalmnist3d", 64)
     model = build_model(spec, TrainConfig(name="v", dataset="adrenalmnist3d", size=64, widths=[16, 32])).eval()
     per_volume = largest_activation(model, torch.zeros((1, 64, 64, 64), dtype=torch.uint8))
@@ -37,5 +37,14 @@ def test_smaller_batches_give_the_same_predictions_in_torch_and_onnx(tmp_path, m
     monkeypatch.setattr(model, "forward", lambda x: batches.append(len(x)) or run(x))
     torch.testing.assert_close(evaluate.predict_logits(model, images), whole_torch)
     assert batches[1:] == [7] * 5 + [5]  # after the one-image probe
-    np.testing.assert_allclose(evaluate.predict_onnx(tmp_path / "model.onnx", images.numpy()), whole_onnx, atol=1e-6)
+    import onnxruntime as ort
 
+    session_run, onnx_batches = ort.InferenceSession.run, []
+
+    def recording_run(self, outputs, feed, *args, **kwargs):
+        onnx_batches.append(len(feed["images"]))
+        return session_run(self, outputs, feed, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", recording_run)
+    np.testing.assert_allclose(evaluate.predict_onnx(tmp_path / "model.onnx", images.numpy()), whole_onnx, atol=1e-6)
+    assert onnx_batches == [7] * 5 + [5]

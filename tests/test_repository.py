@@ -34,8 +34,8 @@ def test_versions_latest_and_lookup_errors(tmp_path):
     assert repo.get("mnist-cnn").version == 1 and repo.get("mnist-cnn", "1").version == 1
     with pytest.raises(ModelNotFound, match=r"has no version 7; its versions: 1$"):
         repo.get("mnist-cnn", 7)
-    assert repo.get("mnist-cnn", "01").version == 1  # a number, written in ASCII digits
-    for written in ("+1", " 1", "1 ", "0_1", "\uff11", "1.0"):  # what int() takes, and a float: not a version
+    assert repo.get("mnist-cnn", 1.0).version == 1  # a JSON number that is whole
+    for written in ("+1", " 1", "1 ", "0_1", "\uff11", "01", "1.0", 1.5):  # not as version folders are named
         with pytest.raises(InvalidInput, match="positive integer"):
             repo.get("mnist-cnn", written)
     (tmp_path / "mnist-cnn" / "2").mkdir()  # a version without files: reported, the others serve

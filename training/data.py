@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.error import HTTPError
 
 import medmnist
 import numpy as np
@@ -182,10 +183,13 @@ def _load_medmnist(spec: DatasetSpec, split: str, data_dir: Path, download: bool
 
 def _download_error(exc: BaseException) -> str:
     """The root cause of a failed download, in one line (medmnist and torchvision wrap the network's error)."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__
-    reason = getattr(exc, "reason", None)  # a URLError's own cause
-    return " ".join(f"{type(exc).__name__}: {reason if reason is not None else exc}".split())  # torchvision's: lines
+    seen = {id(exc)}
+    while (cause := exc.__cause__ or exc.__context__) is not None and id(cause) not in seen:
+        exc = cause
+        seen.add(id(exc))
+    reason = getattr(exc, "reason", None)  # a URLError's own cause (an HTTPError's, its status: said by str(exc))
+    told = exc if reason is None or isinstance(exc, HTTPError) else reason
+    return " ".join(f"{type(exc).__name__}: {told}".split())  # torchvision's message runs over lines
 
 
 def _unreadable_reason(exc: BaseException, split: str) -> str:
@@ -261,10 +265,11 @@ def _mnist_root(data_dir: Path, download: bool) -> Path:
 
 def _load_mnist(split: str, data_dir: Path, download: bool) -> Split:
     root = _mnist_root(data_dir, download)
+    fetching = download and root == data_dir and not all((root / "MNIST" / "raw" / f).exists() for f in _MNIST_FILES)
     try:
         ds = MNIST(str(root), train=split != "test", download=download and root == data_dir)
     except (OSError, RuntimeError) as exc:  # torchvision tries each mirror, then raises its RuntimeError
-        if not download or root != data_dir:
+        if not fetching:  # the files were there: not a download's failure
             raise
         raise DataNotFoundError(f"MNIST not found in {data_dir / 'MNIST' / 'raw'}, and downloading it failed "
                                 f"({_download_error(exc)}). Copy torchvision's raw MNIST files (.gz or unpacked) "

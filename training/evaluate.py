@@ -14,13 +14,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 from torchmetrics import functional as tmf
 
 from training.calibration import probabilities
 from training.data import Batches, DatasetSpec, Split
 
-# the most elements one activation of an inference batch may hold (256 MB of float32): a 3D model at 64^3 ran 512
-# volumes at once, 5 GB for its first layer's output alone, and could not be evaluated or exported on a 24 GB machine
+# the most elements one activation of an inference batch may hold (256 MB of float32): a 3D model at 64^3 ran the
+# whole 298-volume test split of AdrenalMNIST3D at once (eval_batch_size 512), 5 GB for its first layer's output
+# alone, and could not be evaluated or exported on a 24 GB machine
 ACTIVATION_BUDGET = 1 << 26
 UNKNOWN_WIDTH = 32  # an ONNX graph whose shapes are unknown: its largest activation taken as this many x the input
 
@@ -33,12 +35,14 @@ def inference_batch_size(per_image: int, cap: int) -> int:
 
 @torch.no_grad()
 def largest_activation(model: torch.nn.Module, image: torch.Tensor) -> int:
-    """Elements of the largest output any module of ``model`` makes for one image (``image``: a batch of one)."""
+    """Elements of the largest output any module of ``model`` makes for one image (``image``: a batch of one), the
+    image included; tensors made by plain function calls inside a ``forward`` are not seen."""
     largest = [image.numel()]
 
     def record(module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
-            largest[0] = max(largest[0], output.numel())
+        for leaf in tree_leaves(output):  # a module may answer a tuple, list or dict of tensors
+            if isinstance(leaf, torch.Tensor):
+                largest[0] = max(largest[0], leaf.numel())
 
     hooks = [m.register_forward_hook(record) for m in model.modules()]
     try:
@@ -81,17 +85,21 @@ def predict_onnx(path: Path, images: np.ndarray, batch_size: int = 512, output: 
 
 
 def onnx_largest_activation(path: Path, image_shape: tuple[int, ...]) -> int:
-    """Elements of the largest tensor an ONNX graph makes per image, from its inferred shapes (the batch dimension
-    left out); ``UNKNOWN_WIDTH`` x the image where no shape is known."""
+    """Elements of the largest tensor an ONNX graph makes per image, the image included, from its inferred shapes
+    (the batch dimension left out); ``UNKNOWN_WIDTH`` x the image where no intermediate shape is known."""
     import onnx
 
-    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    image = math.prod(image_shape)
+    try:
+        values = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph.value_info
+    except Exception:  # shape inference gives a size hint only: whatever stops it (a graph over 2 GB...)
+        values = []
     sizes = []
-    for value in (*graph.value_info, *graph.output):
+    for value in values:
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in value.type.tensor_type.shape.dim[1:]]
         if dims and all(dims):
             sizes.append(math.prod(dims))
-    return max(sizes) if sizes else UNKNOWN_WIDTH * math.prod(image_shape)
+    return max(image, *sizes) if sizes else UNKNOWN_WIDTH * image
 
 
 def predicted_labels(task: str, probs: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,8 @@ def plot_roc_curves(spec: DatasetSpec, labels: torch.Tensor, probs: torch.Tensor
     else:
         curves = [(name, probs[:, i], (labels == i).long()) for i, name in enumerate(spec.labels)]
     # one colour each: tab10 repeated its colours past 10 curves (chestmnist's 14 labels, organmnist3d's 11)
-    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
+    colours = plt.get_cmap("tab10").colors if len(curves) <= 10 else plt.get_cmap("tab20").colors[0::2] + \
+        plt.get_cmap("tab20").colors[1::2]  # tab20's dark / light pairs apart: neighbours in the legend differ in hue
     for k, (name, score, target) in enumerate(curves):
         if target.min() == target.max():
             continue  # ROC is undefined for a class absent from the split
