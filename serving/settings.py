@@ -79,6 +79,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"CNNSERVE_LOG_LEVEL={self.log_level!r}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        if self.health_port and self.health_port == self.grpc_port:  # both bind with SO_REUSEPORT: no error, and the
+            # kernel would hand half the connections to the wrong server (a gRPC client got the probe's HTML error)
+            raise ValueError(f"CNNSERVE_HEALTH_PORT and CNNSERVE_GRPC_PORT are both {self.grpc_port}: give the probe "
+                             "port a port of its own")
 
     @property
     def worker_count(self) -> int:

@@ -22,10 +22,20 @@ MAX_BYTES = 4 * 1024 * 1024  # and body limit
 HEADER_TIMEOUT_S = 1.5  # and header-read timeout: short, so that the slowloris test is quick
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before in this test run: the kernel may offer the same one twice in a row,
+    and a server's gRPC and probe ports, both bound with SO_REUSEPORT, then shared it without an error (a gRPC health
+    check reached the probe process in CI)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass

@@ -21,6 +21,38 @@ def test_settings_parse_each_type_and_name_the_variable_in_errors():
         Settings.from_env({"CNNSERVE_LOG_LEVEL": "loud"})
 
 
+def test_the_probe_port_may_not_be_the_grpc_port():
+    """Both bind with SO_REUSEPORT, so sharing one raised nothing and split the connections between the servers."""
+    with pytest.raises(ValueError, match="CNNSERVE_HEALTH_PORT and CNNSERVE_GRPC_PORT are both 8001"):
+        Settings.from_env({"CNNSERVE_HEALTH_PORT": "8001"})
+    assert Settings.from_env({"CNNSERVE_HEALTH_PORT": "8002"}).health_port == 8002
+
+
+def test_the_test_servers_ports_are_never_handed_out_twice(monkeypatch):
+    import socket
+
+    from tests import server
+
+    offered = iter([40001, 40001, 40002])  # the kernel may offer a port again at once
+
+    class Socket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(server, "_HANDED_OUT", set())
+    monkeypatch.setattr(socket, "socket", Socket)
+    assert [server.free_port(), server.free_port()] == [40001, 40002]
+
+
 def test_inference_paths_skip_tracing_unless_asked():
     from serving.service import INFERENCE_PATHS, tracing_config
 
