@@ -126,7 +126,7 @@ class JsonBodies(_PostBodies):
             if body is None:  # the client went away
                 return
             try:
-                body = decoded_body(coding, body, self.max_bytes)
+                body = decoded_body(coding, body, self.max_bytes).removeprefix(UTF8_BOM)  # counted without it
             except ServingError as exc:
                 await _refuse(send, scope, exc)
                 return

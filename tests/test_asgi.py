@@ -1,5 +1,5 @@
 """The ASGI middlewares: RequestTimeout (the HTTP request timeout the service puts in place of BentoML's), the infer
-lane's choice of targets, and the watch for a multipart body's close delimiter."""
+lane's choice of targets, the watch for a multipart body's close delimiter, and JsonBodies' Content-Encoding."""
 
 import asyncio
 import gc
@@ -131,3 +131,66 @@ def test_the_close_delimiter_is_found_whatever_the_chunks_and_only_at_a_line_sta
     assert asyncio.run(_closed_after(split(form[:form.index(b"\r\n--Bd--")]))) == [False]  # cut before it
     assert asyncio.run(_closed_after(split(form.replace(b"\r\n--Bd--", b"x--Bd--")))) == [False]  # not a line start
     assert asyncio.run(_closed_after(split(b"--Bd--\r\n"))) == [True]  # a form of no parts
+
+
+def _post(body_chunks: list[bytes], headers: list[tuple[bytes, bytes]], then_disconnect: bool = False):
+    """(scope, receive) of a POST /predict whose body comes in ``body_chunks``."""
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(body_chunks) - 1 or then_disconnect}
+                for i, c in enumerate(body_chunks)]
+    if then_disconnect:
+        messages.append({"type": "http.disconnect"})
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    return {"type": "http", "method": "POST", "path": "/predict", "headers": headers}, receive
+
+
+async def _through_json_bodies(scope, receive, max_bytes: int = 1 << 20):
+    """What the app behind ``JsonBodies`` read (body, headers), and what was sent back."""
+    from serving.asgi import JsonBodies
+
+    seen, sent = {}, []
+
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        seen.update(body=body, headers=dict(scope["headers"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message):
+        sent.append(message)
+
+    await JsonBodies(app, ("/predict",), max_bytes)(scope, receive, send)
+    return seen, sent
+
+
+def test_json_bodies_decode_a_chunked_gzip_body_with_a_bom_and_pass_on_a_plain_one():
+    import gzip
+
+    raw = b'\xef\xbb\xbf{"instances": [[0]]}'
+    packed = gzip.compress(raw)
+    scope, receive = _post([packed[:7], packed[7:]], [(b"content-encoding", b"GZIP"),
+                                                      (b"transfer-encoding", b"chunked")])
+    seen, _ = asyncio.run(_through_json_bodies(scope, receive))
+    assert seen["body"] == raw[3:]  # decoded, then the byte-order mark dropped as for a plain body
+    assert b"content-encoding" not in seen["headers"] and b"transfer-encoding" not in seen["headers"]
+    assert seen["headers"][b"content-length"] == str(len(raw) - 3).encode()  # what the app reads
+    scope, receive = _post([b'{"instances": [[0]]}'], [(b"content-encoding", b"identity")])
+    assert asyncio.run(_through_json_bodies(scope, receive))[0]["body"] == b'{"instances": [[0]]}'
+
+
+def test_json_bodies_answer_nothing_to_a_client_gone_mid_body_and_refuse_an_expanding_one():
+    import zlib
+
+    scope, receive = _post([zlib.compress(b"{}")[:3]], [(b"content-encoding", b"deflate")], then_disconnect=True)
+    seen, sent = asyncio.run(_through_json_bodies(scope, receive))
+    assert seen == {} and sent == []  # nobody to answer, nothing run
+    scope, receive = _post([zlib.compress(b" " * 5000)], [(b"content-encoding", b"deflate")])
+    seen, sent = asyncio.run(_through_json_bodies(scope, receive, max_bytes=1000))
+    assert seen == {} and sent[0]["status"] == 413
+    assert b"decodes to more than 1000 bytes" in sent[1]["body"]
