@@ -122,10 +122,10 @@ class JsonBodies(_PostBodies):
             headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
         coding = dict(headers).get(b"content-encoding", b"identity").decode("latin-1")
         if coding.strip().lower() != "identity":
-            body = await _whole_body(receive)
-            if body is None:  # the client went away
-                return
-            try:
+            try:  # BodyLimit, outside, has cut a body over the limit already
+                body = await receive_body(receive, None, self.max_bytes)
+                if body is None:  # the client went away
+                    return
                 body = decoded_body(coding, body, self.max_bytes).removeprefix(UTF8_BOM)  # counted without it
             except ServingError as exc:
                 await _refuse(send, scope, exc)
@@ -178,16 +178,23 @@ class FormBodies(_PostBodies):
         await self.app(scope, receive, send)
 
 
-async def _whole_body(receive: Any) -> bytes | None:
-    """The request body, read to its end (``BodyLimit``, outside, cuts it at the limit); None if the client left."""
-    chunks = []
+async def receive_body(receive: Any, declared: str | None, limit: int) -> bytes | None:
+    """The request body from ASGI ``receive`` messages, refused with ``PayloadTooLarge`` past ``limit`` bytes (by
+    its declared Content-Length first); None when the client went away before it was all in."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
+    chunks, size = [], 0
     while True:
         message = await receive()
-        if message["type"] != "http.request":
+        if message["type"] != "http.request":  # http.disconnect
             return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Any) -> Callable[[], Awaitable[dict]]:

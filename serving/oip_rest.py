@@ -24,11 +24,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.asgi import RequestTimeout, decoded_body
+from serving.asgi import RequestTimeout, decoded_body, receive_body
 from serving.dataplane import DataPlane, check_image_count, count_failure, count_refusal
 from serving.errors import (
     INTERNAL_ERROR,
-    BodyTooLarge,
     InvalidInput,
     Overloaded,
     ServingError,
@@ -266,25 +265,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     if body is None:
         raise ClientDisconnect()
     return body
-
-
-async def receive_body(receive: Receive, declared: str | None, limit: int) -> bytes | None:
-    """The request body from ASGI ``receive`` messages, refused with ``PayloadTooLarge`` past ``limit`` bytes (by
-    its declared Content-Length first); None when the client went away before it was all in."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":  # http.disconnect
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def optional_json(request: Request) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from serving.asgi import RequestTimeout, _watch_close_delimiter, _whole_body
+from serving.asgi import RequestTimeout, _watch_close_delimiter, receive_body
 
 
 def respond_after(delay_before_start: float, delay_before_body: float = 0.0, log: list | None = None):
@@ -153,7 +153,7 @@ async def _through_json_bodies(scope, receive, max_bytes: int = 1 << 20):
     seen, sent = {}, []
 
     async def app(scope, receive, send):
-        body = await _whole_body(receive)
+        body = await receive_body(receive, None, 1 << 20)
         seen.update(body=body, headers=dict(scope["headers"]))
         await send({"type": "http.response.start", "status": 200, "headers": []})
 

@@ -414,13 +414,13 @@ def test_a_request_read_after_its_connection_closed_holds_no_concurrency_slot():
 def test_a_request_offering_an_upgrade_is_served_as_http_1_1_with_its_body():
     """curl --http2 and Java's HttpClient offer ``Upgrade: h2c`` on http:// URLs; the parser stopped at such a
     request's headers and the app got no body. Ignored, as RFC 9110 lets a server: the request is served."""
-    from serving.asgi import _whole_body
+    from serving.asgi import receive_body
     from serving.uvicorn_hooks import install_upgrades_ignored
 
     bodies = []
 
     async def app(scope, receive, send):
-        body = await _whole_body(receive)
+        body = await receive_body(receive, None, 1 << 20)
         bodies.append(body)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
