@@ -89,11 +89,27 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     """``context.abort(code, message, trailers)``; where grpc core has ended the call already (its deadline passed,
     or the client went away, while the method ran) nothing can be sent, and the call ends as cancelled instead: the
     failed send was an ERROR with a 40-line traceback in the log for each such call (an outside probe's calls with
-    1 ms deadlines). ``ExecuteBatchError`` is grpc's private class for that failure."""
+    1 ms deadlines). ``ExecuteBatchError`` is grpc's private class for that failure.
+
+    grpc keeps the ``AbortError`` it raises on the call's state, and the error's traceback holds the frames that
+    hold that state, and through the refusal it was raised while handling (``__context__``), the frames that hold
+    the request: a reference cycle, freed only by a full garbage collection. An outside probe's refused 60 MB calls
+    took a worker from 0.8 to 2.1 GB in ten calls. Once the call is done, the error lets go of both."""
     try:
         await context.abort(code, message, trailers)
     except ExecuteBatchError:
         raise asyncio.CancelledError from None
+    except grpc.aio.AbortError as aborted:
+        # not the context's add_done_callback: grpc keeps those on the call's state, bound to the context, which
+        # is a cycle of its own; the task's callbacks are let go once they run
+        if (task := asyncio.current_task()) is not None:
+            task.add_done_callback(functools.partial(_let_go, aborted))
+        raise
+
+
+def _let_go(aborted: BaseException, _task: object) -> None:
+    """Break the reference cycle of an ended call's ``AbortError`` (``_abort``): grpc has caught it by now."""
+    aborted.__traceback__ = aborted.__context__ = aborted.__cause__ = None
 
 
 def _guard(method: Callable[..., Any]) -> Callable[..., Any]:
