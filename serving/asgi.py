@@ -495,11 +495,26 @@ def install_multipart_field_check(max_files: int) -> bool:
                                f"{name}=@picture.png, not {name}=<picture.png); URLs are not fetched")
             if isinstance(value, UploadFile) and len((value.filename or "").encode()) > MAX_UPLOAD_NAME_BYTES:
                 value.filename = _shortened(value.filename)
+            if not isinstance(value, UploadFile):
+                _check_plain_value(name, value)
         return await parse_request(self, request, cls)
 
     MultipartSerde.parse_request = checked_parse_request
     MultipartSerde._cnnserve_field_check = True
     return True
+
+
+def _check_plain_value(name: str, value: str) -> None:
+    """Refuse a plain form value that BentoML's ``json.loads`` of it fails on with more than "not JSON" (which it
+    takes as text): a number over int()'s 4,300 digits, or nesting past the interpreter's depth (both were 500s)."""
+    try:
+        json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    except RecursionError:
+        raise BadInput(f"multipart field {name!r}: the JSON in it is nested too deeply") from None
+    except ValueError:
+        raise BadInput(f"multipart field {name!r} holds a number too long to read") from None
 
 
 async def _watch_close_delimiter(stream: AsyncIterator[bytes], boundary: bytes,

@@ -55,6 +55,9 @@ MESSAGE_WAIT_S = 1.0
 # not read, which bounds what one stream can hold in memory like the server's limit on concurrent calls does
 STREAM_WINDOW = 64
 
+# a status's details past this many bytes are cut (``_details``)
+MAX_DETAILS_BYTES = 2000
+
 
 class _Undecodable:
     """A request that could not be parsed (``_tolerant``): a guarded method answers INVALID_ARGUMENT with ``reason``."""
@@ -96,7 +99,7 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     the request: a reference cycle, freed only by a full garbage collection. An outside probe's refused 60 MB calls
     took a worker from 0.8 to 2.1 GB in ten calls. Once the call is done, the error lets go of both."""
     try:
-        await context.abort(code, message, trailers)
+        await context.abort(code, _details(message), trailers)
     except ExecuteBatchError:
         raise asyncio.CancelledError from None
     except grpc.aio.AbortError as aborted:
@@ -105,6 +108,16 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
         if (task := asyncio.current_task()) is not None:
             task.add_done_callback(functools.partial(_let_go, aborted))
         raise
+
+
+def _details(message: str) -> str:
+    """``message`` as a status's details, cut to ``MAX_DETAILS_BYTES`` of UTF-8: they travel as a trailer, which
+    clients take up to 8-16 KiB of, percent-encoded (an error naming a 16 KB model name reached the client as
+    ``RESOURCE_EXHAUSTED`` "received metadata size exceeds hard limit")."""
+    data = message.encode()
+    if len(data) <= MAX_DETAILS_BYTES:
+        return message
+    return f"{data[:MAX_DETAILS_BYTES].decode(errors='ignore')}... ({len(message)} characters in all)"
 
 
 def _let_go(aborted: BaseException, _task: object) -> None:
@@ -532,8 +545,8 @@ class CallIntake:
         # as grpc's own thread-pool server rejects a call: with the receive of the client's close in the batch, so
         # that core does not cancel the call (a cancel frame to the client) when it is released before the close
         ops = (cygrpc.SendInitialMetadataOperation((), 0), cygrpc.ReceiveCloseOnServerOperation(0),
-               cygrpc.SendStatusFromServerOperation(_trailers(refusal), refusal.grpc_code.value[0], refusal.message,
-                                                    0))
+               cygrpc.SendStatusFromServerOperation(_trailers(refusal), refusal.grpc_code.value[0],
+                                                    _details(refusal.message), 0))
         _run_now(cygrpc.execute_batch(rpc_state, ops, loop))
 
 

@@ -58,7 +58,11 @@ INPUTS_KEY = re.compile(rb'"inputs"\s*:\s*\[')
 # headers at most this long are parsed before their image count is checked (the parse costs under a millisecond),
 # so that the pattern's rare misreadings (a tensor parameter called "shape" before the tensor's own) refuse nothing
 PRESCAN_BYTES = 1 << 16
-SHAPE_PATTERN = re.compile(rb'"shape"\s*:\s*\[\s*(\d+)')
+SHAPE_PATTERN = re.compile(rb'"shape"\s*:\s*\[\s*(\d{1,20})')  # 20 digits: past any limit, and int() of it cheap
+# integers in a JSON body longer than this are refused: the standard library reads any (orjson stops at 64 bits),
+# but neither int() nor str() takes one over 4,300 digits (an outside probe's 5,000-digit shape was a 500)
+MAX_JSON_INT_DIGITS = 20
+BYTE_COUNT = re.compile(r"[0-9]{1,18}", re.ASCII)
 # a JSON true / false literal as an array element, after "[" or "," (a parameter's follows a ":")
 BOOLEAN_ELEMENT = re.compile(rb"[\[,]\s*$")
 INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
@@ -295,7 +299,7 @@ def json_object(data: bytes, what: str) -> dict[str, Any]:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
         try:
-            value = json.loads(data)
+            value = json.loads(data, parse_int=_bounded_int)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidInput(f"malformed JSON {what}: {exc}") from None
         except RecursionError:  # past orjson's depth limit (1,024) and the interpreter's
@@ -303,6 +307,14 @@ def json_object(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput(f"the {what} must be a JSON object")
     return value
+
+
+def _bounded_int(text: str) -> int:
+    """A JSON integer for the standard library's parser, refused past ``MAX_JSON_INT_DIGITS`` digits."""
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise InvalidInput(f"a JSON integer of {len(text.lstrip('-'))} digits: at most {MAX_JSON_INT_DIGITS} "
+                           "are read")
+    return int(text)
 
 
 HINT_SCAN_BYTES = 1 << 20  # how much of a body that is not JSON is read for a JSON header before binary data
@@ -319,7 +331,7 @@ def split_body(headers: dict[str, str], body: bytes, max_images: int) -> tuple[d
     if length_text is None:
         header_bytes, binary = body, b""
     else:
-        if not length_text.isdigit() or not 0 < int(length_text) <= len(body):
+        if not BYTE_COUNT.fullmatch(length_text) or not 0 < int(length_text) <= len(body):
             raise InvalidInput(f"{HEADER_LENGTH} must be an integer between 1 and the body size {len(body)}, "
                                f"got {length_text!r}")
         n = int(length_text)
@@ -353,7 +365,7 @@ def json_header_length(data: bytes) -> int | None:
     try:
         text = data[:HINT_SCAN_BYTES].decode("utf-8", errors="surrogateescape")
         value, end = json.JSONDecoder().raw_decode(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, or an integer int() refuses (over 4,300 digits)
         return None
     length = len(text[:end].encode("utf-8", errors="surrogateescape"))
     return length if isinstance(value, dict) and length < len(data) else None

@@ -112,6 +112,9 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 
 
 VERSION_NAME = re.compile(r"[1-9][0-9]*", re.ASCII)
+# a version named by more digits than this is no version here (int() refuses past 4,300 digits, and an outside
+# probe's 5,000-digit version was a 500 on every door)
+MAX_VERSION_DIGITS = 18
 
 
 def fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...]:
@@ -324,10 +327,12 @@ class ModelRepository:
                 self._ignore(model_dir, f"cannot be read ({exc.strerror or exc})")
                 continue
             for version_dir in entries:
-                if version_dir.is_dir() and VERSION_NAME.fullmatch(version_dir.name):
+                if (version_dir.is_dir() and VERSION_NAME.fullmatch(version_dir.name)
+                        and len(version_dir.name) <= MAX_VERSION_DIGITS):
                     found[(model_dir.name, int(version_dir.name))] = version_dir
                 elif not version_dir.name.startswith("."):
-                    self._ignore(version_dir, "is not a version directory (a positive whole number, e.g. 3)")
+                    self._ignore(version_dir, f"is not a version directory (a positive whole number of at most "
+                                             f"{MAX_VERSION_DIGITS} digits, e.g. 3)")
         return found
 
     def _ignore(self, path: Path, why: str) -> None:
@@ -475,6 +480,8 @@ class ModelRepository:
                 self._raise_missing(name, None, unloaded)
             return versions[max(versions)]
         if isinstance(version, str):  # a version folder's name: int() took "+2", " 2", "0_2", full-width digits
+            if VERSION_NAME.fullmatch(version) and len(version) > MAX_VERSION_DIGITS:
+                raise ModelNotFound(f"model {name!r} has no version of {len(version)} digits")
             v = int(version) if VERSION_NAME.fullmatch(version) else 0
         else:  # a JSON number: whole (1.9 is no version 1)
             v = int(version) if isinstance(version, int) or (isinstance(version, float) and version.is_integer()) else 0

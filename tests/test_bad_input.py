@@ -634,6 +634,45 @@ def test_json_nested_past_the_parsers_depth_is_a_400_on_every_route_not_a_500(se
     assert "RecursionError" not in server.log.read_text() and "request failed" not in server.log.read_text()
 
 
+def test_numbers_past_4300_digits_and_long_names_get_client_errors_on_every_door(server):
+    # an outside probe: int() and str() refuse integers of over 4,300 digits, so a 5,000-digit version, or such a
+    # number anywhere in a JSON body or a form value, was a 500 (gRPC INTERNAL); a 16 KB model name in a gRPC error
+    # overflowed the client's limit on trailers (RESOURCE_EXHAUSTED "received metadata size exceeds hard limit")
+    digit, url, long = GOOD[0], server.url, "9" * 5000
+    for path in (f"/v2/models/mnist-cnn/versions/{long}", f"/v2/models/mnist-cnn/versions/{long}/ready"):
+        r = httpx.get(f"{url}{path}")
+        assert r.status_code == 404 and "no version of 5000 digits" in r.json()["error"], (path[:40], r.text)
+    r = httpx.post(f"{url}/v2/models/mnist-cnn/versions/{long}/infer", json=infer_json([tensor(data=digit.tolist())]))
+    assert r.status_code == 404 and "no version of 5000 digits" in r.json()["error"], r.text
+    r = httpx.post(f"{url}/predict", json={"instances": digit.tolist(), "model": "mnist-cnn", "version": long})
+    assert r.status_code == 404 and "no version of 5000 digits" in r.json()["error"], r.text
+    for field in ("version", "top_k"):
+        r = httpx.post(f"{url}/classify", files=[("images", ("a.png", png(digit), "image/png"))],
+                       data={"model": "mnist-cnn", field: long})
+        assert_client_error(r, field)
+        assert r.json()["error"] == f"multipart field {field!r} holds a number too long to read", r.text
+    body = json.dumps(infer_json([tensor(data=digit.tolist())], parameters={"timeout": "T"}))
+    for path, text in (("/v2/models/mnist-cnn/infer", body.replace('"T"', long)),
+                       ("/v2/models/mnist-cnn/infer", body.replace("[0, ", f"[{long}, ", 1)),
+                       ("/v2/repository/index", '{"ready": ' + long + '}')):
+        r = httpx.post(f"{url}{path}", content=text.encode(), headers={"content-type": "application/json"})
+        assert_client_error(r, path)
+        assert "a JSON integer of 5000 digits: at most 20 are read" in r.json()["error"], r.text
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc_address))
+    image = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 28, 28])
+    for name, version, message in (("mnist-cnn", long, "no version of 5000 digits"),
+                                   ("m" * 20_000, "", "characters in all)")):
+        request = pb.ModelInferRequest(model_name=name, model_version=version, inputs=[image],
+                                       raw_input_contents=[digit.tobytes()])
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND, refused.value.details()[:200]
+        assert message in refused.value.details() and len(refused.value.details()) < 2100, \
+            refused.value.details()[-200:]
+    time.sleep(0.2)
+    assert "Traceback" not in server.log.read_text()
+
+
 def test_unload_reads_its_body_as_load_does(server):
     # an outside probe: unload ignored its body and unloaded the model on '{', 'xyz' or unknown parameters
     url = f"{server.url}/v2/repository/models/mnist-cnn/unload"
