@@ -35,6 +35,7 @@ from serving.asgi import (
     MountRoots,
     install_multipart_field_check,
     install_request_timeout,
+    install_route_labels,
     quiet_client_errors,
 )
 from serving.connections import ConnectionShare
@@ -95,6 +96,8 @@ if (SETTINGS.header_timeout_s > 0 or SETTINGS.max_header_bytes > 0) and \
     log.warning("uvicorn's httptools protocol was not found: no header or body read limits (install the serve extra)")
 if not install_request_timeout():
     log.warning("BentoML's TimeoutMiddleware was not found: HTTP requests keep BentoML's own timeout handling")
+if not install_route_labels():
+    log.warning("BentoML's metrics middleware was not found: its request metrics are labelled by raw path")
 if not install_multipart_field_check(SETTINGS.max_images_per_request):
     log.warning("BentoML's multipart parser was not found: a file in a value field is not refused up front")
 if not install_single_write_responses():
