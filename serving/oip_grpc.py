@@ -168,8 +168,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.in_progress += 1
             return None
         observe_shed("grpc", "concurrency")
-        return TooManyRequests(f"Too many requests: this worker has {self.in_progress} gRPC inference calls and "
-                               "streams in progress, its limit (CNNSERVE_GRPC_MAX_CONCURRENT_RPCS); retry later", 1.0)
+        refusal = TooManyRequests(f"Too many requests: this worker has {self.in_progress} gRPC inference calls and "
+                                  "streams in progress, its limit (CNNSERVE_GRPC_MAX_CONCURRENT_RPCS); retry later",
+                                  1.0)
+        refusal.counted = True  # in cnnserve_shed_requests_total only, as the HTTP door's (a probe saw it twice)
+        return refusal
 
     def release(self) -> None:
         self.in_progress -= 1

@@ -69,6 +69,15 @@ def unattributed_rejections(url: str) -> float:
     return 0.0
 
 
+def shed_count(url: str, door: str, reason: str) -> float:
+    """``cnnserve_shed_requests_total`` of ``door`` and ``reason``."""
+    wanted = f'cnnserve_shed_requests_total{{door="{door}",reason="{reason}"}}'
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(wanted):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def rejected_count(url: str, door: str) -> float:
     """``cnnserve_requests_total`` of mnist-cnn's requests on ``door`` that the server rejected (overload, deadline),
     which are not counted as the client's fault ("invalid")."""
@@ -196,8 +205,9 @@ def test_past_the_grpc_call_limit_inference_is_refused_and_health_checks_are_not
         assert all(r.startswith("RESOURCE_EXHAUSTED") and "Too many requests" in r and r.endswith("[retry in 1000 ms]")
                    for r in refused), refused[:3]
         assert checks and set(checks) == {health_pb2.HealthCheckResponse.SERVING}
-        metrics = httpx.get(f"{srv.url}/metrics").text
-        assert 'cnnserve_shed_requests_total{door="grpc",reason="concurrency"}' in metrics
+        # counted once, as shed on arrival (as the HTTP door's 429s), not also as rejected (an outside probe)
+        assert shed_count(srv.url, "grpc", "concurrency") == len(refused)
+        assert unattributed_rejections(srv.url) == 0
         # an open stream holds a slot for its life, idle or not: two fill this worker
         request = pb.ModelInferRequest(model_name="mnist-cnn", inputs=[pb.ModelInferRequest.InferInputTensor(
             name="images", datatype="UINT8", shape=[1, 28, 28])], raw_input_contents=[bytes(784)])
@@ -209,11 +219,12 @@ def test_past_the_grpc_call_limit_inference_is_refused_and_health_checks_are_not
                 stub.ModelInfer(request, timeout=10)
             assert refused_call.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # nothing else is in flight
             assert "streams in progress" in refused_call.value.details()
-            before = unattributed_rejections(srv.url)
+            before = shed_count(srv.url, "grpc", "concurrency")
             with pytest.raises(grpc.RpcError) as refused_stream:
                 next(stub.ModelStreamInfer(iter([request])))
             assert refused_stream.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert unattributed_rejections(srv.url) == before + 1  # a refused stream counts as one refused request
+            assert shed_count(srv.url, "grpc", "concurrency") == before + 1  # as one refused request
+            assert unattributed_rejections(srv.url) == 0
             for stream in streams:
                 stream.cancel()
             time.sleep(0.5)
