@@ -361,10 +361,13 @@ async def send_error(send: Any, exc: ServingError) -> None:
 
 
 async def send_json(send: Any, status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    """Send ``{"error": message}`` with ``status`` (and ``headers`` besides its content type)."""
+    """Send ``{"error": message}`` with ``status`` (and ``headers`` besides its content type and length: without a
+    length uvicorn sent it chunked, to HTTP/1.0 clients too, which cannot read that)."""
+    body = json.dumps({"error": message}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), *headers]})
-    await send({"type": "http.response.body", "body": json.dumps({"error": message}).encode()})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class RequestTimeout:

@@ -362,6 +362,20 @@ def test_mnist_gz_is_not_an_upload_either(server):
     assert_client_error(r, "gzip upload")
 
 
+def test_error_answers_to_http_1_0_carry_a_length_not_chunks(server):
+    # an outside probe: a 404 or 405 to an HTTP/1.0 request came chunked (RFC 9112 6.1: a server must not send
+    # Transfer-Encoding to HTTP/1.0), which an HTTP/1.0 client reads as part of the JSON
+    for request in (b"GET /nope HTTP/1.0\r\n\r\n", b"DELETE /predict HTTP/1.0\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as client:
+            client.sendall(request)
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] in (b"404", b"405") and b"transfer-encoding" not in head.lower(), head
+        assert json.loads(body)["error"], body
+
+
 def test_headers_trickled_slower_than_the_header_timeout_get_408_and_a_closed_connection(server):
     """A slowloris client (header bytes now and then, never the blank line) is cut off at the header timeout,
     while a client that keeps the connection idle between requests is not."""
