@@ -92,6 +92,26 @@ def refused(*args: str) -> str:
     return done.stderr
 
 
+def test_a_diverged_run_a_run_dir_in_use_and_an_unwritable_repository_are_one_clear_error(fixture_data, tmp_path):
+    data = ("--data-dir", str(fixture_data), "--no-download", "--quiet")
+    # an outside probe: a run that blew up to NaN exited 0 and published a model whose probabilities were all NaN
+    error = refused("train", "pneumoniamnist", "--epochs", "1", "--lr", "1e30", "--set", "optimizer=sgd", "--set",
+                    "schedule=constant", "--set", "widths=[8,16]", "--run-dir", str(tmp_path / "diverged"), "--export",
+                    "--model-dir", str(tmp_path / "repo"), *data)
+    assert "training diverged (lower --lr" in error  # stopped in training, not only by the export's check
+    assert not (tmp_path / "repo").exists()
+    # a second train into a finished run's dir replaced its checkpoint without a word
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "checkpoint.pt").write_bytes(b"a run")
+    assert "holds a training run already" in refused("train", "pneumoniamnist", "--run-dir", str(tmp_path / "used"),
+                                                     *data)
+    # a repository that cannot be written failed after the whole training: now before the data is even looked for
+    (tmp_path / "a-file").write_text("")
+    assert "is a file, not a directory" in refused("train", "pneumoniamnist", "--run-dir", str(tmp_path / "new"),
+                                                   "--export", "--model-dir", str(tmp_path / "a-file" / "repo"),
+                                                   "--data-dir", str(tmp_path / "no-data"), "--no-download")
+
+
 def test_a_reader_that_goes_away_is_not_an_error():
     # `python -m training datasets | head -1`: the pipe is closed before the command writes
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -275,6 +275,16 @@ def test_a_multi_label_parity_check_compares_every_labels_decision():
     assert _compare_probs(expected, expected, multi_label=True)["labels_identical"]
 
 
+def test_a_parity_check_refuses_probabilities_that_are_not_finite():
+    # an outside probe: a diverged model's NaN probabilities passed (NaN > tolerance is False) and were published
+    from training.export import ExportError, _compare_probs
+
+    nan = np.full((2, 3), np.nan, np.float32)
+    for multi_label in (False, True):
+        with pytest.raises(ExportError, match="not finite"):
+            _compare_probs(nan, nan, multi_label)
+
+
 def test_a_card_records_how_much_of_plain_bordered_training_images_their_strokes_fill(trained, fixture_data, tmp_path):
     # what /classify frames an upload of another size to (serving.images); the fixtures' borders are not plain,
     # so this one's training images get a black frame

@@ -12,6 +12,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from training.config import CONFIG_DIR, DEFAULT_DATA_DIR, config_names, parse_override
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(named <flag>-cnn-recipe)")
     p.add_argument("--run-dir", type=Path, help="output directory (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run dir that holds a run already (without it, or --resume, such a run "
+                        "dir is refused: its checkpoint would be replaced after one epoch)")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="leave after N epochs of this invocation (time-sliced jobs); continue later with --resume")
     p.add_argument("--backbone-checkpoint", help="transfer models: the backbone's weights, from a checkpoint of "
@@ -166,9 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
         sys.stdout.flush()  # here, where a reader gone is caught, not at exit
-    except (FileNotFoundError, ValueError) as exc:  # missing data or checkpoint, bad config: no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except (Stopped, KeyboardInterrupt) as exc:
         why = str(exc) if isinstance(exc, Stopped) else "SIGINT"
         print(f"stopped by {why}: nothing half-written is left; a training run continues with --resume",
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.Signals[why].value
     except BrokenPipeError:  # the reader went away (`datasets | head`): what it wanted it has
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+    except (OSError, ValueError) as exc:  # missing or unwritable files, a bad config, a model not fit to publish
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
         _end_distributed()
@@ -189,6 +193,30 @@ def _end_distributed() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_run_dir(checkpoint: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start afresh over a run (its ``checkpoint``), unless asked to; say so when a resume finds none."""
+    run_dir = checkpoint.parent
+    if checkpoint.exists() and not (resume or overwrite):
+        raise ValueError(f"{run_dir} holds a training run already ({checkpoint.name}): --resume continues it, "
+                         "--run-dir DIR trains into another directory, --overwrite starts this one afresh")
+    if resume and not checkpoint.exists():
+        print(f"note: no {checkpoint.name} in {run_dir} to resume from: starting from scratch", file=sys.stderr)
+
+
+def check_writable(directory: Path) -> None:
+    """Raise ``ValueError`` unless ``directory``, or the nearest folder above it that exists, takes new files."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{directory} cannot be a model repository: {existing} is a file, not a directory")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise ValueError(f"{directory} cannot be written ({exc.strerror}: {existing}): exporting there would "
+                         "fail after training") from None
 
 
 def run(args: argparse.Namespace) -> None:
@@ -207,10 +235,15 @@ def run(args: argparse.Namespace) -> None:
         from training.recipes import resolve_config
 
         cfg = resolve_config(args.config, overrides, recipe=args.recipe)
+        from training.train import CHECKPOINT, build_classifier, train
+
+        run_dir = args.run_dir or DEFAULT_RUNS / cfg.name
+        check_run_dir(run_dir / CHECKPOINT, args.resume, args.overwrite)
+        if args.export:  # before training, not after it
+            check_writable(args.model_dir or DEFAULT_REPO)
         if args.backbone_checkpoint and cfg.arch != "transfer":
             raise ValueError(f"--backbone-checkpoint is for transfer models; {cfg.name} has arch {cfg.arch!r} "
                              "(--set arch=transfer makes it one)")
-        from training.train import CHECKPOINT, build_classifier, train
 
         if cfg.arch == "transfer" and cfg.backbone_checkpoint:  # a backbone that cannot work fails before the data
             import torch
@@ -219,8 +252,8 @@ def run(args: argparse.Namespace) -> None:
 
             build_classifier(cfg, dataset_spec(cfg.dataset, cfg.size), torch.device("cpu"))
 
-        result = train(cfg, args.run_dir or DEFAULT_RUNS / cfg.name, args.data_dir, args.download, args.resume,
-                       args.device, args.quiet, stop_after=args.stop_after)
+        result = train(cfg, run_dir, args.data_dir, args.download, args.resume, args.device, args.quiet,
+                       stop_after=args.stop_after)
         if args.export and result.metrics:
             from training.export import export_checkpoint
 

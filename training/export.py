@@ -59,8 +59,9 @@ PARITY_IMAGES = 512
 PARITY_TOLERANCE = 1e-4
 
 
-class ExportError(RuntimeError):
-    """The exported model does not match PyTorch, or cannot be published."""
+class ExportError(ValueError):
+    """The exported model does not match PyTorch, or cannot be published (the command line reports it in one
+    line, as a bad config)."""
 
 
 class ExportWrapper(nn.Module):
@@ -102,6 +103,9 @@ def check_parity(model: Classifier | Ensemble, onnx_path: Path, images: torch.Te
 def _compare_probs(expected: np.ndarray, got: np.ndarray, multi_label: bool) -> dict[str, Any]:
     """The largest probability difference, and whether every decision is the same: the top class, or for a
     multi-label model each label's probability over 0.5 (the top label alone said nothing of the others)."""
+    if not (np.isfinite(expected).all() and np.isfinite(got).all()):  # NaN > tolerance is False: it passed
+        raise ExportError(f"the model's probabilities are not finite (NaN or inf) on {len(got)} test images: its "
+                          "training diverged; train it again (a lower --lr)")
     max_diff = float(np.abs(expected - got).max())
     if multi_label:
         what, same = "labels_identical", bool(((expected > 0.5) == (got > 0.5)).all())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -157,6 +158,10 @@ def _set_backbone_frozen(model: Classifier, frozen: bool) -> None:
         model.net.set_backbone_trainable(not frozen)
 
 
+class Diverged(ValueError):
+    """The loss or the model's outputs became NaN or infinite: nothing from here on would be worth keeping."""
+
+
 def train_one_epoch(net: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, augment: BatchAugment,
                     task: str, autocast: torch.autocast, desc: str = "",
@@ -180,9 +185,13 @@ def train_one_epoch(net: nn.Module, batches: Batches, optimizer: torch.optim.Opt
         scheduler.step()
         if ema is not None:
             ema.update_parameters(net)
-        n = len(labels)
+        n, value = len(labels), loss.item()
+        if not math.isfinite(value):
+            raise Diverged(f"the training loss is {value} at step {seen // max(n, 1) + 1} of this epoch: training "
+                           "diverged (lower --lr, or check the data); the last checkpoint, from the epoch before, "
+                           "is kept")
         seen += n
-        loss_sum += loss.item() * n
+        loss_sum += value * n
         if multi_label:  # per image, the share of its labels decided right (logit > 0: probability > 0.5)
             correct += ((logits > 0) == labels.bool()).float().mean(1).sum().item()
         else:
@@ -199,6 +208,9 @@ def validate(model: Classifier | Ensemble, split: Split, task: str, batch_size: 
     model would be exported) of ``model`` on ``split``."""
     multi_label = task.startswith("multi-label")
     logits = predict_logits(model, split.images, batch_size, device)
+    if not torch.isfinite(logits).all():  # the loss can stay finite while the last steps left NaN weights
+        raise Diverged(f"the model's outputs on the {len(split.images)} validation images are not finite (NaN or "
+                       "inf): training diverged (lower --lr, or check the data)")
     probs = probabilities(logits, multi_label)
     eps = 1e-7
     if multi_label:
