@@ -249,6 +249,16 @@ def test_quantize_does_not_publish_an_int8_network_slower_than_its_source(fixtur
     assert read_card(path / "model.json").quantization["speedup_batch64_cpu"] == 0.5
 
 
+def test_quantize_does_not_publish_an_int8_network_that_decides_otherwise(fixture_data, tmp_path):
+    # an outside probe: a RetinaMNIST model with a high-pass input filter changed 10 % of its test decisions as int8,
+    # and was published as the version the service serves (here the bar is set past what any network can meet)
+    source = tmp_path / "mnist-cnn" / "2"
+    shutil.copytree(EXPORTS / "mnist-cnn" / "2", source)
+    with pytest.raises(ValueError, match=r"of the test images as version 2 does, below 100\.10%"):
+        quantize_version(source, fixture_data, download=False, min_agreement=1.001)
+    assert sorted(p.name for p in source.parent.iterdir()) == ["2"]  # nothing published, nothing half-written
+
+
 def test_the_cards_commit_is_this_checkouts_whatever_the_working_directory(tmp_path, monkeypatch):
     # an outside probe: run from another git repository, the card recorded that repository's commit
     import subprocess

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version_dir", type=Path, help="an exported version, e.g. exports/mnist-cnn/2")
     p.add_argument("--allow-slower", action="store_true",
                    help="publish the int8 network even when it runs slower than the source at batch 1 and 64")
+    p.add_argument("--min-agreement", type=float, default=0.99, metavar="SHARE",
+                   help="the share of test images the int8 network must decide as the source does (per label for "
+                        "multi-label models) to be published (default: %(default)s)")
     _add_data_args(p)
 
     p = sub.add_parser("datasets", help="list the dataset flags: task, shape, split sizes, sizes, local files",
@@ -278,7 +281,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "quantize":
         from training.export import quantize_version
 
-        path = quantize_version(args.version_dir, args.data_dir, args.download, command_line(), args.allow_slower)
+        path = quantize_version(args.version_dir, args.data_dir, args.download, command_line(), args.allow_slower,
+                                args.min_agreement)
         print(f"exported {path}")
     elif args.command == "datasets":
         from training.recipes import dataset_table

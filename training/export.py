@@ -59,6 +59,9 @@ PARITY_IMAGES = 512
 PARITY_TOLERANCE = 1e-4
 
 
+MIN_AGREEMENT = 0.99  # share of test decisions an int8 version must share with its float source to be published
+
+
 class ExportError(ValueError):
     """The exported model does not match PyTorch, or cannot be published (the command line reports it in one
     line, as a bad config)."""
@@ -321,7 +324,7 @@ def calibrate_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, down
 
 
 def quantize_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, download: bool = True,
-                     command: str = "", allow_slower: bool = False) -> Path:
+                     command: str = "", allow_slower: bool = False, min_agreement: float = MIN_AGREEMENT) -> Path:
     """Publish the next version of an exported model as a static int8 network (``quantize_int8``: calibrated on
     training images, the classifier layer and the head after it kept in float).
 
@@ -330,7 +333,9 @@ def quantize_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, downl
     val and test, the speed-up. The source's ONNX-vs-PyTorch parity and best val score describe the float network
     and are left out (its card keeps them). ``version_dir`` itself is left untouched. An int8 network measured
     slower than the float one at batch 1 and at batch 64 is not published (the latest version is what the service
-    serves by default) unless ``allow_slower``."""
+    serves by default) unless ``allow_slower``; nor is one that decides fewer than ``min_agreement`` of the test
+    images as the float network does (an outside probe's RetinaMNIST model with its high-pass input filter changed
+    10 % of its decisions when quantised, and was published)."""
     source, card, spec = _exported_version(version_dir)
     if card.quantization is not None:
         raise ValueError(f"{version_dir} is quantised already ({card.quantization['method']})")
@@ -339,6 +344,11 @@ def quantize_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, downl
         onnx_path = staging / "model.onnx"
         shutil.copyfile(source, onnx_path)
         quantization, metrics = _quantize_in_place(onnx_path, train, test, spec)
+        agree = quantization["test_decisions_same_as_fp32"]
+        if agree < min_agreement:
+            raise ValueError(f"the int8 network decides {agree:.2%} of the test images as version {card.version} "
+                             f"does, below {min_agreement:.2%}: not published, as the latest version is what the "
+                             "service serves; --min-agreement lowers the bar")
         slower = {k: v for k, v in quantization.items() if k.startswith("speedup_")}
         if not allow_slower and all(v < 1 for v in slower.values()):
             raise ValueError(f"the int8 network ran slower than version {card.version} on this CPU ({slower}; "
