@@ -42,10 +42,31 @@ def read(**fields) -> TrainConfig:
     ({"lr": "3e-3"}, "'lr' is '3e-3'; give a number"),  # YAML 1.1 reads 3e-3 (no dot) as a string
     ({"train_limit": 2.5}, "'train_limit' is 2.5; give an integer or null"),
     ({"ensemble": 2, "ensemble_variants": [{"optimizer": "adam"}]}, "'optimizer' is 'adam'"),
+    # an outside probe's: each of these was a traceback (TypeError), or a run and an export outside the repository
+    ({"augment": 5}, "'augment' is 5; give a mapping"),
+    ({"ensemble": 2, "ensemble_variants": [5]}, "'ensemble_variants' is \\[5\\]; give a list of config overrides"),
+    ({"name": "../../escape"}, "'name' is '../../escape'; give a folder name"),
+    ({"name": ".hidden"}, "'name' is '.hidden'; give a folder name"),
 ])
 def test_a_bad_value_is_one_clear_error_when_read(fields, message):
     with pytest.raises(ValueError, match=message):
         read(**fields)
+
+
+def test_malformed_yaml_and_configs_missing_their_names_are_one_clear_error(tmp_path):
+    # an outside probe's: a YAML syntax error was 20 lines of PyYAML's traceback, an empty config a TypeError
+    from training.config import parse_override, with_overrides
+
+    for text, message in (("", "the config has no 'name' or 'dataset'"), ("name: x\n", "the config has no 'dataset'"),
+                          ("name: x\ndataset: [\n", "is not valid YAML: while parsing"),
+                          ("- a\n- b\n", "holds a YAML list, not a mapping")):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.load(tmp_path / "c.yaml")
+    with pytest.raises(ValueError, match="override 'widths=\\[16,32' is not valid YAML"):
+        parse_override("widths=[16,32")
+    with pytest.raises(ValueError, match="'epochs' holds a value, not keys"):
+        with_overrides({"epochs": 3}, {"epochs.x": 1})
 
 
 @pytest.mark.parametrize("fields,message", [

@@ -17,6 +17,7 @@ CACHE_DIR = Path(os.environ.get("CNNSERVE_CACHE", Path.home() / ".cache" / "cnns
 DEFAULT_DATA_DIR = Path(os.environ.get("CNNSERVE_DATA", CACHE_DIR / "data"))
 
 # the values the enum-like fields take
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ARCHS = ("cnn", "transfer")
 CHECKPOINT_BACKBONE = "checkpoint"  # a cnnserve training checkpoint (e.g. our own mnist-cnn)
 TORCHVISION_INPUT_SIZE = 64  # the side a torchvision backbone's input is resized to when input_size is null
@@ -93,7 +94,19 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}; known: {sorted(known)}")
         data = dict(data)
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"the config has no {' or '.join(repr(m) for m in missing)}: a config names at least "
+                             "what it trains (name: my-model, dataset: a dataset flag)")
         augment = data.get("augment") or {}
+        if not isinstance(augment, dict):
+            raise ValueError(f"config key 'augment' is {augment!r}; give a mapping of augmentations "
+                             "(augment: {hflip: true}), or nothing")
+        variants = data.get("ensemble_variants") or []
+        if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+            raise ValueError(f"config key 'ensemble_variants' is {variants!r}; give a list of config overrides "
+                             "([{}, {highpass: null}])")
         known_augment = [f.name for f in dataclasses.fields(Augment)]
         unknown = set(augment) - set(known_augment)
         if unknown:
@@ -115,6 +128,9 @@ class TrainConfig:
         for obj, prefix in ((self, ""), (self.augment, "augment.")):
             for f in dataclasses.fields(obj):
                 _check_type(prefix + f.name, getattr(obj, f.name), f.type)
+        if not MODEL_NAME.fullmatch(self.name):  # it names folders: runs/<name>, <repository>/<name>
+            raise ValueError(f"config key 'name' is {self.name!r}; give a folder name: letters, digits, '.', '-' "
+                             "and '_', starting with a letter or digit")
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("backbone", self.backbone, BACKBONES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -167,7 +183,10 @@ class TrainConfig:
         path = Path(path)
         if not path.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
             path = CONFIG_DIR / f"{path}.yaml"
-        return cls.from_dict(with_overrides(yaml.safe_load(path.read_text()) or {}, overrides or {}))
+        data = read_yaml(path.read_text(), str(path)) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a YAML {type(data).__name__}, not a mapping of config keys")
+        return cls.from_dict(with_overrides(data, overrides or {}))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,6 +281,8 @@ def with_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         *parents, leaf = key.split(".")
         for p in parents:
             target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"override {key!r}: {p!r} holds a value, not keys")
         target[leaf] = value
     return data
 
@@ -271,4 +292,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} is not key=value")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), read_yaml(value, f"override {text!r}")
+
+
+def read_yaml(text: str, what: str) -> Any:
+    """``text`` parsed as YAML, or a ``ValueError`` naming ``what`` and where it is wrong (not PyYAML's traceback)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{what} is not valid YAML: {' '.join(str(exc).split())}") from None

@@ -57,8 +57,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but no CUDA device is available")
-    return torch.device(name)
+        raise ValueError(f"--device {name} was requested but no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name}: {exc}") from None
 
 
 def setup_distributed(device: str) -> tuple[torch.device, int, int]:
