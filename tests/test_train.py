@@ -179,3 +179,18 @@ def test_a_batch_larger_than_the_training_split_is_a_clear_error(fixture_data, t
         with pytest.raises(ValueError, match="batch size 512 is larger than the training split"):
             train(tiny("pneumoniamnist", batch_size=512, schedule=schedule), tmp_path, fixture_data, download=False,
                   quiet=True, report=False)
+
+
+@pytest.mark.parametrize("steps", range(1, 12))
+def test_the_one_cycle_schedule_runs_any_number_of_steps(steps):
+    # an outside probe: exactly 5 optimiser steps (train_limit=320 at batch 64) was a ZeroDivisionError in PyTorch's
+    # OneCycleLR, whose warm-up then ended at step 0
+    from training.train import make_scheduler
+
+    cfg = TrainConfig.from_dict({"name": "t", "dataset": "pneumoniamnist", "epochs": 1})
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    scheduler = make_scheduler(cfg, optimizer, steps)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    assert all(group["lr"] >= 0 for group in optimizer.param_groups)

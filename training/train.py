@@ -37,7 +37,7 @@ from training.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from training.config import TrainConfig
+from training.config import TORCHVISION_INPUT_SIZE, TrainConfig
 from training.data import DEFAULT_DATA_DIR, Batches, DatasetSpec, Split, dataset_spec, load_split
 from training.evaluate import full_metrics, headline_metrics, predict_logits
 from training.models import CHECKPOINT_BACKBONE, Classifier, Ensemble, TransferNet, build_model, imagenet_weights
@@ -115,7 +115,9 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer,
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         max_lr = [g["lr"] for g in opt.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=0.2)
+        # 0.2 of 5 steps ends the warm-up at step 0, which OneCycleLR then divides by (ZeroDivisionError)
+        pct_start = 0.3 if total == 5 else 0.2
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct_start)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     if cfg.schedule == "constant":
@@ -263,6 +265,11 @@ def train(
     train_split = load_split(spec, "train", data_dir, download).subset(cfg.train_limit)
     val_split = load_split(spec, "val", data_dir, download)
     log(f"[{cfg.name}] {spec.flag} ({spec.task}): train {len(train_split)}, val {len(val_split)}")
+    if cfg.arch == "transfer" and cfg.backbone != CHECKPOINT_BACKBONE and \
+            (side := cfg.input_size or TORCHVISION_INPUT_SIZE) < spec.size:  # said: it costs resolution
+        log(f"[{cfg.name}] note: {spec.size} px images are resized to {side} px for the {cfg.backbone} backbone "
+            f"(input_size); --set input_size={spec.size} keeps them, at about {(spec.size / side) ** 2:.0f}x the "
+            "compute")
 
     torch.manual_seed(cfg.seed)
     model, source_config = build_classifier(cfg, spec, dev)
