@@ -16,8 +16,12 @@ done; the calls then reached the batcher one by one, never batched, and the loop
 gRPC clients: 9 in 10 calls met no other in the servicer; alternating runs, 2,360-2,560 against 2,740-2,900
 infer/s and p99 22-38 against 9-14 ms without the lone-request path). When ``run_wide`` is given and
 ``board`` shows every other worker idle too, it runs with ``run_wide`` (a session with every core's threads)
-instead of ``run``. Under load requests are not alone: they queue and batch as below, one thread per worker.
-Runs of ``run_wide`` do not feed the estimate (they are faster than the queued runs it predicts).
+instead of ``run``. Under load requests are not alone: they queue and batch as below, on one thread per worker
+while the other workers run too; a queued batch runs with ``run_wide`` as well while ``board`` shows every other
+worker idle: all the load is on this worker (gRPC's connections are hashed onto workers, and perf_analyzer's
+three landed on one in a start out of four), and its one-thread runs left the other cores idle. Lone runs with
+``run_wide`` do not feed the estimate (they are faster than the queued runs it predicts); queued ones do (they
+are the queued runs).
 
 Large client batches: a request of more than ``max_batch_size`` images is split into chunks of that size,
 submitted one after another: the next chunk is queued when the previous chunk's result arrives. The runner
@@ -410,7 +414,7 @@ class DynamicBatcher:
         self._last_inference_ms = int(time.time() * 1000)
         queue_s = sum(taken - p.enqueued for p in batch)
         try:
-            outputs, run_s = await loop.run_in_executor(self._executor, self._run_marked, self._run, inputs)
+            outputs, run_s = await loop.run_in_executor(self._executor, self._run_marked, self._queued_run(), inputs)
         except Exception as exc:  # the model failed: every request of this batch gets the error, no other
             finished = time.monotonic()
             for p in batch:
@@ -427,6 +431,13 @@ class DynamicBatcher:
             row += n
         self._account_run(len(batch), queue_s, size, (taken, started, finished, time.monotonic()))
         self._learn(size, run_s)
+
+    def _queued_run(self) -> RunFn:
+        """How a queued batch runs: with ``run_wide`` while ``board`` shows every other worker idle (the load is all
+        on this worker: gRPC's connections hashed onto it, see the module docstring), else with ``run``."""
+        if self._run_wide is not None and self._board is not None and self._board.others_idle():
+            return self._run_wide
+        return self._run
 
     def _run_inline(self, images: np.ndarray) -> np.ndarray:
         """Run a request that found the batcher idle at once, on this thread (see the module docstring)."""
