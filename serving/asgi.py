@@ -430,6 +430,8 @@ def route_template(routes: Iterable[BaseRoute], path: str) -> str | None:
     for route in routes:
         if isinstance(route, Mount):
             if path == route.path or path.startswith(route.path + "/"):
+                if not route.routes:  # an app of its own (static files): whatever it serves under its path
+                    return route.path + "/{path}"
                 inner = route_template(route.routes, path[len(route.path):] or "/")
                 if inner is not None:
                     return route.path if inner == "/" else route.path + inner

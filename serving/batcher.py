@@ -7,21 +7,21 @@ batch, never past what a queued request's deadline or the queue-wait limit allow
 purpose: an idle batcher runs a lone request at once, and under load the requests that arrive while a batch runs
 form the next batch.
 
-A lone request (at most ``inline_max_images`` images, nothing queued or running, and no other request in the
-batcher once the requests that arrived with it have had their turn on the event loop) runs at once, on the
-event loop: no queue, no thread hand-off (about 200 µs less for a lone client). For ``OVERLAP_HOLD_S`` after two
-requests were in the batcher at once, none is judged alone: gRPC calls take several turns of the event loop to
-reach the batcher, so under load each found it idle, ran on the loop and held the next ones back until it was
-done; the calls then reached the batcher one by one, never batched, and the loop ran every model run itself (16
-gRPC clients: 9 in 10 calls met no other in the servicer; alternating runs, 2,360-2,560 against 2,740-2,900
-infer/s and p99 22-38 against 9-14 ms without the lone-request path). When ``run_wide`` is given and
-``board`` shows every other worker idle too, it runs with ``run_wide`` (a session with every core's threads)
-instead of ``run``. Under load requests are not alone: they queue and batch as below, on one thread per worker
-while the other workers run too; a queued batch runs with ``run_wide`` as well while ``board`` shows every other
-worker idle: all the load is on this worker (gRPC's connections are hashed onto workers, and perf_analyzer's
-three landed on one in a start out of four), and its one-thread runs left the other cores idle. Lone runs with
-``run_wide`` do not feed the estimate (they are faster than the queued runs it predicts); queued ones do (they
-are the queued runs).
+A lone request (at most ``inline_max_images`` images, nothing queued or running, and no other request in the batcher
+once the requests that arrived with it have had their turn on the event loop) runs at once, on the event loop: no
+queue, no thread hand-off (about 200 µs less for a lone client). For ``OVERLAP_HOLD_S`` after two requests were in
+the batcher at once, none is judged alone: gRPC calls take several turns of the event loop to reach the batcher, so
+under load each found it idle, ran on the loop and held the next ones back until it was done; the calls then reached
+the batcher one by one, never batched, and the loop ran every model run itself (16 gRPC clients: 9 in 10 calls met
+no other in the servicer; alternating runs, 2,360-2,560 against 2,740-2,900 infer/s and p99 22-38 against 9-14 ms
+without the lone-request path). When ``run_wide`` is given and ``board`` shows every worker idle (none running, the
+others quiet), it runs with ``run_wide`` (a session with every core's threads) instead of ``run``. Under load
+requests are not alone: they queue and batch as below, on one thread per worker while the other workers run too; a
+queued batch runs with ``run_wide`` as well while ``board`` shows every other worker idle and nothing else running
+in this one: all the load is on this worker (gRPC's connections are hashed onto workers, and perf_analyzer's three
+landed on one in a start out of four), and its one-thread runs left the other cores idle. Lone runs with
+``run_wide`` do not feed the estimate (they are faster than the queued runs it predicts); queued ones do (they are
+the queued runs).
 
 Large client batches: a request of more than ``max_batch_size`` images is split into chunks of that size,
 submitted one after another: the next chunk is queued when the previous chunk's result arrives. The runner
@@ -433,16 +433,17 @@ class DynamicBatcher:
         self._learn(size, run_s)
 
     def _queued_run(self) -> RunFn:
-        """How a queued batch runs: with ``run_wide`` while ``board`` shows every other worker idle (the load is all
-        on this worker: gRPC's connections hashed onto it, see the module docstring), else with ``run``."""
-        if self._run_wide is not None and self._board is not None and self._board.others_idle():
+        """How a queued batch runs: with ``run_wide`` while ``board`` shows every other worker idle and nothing else
+        running in this one (the load is all on this worker: gRPC's connections hashed onto it, see the module
+        docstring), else with ``run``."""
+        if self._run_wide is not None and self._board is not None and self._board.all_idle():
             return self._run_wide
         return self._run
 
     def _run_inline(self, images: np.ndarray) -> np.ndarray:
         """Run a request that found the batcher idle at once, on this thread (see the module docstring)."""
         size = len(images)
-        wide = self._run_wide is not None and (self._board is None or self._board.others_idle())
+        wide = self._run_wide is not None and (self._board is None or self._board.all_idle())
         started = time.monotonic()
         if self._observe:
             self._observe(size, 0.0)

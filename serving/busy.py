@@ -28,10 +28,15 @@ class BusyBoard:
         """Mark this worker running a model (True) or done with it now (False)."""
         SLOT.pack_into(self._map, self.slot * SLOT.size, math.inf if busy else time.monotonic())
 
-    def others_idle(self, quiet_s: float = QUIET_S) -> bool:
-        """True when no other worker is running a model or has run one in the last ``quiet_s``."""
+    def all_idle(self, quiet_s: float = QUIET_S) -> bool:
+        """True when this worker runs no model now (another version's batcher may be running, with every core's
+        threads too) and no other worker runs one or has run one in the last ``quiet_s``."""
         since = time.monotonic() - quiet_s
-        return all(SLOT.unpack_from(self._map, i * SLOT.size)[0] < since for i in range(self.slots) if i != self.slot)
+        for i in range(self.slots):
+            last = SLOT.unpack_from(self._map, i * SLOT.size)[0]
+            if last == math.inf or (i != self.slot and last >= since):
+                return False
+        return True
 
     def close(self) -> None:
         SLOT.pack_into(self._map, self.slot * SLOT.size, 0.0)

@@ -234,8 +234,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request (others overload the server). When the client goes away, its requests still queued are dropped,
         never computed."""
         if (refusal := self.admit()) is not None:  # an open stream holds one of the worker's slots for its life
-            log_refusal(refusal, "oip-grpc")
-            count_refusal(refusal, "oip-grpc")  # as its first request, refused
+            log_refusal(refusal, "oip-grpc")  # counted by admit, in cnnserve_shed_requests_total
             await _abort(context, refusal.grpc_code, refusal.message, _trailers(refusal))
         try:
             async for response in self._stream(requests, context):
@@ -521,9 +520,8 @@ class CallIntake:
     async def _take_one(self, loop: asyncio.AbstractEventLoop, method: bytes) -> None:
         rpc_state = await self._core._request_registered_call(method)
         self.taken += 1
-        if (refusal := self.admit()) is not None:
+        if (refusal := self.admit()) is not None:  # counted by admit, in cnnserve_shed_requests_total
             log_refusal(refusal, "oip-grpc")
-            count_refusal(refusal, "oip-grpc")
             self._refuse(rpc_state, refusal, loop)
             return
         place = Place(self)

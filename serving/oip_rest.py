@@ -58,9 +58,10 @@ INPUTS_KEY = re.compile(rb'"inputs"\s*:\s*\[')
 # headers at most this long are parsed before their image count is checked (the parse costs under a millisecond),
 # so that the pattern's rare misreadings (a tensor parameter called "shape" before the tensor's own) refuse nothing
 PRESCAN_BYTES = 1 << 16
-SHAPE_PATTERN = re.compile(rb'"shape"\s*:\s*\[\s*(\d{1,20})')  # 20 digits: past any limit, and int() of it cheap
-# integers in a JSON body longer than this are refused: the standard library reads any (orjson stops at 64 bits),
-# but neither int() nor str() takes one over 4,300 digits (an outside probe's 5,000-digit shape was a 500)
+SHAPE_PATTERN = re.compile(rb'"shape"\s*:\s*\[\s*(\d{1,20})(?!\d)')  # longer: no batch, parsed and refused
+# integers longer than this are refused by the standard library's parser behind orjson (orjson reads integers
+# past 64 bits as floats, up to 309 digits, and refuses longer ones): neither int() nor str() takes one over
+# 4,300 digits (an outside probe's 5,000-digit shape was a 500)
 MAX_JSON_INT_DIGITS = 20
 BYTE_COUNT = re.compile(r"[0-9]{1,18}", re.ASCII)
 # a JSON true / false literal as an array element, after "[" or "," (a parameter's follows a ":")
@@ -364,8 +365,8 @@ def json_header_length(data: bytes) -> int | None:
     does not end within the first ``HINT_SCAN_BYTES`` (only those are decoded)."""
     try:
         text = data[:HINT_SCAN_BYTES].decode("utf-8", errors="surrogateescape")
-        value, end = json.JSONDecoder().raw_decode(text)
-    except (ValueError, RecursionError):  # not JSON, or an integer int() refuses (over 4,300 digits)
+        value, end = json.JSONDecoder(parse_int=_bounded_int).raw_decode(text)
+    except (ValueError, InvalidInput, RecursionError):  # not JSON, or an integer too long to read
         return None
     length = len(text[:end].encode("utf-8", errors="surrogateescape"))
     return length if isinstance(value, dict) and length < len(data) else None

@@ -414,8 +414,9 @@ class ModelRepository:
 
     def _session(self, onnx_path: Path, threads: int, spin: bool = True) -> ort.InferenceSession:
         """``spin=False``: onnxruntime's pool threads sleep as soon as a run is done instead of spinning for the
-        next one (the wide session runs one lone request at a time: spinning between them took a core from the
-        client and the event loop: serving/README.md, "A lone request")."""
+        next one (the wide session runs a lone request, or a batch while the other workers are idle, one at a time
+        per worker: spinning between them took a core from the client and the event loop: serving/README.md, "A
+        lone request")."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -426,7 +427,7 @@ class ModelRepository:
     def _batcher(self, card: ModelCard, session: ort.InferenceSession,
                  wide: ort.InferenceSession | None) -> DynamicBatcher:
         """The model's batcher, with the card's batching settings unless the environment overrides them;
-        ``wide``: a session with every core's threads, for a request that finds the whole server idle."""
+        ``wide``: a session with every core's threads, for runs that find the whole server idle."""
         s, batching = self.settings, card.batching
         delay_ms = s.max_queue_delay_ms if s.max_queue_delay_ms >= 0 else batching.max_queue_delay_ms
 
@@ -481,6 +482,8 @@ class ModelRepository:
             return versions[max(versions)]
         if isinstance(version, str):  # a version folder's name: int() took "+2", " 2", "0_2", full-width digits
             if VERSION_NAME.fullmatch(version) and len(version) > MAX_VERSION_DIGITS:
+                if not versions:  # no such model, or unloaded: said as for any version
+                    self._raise_missing(name, None, unloaded)
                 raise ModelNotFound(f"model {name!r} has no version of {len(version)} digits")
             v = int(version) if VERSION_NAME.fullmatch(version) else 0
         else:  # a JSON number: whole (1.9 is no version 1)

@@ -521,7 +521,7 @@ class Board:
     def __init__(self, others_idle: bool) -> None:
         self.idle, self.marks = others_idle, []
 
-    def others_idle(self) -> bool:
+    def all_idle(self) -> bool:
         return self.idle
 
     def running(self, busy: bool) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import gc
 
 import grpc
+import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -40,20 +41,18 @@ def test_a_refused_call_gets_its_status_and_leaves_no_reference_cycle():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 request = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"\0" * 1000])
-                try:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await stub.ModelInfer(pb.ModelInferRequest(id="busy"))
-                except grpc.aio.AioRpcError as exc:
-                    assert exc.code() == grpc.StatusCode.UNAVAILABLE
-                    assert ("grpc-retry-pushback-ms", "250") in tuple(exc.trailing_metadata())
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert ("grpc-retry-pushback-ms", "250") in tuple(refused.value.trailing_metadata())
                 gc.collect()
                 gc.disable()  # from here on, only reference counting frees anything
                 try:
                     for _ in range(5):
-                        try:
+                        with pytest.raises(grpc.aio.AioRpcError) as refused:
                             await stub.ModelInfer(request)
-                        except grpc.aio.AioRpcError as exc:
-                            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-                            assert exc.details() == "1000 bytes do not make a 28x28 image"
+                        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                        assert refused.value.details() == "1000 bytes do not make a 28x28 image"
                     await asyncio.sleep(0.1)  # the calls' done callbacks run
                     gc.set_debug(gc.DEBUG_SAVEALL)
                     gc.collect()

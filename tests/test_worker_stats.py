@@ -47,15 +47,16 @@ def test_publishing_never_waits_for_the_disk(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["stats-0.json"], "the temporary file was left behind"
 
 
-def test_busy_board_tells_whether_other_workers_ran_lately(tmp_path):
+def test_busy_board_tells_whether_every_worker_is_idle(tmp_path):
     mine, other = BusyBoard(tmp_path / "busy", 2, 0), BusyBoard(tmp_path / "busy", 2, 1)
-    assert mine.others_idle() and other.others_idle()
+    assert mine.all_idle() and other.all_idle()
     other.running(True)
-    assert not mine.others_idle(), "a running worker counts as idle"
-    assert other.others_idle(), "a worker sees itself"
+    assert not mine.all_idle(), "a running worker counts as idle"
+    assert not other.all_idle(), "a worker running a model (another version's batcher) counts as idle to itself"
     other.running(False)
-    assert not mine.others_idle(quiet_s=60), "a worker that just finished counts as idle"
+    assert other.all_idle(quiet_s=60), "a worker's own finished run is no other worker's load"
+    assert not mine.all_idle(quiet_s=60), "a worker that just finished counts as idle"
     time.sleep(0.01)
-    assert mine.others_idle(quiet_s=0.005)
+    assert mine.all_idle(quiet_s=0.005)
     other.close()
     mine.close()
