@@ -100,11 +100,18 @@ def test_a_diverged_run_a_run_dir_in_use_and_an_unwritable_repository_are_one_cl
                     "--model-dir", str(tmp_path / "repo"), *data)
     assert "training diverged (lower --lr" in error  # stopped in training, not only by the export's check
     assert not (tmp_path / "repo").exists()
-    # a second train into a finished run's dir replaced its checkpoint without a word
-    (tmp_path / "used").mkdir()
-    (tmp_path / "used" / "checkpoint.pt").write_bytes(b"a run")
-    assert "holds a training run already" in refused("train", "pneumoniamnist", "--run-dir", str(tmp_path / "used"),
-                                                     *data)
+    # a second train into a finished run's dir replaced its checkpoint without a word; an ensemble's members too
+    used = tmp_path / "used"
+    (used / "member-1").mkdir(parents=True)
+    (used / "member-1" / "checkpoint.pt").write_bytes(b"a member")
+    assert "holds a training run already (member-1/checkpoint.pt)" in refused("train", "pneumoniamnist",
+                                                                              "--run-dir", str(used), *data)
+    (used / "checkpoint.pt").write_bytes(b"a run")
+    assert "holds a training run already (checkpoint.pt)" in refused("train", "pneumoniamnist", "--run-dir",
+                                                                     str(used), *data)
+    run("train", "pneumoniamnist", "--epochs", "1", "--set", "widths=[8,16]", "--run-dir", str(used), "--overwrite",
+        *data)  # the old run's checkpoints and metrics go first: a resume would have picked them up
+    assert (used / "checkpoint.pt").read_bytes() != b"a run" and not (used / "member-1").exists()
     # a repository that cannot be written failed after the whole training: now before the data is even looked for
     (tmp_path / "a-file").write_text("")
     assert "is a file, not a directory" in refused("train", "pneumoniamnist", "--run-dir", str(tmp_path / "new"),

@@ -45,8 +45,6 @@ def read(**fields) -> TrainConfig:
     # an outside probe's: each of these was a traceback (TypeError), or a run and an export outside the repository
     ({"augment": 5}, "'augment' is 5; give a mapping"),
     ({"ensemble": 2, "ensemble_variants": [5]}, "'ensemble_variants' is \\[5\\]; give a list of config overrides"),
-    ({"name": "../../escape"}, "'name' is '../../escape'; give a folder name"),
-    ({"name": ".hidden"}, "'name' is '.hidden'; give a folder name"),
 ])
 def test_a_bad_value_is_one_clear_error_when_read(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -75,6 +73,9 @@ def test_malformed_yaml_and_configs_missing_their_names_are_one_clear_error(tmp_
      r"'augment.hflip' is true, but organmnist3d's labels name sides \(kidney-right, kidney-left, "),
     ({"dataset": "organamnist", "augment": {"hflip": True}}, "but organamnist's labels name sides"),
     ({"freeze": True}, "'freeze' is true, but arch is 'cnn'"),
+    # an outside probe's: a name with slashes trained into, and published to, folders outside runs/ and the repository
+    ({"name": "../../escape"}, "'name' is '../../escape'; give a folder name"),
+    ({"name": ".hidden"}, "'name' is '.hidden'; give a folder name"),
 ])
 def test_a_run_cannot_start_with_these_but_their_configs_still_read(fields, message):
     cfg = read(**fields)  # a checkpoint of a run made before the check is still read, evaluated and exported

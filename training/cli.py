@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -67,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="output directory (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a run dir that holds a run already (without it, or --resume, such a run "
-                        "dir is refused: its checkpoint would be replaced after one epoch)")
+                   help="start afresh in a run dir that holds a run already, removing its checkpoints and metrics "
+                        "(without it, or --resume, such a run dir is refused: its checkpoint would be replaced "
+                        "after one epoch)")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="leave after N epochs of this invocation (time-sliced jobs); continue later with --resume")
     p.add_argument("--backbone-checkpoint", help="transfer models: the backbone's weights, from a checkpoint of "
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version_dir", type=Path, help="an exported version, e.g. exports/mnist-cnn/2")
     p.add_argument("--allow-slower", action="store_true",
                    help="publish the int8 network even when it runs slower than the source at batch 1 and 64")
-    p.add_argument("--min-agreement", type=float, default=0.99, metavar="SHARE",
+    p.add_argument("--min-agreement", type=_share, default=0.99, metavar="SHARE",
                    help="the share of test images the int8 network must decide as the source does (per label for "
                         "multi-label models) to be published (default: %(default)s)")
     _add_data_args(p)
@@ -198,13 +200,30 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _share(text: str) -> float:
+    """A command-line share between 0 and 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1 (0.99 is 99 %)")
+    return value
+
+
 def check_run_dir(checkpoint: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start afresh over a run (its ``checkpoint``), unless asked to; say so when a resume finds none."""
+    """Refuse to start afresh over a run (its ``checkpoint``, or an ensemble's members' in ``member-K/``), unless
+    asked to: ``overwrite`` removes the run's checkpoints and metrics first, which a resume would otherwise pick up.
+    Say so when a resume finds none."""
     run_dir = checkpoint.parent
-    if checkpoint.exists() and not (resume or overwrite):
-        raise ValueError(f"{run_dir} holds a training run already ({checkpoint.name}): --resume continues it, "
-                         "--run-dir DIR trains into another directory, --overwrite starts this one afresh")
-    if resume and not checkpoint.exists():
+    found = [path for path in (checkpoint, *sorted(run_dir.glob(f"member-*/{checkpoint.name}"))) if path.exists()]
+    if found and not (resume or overwrite):
+        raise ValueError(f"{run_dir} holds a training run already ({found[0].relative_to(run_dir)}): --resume "
+                         "continues it, --run-dir DIR trains into another directory, --overwrite starts this one "
+                         "afresh")
+    if overwrite and not resume:
+        for path in (checkpoint, run_dir / "metrics.json"):
+            path.unlink(missing_ok=True)
+        for member in run_dir.glob("member-*"):
+            shutil.rmtree(member)
+    elif resume and not found:
         print(f"note: no {checkpoint.name} in {run_dir} to resume from: starting from scratch", file=sys.stderr)
 
 

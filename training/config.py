@@ -128,9 +128,6 @@ class TrainConfig:
         for obj, prefix in ((self, ""), (self.augment, "augment.")):
             for f in dataclasses.fields(obj):
                 _check_type(prefix + f.name, getattr(obj, f.name), f.type)
-        if not MODEL_NAME.fullmatch(self.name):  # it names folders: runs/<name>, <repository>/<name>
-            raise ValueError(f"config key 'name' is {self.name!r}; give a folder name: letters, digits, '.', '-' "
-                             "and '_', starting with a letter or digit")
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("backbone", self.backbone, BACKBONES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -170,6 +167,9 @@ class TrainConfig:
         when a checkpoint's config is read back: runs made before these checks still evaluate and export)."""
         from training.data import dataset_spec
 
+        if not MODEL_NAME.fullmatch(self.name):  # it names folders: runs/<name>, <repository>/<name>
+            raise ValueError(f"config key 'name' is {self.name!r}; give a folder name: letters, digits, '.', '-' "
+                             "and '_', starting with a letter or digit")
         if self.augment.hflip and (sided := sided_labels(dataset_spec(self.dataset, self.size).labels)):
             raise ValueError(f"config key 'augment.hflip' is true, but {self.dataset}'s labels name sides "
                              f"({', '.join(sided[:4])}): a flipped left organ would keep its 'left' label; "

@@ -43,6 +43,7 @@ from serving.model_card import (
 )
 from training.calibration import calibration_report, fit_temperature, probabilities
 from training.checkpoint import load_model
+from training.config import MODEL_NAME
 from training.data import DEFAULT_DATA_DIR, DatasetSpec, Split, dataset_spec, load_split
 from training.evaluate import (
     headline_metrics,
@@ -252,10 +253,15 @@ def export_checkpoint(
     quantize: str | None = None,
     command: str = "",
     notes: str = "",
+    min_agreement: float = MIN_AGREEMENT,
 ) -> Path:
     """Calibrate on the val split, export, check, evaluate on the test split and publish one model version;
-    returns its directory."""
+    returns its directory. ``quantize="int8"`` publishes the int8 network, unless it decides fewer than
+    ``min_agreement`` of the test images as the float one does."""
     model, cfg, ckpt = load_model(checkpoint)
+    if name is not None and not MODEL_NAME.fullmatch(name):  # it names a folder of the repository
+        raise ValueError(f"--name {name!r} is no model name: letters, digits, '.', '-' and '_', starting with a "
+                         "letter or digit")
     spec = dataset_spec(cfg.dataset, cfg.size)
     multi_label = spec.task.startswith("multi-label")
     checkpoint_sha256 = file_sha256(checkpoint)
@@ -275,6 +281,7 @@ def export_checkpoint(
         if quantize == "int8":
             quantization, metrics = _quantize_in_place(onnx_path, load_split(spec, "train", data_dir, download),
                                                         test, spec)
+            _check_agreement(quantization, min_agreement, "the float network")
         elif quantize is not None:
             raise ValueError(f"unknown quantization {quantize!r}; only int8 is supported")
         return _publish(staging, dict(
@@ -344,11 +351,7 @@ def quantize_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, downl
         onnx_path = staging / "model.onnx"
         shutil.copyfile(source, onnx_path)
         quantization, metrics = _quantize_in_place(onnx_path, train, test, spec)
-        agree = quantization["test_decisions_same_as_fp32"]
-        if agree < min_agreement:
-            raise ValueError(f"the int8 network decides {agree:.2%} of the test images as version {card.version} "
-                             f"does, below {min_agreement:.2%}: not published, as the latest version is what the "
-                             "service serves; --min-agreement lowers the bar")
+        _check_agreement(quantization, min_agreement, f"version {card.version}")
         slower = {k: v for k, v in quantization.items() if k.startswith("speedup_")}
         if not allow_slower and all(v < 1 for v in slower.values()):
             raise ValueError(f"the int8 network ran slower than version {card.version} on this CPU ({slower}; "
@@ -365,6 +368,15 @@ def quantize_version(version_dir: Path, data_dir: Path = DEFAULT_DATA_DIR, downl
             metrics={"test": {**metrics, "n": len(test)}},
             quantization=quantization, calibration=calibration,
         ))
+
+
+def _check_agreement(quantization: dict[str, Any], min_agreement: float, source: str) -> None:
+    """Refuse an int8 network that decides fewer than ``min_agreement`` of the test images as ``source`` does."""
+    agree = quantization["test_decisions_same_as_fp32"]
+    if agree < min_agreement:
+        raise ExportError(f"the int8 network decides {agree:.2%} of the test images as {source} does, below "
+                          f"{min_agreement:.2%}: not published, as the latest version is what the service serves; "
+                          "--min-agreement lowers the bar")
 
 
 def _exported_version(version_dir: Path) -> tuple[Path, ModelCard, DatasetSpec]:

@@ -193,8 +193,8 @@ def train_one_epoch(net: nn.Module, batches: Batches, optimizer: torch.optim.Opt
         n, value = len(labels), loss.item()
         if not math.isfinite(value):
             raise Diverged(f"the training loss is {value} at step {seen // max(n, 1) + 1} of this epoch: training "
-                           "diverged (lower --lr, or check the data); the last checkpoint, from the epoch before, "
-                           "is kept")
+                           "diverged (lower --lr, or check the data); a run dir's checkpoint is never one that "
+                           "diverged, and --overwrite starts the run again")
         seen += n
         loss_sum += value * n
         if multi_label:  # per image, the share of its labels decided right (logit > 0: probability > 0.5)
@@ -215,7 +215,7 @@ def validate(model: Classifier | Ensemble, split: Split, task: str, batch_size: 
     logits = predict_logits(model, split.images, batch_size, device)
     if not torch.isfinite(logits).all():  # the loss can stay finite while the last steps left NaN weights
         raise Diverged(f"the model's outputs on the {len(split.images)} validation images are not finite (NaN or "
-                       "inf): training diverged (lower --lr, or check the data)")
+                       "inf): training diverged (lower --lr, or check the data); --overwrite starts the run again")
     probs = probabilities(logits, multi_label)
     eps = 1e-7
     if multi_label:
