@@ -50,6 +50,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not a TTY)")
 
 
+def _add_min_agreement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-agreement", type=_share, default=0.99, metavar="SHARE",
+                   help="the share of test images an int8 network must decide as its float source does (per label "
+                        "for multi-label models) to be published (default: %(default)s)")
+
+
+def _share(text: str) -> float:
+    """A command-line share between 0 and 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1 (0.99 is 99 %)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -97,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name (default: the config's name)")
     p.add_argument("--model-dir", type=Path, default=DEFAULT_REPO, help="model repository (env CNNSERVE_MODEL_DIR)")
     p.add_argument("--quantize", choices=["int8"], help="publish a static int8 model; the card reports the change")
+    _add_min_agreement(p)
     _add_data_args(p)
 
     p = sub.add_parser("calibrate", help="publish the next version of an exported model with calibrated probs",
@@ -116,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version_dir", type=Path, help="an exported version, e.g. exports/mnist-cnn/2")
     p.add_argument("--allow-slower", action="store_true",
                    help="publish the int8 network even when it runs slower than the source at batch 1 and 64")
-    p.add_argument("--min-agreement", type=_share, default=0.99, metavar="SHARE",
-                   help="the share of test images the int8 network must decide as the source does (per label for "
-                        "multi-label models) to be published (default: %(default)s)")
+    _add_min_agreement(p)
     _add_data_args(p)
 
     p = sub.add_parser("datasets", help="list the dataset flags: task, shape, split sizes, sizes, local files",
@@ -198,14 +211,6 @@ def _end_distributed() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _share(text: str) -> float:
-    """A command-line share between 0 and 1."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1 (0.99 is 99 %)")
-    return value
 
 
 def check_run_dir(checkpoint: Path, resume: bool, overwrite: bool) -> None:
@@ -290,7 +295,7 @@ def run(args: argparse.Namespace) -> None:
         from training.export import export_checkpoint
 
         path = export_checkpoint(args.checkpoint, args.model_dir, args.name, args.data_dir, args.download,
-                                 args.quantize, command=command_line())
+                                 args.quantize, command=command_line(), min_agreement=args.min_agreement)
         print(f"exported {path}")
     elif args.command == "calibrate":
         from training.export import calibrate_version
