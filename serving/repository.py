@@ -481,11 +481,12 @@ class ModelRepository:
                 self._raise_missing(name, None, unloaded)
             return versions[max(versions)]
         if isinstance(version, str):  # a version folder's name: int() took "+2", " 2", "0_2", full-width digits
-            if VERSION_NAME.fullmatch(version) and len(version) > MAX_VERSION_DIGITS:
+            named = VERSION_NAME.fullmatch(version) is not None
+            if named and len(version) > MAX_VERSION_DIGITS:
                 if not versions:  # no such model, or unloaded: said as for any version
                     self._raise_missing(name, None, unloaded)
                 raise ModelNotFound(f"model {name!r} has no version of {len(version)} digits")
-            v = int(version) if VERSION_NAME.fullmatch(version) else 0
+            v = int(version) if named else 0
         else:  # a JSON number: whole (1.9 is no version 1)
             v = int(version) if isinstance(version, int) or (isinstance(version, float) and version.is_integer()) else 0
         if v < 1 or isinstance(version, bool):  # 0 and -1 mean "latest" to some servers: here, one rule everywhere

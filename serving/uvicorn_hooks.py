@@ -454,10 +454,8 @@ class InFlight:
     def check(cls) -> None:
         if cls.limit and cls.count >= cls.limit:
             observe_shed("http", "concurrency")
-            refusal = TooManyRequests(f"Too many requests: this worker has {cls.count} inference requests in "
-                                      "progress, its limit (CNNSERVE_MAX_CONCURRENCY); retry later", 1.0)
-            refusal.counted = True  # in cnnserve_shed_requests_total only
-            raise refusal
+            raise TooManyRequests(f"Too many requests: this worker has {cls.count} inference requests in progress, "
+                                  f"its limit (CNNSERVE_MAX_CONCURRENCY); retry later", 1.0)
 
 
 def _counted(app: Callable[..., Any]) -> Callable[..., Any]:
