@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from training.config import CONFIG_DIR, DEFAULT_DATA_DIR, config_names, parse_override
+from training.config import CONFIG_DIR, DEFAULT_DATA_DIR, MIN_AGREEMENT, config_names, parse_override
 from training.shipped import SHIPPED, SHIPPED_NAMES
 
 DEFAULT_RUNS = Path(os.environ.get("CNNSERVE_RUNS", "runs"))
@@ -51,7 +51,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_min_agreement(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--min-agreement", type=_share, default=0.99, metavar="SHARE",
+    p.add_argument("--min-agreement", type=_share, default=MIN_AGREEMENT, metavar="SHARE",
                    help="the share of test images an int8 network must decide as its float source does (per label "
                         "for multi-label models) to be published (default: %(default)s)")
 

@@ -17,7 +17,8 @@ CACHE_DIR = Path(os.environ.get("CNNSERVE_CACHE", Path.home() / ".cache" / "cnns
 DEFAULT_DATA_DIR = Path(os.environ.get("CNNSERVE_DATA", CACHE_DIR / "data"))
 
 # the values the enum-like fields take
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # it names folders: runs/<name>, <repository>/<name>
+MIN_AGREEMENT = 0.99  # share of test decisions an int8 version must share with its float source to be published
 ARCHS = ("cnn", "transfer")
 CHECKPOINT_BACKBONE = "checkpoint"  # a cnnserve training checkpoint (e.g. our own mnist-cnn)
 TORCHVISION_INPUT_SIZE = 64  # the side a torchvision backbone's input is resized to when input_size is null
@@ -167,9 +168,7 @@ class TrainConfig:
         when a checkpoint's config is read back: runs made before these checks still evaluate and export)."""
         from training.data import dataset_spec
 
-        if not MODEL_NAME.fullmatch(self.name):  # it names folders: runs/<name>, <repository>/<name>
-            raise ValueError(f"config key 'name' is {self.name!r}; give a folder name: letters, digits, '.', '-' "
-                             "and '_', starting with a letter or digit")
+        check_model_name(self.name, "config key 'name'")
         if self.augment.hflip and (sided := sided_labels(dataset_spec(self.dataset, self.size).labels)):
             raise ValueError(f"config key 'augment.hflip' is true, but {self.dataset}'s labels name sides "
                              f"({', '.join(sided[:4])}): a flipped left organ would keep its 'left' label; "
@@ -293,6 +292,13 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ValueError(f"override {text!r} is not key=value")
     key, value = text.split("=", 1)
     return key.strip(), read_yaml(value, f"override {text!r}")
+
+
+def check_model_name(name: str, what: str) -> None:
+    """Raise one clear ``ValueError`` unless ``name`` (given as ``what``) can name a model's folders."""
+    if not MODEL_NAME.fullmatch(name):
+        raise ValueError(f"{what} is {name!r}; give a folder name: letters, digits, '.', '-' and '_', starting with "
+                         "a letter or digit")
 
 
 def read_yaml(text: str, what: str) -> Any:

@@ -43,7 +43,7 @@ from serving.model_card import (
 )
 from training.calibration import calibration_report, fit_temperature, probabilities
 from training.checkpoint import load_model
-from training.config import MODEL_NAME
+from training.config import MIN_AGREEMENT, check_model_name
 from training.data import DEFAULT_DATA_DIR, DatasetSpec, Split, dataset_spec, load_split
 from training.evaluate import (
     headline_metrics,
@@ -58,9 +58,6 @@ from training.models import Classifier, Ensemble
 OPSET = 18
 PARITY_IMAGES = 512
 PARITY_TOLERANCE = 1e-4
-
-
-MIN_AGREEMENT = 0.99  # share of test decisions an int8 version must share with its float source to be published
 
 
 class ExportError(ValueError):
@@ -259,9 +256,8 @@ def export_checkpoint(
     returns its directory. ``quantize="int8"`` publishes the int8 network, unless it decides fewer than
     ``min_agreement`` of the test images as the float one does."""
     model, cfg, ckpt = load_model(checkpoint)
-    if name is not None and not MODEL_NAME.fullmatch(name):  # it names a folder of the repository
-        raise ValueError(f"--name {name!r} is no model name: letters, digits, '.', '-' and '_', starting with a "
-                         "letter or digit")
+    if name is not None:
+        check_model_name(name, "--name")
     spec = dataset_spec(cfg.dataset, cfg.size)
     multi_label = spec.task.startswith("multi-label")
     checkpoint_sha256 = file_sha256(checkpoint)
